@@ -1,0 +1,99 @@
+"""`llmctl serve`: the OpenAI-compatible chat service."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmctl import envvars
+from llmctl.core.loader import Device, Dtype, LoadOptions, preflight
+from llmctl.engine import EngineConfig
+from llmctl.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+from llmctl.server.runner import run_server
+from llmctl.server.service import Service, ServiceSettings
+
+log = logging.getLogger("llmctl.serve")
+
+ModelPathOpt = Annotated[Path | None, typer.Option(
+    "--model-path", "--model_path", envvar=envvars.MODEL_PATH,
+    help="A Hugging Face model folder or a .gguf file. Default: the embedded SmolLM2-135M-Instruct.")]
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stdout, level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S", force=True,
+    )
+    for noisy in ("waitress.queue", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Our own log lines time each loading step; transformers' progress bars only clutter the log.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def serve(
+    model_path: ModelPathOpt = None,
+    host: Annotated[str, typer.Option(envvar=envvars.HOST, help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(envvar=envvars.PORT, help="Port to listen on.")] = 8080,
+    load_in_8bit: Annotated[bool, typer.Option(
+        "--load-in-8bit", "--load_in_8bit", envvar=envvars.LOAD_IN_8BIT,
+        help="Quantize the weights to 8 bits with bitsandbytes (about half the memory of fp16).")] = False,
+    load_in_4bit: Annotated[bool, typer.Option(
+        "--load-in-4bit", "--load_in_4bit", envvar=envvars.LOAD_IN_4BIT,
+        help="Quantize the weights to 4-bit NF4 with bitsandbytes (about a quarter of the memory of fp16).")] = False,
+    dtype: Annotated[Dtype, typer.Option(
+        envvar=envvars.DTYPE, help="Weight dtype. auto: bf16 where the hardware supports it, else fp16 on CUDA, "
+        "fp32 on CPU.")] = "auto",
+    device: Annotated[Device, typer.Option(
+        envvar=envvars.DEVICE, help="auto: every visible GPU (accelerate's device_map='auto'), else CPU.")] = "auto",
+    served_model_name: Annotated[str | None, typer.Option(
+        envvar=envvars.SERVED_MODEL_NAME, help="The model name clients use. Default: the folder or file name.")] = None,
+    max_model_len: Annotated[int | None, typer.Option(
+        envvar=envvars.MAX_MODEL_LEN, help="Cap the context length (prompt + completion) below the model's.")] = None,
+    max_num_seqs: Annotated[int, typer.Option(
+        envvar=envvars.MAX_NUM_SEQS, min=1, help="Most sequences generated together in one batch.")] = 32,
+    max_batched_tokens: Annotated[int, typer.Option(
+        envvar=envvars.MAX_BATCHED_TOKENS, min=16,
+        help="Most prompt tokens prefilled in one step; longer prompts are prefilled in chunks.")] = 2048,
+    max_waiting: Annotated[int, typer.Option(
+        envvar=envvars.MAX_WAITING, min=1, help="Requests that may wait for a batch slot; beyond it: 429.")] = 64,
+    kv_cache_tokens: Annotated[int, typer.Option(
+        envvar=envvars.KV_CACHE_TOKENS, min=16,
+        help="KV cache budget in token slots over all running sequences (bounds memory).")] = 65536,
+    request_timeout: Annotated[float, typer.Option(
+        envvar=envvars.REQUEST_TIMEOUT, min=1, max=300,
+        help="Default per-request timeout in seconds (a request's 'timeout' field overrides it).")] = 60.0,
+    max_tokens_cap: Annotated[int | None, typer.Option(
+        envvar=envvars.MAX_TOKENS_CAP, min=1, help="Reject requests asking for more max_tokens than this.")] = None,
+    max_body_bytes: Annotated[int, typer.Option(
+        envvar=envvars.MAX_BODY_BYTES, min=1024, help="Largest accepted request body (413 beyond).")] =
+        DEFAULT_MAX_BODY_BYTES,
+    grace_period: Annotated[float, typer.Option(
+        envvar=envvars.GRACE_PERIOD, min=0, help="Seconds in-flight requests get to finish on SIGINT/SIGTERM.")] = 30.0,
+    threads: Annotated[int | None, typer.Option(
+        envvar=envvars.THREADS, min=4, help="HTTP worker threads. Default: max-num-seqs + max-waiting + 16.")] = None,
+    log_level: Annotated[str, typer.Option(envvar=envvars.LOG_LEVEL, help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve a chat model with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
+    setup_logging(log_level)
+    load = LoadOptions(
+        model_path=model_path, dtype=dtype, device=device,
+        quantization=LoadOptions.quantization_from_flags(load_in_8bit, load_in_4bit),
+        max_model_len=max_model_len, served_model_name=served_model_name,
+    )
+    preflight(load)
+    engine = EngineConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+                          max_waiting=max_waiting, kv_cache_tokens=kv_cache_tokens)
+    service = Service(ServiceSettings(load=load, engine=engine, request_timeout=request_timeout,
+                                      max_tokens_cap=max_tokens_cap))
+    app = create_app(service, max_body_bytes=max_body_bytes)
+    # Every generating request holds a thread; the extra ones keep /health answering under full load.
+    threads = threads or max_num_seqs + max_waiting + 16
+    code = run_server(app, service, host, port, threads=threads, grace_period=grace_period)
+    raise typer.Exit(code)

@@ -1,0 +1,1 @@
+"""The shared model-loading core: model files, hardware probing, loading, memory helpers."""

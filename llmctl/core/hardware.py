@@ -1,0 +1,128 @@
+"""Probing of the hardware and optional backends (CUDA, bitsandbytes), in one place.
+
+Everything here is cheap and safe to call from a request handler or from `llmctl doctor`;
+nothing imports bitsandbytes or touches CUDA unless asked.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import psutil
+
+GIB = 1024**3
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken driver raises here on some systems
+        return False
+
+
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch_cuda_available() else 0
+
+
+def bf16_supported(device: str) -> bool:
+    """Whether bfloat16 is fast and correct on ``device`` ("cpu" or "cuda")."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch_cuda_available() and torch.cuda.is_bf16_supported()
+    # PyTorch computes bf16 on any x86-64/ARM CPU; it is fast where the CPU has native bf16 or AVX-512.
+    return True
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags (Linux), lower-case; empty where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def process_rss_gb() -> float:
+    """Resident memory of this process in GiB."""
+    return psutil.Process(os.getpid()).memory_info().rss / GIB
+
+
+@dataclass(frozen=True)
+class GPUMemory:
+    allocated_gb: float
+    reserved_gb: float
+
+
+def gpu_memory() -> GPUMemory:
+    """Memory held by PyTorch on all visible GPUs (zeros without CUDA). Cheap: no synchronisation."""
+    import torch
+
+    if not torch_cuda_available():
+        return GPUMemory(0.0, 0.0)
+    n = torch.cuda.device_count()
+    allocated = sum(torch.cuda.memory_allocated(i) for i in range(n))
+    reserved = sum(torch.cuda.memory_reserved(i) for i in range(n))
+    return GPUMemory(allocated / GIB, reserved / GIB)
+
+
+@functools.cache
+def gpu_names() -> tuple[str, ...]:
+    import torch
+
+    if not torch_cuda_available():
+        return ()
+    return tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+
+
+@dataclass(frozen=True)
+class BitsAndBytesStatus:
+    """What bitsandbytes can do here. ``problem`` explains why a mode is unusable, with the fix."""
+
+    installed: bool
+    version: str | None
+    importable: bool
+    int8: bool
+    nf4: bool
+    problem: str | None = None
+
+
+INSTALL_BNB = "pip install 'llmctl[quant]' (or: pip install 'bitsandbytes>=0.45')"
+
+
+@functools.cache
+def probe_bitsandbytes() -> BitsAndBytesStatus:
+    """Find out, without loading any weights, whether 8-bit and 4-bit loading can work."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return BitsAndBytesStatus(False, None, False, False, False, f"bitsandbytes is not installed: {INSTALL_BNB}")
+    version = importlib.metadata.version("bitsandbytes")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # bitsandbytes raises many kinds of errors when its native library is broken
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return BitsAndBytesStatus(
+            True, version, False, False, False,
+            f"bitsandbytes {version} is installed but does not import ({first_line}); "
+            "reinstall a build that matches your CUDA: pip install -U bitsandbytes",
+        )
+    if torch_cuda_available():
+        return BitsAndBytesStatus(True, version, True, True, True)
+    major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if major_minor >= (0, 45):
+        # Recent releases ship CPU kernels for both int8 and nf4.
+        return BitsAndBytesStatus(True, version, True, True, True)
+    return BitsAndBytesStatus(
+        True, version, True, False, False,
+        f"bitsandbytes {version} needs a CUDA GPU; upgrade to >=0.45 for CPU support: pip install -U bitsandbytes",
+    )

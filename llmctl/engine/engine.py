@@ -1,0 +1,457 @@
+"""Continuous batching: sequences join the running batch at any decode step and leave when done.
+
+Layout of the running batch: one KV cache whose rows are right-aligned (left-padded) so that every
+row's newest token sits in the last column. A decode step is then one forward pass of [B, 1] tokens
+with per-row position ids and a padding mask, exactly what batched `generate` does. New requests
+are prefilled in their own small batch (long prompts in chunks, interleaved with decode steps so
+running streams keep flowing) and then concatenated onto the running batch. A finished or
+cancelled row is dropped from the cache at the end of the step it finished in.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from llmctl.engine.sampling import BatchSampler, SamplingParams
+from llmctl.errors import GenerationOutOfMemory, LLMCtlError, QueueFull, Unavailable
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Bounds of the engine. None of them is derived from free memory: they are the operator's choice."""
+
+    max_num_seqs: int = 32
+    max_batched_tokens: int = 2048
+    max_waiting: int = 256
+    kv_cache_tokens: int = 65536
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_batched_tokens", "max_waiting", "kv_cache_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass
+class Finish:
+    """The last event of a sequence: why it ended (stop, length, timeout, cancelled, error)."""
+
+    reason: str
+    error: LLMCtlError | None = None
+
+
+class Sequence:
+    """One request's generation: its prompt, settings, and the queue its tokens arrive on."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> None:
+        self.id = next(_ids)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.deadline = deadline
+        self.events: queue.SimpleQueue[int | Finish] = queue.SimpleQueue()
+        self.arrived = time.monotonic()
+        self.admitted: float | None = None
+        self.cancelled = False
+        self.done = False
+        self.generated = 0
+        self.generator: torch.Generator | None = None
+        # Chunked prefill state, for prompts longer than max_batched_tokens.
+        self.prefill_cache: DynamicCache | None = None
+        self.prefilled = 0
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this sequence; it is gone within one decode step."""
+        self.cancelled = True
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens
+
+
+@dataclass
+class _Batch:
+    seqs: list[Sequence]
+    cache: DynamicCache
+    mask: torch.Tensor  # [B, L] 1 for real cache entries, 0 for left padding
+    positions: torch.Tensor  # [B] position of the next token == real tokens in the cache
+    last: torch.Tensor  # [B] the token to feed at the next step
+    counts: torch.Tensor | None = None  # [B, V] generated-token counts when any row has penalties
+    sampler: BatchSampler | None = field(default=None, repr=False)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefills: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    last_batch_size: int = 0
+    max_batch_size: int = 0
+    oom_events: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=512))  # (time, tokens) per step
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self.recent) if now - t <= window]
+        if len(recent) < 2:
+            return 0.0
+        span = recent[-1][0] - recent[0][0]
+        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+
+
+class Engine:
+    """Runs generation for all requests on one background thread."""
+
+    def __init__(self, model, eos_token_ids: frozenset[int], config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.eos = eos_token_ids
+        self.device = model.get_input_embeddings().weight.device
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.stats = EngineStats()
+        # transformers renamed `past_key_values` to `cache`; pass whichever this version takes.
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._waiting: deque[Sequence] = deque()
+        self._prefilling: Sequence | None = None
+        self._batch: _Batch | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llmctl-engine", daemon=True)
+
+    # ---- public, thread-safe -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        batch = self._batch
+        return (len(batch.seqs) if batch else 0) + (1 if self._prefilling else 0)
+
+    def check_capacity(self) -> None:
+        """Raise QueueFull at once when the waiting queue is full (before any tokenization)."""
+        if len(self._waiting) >= self.config.max_waiting:
+            raise QueueFull(
+                f"The server is at capacity ({self.config.max_waiting} requests waiting); retry shortly.",
+                retry_after=1,
+            )
+
+    def submit(self, seq: Sequence) -> Sequence:
+        if seq.reserved_tokens > self.config.kv_cache_tokens:
+            from llmctl.errors import InvalidRequest
+
+            raise InvalidRequest(
+                f"This request needs {seq.reserved_tokens} tokens of KV cache (prompt + max_tokens) but the "
+                f"server's budget is {self.config.kv_cache_tokens}; lower max_tokens.",
+                param="max_tokens",
+            )
+        with self._cond:
+            if self._stopping:
+                raise Unavailable("The server is shutting down.", retry_after=None, code="shutting_down")
+            self.check_capacity()
+            if seq.params.seed is not None:
+                seq.generator = seq.params.make_generator(self.device)
+            self._waiting.append(seq)
+            self._cond.notify()
+        return seq
+
+    # ---- engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not (self._waiting or self._batch or self._prefilling):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._step()
+                except Exception:  # a bug must not kill the engine: fail what ran, keep serving
+                    log.exception("Engine step failed")
+                    self._fail_all_running(LLMCtlError("Internal error during generation; see the server log."))
+        self._shutdown()
+
+    def _step(self) -> None:
+        self._expire()
+        self._prefill_some()
+        if self._batch is not None:
+            self._decode()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for seq in list(self._waiting):
+            reason = _abort_reason(seq, now)
+            if reason:
+                self._waiting.remove(seq)
+                self._finish(seq, reason)
+        if self._prefilling and (reason := _abort_reason(self._prefilling, now)):
+            seq, self._prefilling = self._prefilling, None
+            seq.prefill_cache = None
+            self._finish(seq, reason)
+        if self._batch is not None:
+            keep = []
+            for i, seq in enumerate(self._batch.seqs):
+                reason = _abort_reason(seq, now)
+                if reason:
+                    self._finish(seq, reason)
+                else:
+                    keep.append(i)
+            self._select(keep)
+
+    def _admit(self) -> list[Sequence]:
+        """New sequences for one prefill: as many as the slot, KV and token budgets allow."""
+        cfg = self.config
+        running = self._batch.seqs if self._batch else []
+        chosen: list[Sequence] = []
+        longest = max((s.reserved_tokens for s in running), default=0)
+        with self._cond:
+            while self._waiting:
+                seq = self._waiting[0]
+                if len(running) + len(chosen) >= cfg.max_num_seqs:
+                    break
+                new_longest = max(longest, seq.reserved_tokens)
+                # Padded layout: every row is as long as the longest one.
+                if (len(running) + len(chosen) + 1) * new_longest > cfg.kv_cache_tokens and (running or chosen):
+                    break
+                prompt_max = max([len(s.prompt_ids) for s in chosen] + [len(seq.prompt_ids)])
+                if chosen and (len(chosen) + 1) * prompt_max > cfg.max_batched_tokens:
+                    break
+                self._waiting.popleft()
+                seq.admitted = time.monotonic()
+                chosen.append(seq)
+                longest = new_longest
+                if len(seq.prompt_ids) > cfg.max_batched_tokens:
+                    break  # a long prompt is prefilled alone, in chunks
+        return chosen
+
+    def _prefill_some(self) -> None:
+        if self._prefilling is None:
+            chosen = self._admit()
+            if not chosen:
+                return
+            if len(chosen) == 1 and len(chosen[0].prompt_ids) > self.config.max_batched_tokens:
+                self._prefilling = chosen[0]
+            else:
+                self._run_prefill(chosen, self._prefill_batch)
+                return
+        self._run_prefill([self._prefilling], self._prefill_chunk)
+
+    def _run_prefill(self, seqs: list[Sequence], fn) -> None:
+        try:
+            batch = fn(seqs)
+        except torch.OutOfMemoryError:
+            self._on_oom(seqs)
+            return
+        except Exception:
+            log.exception("Prefill failed")
+            self._prefilling = None
+            for seq in seqs:
+                self._finish(seq, "error", LLMCtlError("Internal error during prefill; see the server log."))
+            return
+        if batch is None:
+            return  # more chunks to go
+        self.stats.prefills += 1
+        self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
+        self._emit(batch, self._sample(batch, batch.last_logits))
+        del batch.last_logits
+        kept = [i for i, s in enumerate(batch.seqs) if not s.done]
+        if not kept:
+            return
+        _select_rows(batch, kept)
+        self._batch = batch if self._batch is None else _merge(self._batch, batch)
+        self._batch.sampler = None  # composition changed
+
+    def _prefill_batch(self, seqs: list[Sequence]) -> _Batch:
+        lengths = [len(s.prompt_ids) for s in seqs]
+        width = max(lengths)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
+            mask[row, width - len(seq.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                            logits_to_keep=1)
+        batch = _Batch(seqs=list(seqs), cache=cache, mask=mask,
+                       positions=torch.tensor(lengths, device=self.device), last=ids[:, -1].clone())
+        batch.last_logits = out.logits[:, -1, :]
+        return batch
+
+    def _prefill_chunk(self, seqs: list[Sequence]) -> _Batch | None:
+        (seq,) = seqs
+        start, total = seq.prefilled, len(seq.prompt_ids)
+        end = min(total, start + self.config.max_batched_tokens)
+        if seq.prefill_cache is None:
+            seq.prefill_cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([seq.prompt_ids[start:end]], device=self.device)
+        out = self._forward(
+            input_ids=ids,
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(start, end, device=self.device)[None],
+            cache=seq.prefill_cache, logits_to_keep=1,
+        )
+        seq.prefilled = end
+        if end < total:
+            return None
+        self._prefilling = None
+        cache, seq.prefill_cache = seq.prefill_cache, None
+        batch = _Batch(seqs=[seq], cache=cache, mask=torch.ones((1, total), dtype=torch.long, device=self.device),
+                       positions=torch.tensor([total], device=self.device), last=ids[:, -1].clone())
+        batch.last_logits = out.logits[:, -1, :]
+        return batch
+
+    def _forward(self, cache: DynamicCache, **kwargs):
+        return self.model(**kwargs, **{self._cache_kw: cache}, use_cache=True)
+
+    def _decode(self) -> None:
+        batch = self._batch
+        assert batch is not None
+        rows = len(batch.seqs)
+        mask = torch.cat([batch.mask, torch.ones((rows, 1), dtype=batch.mask.dtype, device=self.device)], dim=1)
+        try:
+            out = self._forward(input_ids=batch.last[:, None], attention_mask=mask,
+                                position_ids=batch.positions[:, None], cache=batch.cache)
+        except torch.OutOfMemoryError:
+            self._batch = None
+            self._on_oom(batch.seqs)
+            return
+        batch.mask = mask
+        batch.positions = batch.positions + 1
+        self.stats.steps += 1
+        self.stats.last_batch_size = rows
+        self.stats.max_batch_size = max(self.stats.max_batch_size, rows)
+        tokens = self._sample(batch, out.logits[:, -1, :])
+        self._emit(batch, tokens)
+        self._select([i for i, s in enumerate(batch.seqs) if not s.done])
+
+    def _sample(self, batch: _Batch, logits: torch.Tensor) -> torch.Tensor:
+        if batch.sampler is None:
+            if any(s.params.penalized for s in batch.seqs) and batch.counts is None:
+                batch.counts = torch.zeros((len(batch.seqs), logits.shape[-1]), device=self.device)
+            batch.sampler = BatchSampler(logits.shape[-1], self.device)
+            batch.sampler.refresh([s.params for s in batch.seqs], [s.generator for s in batch.seqs], batch.counts)
+        tokens = batch.sampler.sample(logits)
+        batch.sampler.observe(tokens)
+        batch.last = tokens
+        return tokens
+
+    def _emit(self, batch: _Batch, tokens: torch.Tensor) -> None:
+        now = time.monotonic()
+        for seq, token in zip(batch.seqs, tokens.tolist()):
+            seq.generated += 1
+            if token in self.eos and not seq.params.ignore_eos:
+                self._finish(seq, "stop")
+                continue
+            seq.events.put(token)
+            if seq.generated >= seq.params.max_tokens:
+                self._finish(seq, "length")
+        self.stats.tokens_generated += len(batch.seqs)
+        self.stats.recent.append((now, len(batch.seqs)))
+
+    def _select(self, keep: list[int]) -> None:
+        batch = self._batch
+        if batch is None or len(keep) == len(batch.seqs):
+            return
+        if not keep:
+            self._batch = None
+            return
+        _select_rows(batch, keep)
+        batch.sampler = None
+
+    def _finish(self, seq: Sequence, reason: str, error: LLMCtlError | None = None) -> None:
+        if not seq.done:
+            seq.done = True
+            seq.events.put(Finish(reason, error))
+
+    def _on_oom(self, seqs: list[Sequence]) -> None:
+        self.stats.oom_events += 1
+        self._prefilling = None
+        for seq in seqs:
+            seq.prefill_cache = None
+            self._finish(seq, "error", GenerationOutOfMemory(
+                "Out of memory while generating this request; it was stopped and the memory freed. "
+                "Retry with a smaller max_tokens or a shorter prompt, or start the server with "
+                "--load-in-8bit/--load-in-4bit or a lower --max-num-seqs."))
+        from llmctl.core.loader import free_memory
+
+        free_memory()
+        log.error("Out of memory during generation: failed %d request(s), memory freed", len(seqs))
+
+    def _fail_all_running(self, error: LLMCtlError) -> None:
+        seqs = (self._batch.seqs if self._batch else []) + ([self._prefilling] if self._prefilling else [])
+        self._batch, self._prefilling = None, None
+        for seq in seqs:
+            self._finish(seq, "error", error)
+
+    def _shutdown(self) -> None:
+        error = Unavailable("The server is shutting down.", retry_after=None, code="shutting_down")
+        self._fail_all_running(error)
+        with self._cond:
+            while self._waiting:
+                self._finish(self._waiting.popleft(), "error", error)
+
+
+def _abort_reason(seq: Sequence, now: float) -> str | None:
+    if seq.cancelled:
+        return "cancelled"
+    if seq.deadline is not None and now >= seq.deadline:
+        return "timeout"
+    return None
+
+
+def _select_rows(batch: _Batch, keep: list[int]) -> None:
+    """Keep only rows ``keep`` and drop the left-padding columns no remaining row needs."""
+    index = torch.tensor(keep, device=batch.mask.device)
+    batch.seqs = [batch.seqs[i] for i in keep]
+    batch.positions = batch.positions[index]
+    batch.last = batch.last[index]
+    batch.counts = batch.counts[index] if batch.counts is not None else None
+    trim = batch.mask.shape[1] - int(batch.positions.max())
+    batch.mask = batch.mask[index, trim:]
+    for layer in batch.cache.layers:
+        layer.keys = layer.keys[index, :, trim:, :]
+        layer.values = layer.values[index, :, trim:, :]
+
+
+def _merge(a: _Batch, b: _Batch) -> _Batch:
+    """Stack two batches' rows, left-padding the shorter cache so every row stays right-aligned."""
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    pad_a, pad_b = width - a.mask.shape[1], width - b.mask.shape[1]
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        la.keys = torch.cat([F.pad(la.keys, (0, 0, pad_a, 0)), F.pad(lb.keys, (0, 0, pad_b, 0))], dim=0)
+        la.values = torch.cat([F.pad(la.values, (0, 0, pad_a, 0)), F.pad(lb.values, (0, 0, pad_b, 0))], dim=0)
+    a.mask = torch.cat([F.pad(a.mask, (pad_a, 0)), F.pad(b.mask, (pad_b, 0))], dim=0)
+    a.positions = torch.cat([a.positions, b.positions])
+    a.last = torch.cat([a.last, b.last])
+    if a.counts is not None or b.counts is not None:
+        vocab = (a.counts if a.counts is not None else b.counts).shape[1]
+        ca = a.counts if a.counts is not None else torch.zeros((len(a.seqs), vocab), device=a.mask.device)
+        cb = b.counts if b.counts is not None else torch.zeros((len(b.seqs), vocab), device=a.mask.device)
+        a.counts = torch.cat([ca, cb])
+    a.seqs = a.seqs + b.seqs
+    return a

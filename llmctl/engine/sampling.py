@@ -1,0 +1,105 @@
+"""Per-sequence sampling settings and the batched logits processing that applies them.
+
+Penalties follow OpenAI's definitions (additive, over the tokens generated so far):
+    logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0)
+not transformers' multiplicative repetition_penalty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty)
+
+    def make_generator(self, device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed)
+        return generator
+
+
+class BatchSampler:
+    """Picks the next token for every row of a batch, each row with its own settings.
+
+    The per-row settings are gathered into tensors once per batch composition (``refresh``), so
+    a decode step does a few vectorised operations plus a loop over sampled (non-greedy) rows only.
+    """
+
+    def __init__(self, vocab_size: int, device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.params: list[SamplingParams] = []
+        self.generators: list[torch.Generator | None] = []
+        self.counts: torch.Tensor | None = None  # [B, V] generated-token counts, only when a row is penalized
+
+    def refresh(self, params: list[SamplingParams], generators: list[torch.Generator | None],
+                counts: torch.Tensor | None) -> None:
+        self.params, self.generators, self.counts = params, generators, counts
+        self.any_penalty = any(p.penalized for p in params)
+        self.any_bias = any(p.logit_bias for p in params)
+        self.all_greedy = all(p.greedy for p in params)
+        if self.any_penalty:
+            self.freq = torch.tensor([p.frequency_penalty for p in params], device=self.device)[:, None]
+            self.pres = torch.tensor([p.presence_penalty for p in params], device=self.device)[:, None]
+        if self.any_bias:
+            rows, cols, vals = [], [], []
+            for i, p in enumerate(params):
+                for token, bias in p.logit_bias.items():
+                    if 0 <= token < self.vocab_size:
+                        rows.append(i), cols.append(token), vals.append(bias)
+            self.bias_index = (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device))
+            self.bias_values = torch.tensor(vals, device=self.device)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> next token ids [B] (long)."""
+        logits = logits.float()
+        if self.any_penalty and self.counts is not None:
+            logits = logits - self.freq * self.counts - self.pres * (self.counts > 0).float()
+        if self.any_bias:
+            logits = logits.index_put(self.bias_index, self.bias_values, accumulate=True)
+        tokens = torch.argmax(logits, dim=-1)
+        if self.all_greedy:
+            return tokens
+        for i, p in enumerate(self.params):
+            if not p.greedy:
+                tokens[i] = self._sample_row(logits[i], p, self.generators[i])
+        return tokens
+
+    @staticmethod
+    def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+        probs = torch.softmax(row / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop = cumulative - sorted_probs >= p.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            choice = torch.multinomial(sorted_probs, 1, generator=generator)
+            return order[choice].squeeze(0)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(0)
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Count the sampled tokens for the penalties."""
+        if self.counts is not None:
+            self.counts[torch.arange(tokens.shape[0], device=self.device), tokens] += 1

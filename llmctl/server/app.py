@@ -1,0 +1,117 @@
+"""Flask app factory: thin routes over a `Service`, and one place that maps errors to OpenAI's envelope."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Flask, Response, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from llmctl.errors import InvalidRequest, LLMCtlError, UnsupportedMediaType
+from llmctl.server.service import Service
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+HTTP_ERROR_TYPES = {404: ("invalid_request_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
+                    413: ("invalid_request_error", "request_too_large"),
+                    415: ("invalid_request_error", "unsupported_media_type")}
+
+
+def json_response(body: dict, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False), status=status, headers=headers,
+                    mimetype="application/json")
+
+
+def error_response(exc: LLMCtlError) -> Response:
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return json_response(exc.to_body(), exc.status, headers)
+
+
+def wants_prometheus() -> bool:
+    if request.args.get("format") == "prometheus":
+        return True
+    accept = request.headers.get("Accept", "")
+    return "application/openmetrics-text" in accept or "text/plain" in accept and "version=0.0.4" in accept
+
+
+def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Flask:
+    """Build the Flask app for ``service``."""
+    app = Flask("llmctl")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+
+    @app.errorhandler(LLMCtlError)
+    def _known(exc: LLMCtlError):
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        err_type, code = HTTP_ERROR_TYPES.get(exc.code or 500, ("invalid_request_error", None))
+        message = {
+            404: f"Unknown route: {request.method} {request.path}.",
+            405: f"Method {request.method} is not allowed for {request.path}.",
+            413: f"The request body is larger than this server's limit of {max_body_bytes} bytes.",
+        }.get(exc.code or 0, exc.description or exc.name)
+        body = {"error": {"message": message, "type": err_type, "param": None, "code": code}}
+        return json_response(body, exc.code or 500)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("Unhandled error on %s %s", request.method, request.path)
+        body = {"error": {"message": "Internal server error; see the server log.", "type": "server_error",
+                          "param": None, "code": "internal_error"}}
+        return json_response(body, 500)
+
+    @app.after_request
+    def _count(response: Response):
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        service.metrics.count_request(route, response.status_code)
+        return response
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        result = service.chat(read_json_body(), request.environ.get("waitress.client_disconnected"))
+        if isinstance(result, dict):
+            return json_response(result)
+        return Response(result, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/models")
+    def models():
+        return json_response(service.models())
+
+    @app.get("/health")
+    def health():
+        body, status = service.health()
+        headers = {"Retry-After": "5"} if body["status"] == "loading" else None
+        return json_response(body, status, headers)
+
+    @app.get("/metrics")
+    def metrics():
+        if wants_prometheus():
+            service.refresh_gauges()
+            return Response(generate_latest(service.metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+        return json_response(service.metrics_json())
+
+    return app
+
+
+def read_json_body() -> object:
+    """The request's JSON body, or a 4xx that says what is wrong with it."""
+    if not request.is_json:
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got '{request.content_type or 'none'}'. "
+            "With curl, add -H 'Content-Type: application/json'.")
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+

@@ -1,0 +1,163 @@
+"""One request's trip through the engine: prompt building, limits, and turning tokens into text."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from llmctl.core.loader import LoadedModel
+from llmctl.engine import Finish, SamplingParams, Sequence
+from llmctl.engine.text import IncrementalDetokenizer, StopMatcher
+from llmctl.errors import ContextLengthExceeded, InvalidRequest, RequestTimeout
+from llmctl.server.schemas import ChatCompletionRequest
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often a waiting handler checks whether its client went away
+
+
+def build_prompt(loaded: LoadedModel, req: ChatCompletionRequest) -> list[int]:
+    """Render the chat template and tokenize it."""
+    import jinja2
+
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    extra = {"tools": req.tools} if req.tools else {}
+    try:
+        text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+    except jinja2.TemplateError as exc:
+        raise InvalidRequest(f"The model's chat template rejected these messages: {exc}", param="messages") from exc
+    return loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def sampling_params(loaded: LoadedModel, req: ChatCompletionRequest, prompt_tokens: int, kv_budget: int,
+                    max_tokens_cap: int | None) -> SamplingParams:
+    """Check the request against the context window and turn it into engine settings."""
+    context = loaded.context_length
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    if max_tokens_cap is not None and asked is not None and asked > max_tokens_cap:
+        raise InvalidRequest(f"{param} is {asked}, above this server's limit of {max_tokens_cap}.", param=param)
+    if prompt_tokens >= context:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens, but the messages use {prompt_tokens} "
+            "tokens. Shorten the messages.", param="messages")
+    if asked is not None and prompt_tokens + asked > context:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens, but {prompt_tokens + asked} were requested "
+            f"({prompt_tokens} in the messages, {asked} in the completion). Lower {param} to at most "
+            f"{context - prompt_tokens}.", param=param)
+    if asked is None:
+        asked = min(context, kv_budget) - prompt_tokens
+        if max_tokens_cap is not None:
+            asked = min(asked, max_tokens_cap)
+        if asked < 1:
+            raise ContextLengthExceeded(
+                f"The messages use {prompt_tokens} tokens, which leaves no room to answer within this server's "
+                f"KV budget of {kv_budget} tokens.", param="messages")
+    bias: dict[int, float] = {}
+    vocab = len(loaded.tokenizer)
+    for key, value in (req.logit_bias or {}).items():
+        token = int(key)
+        if not 0 <= token < vocab:
+            raise InvalidRequest(f"logit_bias names token {token}, outside the vocabulary (0..{vocab - 1}).",
+                                 param="logit_bias")
+        bias[token] = value
+    return SamplingParams(
+        max_tokens=asked,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        logit_bias=bias,
+        seed=req.seed,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+@dataclass
+class Timing:
+    arrived: float
+    first_token: float | None = None
+    last_token: float | None = None
+
+
+class Generation:
+    """Iterates over the text deltas of a submitted sequence, applying stop strings.
+
+    After the iteration ends, ``finish_reason`` and ``completion_tokens`` are set. A timeout
+    raises RequestTimeout; an engine failure raises the engine's error.
+    """
+
+    def __init__(self, seq: Sequence, tokenizer, stops: list[str], arrived: float,
+                 disconnected: Callable[[], bool] | None = None) -> None:
+        self.seq = seq
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = StopMatcher(stops)
+        self.disconnected = disconnected
+        self.timing = Timing(arrived)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        seq = self.seq
+        while True:
+            try:
+                event = seq.events.get(timeout=POLL_S)
+            except queue.Empty:
+                if self.disconnected is not None and self.disconnected():
+                    seq.cancel()
+                    self.finish_reason = "cancelled"
+                    return
+                continue
+            if isinstance(event, Finish):
+                yield from self._finish(event)
+                return
+            now = time.monotonic()
+            self.timing.first_token = self.timing.first_token or now
+            self.timing.last_token = now
+            self.completion_tokens += 1
+            text, stopped = self.stops.feed(self.detok.add(event))
+            if text:
+                yield text
+            if stopped:
+                seq.cancel()
+                self.finish_reason = "stop"
+                return
+
+    def _finish(self, event: Finish) -> Iterator[str]:
+        if event.reason in ("stop", "length"):
+            if event.reason == "stop":
+                self.completion_tokens += 1  # the end-of-sequence token
+            tail = self.stops.flush()
+            if tail:
+                yield tail
+            self.finish_reason = event.reason
+        elif event.reason == "timeout":
+            self.finish_reason = "timeout"
+            raise RequestTimeout(
+                f"The request did not finish within its timeout ({self.completion_tokens} tokens generated); "
+                "generation was stopped. Raise 'timeout' (max 300 s) or lower max_tokens.")
+        elif event.reason == "cancelled":
+            self.finish_reason = "cancelled"
+        else:
+            self.finish_reason = "error"
+            raise event.error or RuntimeError("generation failed")
+
+    def close(self) -> None:
+        """Stop the sequence if the consumer leaves before the end."""
+        if not self.seq.done:
+            self.seq.cancel()
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.timing.first_token is None else self.timing.first_token - self.timing.arrived
+
+    @property
+    def itl(self) -> float | None:
+        t = self.timing
+        if t.first_token is None or t.last_token is None or self.completion_tokens < 2:
+            return None
+        return (t.last_token - t.first_token) / (self.completion_tokens - 1)

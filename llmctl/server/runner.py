@@ -1,0 +1,52 @@
+"""Serve the app with waitress (a production WSGI server) and shut down gracefully on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from waitress import create_server
+
+from llmctl.server.service import Service
+
+log = logging.getLogger(__name__)
+
+
+def run_server(app, service: Service, host: str, port: int, threads: int, grace_period: float,
+               connection_limit: int = 1000) -> int:
+    """Open the port at once, load the model behind it, serve until a signal, then drain and exit 0."""
+    server = create_server(
+        app, host=host, port=port, threads=threads, connection_limit=connection_limit,
+        # Lets a handler notice that its client went away (waitress.client_disconnected).
+        channel_request_lookahead=1, asyncore_use_poll=True, ident="llmctl", clear_untrusted_proxy_headers=True,
+    )
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame) -> None:
+        log.info("Received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    log.info("Listening on http://%s:%d (%d worker threads)", host, port, threads)
+    service.load_in_background()
+    loop = threading.Thread(target=server.run, name="llmctl-http", daemon=True)
+    loop.start()
+    try:
+        while not stop.wait(0.5):
+            if not loop.is_alive():
+                log.error("The HTTP server stopped unexpectedly")
+                return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    service.begin_drain()
+    inflight = service.inflight
+    if inflight:
+        log.info("Waiting up to %.0f s for %d request(s) in flight", grace_period, inflight)
+    if not service.wait_idle(grace_period):
+        log.warning("Grace period over with %d request(s) still running; stopping them", service.inflight)
+    service.shutdown()
+    server.close()
+    log.info("Stopped")
+    return 0

@@ -1,0 +1,157 @@
+"""Request and response schemas of the OpenAI-compatible API.
+
+Fields the service does not know are accepted and ignored: the openai SDK, LangChain and LiteLLM
+send fields a given server may not implement, and rejecting them breaks those clients.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmctl.errors import InvalidRequest
+
+MAX_TIMEOUT_S = 300.0
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class OtherPart(_Lenient):
+    type: str
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | OtherPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if not isinstance(part, TextPart):
+                raise InvalidRequest(
+                    f"Content parts of type '{part.type}' are not supported: this model reads text only.",
+                    param="messages",
+                )
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Lenient):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    seed: int | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    timeout: Annotated[float, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
+    logprobs: bool | None = None
+    tools: list[dict] | None = None
+    # llmctl extension: keep generating past end-of-sequence (fixed-length benchmarks).
+    ignore_eos: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return value
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+def parse_request(body: object) -> ChatCompletionRequest:
+    """Validate a decoded JSON body, turning the first problem into a 400 that names the field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = error["loc"]
+        # Drop the union-branch names pydantic adds ("str", "list[...]") from the path.
+        parts = [str(p) for p in loc if isinstance(p, int) or not ("[" in str(p) or p in ("str", "int", "float"))]
+        param = ".".join(parts) or None
+        if error["type"] == "missing":
+            message = f"Missing required parameter: '{param}'."
+        elif param == "messages" and error["type"] == "too_short":
+            message = "'messages' must contain at least one message."
+        else:
+            message = f"Invalid value for '{param}': {error['msg']}."
+        raise InvalidRequest(message, param=param) from None
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+                    completion_tokens: int, created: int | None = None) -> dict:
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chunk_body(cid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
+               usage_: dict | None = None, with_choice: bool = True) -> dict:
+    body = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        if with_choice else [],
+    }
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+def models_body(model: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "llmctl"}]}
