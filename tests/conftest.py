@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny random model built once per session, and real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmctl.core.loader import LoadOptions
+from llmctl.engine import EngineConfig
+from llmctl.server.service import Service, ServiceSettings
+from llmctl.testing import build_tiny_model, free_port, serve_in_thread
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Point llmctl's cache (converted embedded model) at a session temp dir unless CI shares one."""
+    if "LLMCTL_CACHE_DIR" not in os.environ:
+        os.environ["LLMCTL_CACHE_DIR"] = str(tmp_path_factory.mktemp("llmctl-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def make_service(model: Path, **settings) -> Service:
+    engine = settings.pop("engine", EngineConfig(max_num_seqs=16, max_waiting=32, kv_cache_tokens=16384))
+    load = LoadOptions(model_path=model, dtype="float32", device="cpu",
+                       max_model_len=settings.pop("max_model_len", None))
+    service = Service(ServiceSettings(load=load, engine=engine, **settings))
+    service.load()
+    assert service.status == "ready", service.error
+    return service
+
+
+@pytest.fixture(scope="session")
+def tiny_service(tiny_model):
+    service = make_service(tiny_model)
+    yield service
+    service.shutdown()
+
+
+@pytest.fixture(scope="session")
+def base_url(tiny_service) -> str:
+    with serve_in_thread(tiny_service) as url:
+        yield url
+
+
+@pytest.fixture()
+def client(base_url):
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        yield c
+
+
+class ServerProcess:
+    """`llmctl serve` as a real subprocess, for start-up, flag and signal tests."""
+
+    def __init__(self, args: list[str], env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmctl", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+        )
+
+    def wait_status(self, status: str = "ready", timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                last = httpx.get(self.url + "/health", timeout=2).json()
+                if last["status"] == status:
+                    return last
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server never reached {status!r}; last health {last}")
+
+    def output(self) -> str:
+        if self.proc.poll() is None:
+            self.stop()
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture()
+def server_process():
+    started: list[ServerProcess] = []
+
+    def start(*args: str, env: dict | None = None) -> ServerProcess:
+        proc = ServerProcess(list(args), env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
