@@ -126,3 +126,106 @@ def probe_bitsandbytes() -> BitsAndBytesStatus:
         True, version, True, False, False,
         f"bitsandbytes {version} needs a CUDA GPU; upgrade to >=0.45 for CPU support: pip install -U bitsandbytes",
     )
+
+
+@dataclass(frozen=True)
+class GPUDevice:
+    """One visible GPU as `llmctl doctor` reports it."""
+
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    capability: tuple[int, int]
+
+    @property
+    def bf16(self) -> bool:
+        # Native bfloat16 arrived with Ampere (compute capability 8.0).
+        return self.capability >= (8, 0)
+
+
+def gpu_devices() -> tuple[GPUDevice, ...]:
+    """Name, total and free memory and compute capability of each visible GPU (empty without CUDA)."""
+    import torch
+
+    if not torch_cuda_available():
+        return ()
+    devices = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        devices.append(GPUDevice(i, torch.cuda.get_device_name(i), int(total), int(free),
+                                 tuple(torch.cuda.get_device_capability(i))))
+    return tuple(devices)
+
+
+def torch_cuda_build() -> str | None:
+    """The CUDA (or ROCm) version PyTorch was built for; None for a CPU-only build."""
+    import torch
+
+    if getattr(torch.version, "hip", None):
+        return f"ROCm {torch.version.hip}"
+    return torch.version.cuda
+
+
+def nvidia_driver_version() -> str | None:
+    """The loaded NVIDIA kernel driver's version (Linux), or None where no driver is loaded."""
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    for word in first.split():
+        if word[:1].isdigit() and "." in word:
+            return word
+    return "unknown version"
+
+
+def cuda_init_error() -> str | None:
+    """Why PyTorch cannot start CUDA (the driver's own message), or None when it can or is not built for it."""
+    import torch
+
+    if torch_cuda_build() is None:
+        return None
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # the driver's reason arrives as RuntimeError or AssertionError
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (respects taskset/cgroup CPU sets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def ram_bytes() -> tuple[int, int]:
+    """Total and available RAM in bytes, lowered to a container's cgroup memory limit where one is set."""
+    vm = psutil.virtual_memory()
+    total, available = int(vm.total), int(vm.available)
+    limit = _cgroup_memory_limit()
+    if limit is not None and limit < total:
+        used = _cgroup_memory_usage() or 0
+        return limit, max(0, min(available, limit - used))
+    return total, available
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_memory_limit() -> int | None:
+    # cgroup v2, then v1; "max" (or a huge v1 number) means no limit.
+    limit = _read_int("/sys/fs/cgroup/memory.max") or _read_int("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+    return limit if limit is not None and limit < 1 << 60 else None
+
+
+def _cgroup_memory_usage() -> int | None:
+    return _read_int("/sys/fs/cgroup/memory.current") or _read_int("/sys/fs/cgroup/memory/memory.usage_in_bytes")

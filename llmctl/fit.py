@@ -1,0 +1,286 @@
+"""Predict the memory a model needs in each precision from its file headers or config, loading no weight."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+MIB = 1024**2
+GIB = 1024**3
+# Bytes per element of each safetensors dtype.
+SAFETENSORS_DTYPES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1, "F4": 0.5, "F6_E2M3": 0.75,
+    "F6_E3M2": 0.75,
+}
+MAX_HEADER_BYTES = 100 * MIB  # the safetensors library's own limit
+# NF4 with double quantization (what --load-in-4bit uses): 4 bits per weight, one 8-bit absmax per
+# block of 64 weights, one fp32 absmax per 256 of those blocks.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# LLM.int8 keeps one fp32 scale per output row of each quantized layer.
+INT8_ROW_SCALE_BYTES = 4
+# Not weights or KV cache: the CUDA context or PyTorch runtime, plus activations and allocator slack.
+RUNTIME_BYTES = 512 * MIB
+ACTIVATION_FRACTION = 0.05
+# Tensors bitsandbytes leaves in 16-bit: input and output embeddings (transformers skips the output
+# layer by default, so the prediction must too).
+_KEPT_NAME_PARTS = ("embed", "wte", "wpe", "lm_head", "token_embd", "position", "shared.weight")
+
+
+class WeightFileError(ValueError):
+    """A weight file is damaged; the message says how."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_safetensors_header(path: Path) -> list[TensorInfo]:
+    """The tensors a .safetensors file declares, read from its JSON header without touching the data."""
+    size = path.stat().st_size
+    if size < 8:
+        raise WeightFileError(f"{path.name} is {size} bytes: too short to be a safetensors file.")
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise WeightFileError(
+                f"{path.name} declares a {length:,}-byte header in a {size:,}-byte file: "
+                "not a safetensors file, or it was cut short."
+            )
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightFileError(f"{path.name} has a corrupt header (not JSON: {exc}).") from exc
+    if not isinstance(header, dict):
+        raise WeightFileError(f"{path.name} has a corrupt header (not a JSON object).")
+    data_bytes = size - 8 - length
+    tensors, end = [], 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape = tuple(int(d) for d in info["shape"])
+            start, stop = (int(o) for o in info["data_offsets"])
+            width = SAFETENSORS_DTYPES[info["dtype"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightFileError(f"{path.name} has a corrupt header entry for {name!r} ({exc!r}).") from exc
+        tensor = TensorInfo(name, shape)
+        if stop - start != int(tensor.numel * width):
+            raise WeightFileError(f"{path.name}: tensor {name!r} has {stop - start:,} bytes, its shape needs "
+                                  f"{int(tensor.numel * width):,}. The file is corrupt.")
+        tensors.append(tensor)
+        end = max(end, stop)
+    if end > data_bytes:
+        raise WeightFileError(
+            f"{path.name} is cut short: its header places tensor data up to byte {end:,}, "
+            f"but the file holds only {data_bytes:,} bytes of data (an interrupted download)."
+        )
+    return tensors
+
+
+@dataclass(frozen=True)
+class WeightInventory:
+    """A model's parameter count, split into what bitsandbytes quantizes and what it keeps in 16-bit."""
+
+    source: Literal["safetensors", "gguf", "config"]
+    total: int
+    quantizable: int
+    quantizable_rows: int
+
+    @property
+    def kept(self) -> int:
+        return self.total - self.quantizable
+
+
+def _quantizable(name: str, shape: tuple[int, ...], vocab_size: int | None) -> bool:
+    """Whether bitsandbytes turns this tensor into 8/4-bit: 2-D linear weights other than the embeddings."""
+    lowered = name.lower()
+    if len(shape) != 2 or not lowered.endswith("weight") or any(p in lowered for p in _KEPT_NAME_PARTS):
+        return False
+    return not (vocab_size and vocab_size in shape) and lowered != "output.weight"
+
+
+def inventory_from_tensors(tensors: Iterable[TensorInfo], source: Literal["safetensors", "gguf"],
+                           vocab_size: int | None) -> WeightInventory:
+    total = quantizable = rows = 0
+    for t in tensors:
+        total += t.numel
+        if _quantizable(t.name, t.shape, vocab_size):
+            quantizable += t.numel
+            # torch stores Linear weights as (out, in); GGUF lists dimensions innermost first.
+            rows += t.shape[0] if source == "safetensors" else t.shape[-1]
+    return WeightInventory(source, total, quantizable, rows)
+
+
+def _first(config: dict, *keys: str) -> Any:
+    return next((config[k] for k in keys if isinstance(config.get(k), int) and config[k] > 0), None)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """What sizes the KV cache: per token, a key and a value vector per layer and KV head."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def kv_bytes_per_token(self, bytes_per_element: float) -> int:
+        return int(2 * self.layers * self.kv_heads * self.head_dim * bytes_per_element)
+
+
+def attention_from_config(config: dict) -> Attention | None:
+    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    hidden = _first(config, "hidden_size", "n_embd", "d_model")
+    layers = _first(config, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _first(config, "num_attention_heads", "n_head")
+    if not (hidden and layers and heads):
+        return None
+    kv_heads = _first(config, "num_key_value_heads", "n_head_kv", "num_kv_heads")
+    if kv_heads is None:
+        kv_heads = 1 if config.get("multi_query") else heads
+    head_dim = _first(config, "head_dim") or hidden // heads
+    return Attention(layers, kv_heads, head_dim)
+
+
+def inventory_from_config(config: dict) -> WeightInventory | None:
+    """An estimate for a decoder-only transformer, for when no weight header can be read."""
+    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    attention = attention_from_config(config)
+    hidden = _first(config, "hidden_size", "n_embd", "d_model")
+    vocab = _first(config, "vocab_size")
+    if attention is None or vocab is None:
+        return None
+    heads = _first(config, "num_attention_heads", "n_head")
+    hd, kv = attention.head_dim, attention.kv_heads
+    inter = _first(config, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+    act = str(config.get("hidden_act") or config.get("activation_function") or "")
+    gated = act in ("silu", "swish", "swiglu") or str(config.get("model_type", "")).startswith("gemma")
+    experts = _first(config, "num_local_experts", "num_experts", "n_routed_experts") or 1
+    attn = hidden * heads * hd + 2 * hidden * kv * hd + heads * hd * hidden
+    mlp = (3 if gated else 2) * hidden * inter * experts
+    linear = attention.layers * (attn + mlp)
+    rows = attention.layers * (heads * hd + 2 * kv * hd + hidden + ((2 if gated else 1) * inter + hidden) * experts)
+    kept = vocab * hidden * (1 if config.get("tie_word_embeddings", False) else 2) + (2 * attention.layers + 1) * hidden
+    return WeightInventory("config", linear + kept, linear, rows)
+
+
+def context_length_of(config: dict) -> int | None:
+    """The model's context length as its config states it."""
+    from llmctl.core.loader import CONTEXT_KEYS
+
+    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return _first(config, *CONTEXT_KEYS)
+
+
+Precision = Literal["fp32", "bf16", "fp16", "8bit", "4bit"]
+LABELS: dict[str, str] = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "8bit": "8-bit", "4bit": "4-bit"}
+FLAGS: dict[str, str] = {"fp32": "--dtype float32", "bf16": "--dtype bfloat16", "fp16": "--dtype float16",
+                         "8bit": "--load-in-8bit", "4bit": "--load-in-4bit"}
+
+
+def weights_bytes(inventory: WeightInventory, precision: Precision, compute_bytes: int = 2) -> int:
+    """Memory the weights take in ``precision``; 8/4-bit keep the embeddings in the compute dtype."""
+    if precision == "fp32":
+        return 4 * inventory.total
+    if precision in ("bf16", "fp16"):
+        return 2 * inventory.total
+    kept = inventory.kept * compute_bytes
+    if precision == "8bit":
+        return inventory.quantizable + inventory.quantizable_rows * INT8_ROW_SCALE_BYTES + kept
+    return int(inventory.quantizable * NF4_BYTES_PER_PARAM) + kept
+
+
+@dataclass(frozen=True)
+class FitRow:
+    """One precision: what it needs, and whether llmctl can load the model that way here."""
+
+    precision: Precision
+    default: bool
+    weights_bytes: int
+    kv_bytes: int
+    runtime_bytes: int
+    usable: bool = True
+    note: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.runtime_bytes
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.precision]
+
+    @property
+    def flag(self) -> str:
+        return "" if self.default else FLAGS[self.precision]
+
+
+@dataclass(frozen=True)
+class FitPrediction:
+    """Which precision makes the model fit in the memory that is free, and the numbers behind it."""
+
+    device: Literal["cuda", "cpu"]
+    available_bytes: int
+    context_length: int
+    batch_size: int
+    rows: tuple[FitRow, ...]
+    choice: FitRow | None
+
+    def fits(self, row: FitRow) -> bool:
+        return row.total_bytes <= self.available_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device, "available_bytes": self.available_bytes,
+            "context_length": self.context_length, "batch_size": self.batch_size,
+            "choice": self.choice.precision if self.choice else None,
+            "flag": self.choice.flag if self.choice else None,
+            "rows": [{"precision": r.precision, "flag": FLAGS[r.precision], "default": r.default,
+                      "weights_bytes": r.weights_bytes, "kv_cache_bytes": r.kv_bytes,
+                      "runtime_bytes": r.runtime_bytes, "total_bytes": r.total_bytes,
+                      "fits": self.fits(r), "usable": r.usable, "note": r.note} for r in self.rows],
+        }
+
+
+def predict_fit(inventory: WeightInventory, attention: Attention | None, *, context_length: int, batch_size: int,
+                available_bytes: int, device: Literal["cuda", "cpu"], default: Precision,
+                quantization_problem: dict[str, str | None] | None = None) -> FitPrediction:
+    """Memory per precision (weights + KV cache for ``batch_size`` x ``context_length`` tokens + runtime).
+
+    ``default`` is the precision `llmctl serve` picks on its own here; ``quantization_problem`` maps
+    "8bit"/"4bit" to why that mode cannot be used (None where it can).
+    """
+    problems = quantization_problem or {}
+    compute_bytes = 4 if default == "fp32" else 2
+    half = "fp16" if default == "fp16" else "bf16"
+    rows = []
+    for precision in ("fp32", half, "8bit", "4bit"):
+        kv_element = 4 if precision == "fp32" else 2 if precision in ("bf16", "fp16") else compute_bytes
+        weights = weights_bytes(inventory, precision, compute_bytes)
+        kv = attention.kv_bytes_per_token(kv_element) * context_length * batch_size if attention else 0
+        runtime = RUNTIME_BYTES + int(ACTIVATION_FRACTION * weights)
+        problem = problems.get(precision)
+        rows.append(FitRow(precision, precision == default, weights, kv, runtime, problem is None, problem or ""))
+    # The default first, then the least lossy precision that fits.
+    order = sorted(rows, key=lambda r: (not r.default, -r.total_bytes))
+    choice = next((r for r in order if r.usable and r.total_bytes <= available_bytes), None)
+    return FitPrediction(device, available_bytes, context_length, batch_size, tuple(rows), choice)
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes for people: MiB below 1 GiB, GiB above."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"

@@ -1,0 +1,246 @@
+"""Engine behaviour seen through the HTTP API: batching, timeouts, cancellation, back-pressure, faults.
+
+Some tests slow the model down by wrapping its real forward pass with a short sleep, so that a
+request is still running when the test acts on it; the forward pass itself still runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from llmctl.engine import EngineConfig
+from llmctl.core.loader import LoadOptions, load_model
+from llmctl.errors import ModelLoadError
+from llmctl.server.service import Service, ServiceSettings
+from llmctl.testing import serve_in_thread
+from tests.conftest import make_service
+
+USER = [{"role": "user", "content": "Hello there"}]
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def slow_down(service: Service, seconds: float) -> None:
+    model = service.engine.model
+    real = model.forward
+
+    def forward(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    model.forward = forward
+
+
+@pytest.fixture()
+def slow_server(tiny_model):
+    service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=4, max_waiting=2, kv_cache_tokens=4096))
+    slow_down(service, 0.01)
+    with serve_in_thread(service) as url:
+        yield service, url
+    service.shutdown()
+
+
+def test_batched_output_equals_single_output(client, base_url, tiny_service):
+    """With temperature 0 a request's text does not depend on what else is in the batch."""
+    prompts = [f"Question number {i}: {'why ' * (i % 5)}?" for i in range(16)]
+
+    def ask(prompt, c=client):
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}],
+                                                 "max_tokens": 24, "temperature": 0, "ignore_eos": True})
+        return r.json()["choices"][0]["message"]["content"]
+
+    alone = [ask(p) for p in prompts]
+    start_steps = tiny_service.engine.stats.max_batch_size
+
+    def ask_new(prompt):
+        with httpx.Client(base_url=base_url, timeout=60) as c:
+            return ask(prompt, c)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask_new, prompts))
+    assert together == alone
+    assert tiny_service.engine.stats.max_batch_size >= max(start_steps, 4), "requests were not batched"
+
+
+def test_timeout_answers_408_and_stops_generation(slow_server):
+    service, url = slow_server
+    before = service.engine.stats.tokens_generated
+    started = time.monotonic()
+    r = httpx.post(url + "/v1/chat/completions", timeout=30, json={
+        "messages": USER, "max_tokens": 200, "ignore_eos": True, "timeout": 0.5})
+    elapsed = time.monotonic() - started
+    assert r.status_code == 408
+    assert r.json()["error"]["type"] == "timeout_error"
+    assert elapsed < 3
+    assert wait_for(lambda: service.engine.running == 0, 2)
+    generated = service.engine.stats.tokens_generated - before
+    assert generated < 120, f"generation went on after the timeout ({generated} tokens)"
+
+
+def test_timeout_during_stream_reports_error_in_band(slow_server):
+    service, url = slow_server
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, json={
+            "messages": USER, "max_tokens": 200, "ignore_eos": True, "timeout": 0.5, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200
+    assert '"timeout_error"' in lines[-1]
+    assert wait_for(lambda: service.engine.running == 0, 2)
+
+
+def test_client_disconnect_cancels_generation(slow_server):
+    service, url = slow_server
+    before = service.engine.stats.tokens_generated
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, json={
+            "messages": USER, "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+    assert wait_for(lambda: service.engine.running == 0, 5), "the sequence stayed in the batch"
+    assert service.engine.stats.tokens_generated - before < 150
+
+
+def test_non_streaming_disconnect_cancels_generation(slow_server):
+    service, url = slow_server
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", timeout=0.4, json={
+            "messages": USER, "max_tokens": 200, "ignore_eos": True})
+    assert wait_for(lambda: service.engine.running == 0, 5)
+
+
+def test_full_queue_answers_429_at_once(slow_server):
+    service, url = slow_server
+    body = {"messages": USER, "max_tokens": 100, "ignore_eos": True}
+
+    def send(_):
+        t = time.monotonic()
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        return r, time.monotonic() - t
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(send, range(12)))
+    statuses = [r.status_code for r, _ in results]
+    # At least the waiting queue (2) is accepted; what arrives while it is full is turned away.
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+    assert set(statuses) == {200, 429}
+    for r, elapsed in results:
+        if r.status_code == 429:
+            assert r.headers["Retry-After"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+            assert elapsed < 1.0
+
+
+def test_health_stays_fast_while_saturated(slow_server):
+    service, url = slow_server
+    body = {"messages": USER, "max_tokens": 60, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=60) for _ in range(6)]
+        assert wait_for(lambda: service.engine.running >= 4, 5)
+        timings = []
+        for _ in range(20):
+            t = time.monotonic()
+            assert httpx.get(url + "/health", timeout=5).status_code == 200
+            timings.append(time.monotonic() - t)
+        for f in futures:
+            f.result()
+    assert sorted(timings)[-2] < 0.25
+
+
+def test_out_of_memory_fails_only_affected_requests(tiny_model):
+    service = make_service(tiny_model)
+    model = service.engine.model
+    real = model.forward
+    fail = threading.Event()
+
+    def forward(*args, **kwargs):
+        if fail.is_set():
+            fail.clear()
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+
+    model.forward = forward
+    try:
+        with serve_in_thread(service) as url:
+            fail.set()
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 5}, timeout=30)
+            assert r.status_code == 503
+            error = r.json()["error"]
+            assert error["code"] == "out_of_memory" and "--load-in-4bit" in error["message"]
+            ok = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 5}, timeout=30)
+            assert ok.status_code == 200
+            assert service.engine.stats.oom_events == 1
+    finally:
+        service.shutdown()
+
+
+def test_unexpected_engine_error_is_500_without_traceback(tiny_model):
+    service = make_service(tiny_model)
+    model = service.engine.model
+    real = model.forward
+    calls = {"n": 0}
+
+    def forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom: internal detail")
+        return real(*args, **kwargs)
+
+    model.forward = forward
+    try:
+        with serve_in_thread(service) as url:
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 5}, timeout=30)
+            assert r.status_code == 500
+            assert "boom" not in r.text and "Traceback" not in r.text
+            assert r.json()["error"]["type"] == "server_error"
+            ok = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 5}, timeout=30)
+            assert ok.status_code == 200
+    finally:
+        service.shutdown()
+
+
+def test_loading_then_ready(tiny_model):
+    """/health answers while the model loads; requests get 503 with Retry-After until it is ready."""
+    release = threading.Event()
+
+    def slow_loader(options):
+        release.wait(30)
+        return load_model(options)
+
+    service = Service(ServiceSettings(load=LoadOptions(model_path=tiny_model, dtype="float32")), loader=slow_loader)
+    service.load_in_background()
+    with serve_in_thread(service) as url:
+        r = httpx.get(url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["Retry-After"]
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": USER})
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert r.json()["error"]["code"] == "model_loading"
+        release.set()
+        assert wait_for(lambda: httpx.get(url + "/health").status_code == 200, 30)
+        assert httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2}).status_code == 200
+    service.shutdown()
+
+
+def test_load_failure_is_reported_by_health():
+    def failing_loader(options):
+        raise ModelLoadError("weights are corrupt (test)")
+
+    service = Service(ServiceSettings(), loader=failing_loader)
+    service.load()
+    with serve_in_thread(service) as url:
+        r = httpx.get(url + "/health")
+        assert r.status_code == 503
+        assert r.json()["status"] == "error" and "corrupt" in r.json()["error"]
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": USER})
+        assert r.status_code == 503 and "corrupt" in r.json()["error"]["message"]
