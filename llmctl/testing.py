@@ -64,13 +64,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_in_thread(service, *, max_body_bytes: int | None = None, threads: int = 48) -> Iterator[str]:
-    """Serve ``service`` with waitress on 127.0.0.1 in this process; yields the base URL."""
+def serve_in_thread(service, *, threads: int = 48, **http_options) -> Iterator[str]:
+    """Serve ``service`` with waitress on 127.0.0.1 in this process; yields the base URL.
+
+    ``http_options`` are the fields of `llmctl.server.app.HTTPOptions` (api_keys, allowed_origins, ...).
+    """
     from waitress import create_server
 
-    from llmctl.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+    from llmctl.server.app import HTTPOptions, create_app
 
-    app = create_app(service, max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    app = create_app(service, HTTPOptions(**http_options))
     server = create_server(app, host="127.0.0.1", port=0, threads=threads, channel_request_lookahead=1,
                            asyncore_use_poll=True)
     port = server.socket.getsockname()[1]

@@ -12,8 +12,9 @@ import typer
 from llmctl import envvars
 from llmctl.core.loader import Device, Dtype, LoadOptions, preflight
 from llmctl.engine import EngineConfig
-from llmctl.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+from llmctl.server.app import DEFAULT_MAX_BODY_BYTES, HTTPOptions, create_app
 from llmctl.server.runner import run_server
+from llmctl.server.security import load_api_keys
 from llmctl.server.service import Service, ServiceSettings
 
 log = logging.getLogger("llmctl.serve")
@@ -76,6 +77,18 @@ def serve(
         DEFAULT_MAX_BODY_BYTES,
     grace_period: Annotated[float, typer.Option(
         envvar=envvars.GRACE_PERIOD, min=0, help="Seconds in-flight requests get to finish on SIGINT/SIGTERM.")] = 30.0,
+    api_key: Annotated[list[str] | None, typer.Option(
+        envvar=envvars.API_KEY, show_envvar=True,
+        help="Require 'Authorization: Bearer <key>' on /v1/* (repeat, or comma-separate, for several keys).")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        envvar=envvars.API_KEY_FILE, help="A file of API keys, one per line.")] = None,
+    public_metrics: Annotated[bool, typer.Option(
+        envvar=envvars.PUBLIC_METRICS, help="Serve /metrics without an API key (it needs one by default).")] = False,
+    allowed_origins: Annotated[str, typer.Option(
+        envvar=envvars.ALLOWED_ORIGINS,
+        help="Comma-separated origins allowed by CORS (browser apps), e.g. https://app.example.com. Default: none.")] = "",
+    max_messages: Annotated[int, typer.Option(
+        envvar=envvars.MAX_MESSAGES, min=1, help="Most messages accepted in one request.")] = 1024,
     threads: Annotated[int | None, typer.Option(
         envvar=envvars.THREADS, min=4, help="HTTP worker threads. Default: max-num-seqs + max-waiting + 16.")] = None,
     log_level: Annotated[str, typer.Option(envvar=envvars.LOG_LEVEL, help="debug, info, warning or error.")] = "info",
@@ -90,9 +103,15 @@ def serve(
     preflight(load)
     engine = EngineConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                           max_waiting=max_waiting, kv_cache_tokens=kv_cache_tokens)
+    keys = load_api_keys(api_key or [], api_key_file)
+    if not keys and host in ("0.0.0.0", "::", ""):
+        log.warning("Listening on all interfaces (%s) without an API key: anyone who can reach this port can use "
+                    "the model. Pass --api-key, or --host 127.0.0.1 for local use only.", host or "*")
     service = Service(ServiceSettings(load=load, engine=engine, request_timeout=request_timeout,
-                                      max_tokens_cap=max_tokens_cap))
-    app = create_app(service, max_body_bytes=max_body_bytes)
+                                      max_tokens_cap=max_tokens_cap, max_messages=max_messages))
+    origins = tuple(o.strip() for o in allowed_origins.split(",") if o.strip())
+    app = create_app(service, HTTPOptions(max_body_bytes=max_body_bytes, api_keys=keys,
+                                          public_metrics=public_metrics, allowed_origins=origins))
     # Every generating request holds a thread; the extra ones keep /health answering under full load.
     threads = threads or max_num_seqs + max_waiting + 16
     code = run_server(app, service, host, port, threads=threads, grace_period=grace_period)

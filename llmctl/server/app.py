@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from llmctl.errors import InvalidRequest, LLMCtlError, UnsupportedMediaType
+from llmctl.server.openapi import openapi_document
+from llmctl.server.security import install_auth, install_cors
 from llmctl.server.service import Service
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-HTTP_ERROR_TYPES = {404: ("invalid_request_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
+HTTP_ERROR_TYPES = {400: ("invalid_request_error", None), 404: ("invalid_request_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
                     413: ("invalid_request_error", "request_too_large"),
                     415: ("invalid_request_error", "unsupported_media_type")}
 
@@ -40,10 +43,24 @@ def wants_prometheus() -> bool:
     return "application/openmetrics-text" in accept or "text/plain" in accept and "version=0.0.4" in accept
 
 
-def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Flask:
+@dataclass(frozen=True)
+class HTTPOptions:
+    """How the HTTP layer guards the service."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    api_keys: tuple[str, ...] = ()
+    public_metrics: bool = False
+    allowed_origins: tuple[str, ...] = ()
+
+
+def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
     """Build the Flask app for ``service``."""
+    options = options or HTTPOptions()
+    max_body_bytes = options.max_body_bytes
     app = Flask("llmctl")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    install_cors(app, options.allowed_origins)
+    install_auth(app, options.api_keys, options.public_metrics)
 
     @app.errorhandler(LLMCtlError)
     def _known(exc: LLMCtlError):
@@ -84,6 +101,10 @@ def create_app(service: Service, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -
     @app.get("/v1/models")
     def models():
         return json_response(service.models())
+
+    @app.get("/openapi.json")
+    def openapi():
+        return json_response(openapi_document())
 
     @app.get("/health")
     def health():

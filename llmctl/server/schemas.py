@@ -39,14 +39,23 @@ class ChatMessage(_Lenient):
         if self.content is None:
             return ""
         if isinstance(self.content, str):
-            return self.content
+            return _valid_unicode(self.content)
         for part in self.content:
             if not isinstance(part, TextPart):
                 raise InvalidRequest(
                     f"Content parts of type '{part.type}' are not supported: this model reads text only.",
                     param="messages",
                 )
-        return "".join(part.text for part in self.content)
+        return _valid_unicode("".join(part.text for part in self.content))
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer accepts; replace them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 class StreamOptions(_Lenient):

@@ -29,6 +29,7 @@ class ServiceSettings:
     engine: EngineConfig = field(default_factory=EngineConfig)
     request_timeout: float = 60.0
     max_tokens_cap: int | None = None
+    max_messages: int = 1024
 
 
 class Service:
@@ -186,6 +187,9 @@ class Service:
         if req.model and req.model != loaded.name:
             raise ModelNotFound(f"The model '{req.model}' does not exist; this server serves '{loaded.name}'.",
                                 param="model")
+        if len(req.messages) > self.settings.max_messages:
+            raise InvalidRequest(f"{len(req.messages)} messages is more than this server's limit of "
+                                 f"{self.settings.max_messages}.", param="messages")
         if (req.n or 1) > 1:
             raise InvalidRequest("Only n=1 is supported.", param="n")
         if req.logprobs:

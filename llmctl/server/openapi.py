@@ -1,0 +1,74 @@
+"""The service's OpenAPI document, built from the same pydantic schemas that validate requests.
+
+`python -m llmctl.server.openapi > docs/openapi.json` refreshes the copy in docs/; a test keeps
+the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+
+from llmctl import __version__
+from llmctl.server.schemas import ChatCompletionRequest
+
+ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+def _error_responses(*codes: int) -> dict:
+    text = {400: "Invalid request", 401: "Missing or invalid API key", 404: "Unknown model or route",
+            408: "Request timed out", 413: "Body too large", 415: "Body is not JSON", 429: "Queue full",
+            500: "Server bug", 503: "Loading, failed, shutting down, or out of memory"}
+    return {str(c): {"description": text[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
+
+
+def openapi_document() -> dict:
+    request_schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = request_schema.pop("$defs", {})
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "llmctl OpenAI-compatible API", "version": __version__},
+        "paths": {
+            "/v1/chat/completions": {"post": {
+                "operationId": "createChatCompletion",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
+                "responses": {
+                    "200": {"description": "A completion, or server-sent events when stream is true",
+                            "content": {"application/json": {"schema": {"type": "object"}},
+                                        "text/event-stream": {"schema": {"type": "string"}}}},
+                    **_error_responses(400, 401, 404, 408, 413, 415, 429, 500, 503),
+                },
+            }},
+            "/v1/models": {"get": {"operationId": "listModels", "responses": {
+                "200": {"description": "The served model", "content": {"application/json": {
+                    "schema": {"type": "object"}}}}, **_error_responses(401, 503)}}},
+            "/health": {"get": {"operationId": "health", "responses": {
+                "200": {"description": "Ready", "content": {"application/json": {"schema": {"type": "object"}}}},
+                "503": {"description": "Loading, failed or shutting down",
+                        "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+            "/metrics": {"get": {"operationId": "metrics", "responses": {
+                "200": {"description": "JSON metrics, or Prometheus text with ?format=prometheus",
+                        "content": {"application/json": {"schema": {"type": "object"}},
+                                    "text/plain": {"schema": {"type": "string"}}}},
+                **_error_responses(401)}}},
+        },
+        "components": {
+            "schemas": {
+                **defs,
+                "ChatCompletionRequest": request_schema,
+                "ErrorResponse": {
+                    "type": "object", "required": ["error"],
+                    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"],
+                                             "properties": {"message": {"type": "string"},
+                                                            "type": {"type": "string"},
+                                                            "param": {"type": ["string", "null"]},
+                                                            "code": {"type": ["string", "null"]}}}},
+                },
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(openapi_document(), indent=2, sort_keys=True))
