@@ -128,6 +128,7 @@ class LevelSummary:
     output_throughput: float
     total_token_throughput: float
     prompt_tokens: int
+    prompt_tokens_mean: float | None
     completion_tokens: int
     completion_tokens_min: int | None
     completion_tokens_mean: float | None
@@ -147,19 +148,22 @@ def summarize(results: Sequence[RequestResult], duration: float, *, concurrency:
               max_tokens: int | None = None, cancelled: int = 0, time_limited: bool = False) -> LevelSummary:
     """Summarize one level, with the definitions of vLLM's serving benchmark.
 
-    Only successful requests count towards tokens and latencies. TPOT of a request is
+    Only successful requests count towards tokens and latencies; prompt tokens are known only from
+    the server's usage. TPOT of a request is
     (latency - TTFT) / (completion tokens - 1), for requests with more than one token; ITL pools
     every gap between content chunks of every request.
     """
     ok = [r for r in results if r.success]
     lengths = [r.completion_tokens for r in ok]
     out_tokens = sum(lengths)
-    in_tokens = sum(r.prompt_tokens or 0 for r in ok)
+    known_prompts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+    in_tokens = sum(known_prompts)
     per_second = (lambda n: n / duration) if duration > 0 else (lambda n: 0.0)
     tpots = [(r.latency - r.ttft) / (r.completion_tokens - 1) for r in ok
              if r.completion_tokens > 1 and r.ttft is not None and r.latency is not None]
     from_server = sum(r.usage_from_server for r in ok)
-    usage_source = None if not ok else "server" if from_server == len(ok) else "chunks" if not from_server else "mixed"
+    usage_source = (None if not ok else "server" if from_server == len(ok)
+                    else "chunks" if not from_server else "mixed")
     errors = Counter(r.error or "unknown error" for r in results if not r.success)
     return LevelSummary(
         concurrency=concurrency,
@@ -172,6 +176,7 @@ def summarize(results: Sequence[RequestResult], duration: float, *, concurrency:
         output_throughput=per_second(out_tokens),
         total_token_throughput=per_second(out_tokens + in_tokens),
         prompt_tokens=in_tokens,
+        prompt_tokens_mean=in_tokens / len(known_prompts) if known_prompts else None,
         completion_tokens=out_tokens,
         completion_tokens_min=min(lengths) if lengths else None,
         completion_tokens_mean=out_tokens / len(lengths) if lengths else None,
@@ -224,6 +229,7 @@ class Workload:
     ignore_eos: bool = True
     eos_bias_ids: tuple[int, ...] = ()
     request_timeout: float = 300.0
+    warmup_prompts: list[Messages] = field(default_factory=list)  # default: the first prompts
 
     def body(self, model: str | None, messages: Messages) -> dict:
         body: dict = {"messages": messages, "max_tokens": self.max_tokens, "temperature": self.temperature,
@@ -242,6 +248,7 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, workload: 
     """Send one streaming chat completion and time its chunks (never raises for server or network errors)."""
     result = RequestResult()
     chunks = 0
+    ended = False
     start = time.perf_counter()
     last_content = last_event = None
     try:
@@ -253,12 +260,14 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, workload: 
                 return result
             async for event in source.aiter_sse():
                 if event.data.strip() == "[DONE]":
+                    ended = True
                     break
                 now = time.perf_counter()
                 data = json.loads(event.data)
                 if isinstance(data, dict) and data.get("error"):
                     error = data["error"]
-                    result.error = f"in-stream error: {error.get('message', error) if isinstance(error, dict) else error}"
+                    message = error.get("message", error) if isinstance(error, dict) else error
+                    result.error = f"in-stream error: {message}"
                     return result
                 for choice in data.get("choices") or []:
                     delta = choice.get("delta") or {}
@@ -282,8 +291,8 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, workload: 
     except (json.JSONDecodeError, AttributeError, TypeError):
         result.error = "the server sent a stream chunk that is not a chat completion chunk"
         return result
-    if last_event is None:
-        result.error = "the stream ended without any chunk"
+    if last_event is None or not (ended or result.finish_reason):
+        result.error = "the stream ended without any chunk" if last_event is None else "the stream broke off"
         return result
     if not result.usage_from_server:
         result.completion_tokens = chunks
@@ -370,6 +379,10 @@ class BenchPlan:
         """Requests per level: as asked, else 4 per concurrent stream (at least 8)."""
         return self.requests if self.requests else max(8, 4 * concurrency)
 
+    def prompt_count(self) -> int:
+        """Prompts the built-in set needs: one per request of the longest level."""
+        return max(self.requests_for(c) for c in self.concurrency)
+
 
 def resolve_model(endpoint: Endpoint, timeout: float = 10.0) -> Endpoint:
     """The endpoint with its model name filled in from GET /v1/models when none was given."""
@@ -389,16 +402,17 @@ def resolve_model(endpoint: Endpoint, timeout: float = 10.0) -> Endpoint:
 
 
 @dataclass
-class _Progress:
+class _RunState:
     runs: list[EndpointRun]
     current: tuple[int, _Level] | None = None
     interrupted: bool = False
 
 
-async def _run_plan(plan: BenchPlan, state: _Progress, progress: ProgressFn | None) -> None:
+async def _run_plan(plan: BenchPlan, state: _RunState, progress: ProgressFn | None) -> None:
     workload = plan.workload
     timeout = httpx.Timeout(workload.request_timeout, connect=10.0)
-    limits = httpx.Limits(max_connections=max(plan.concurrency) + 8, max_keepalive_connections=max(plan.concurrency) + 8)
+    connections = max(plan.concurrency) + 8
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     clients = [httpx.AsyncClient(timeout=timeout, limits=limits) for _ in plan.endpoints]
     try:
         for endpoint, client in zip(plan.endpoints, clients):
@@ -420,7 +434,8 @@ async def _run_plan(plan: BenchPlan, state: _Progress, progress: ProgressFn | No
 async def _warm_up(client: httpx.AsyncClient, endpoint: Endpoint, workload: Workload, count: int) -> None:
     if count < 1:
         return
-    results = await asyncio.gather(*(send_request(client, endpoint, workload, workload.prompts[i % len(workload.prompts)])
+    prompts = workload.warmup_prompts or workload.prompts
+    results = await asyncio.gather(*(send_request(client, endpoint, workload, prompts[i % len(prompts)])
                                      for i in range(count)))
     if not any(r.success for r in results):
         raise BenchError(f"Every warm-up request to {endpoint.base} failed: {results[0].error}")
@@ -435,7 +450,7 @@ def run_benchmark(plan: BenchPlan, progress: ProgressFn | None = None) -> tuple[
         raise BenchError("--concurrency needs one or more positive integers, e.g. 1,4,16.")
     endpoints = [resolve_model(e) for e in plan.endpoints]
     plan = BenchPlan(endpoints, plan.workload, plan.concurrency, plan.requests, plan.warmup, plan.time_limit)
-    state = _Progress([EndpointRun(e.label, e.base, e.model) for e in endpoints])
+    state = _RunState([EndpointRun(e.label, e.base, e.model) for e in endpoints])
     try:
         asyncio.run(_run_plan(plan, state, progress))
     except KeyboardInterrupt:

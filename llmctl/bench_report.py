@@ -20,9 +20,9 @@ RATIO_KEYS = ("output_throughput", "request_throughput", "ttft_ms_median", "tpot
               "e2e_ms_median")
 CSV_COLUMNS = (
     "kind", "label", "url", "model", "concurrency", "requests", "completed", "failed", "cancelled", "duration_s",
-    "request_throughput", "output_throughput", "total_token_throughput", "prompt_tokens", "completion_tokens",
-    "completion_tokens_min", "completion_tokens_mean", "completion_tokens_max", "max_tokens", "short_completions",
-    "usage_source", *(f"{m}_{s}" for m in METRICS for s in STATS), "batch_latency_ms", "time_limited",
+    "request_throughput", "output_throughput", "total_token_throughput", "prompt_tokens", "prompt_tokens_mean",
+    "completion_tokens", "completion_tokens_min", "completion_tokens_mean", "completion_tokens_max", "max_tokens",
+    "short_completions", "usage_source", *(f"{m}_{s}" for m in METRICS for s in STATS), "batch_latency_ms", "time_limited",
 )
 
 

@@ -40,8 +40,10 @@ ENV_VARS: dict[str, str] = {
     "openai_model": envvars.OPENAI_MODEL,
     "together_api_key": envvars.TOGETHER_API_KEY,
     "openai_api_key": envvars.OPENAI_API_KEY,
+    # The same variable `llmctl serve` reads its keys from, so one export serves both sides.
+    "self_hosted_api_key": envvars.API_KEY,
 }
-SECRETS = ("together_api_key", "openai_api_key")
+SECRETS = ("together_api_key", "openai_api_key", "self_hosted_api_key")
 
 
 class LLMSettings(BaseModel):
@@ -64,6 +66,7 @@ class LLMSettings(BaseModel):
     openai_model: str = "gpt-4o-mini"
     together_api_key: SecretStr | None = None
     openai_api_key: SecretStr | None = None
+    self_hosted_api_key: SecretStr | None = None
 
     @field_validator("self_hosted_url", "together_base_url", "openai_base_url")
     @classmethod
@@ -75,7 +78,8 @@ class LLMSettings(BaseModel):
         except ValueError:
             raise ValueError(f"not a valid URL: {value!r}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL with a host, e.g. {DEFAULT_URL}; got {value!r}")
+            raise ValueError(f"must be an http:// or https:// URL with a host, e.g. {DEFAULT_URL}; "
+                             f"got {value!r}")
         if info.field_name == "self_hosted_url" and value.endswith("/v1"):
             # People paste the OpenAI base URL; /health and /metrics live at the root.
             value = value[: -len("/v1")]
@@ -86,10 +90,14 @@ class LLMSettings(BaseModel):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("together_api_key", "openai_api_key", mode="before")
+    @field_validator("together_api_key", "openai_api_key", "self_hosted_api_key", mode="before")
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
+        if isinstance(value, str):
+            # LLMCTL_API_KEY may list several keys for the server; any one of them will do here.
+            value = value.split(",")[0].strip()
+            return value or None
+        return value
 
 
 class FileValues:
@@ -109,7 +117,8 @@ def read_config_file(path: Path) -> FileValues:
     except FileNotFoundError:
         raise ConfigError(f"Config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"Cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        why = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"Cannot read config file {path}: {why}") from None
     try:
         # compose() keeps each node's position, which the plain dicts of safe_load() lose.
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -128,7 +137,8 @@ def read_config_file(path: Path) -> FileValues:
     if llm_node is None or data.get("llm") is None:
         return FileValues(path, {}, {})
     if not isinstance(llm_node, yaml.MappingNode):
-        raise ConfigError(f"{path}, line {llm_node.start_mark.line + 1}: 'llm' must be a mapping of settings.")
+        line = llm_node.start_mark.line + 1
+        raise ConfigError(f"{path}, line {line}: 'llm' must be a mapping of settings.")
     lines: dict[str, int] = {}
     for key_node, _ in llm_node.value:
         key, line = str(key_node.value), key_node.start_mark.line + 1
@@ -139,7 +149,8 @@ def read_config_file(path: Path) -> FileValues:
     for key in list(values):
         if key not in LLMSettings.model_fields or key in SECRETS:
             hint = f"; set {ENV_VARS[key]} in the environment instead" if key in SECRETS else ""
-            log.warning("%s, line %s: ignoring unknown setting llm.%s%s.", path, lines.get(key, "?"), key, hint)
+            log.warning("%s, line %s: ignoring unknown setting llm.%s%s.", path, lines.get(key, "?"), key,
+                        hint)
             del values[key]
     return FileValues(path, values, lines)
 

@@ -27,7 +27,7 @@ INT8_ROW_SCALE_BYTES = 4
 RUNTIME_BYTES = 512 * MIB
 ACTIVATION_FRACTION = 0.05
 # Tensors bitsandbytes leaves in 16-bit: input and output embeddings (transformers skips the output
-# layer by default, so the prediction must too).
+# layer by default, so the prediction must too). "embed" also covers GPT-NeoX's output layer, embed_out.
 _KEPT_NAME_PARTS = ("embed", "wte", "wpe", "lm_head", "token_embd", "position", "shared.weight")
 
 
@@ -106,20 +106,20 @@ class WeightInventory:
         return self.total - self.quantizable
 
 
-def _quantizable(name: str, shape: tuple[int, ...], vocab_size: int | None) -> bool:
+def _quantizable(name: str, shape: tuple[int, ...]) -> bool:
     """Whether bitsandbytes turns this tensor into 8/4-bit: 2-D linear weights other than the embeddings."""
     lowered = name.lower()
     if len(shape) != 2 or not lowered.endswith("weight") or any(p in lowered for p in _KEPT_NAME_PARTS):
         return False
-    return not (vocab_size and vocab_size in shape) and lowered != "output.weight"
+    return lowered != "output.weight"  # GGUF's name for the output layer
 
 
-def inventory_from_tensors(tensors: Iterable[TensorInfo], source: Literal["safetensors", "gguf"],
-                           vocab_size: int | None) -> WeightInventory:
+def inventory_from_tensors(tensors: Iterable[TensorInfo],
+                           source: Literal["safetensors", "gguf"]) -> WeightInventory:
     total = quantizable = rows = 0
     for t in tensors:
         total += t.numel
-        if _quantizable(t.name, t.shape, vocab_size):
+        if _quantizable(t.name, t.shape):
             quantizable += t.numel
             # torch stores Linear weights as (out, in); GGUF lists dimensions innermost first.
             rows += t.shape[0] if source == "safetensors" else t.shape[-1]
@@ -173,8 +173,10 @@ def inventory_from_config(config: dict) -> WeightInventory | None:
     attn = hidden * heads * hd + 2 * hidden * kv * hd + heads * hd * hidden
     mlp = (3 if gated else 2) * hidden * inter * experts
     linear = attention.layers * (attn + mlp)
-    rows = attention.layers * (heads * hd + 2 * kv * hd + hidden + ((2 if gated else 1) * inter + hidden) * experts)
-    kept = vocab * hidden * (1 if config.get("tie_word_embeddings", False) else 2) + (2 * attention.layers + 1) * hidden
+    mlp_rows = ((2 if gated else 1) * inter + hidden) * experts
+    rows = attention.layers * (heads * hd + 2 * kv * hd + hidden + mlp_rows)
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", False) else 2)
+    kept = embeddings + (2 * attention.layers + 1) * hidden  # + the norms
     return WeightInventory("config", linear + kept, linear, rows)
 
 
@@ -256,8 +258,8 @@ class FitPrediction:
         }
 
 
-def predict_fit(inventory: WeightInventory, attention: Attention | None, *, context_length: int, batch_size: int,
-                available_bytes: int, device: Literal["cuda", "cpu"], default: Precision,
+def predict_fit(inventory: WeightInventory, attention: Attention | None, *, context_length: int,
+                batch_size: int, available_bytes: int, device: Literal["cuda", "cpu"], default: Precision,
                 quantization_problem: dict[str, str | None] | None = None) -> FitPrediction:
     """Memory per precision (weights + KV cache for ``batch_size`` x ``context_length`` tokens + runtime).
 
@@ -274,7 +276,8 @@ def predict_fit(inventory: WeightInventory, attention: Attention | None, *, cont
         kv = attention.kv_bytes_per_token(kv_element) * context_length * batch_size if attention else 0
         runtime = RUNTIME_BYTES + int(ACTIVATION_FRACTION * weights)
         problem = problems.get(precision)
-        rows.append(FitRow(precision, precision == default, weights, kv, runtime, problem is None, problem or ""))
+        rows.append(FitRow(precision, precision == default, weights, kv, runtime, problem is None,
+                           problem or ""))
     # The default first, then the least lossy precision that fits.
     order = sorted(rows, key=lambda r: (not r.default, -r.total_bytes))
     choice = next((r for r in order if r.usable and r.total_bytes <= available_bytes), None)
@@ -282,5 +285,7 @@ def predict_fit(inventory: WeightInventory, attention: Attention | None, *, cont
 
 
 def fmt_bytes(n: float) -> str:
-    """Bytes for people: MiB below 1 GiB, GiB above."""
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
+    """Bytes for people: KiB below 1 MiB, MiB below 1 GiB, GiB above."""
+    if n >= GIB:
+        return f"{n / GIB:.1f} GiB"
+    return f"{n / MIB:.1f} MiB" if n >= MIB else f"{n / 1024:.1f} KiB"

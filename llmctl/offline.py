@@ -58,23 +58,26 @@ def generate_batch(loaded: LoadedModel, texts: Sequence[str], max_tokens: int) -
 
 def run_offline(loaded: LoadedModel, prompts: Sequence[Messages], batch_sizes: Sequence[int], max_tokens: int,
                 requests_for: Callable[[int], int], warmup: bool = True,
-                progress: Callable[[int, int, int], None] | None = None) -> list[OfflineLevel]:
+                progress: Callable[[int, int, int], None] | None = None,
+                done: list[OfflineLevel] | None = None) -> list[OfflineLevel]:
     """Measure each batch size over ``requests_for(batch_size)`` prompts (rounded up to whole batches).
 
     Prompt i is prompts[i % len(prompts)], as in the server benchmark, so both see the same workload.
-    ``progress(batch_size, done, total)`` is called after each batch.
+    With ``warmup``, one uncounted batch of each size runs first.
+    ``progress(batch_size, done, total)`` is called after each batch. Finished levels are appended
+    to ``done`` (returned), so a caller interrupted by Ctrl-C still holds them.
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # generation-config notes about unused sampling flags
     texts = chat_texts(loaded.tokenizer, prompts)
-    if warmup:
-        generate_batch(loaded, texts[:1], min(max_tokens, 4))
-    levels = []
+    levels = done if done is not None else []
     for size in batch_sizes:
         wanted = max(size, requests_for(size))
         batches = -(-wanted // size)
         total = batches * size
+        if warmup:  # the first batch of a new shape pays for kernel selection and allocator growth
+            generate_batch(loaded, [texts[j % len(texts)] for j in range(size)], min(max_tokens, 16))
         prompt_tokens = new_tokens = 0
         started = time.perf_counter()
         for b in range(batches):
@@ -107,6 +110,9 @@ class OfflineRun:
 
 def load_offline_model(model_path, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     """Load a model for the offline baseline; ``model_path`` None means the embedded SmolLM2."""
+    from transformers.utils import logging as hf_logging
+
     from llmctl.core.loader import LoadOptions, load_model
 
+    hf_logging.disable_progress_bar()
     return load_model(LoadOptions(model_path=model_path, dtype=dtype, device=device))

@@ -7,9 +7,10 @@ import os
 from collections.abc import Callable
 
 import typer
+from rich.markup import escape
 
 from llmctl import __version__, envvars
-from llmctl.cli import serve
+from llmctl.cli import bench, chat, doctor, health, metrics, serve
 from llmctl.cli.output import err_console
 from llmctl.errors import LLMCtlError
 
@@ -32,13 +33,18 @@ def command(fn: Callable) -> Callable:
         except LLMCtlError as exc:
             if os.environ.get(envvars.DEBUG):
                 raise
-            err_console.print(f"[red]Error:[/red] {exc.message}", highlight=False)
+            err_console.print(f"[red]Error:[/red] {escape(exc.message)}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper
 
 
 app.command("serve")(command(serve.serve))
+app.command("bench")(command(bench.bench))
+app.command("doctor")(command(doctor.doctor))
+app.command("chat")(command(chat.chat))
+app.command("health")(command(health.health))
+app.command("metrics")(command(metrics.metrics))
 
 
 def _version(value: bool) -> None:

@@ -181,7 +181,7 @@ def nvidia_driver_version() -> str | None:
 
 
 def cuda_init_error() -> str | None:
-    """Why PyTorch cannot start CUDA (the driver's own message), or None when it can or is not built for it."""
+    """Why PyTorch cannot start CUDA (the driver's own message); None when it can, or has no CUDA build."""
     import torch
 
     if torch_cuda_build() is None:
@@ -228,4 +228,5 @@ def _cgroup_memory_limit() -> int | None:
 
 
 def _cgroup_memory_usage() -> int | None:
-    return _read_int("/sys/fs/cgroup/memory.current") or _read_int("/sys/fs/cgroup/memory/memory.usage_in_bytes")
+    v1 = "/sys/fs/cgroup/memory/memory.usage_in_bytes"
+    return _read_int("/sys/fs/cgroup/memory.current") or _read_int(v1)

@@ -56,6 +56,8 @@ def read_config(folder: Path) -> dict:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{config_path} is not valid JSON ({exc}).") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot read {config_path}: {exc.strerror}.") from exc
     if not isinstance(config, dict):
         raise ModelLoadError(f"{config_path} must hold a JSON object.")
     return config

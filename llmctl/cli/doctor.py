@@ -1,0 +1,102 @@
+"""`llmctl doctor`: diagnose the machine, the model and the service in one command."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from llmctl import envvars
+from llmctl.cli.options import JsonOpt
+from llmctl.cli.output import console, err_console
+from llmctl.cli.serve import ModelPathOpt
+from llmctl.doctor import DoctorOptions, Report, run_doctor
+from llmctl.fit import FitPrediction, fmt_bytes
+
+STATUS = {"ok": "[green]ok[/green]", "warning": "[yellow]warning[/yellow]", "failure": "[red]FAILURE[/red]"}
+
+
+def doctor(
+    model_path: ModelPathOpt = None,
+    context_length: Annotated[int | None, typer.Option(
+        "--context-length", min=16, show_default=False,
+        help="Tokens per sequence for the KV-cache estimate. Default: the model's context length, at most "
+        "serve's default --kv-cache-tokens (65536).")] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, help="Sequences generated at once, for the KV-cache estimate.")] = 1,
+    port: Annotated[int, typer.Option(
+        envvar=envvars.PORT, min=1, max=65535,
+        help="The port `llmctl serve` will listen on: checked to be free.")] = 8080,
+    url: Annotated[str | None, typer.Option(
+        "--url", show_default=False,
+        help="Check a running service at this base URL (its /health) instead of the port.")] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Check the machine, the model and the service, and say what to fix, without loading any weights.
+
+    Checks Python and package versions, CUDA (or the CPU), bitsandbytes, the model files, whether the
+    model fits in memory (and which flag makes it fit), disk space, and the port or a running service.
+    Exit code 0 when no check failed (warnings do not fail), 1 when one did.
+    """
+    options = DoctorOptions(model_path=model_path, context_length=context_length, batch_size=batch_size,
+                            port=port, url=url)
+    # bitsandbytes logs its own import warnings; this command reports on it in its own words.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if json_output:
+        report = run_doctor(options)
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        with err_console.status("Checking the machine and the model..."):
+            report = run_doctor(options)
+        render(report)
+    raise typer.Exit(report.exit_code)
+
+
+def render(report: Report) -> None:
+    """The report as two tables (checks, then memory per precision) and a summary line."""
+    table = Table(title=f"llmctl doctor: {report.model or 'no model'}", title_justify="left",
+                  box=box.SIMPLE_HEAD, show_lines=True)
+    table.add_column("Status", no_wrap=True)
+    table.add_column("Check", no_wrap=True, style="bold")
+    table.add_column("Finding and fix", overflow="fold")
+    for check in report.checks:
+        text = Text(check.finding)
+        if check.fix:
+            label = "Tip: " if check.status == "ok" else "Fix: "
+            text.append("\n" + label, style="bold cyan").append(check.fix, style="cyan")
+        table.add_row(STATUS[check.status], check.name, text)
+    console.print(table, highlight=False)
+    if report.fit is not None:
+        console.print(fit_table(report.fit), highlight=False)
+    failures, warnings = report.count("failure"), report.count("warning")
+    if failures:
+        console.print(f"[red]{failures} failure(s)[/red], {warnings} warning(s): fix the failures above "
+                      "(exit code 1).", highlight=False)
+    else:
+        console.print(f"[green]No failures[/green], {warnings} warning(s).", highlight=False)
+
+
+def fit_table(fit: FitPrediction) -> Table:
+    """Memory needed per precision; the arrow marks what `llmctl serve` should use."""
+    memory = "free GPU memory" if fit.device == "cuda" else "available RAM"
+    table = Table(title=f"Memory needed: weights + KV cache for {fit.batch_size} x {fit.context_length} "
+                  f"tokens + runtime (0.5 GiB + 5% of weights), against {fmt_bytes(fit.available_bytes)} "
+                  f"{memory}",
+                  title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table.add_column("Precision", no_wrap=True)
+    table.add_column("Flag", no_wrap=True)
+    for column in ("Weights", "KV cache", "Total"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("Fits", min_width=4)
+    for row in fit.rows:
+        fits = "[green]yes[/green]" if fit.fits(row) else "[red]no[/red]"
+        fits += "" if row.usable else f" ({row.note})"
+        table.add_row(row.label + (" <-" if row is fit.choice else ""), row.flag or "(default)",
+                      fmt_bytes(row.weights_bytes), fmt_bytes(row.kv_bytes), fmt_bytes(row.total_bytes), fits)
+    return table

@@ -1,0 +1,80 @@
+"""Ask a running llmctl service how it is: GET /health and GET /metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from llmctl.client import Endpoint, ProviderError, raise_for_status, reason
+
+
+@dataclass
+class Health:
+    """The answer of GET /health. ``status``: ready, loading, error, shutting_down or unreachable."""
+
+    url: str
+    status: str
+    body: dict = field(default_factory=dict)
+    http_status: int | None = None
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    @property
+    def reachable(self) -> bool:
+        return self.status != "unreachable"
+
+
+def get_health(url: str, *, timeout: float = 10.0) -> Health:
+    """Ask the service at ``url`` how it is; never raises for a service that is down."""
+    try:
+        response = httpx.get(url.rstrip("/") + "/health", timeout=timeout)
+    except httpx.TransportError as exc:
+        return Health(url, "unreachable", error=reason(exc))
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return Health(url, "error", http_status=response.status_code,
+                      error=f"/health answered {response.status_code} without a JSON object; "
+                            "is this an llmctl service?")
+    status = str(body.get("status") or ("ready" if response.status_code == 200 else "error"))
+    return Health(url, status, body, response.status_code, body.get("error"))
+
+
+def wait_for_health(url: str, wait_s: float, *, interval: float = 0.5, timeout: float = 10.0,
+                    on_poll: Callable[[Health, float], None] | None = None) -> Health:
+    """Poll /health until the service is ready or ``wait_s`` seconds have passed; returns the last answer."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = deadline - time.monotonic()
+        health = get_health(url, timeout=max(0.5, min(timeout, left)))
+        left = deadline - time.monotonic()
+        if health.ready or left <= 0:
+            return health
+        if on_poll is not None:
+            on_poll(health, left)
+        time.sleep(min(interval, left))
+
+
+def get_metrics(url: str, *, timeout: float = 10.0, api_key: str | None = None) -> dict:
+    """GET /metrics as JSON; raises ProviderError when the service cannot be asked."""
+    ep = Endpoint("self", url.rstrip("/") + "/v1", api_key)
+    try:
+        response = httpx.get(url.rstrip("/") + "/metrics", timeout=timeout,
+                             headers={"Accept": "application/json", **ep.headers()})
+    except httpx.TransportError as exc:
+        raise ProviderError(f"{ep.label} is not reachable ({reason(exc)}).", provider="self",
+                            retryable=True) from None
+    raise_for_status(response, ep)
+    try:
+        return response.json()
+    except ValueError:
+        raise ProviderError(f"{ep.label} answered /metrics without JSON; is this an llmctl service?",
+                            provider="self") from None
