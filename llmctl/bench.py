@@ -1,4 +1,4 @@
-"""Load generator and metrics for `llmctl bench`: streaming chat completions against OpenAI-compatible servers."""
+"""The core of `llmctl bench`: a load generator of streamed chat completions, and its metrics."""
 
 from __future__ import annotations
 
@@ -41,11 +41,31 @@ class BenchError(LLMCtlError):
 
 
 # ---- prompts ---------------------------------------------------------------------------------
-def builtin_prompts(count: int, tokens: int, seed: int = 0) -> list[Messages]:
-    """``count`` distinct single-message prompts of ``tokens`` words (about one token each), seeded."""
-    rng = random.Random(seed)
-    return [[{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(max(1, tokens)))}]
-            for _ in range(max(1, count))]
+class BuiltinPrompts(Sequence[Messages]):
+    """``count`` single-message prompts of ``tokens`` words (about one token each), made on demand.
+
+    Prompt i comes from its own generator seeded with (seed, offset + i), so it is the same in every
+    run and every process however many prompts are asked for, and a long run costs no memory.
+    """
+
+    def __init__(self, count: int, tokens: int, seed: int = 0, offset: int = 0) -> None:
+        self.count, self.tokens, self.seed, self.offset = max(1, count), max(1, tokens), seed, offset
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        rng = random.Random(f"llmctl-bench/{self.seed}/{self.offset + index % self.count}")
+        return [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(self.tokens))}]
+
+
+def builtin_prompts(count: int, tokens: int, seed: int = 0, offset: int = 0) -> BuiltinPrompts:
+    """The built-in prompt set: prompts ``offset`` to ``offset + count - 1`` of the seeded sequence."""
+    return BuiltinPrompts(count, tokens, seed, offset)
 
 
 def load_prompts(path: Path) -> list[Messages]:
@@ -223,13 +243,13 @@ def normalize_url(url: str) -> str:
 class Workload:
     """What every request asks for; the same for every endpoint and level."""
 
-    prompts: list[Messages]
+    prompts: Sequence[Messages]
     max_tokens: int = 128
     temperature: float = 0.0
     ignore_eos: bool = True
     eos_bias_ids: tuple[int, ...] = ()
     request_timeout: float = 300.0
-    warmup_prompts: list[Messages] = field(default_factory=list)  # default: the first prompts
+    warmup_prompts: Sequence[Messages] = ()  # default: the first prompts
 
     def body(self, model: str | None, messages: Messages) -> dict:
         body: dict = {"messages": messages, "max_tokens": self.max_tokens, "temperature": self.temperature,
@@ -337,7 +357,8 @@ async def run_level(client: httpx.AsyncClient, endpoint: Endpoint, workload: Wor
 
     async def worker() -> None:
         for index in indices:
-            result = await send_request(client, endpoint, workload, workload.prompts[index % len(workload.prompts)])
+            messages = workload.prompts[index % len(workload.prompts)]
+            result = await send_request(client, endpoint, workload, messages)
             level.results.append(result)
             if progress is not None:
                 progress(endpoint.label, level.concurrency, result)
@@ -346,11 +367,14 @@ async def run_level(client: httpx.AsyncClient, endpoint: Endpoint, workload: Wor
     tasks = [asyncio.create_task(worker()) for _ in range(min(level.concurrency, level.requests))]
     try:
         _, pending = await asyncio.wait(tasks, timeout=time_limit)
+    except asyncio.CancelledError:  # Ctrl-C: requests in flight are cancelled, not failed
+        pending = set(tasks)
+        raise
     finally:
         level.ended = time.perf_counter()
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
     return bool(pending)
 
 

@@ -70,18 +70,25 @@ def run_offline(loaded: LoadedModel, prompts: Sequence[Messages], batch_sizes: S
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # generation-config notes about unused sampling flags
-    texts = chat_texts(loaded.tokenizer, prompts)
+    rendered: dict[int, str] = {}
+
+    def text(i: int) -> str:
+        i %= len(prompts)
+        if i not in rendered:
+            rendered[i] = chat_texts(loaded.tokenizer, [prompts[i]])[0]
+        return rendered[i]
+
     levels = done if done is not None else []
     for size in batch_sizes:
         wanted = max(size, requests_for(size))
         batches = -(-wanted // size)
         total = batches * size
         if warmup:  # the first batch of a new shape pays for kernel selection and allocator growth
-            generate_batch(loaded, [texts[j % len(texts)] for j in range(size)], min(max_tokens, 16))
+            generate_batch(loaded, [text(j) for j in range(size)], min(max_tokens, 16))
         prompt_tokens = new_tokens = 0
         started = time.perf_counter()
         for b in range(batches):
-            batch = [texts[(b * size + j) % len(texts)] for j in range(size)]
+            batch = [text(b * size + j) for j in range(size)]
             p, n = generate_batch(loaded, batch, max_tokens)
             prompt_tokens, new_tokens = prompt_tokens + p, new_tokens + n
             if progress is not None:

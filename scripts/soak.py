@@ -119,8 +119,9 @@ def main() -> int:
         time.sleep(min(5.0, max(0.1, stop_at - time.monotonic())))
     for t in threads:
         t.join(180)
-    time.sleep(0.5)
-    rss.append((time.monotonic() - started, server.memory_info().rss / 2**20))
+    for _ in range(3):  # after the clients are gone
+        time.sleep(1.0)
+        rss.append((time.monotonic() - started, server.memory_info().rss / 2**20))
 
     deadline = time.monotonic() + 10
     health = httpx.get(url + "/health", timeout=5).json()
@@ -140,7 +141,7 @@ def main() -> int:
         "rss_mib": {"start": round(rss[0][1], 1), "after_warmup": round(baseline, 1), "final": round(final, 1),
                     "max": round(max(m for _, m in rss), 1)},
         "rss_growth_after_warmup": round(growth, 4),
-        "rss_trace_mib": [[round(t), round(m)] for t, m in rss[::6]],
+        "rss_trace_mib": " ".join(f"{t:.0f}s:{m:.0f}" for t, m in rss),
         "left_running": health["running"], "left_waiting": health["waiting"],
         "completion_tokens_total": metrics["completion_tokens_total"], "server_exit_code": exit_code,
     }

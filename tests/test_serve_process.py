@@ -89,3 +89,11 @@ def test_module_and_script_entry_points():
     assert result.returncode == 0 and result.stdout.startswith("llmctl ")
     result = run_cli("serve", "--help")
     assert "--model_path" in result.stdout and "--load_in_4bit" in result.stdout
+
+
+def test_serve_takes_model_path_from_the_config_file(server_process, tiny_model, tmp_path):
+    config = tmp_path / "llmctl.yaml"
+    config.write_text(f"llm:\n  provider: self\n  model_path: {tiny_model}\n")
+    server = server_process("--config", str(config), "--dtype", "float32")
+    assert server.wait_status("ready")["model"] == "tiny-llama"
+    assert server.stop() == 0

@@ -100,10 +100,14 @@ def bench(
     # One distinct prompt per request of the longest level, and others for the warm-up, so that no
     # server gains from a prefix cache.
     count = plan.prompt_count()
-    messages = load_prompts(prompts) if prompts else builtin_prompts(count + warmup, prompt_tokens, seed)
-    plan.workload = Workload(messages[:count], max_tokens=max_tokens, temperature=temperature,
-                             ignore_eos=ignore_eos, eos_bias_ids=tuple(eos_token_id or ()) if eos_bias else (),
-                             request_timeout=request_timeout, warmup_prompts=messages[count:])
+    if prompts:
+        messages, warmup_messages = load_prompts(prompts), []
+    else:
+        messages = builtin_prompts(count, prompt_tokens, seed)
+        warmup_messages = builtin_prompts(warmup, prompt_tokens, seed, offset=count)
+    plan.workload = Workload(messages, max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos,
+                             eos_bias_ids=tuple(eos_token_id or ()) if eos_bias else (),
+                             request_timeout=request_timeout, warmup_prompts=warmup_messages)
     config = {
         "concurrency": levels, "requests": requests, "max_tokens": max_tokens,
         "prompt_tokens": None if prompts else prompt_tokens, "prompts_file": str(prompts) if prompts else None,
@@ -130,8 +134,9 @@ def bench(
     if interrupted:
         err_console.print("[yellow]Interrupted:[/yellow] the tables show what finished.")
         raise typer.Exit(130)
-    if runs and not any(lv.completed for run in runs for lv in run.levels):
-        first = next((m for run in runs for lv in run.levels for m in lv.errors), "unknown error")
+    levels_run = [lv for run in runs for lv in run.levels]
+    if any(lv.failed for lv in levels_run) and not any(lv.completed for lv in levels_run):
+        first = next(m for lv in levels_run for m in lv.errors)
         raise BenchError(f"Every request failed, for example: {first}")
 
 

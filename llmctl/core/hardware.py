@@ -59,6 +59,30 @@ def process_rss_gb() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / GIB
 
 
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc only; a no-op elsewhere).
+
+    A serving process frees tensors of ever-changing shapes from many threads; glibc keeps those
+    pages, and resident memory creeps up although nothing leaks. malloc_trim returns them.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 @dataclass(frozen=True)
 class GPUMemory:
     allocated_gb: float

@@ -89,6 +89,7 @@ def free_memory() -> None:
     import torch
 
     gc.collect()
+    hardware.trim_heap()
     if hardware.torch_cuda_available():
         torch.cuda.empty_cache()
 

@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from llmctl.core import hardware
 from llmctl.engine.sampling import BatchSampler, SamplingParams
 from llmctl.errors import GenerationOutOfMemory, LLMCtlError, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
+TRIM_EVERY_S = 10.0  # how often freed heap memory is handed back to the OS
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class Engine:
         self._batch: _Batch | None = None
         self._cond = threading.Condition()
         self._stopping = False
+        self._last_trim = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="llmctl-engine", daemon=True)
 
     # ---- public, thread-safe -------------------------------------------------------------
@@ -199,6 +202,10 @@ class Engine:
         self._prefill_some()
         if self._batch is not None:
             self._decode()
+        now = time.monotonic()
+        if now - self._last_trim > TRIM_EVERY_S:
+            self._last_trim = now
+            hardware.trim_heap()
 
     def _expire(self) -> None:
         now = time.monotonic()
