@@ -331,7 +331,8 @@ def http_error(response: httpx.Response) -> str:
 
 
 # ---- levels and runs ---------------------------------------------------------------------------
-ProgressFn = Callable[[str, int, RequestResult], None]
+# progress(label, concurrency, requests planned for the level, the result that just finished)
+ProgressFn = Callable[[str, int, int, RequestResult], None]
 
 
 @dataclass
@@ -361,7 +362,7 @@ async def run_level(client: httpx.AsyncClient, endpoint: Endpoint, workload: Wor
             result = await send_request(client, endpoint, workload, messages)
             level.results.append(result)
             if progress is not None:
-                progress(endpoint.label, level.concurrency, result)
+                progress(endpoint.label, level.concurrency, level.requests, result)
 
     level.started = time.perf_counter()
     tasks = [asyncio.create_task(worker()) for _ in range(min(level.concurrency, level.requests))]

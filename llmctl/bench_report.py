@@ -22,7 +22,8 @@ CSV_COLUMNS = (
     "kind", "label", "url", "model", "concurrency", "requests", "completed", "failed", "cancelled", "duration_s",
     "request_throughput", "output_throughput", "total_token_throughput", "prompt_tokens", "prompt_tokens_mean",
     "completion_tokens", "completion_tokens_min", "completion_tokens_mean", "completion_tokens_max", "max_tokens",
-    "short_completions", "usage_source", *(f"{m}_{s}" for m in METRICS for s in STATS), "batch_latency_ms", "time_limited",
+    "short_completions", "usage_source", *(f"{m}_{s}" for m in METRICS for s in STATS), "batch_latency_ms",
+    "time_limited",
 )
 
 

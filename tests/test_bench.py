@@ -244,7 +244,7 @@ def test_time_limit_cuts_a_level(base_url):
 def test_interrupt_keeps_what_finished(base_url):
     seen = []
 
-    def progress(label, concurrency, result):
+    def progress(label, concurrency, total, result):
         seen.append(result)
         if len(seen) == 3:
             signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of a level

@@ -182,7 +182,7 @@ class _ProgressBar:
 
     def __init__(self) -> None:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("[red]{task.fields[failed]} failed"), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[failed]}"), TimeElapsedColumn(),
                                  console=err_console, transient=True, disable=not err_console.is_terminal)
         self.tasks: dict[tuple[str, int], int] = {}
         self.failed: dict[tuple[str, int], int] = {}
@@ -194,16 +194,17 @@ class _ProgressBar:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
-    def _task(self, key: tuple[str, int], description: str, total: int | None) -> int:
+    def _task(self, key: tuple[str, int], description: str, total: int) -> int:
         if key not in self.tasks:
-            self.tasks[key] = self.progress.add_task(description, total=total, failed=0)
+            self.tasks[key] = self.progress.add_task(description, total=total, failed="")
         return self.tasks[key]
 
-    def server_result(self, label: str, concurrency: int, result: RequestResult) -> None:
+    def server_result(self, label: str, concurrency: int, total: int, result: RequestResult) -> None:
         key = (label, concurrency)
-        task = self._task(key, f"{label} concurrency {concurrency}", None)
+        task = self._task(key, f"{label} concurrency {concurrency}", total)
         self.failed[key] = self.failed.get(key, 0) + (not result.success)
-        self.progress.update(task, advance=1, failed=self.failed[key])
+        failed = f"[red]{self.failed[key]} failed[/red]" if self.failed[key] else ""
+        self.progress.update(task, advance=1, failed=failed)
 
     def offline_batch(self, batch_size: int, done: int, total: int) -> None:
         task = self._task(("offline", batch_size), f"generate batch {batch_size}", total)
