@@ -61,7 +61,7 @@ def run_engine(engine, batch: list[list[int]], max_tokens: int) -> tuple[int, fl
             for p in batch]
     total = 0
     for seq in seqs:
-        while not isinstance(event := seq.events.get(), Finish):
+        while not isinstance(seq.events.get(), Finish):
             total += 1
     return total, time.perf_counter() - started
 

@@ -244,3 +244,34 @@ def test_load_failure_is_reported_by_health():
         assert r.json()["status"] == "error" and "corrupt" in r.json()["error"]
         r = httpx.post(url + "/v1/chat/completions", json={"messages": USER})
         assert r.status_code == 503 and "corrupt" in r.json()["error"]["message"]
+
+
+def test_chunked_prefill_gives_the_same_answer(tiny_model, client):
+    """A prompt longer than --max-batched-tokens is prefilled in chunks, with the same result."""
+    service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=4, max_batched_tokens=16))
+    long = [{"role": "user", "content": "The capital of France is Paris. " * 6}]
+    body = {"messages": long, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    try:
+        with serve_in_thread(service) as url:
+            chunked = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+    finally:
+        service.shutdown()
+    assert chunked["usage"]["prompt_tokens"] > 16 * 3
+    whole = client.post("/v1/chat/completions", json=body).json()
+    assert chunked["choices"][0]["message"] == whole["choices"][0]["message"]
+
+
+def test_64_concurrent_streams_are_all_served(tiny_model):
+    service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=16, max_waiting=64, kv_cache_tokens=8192))
+    body = {"messages": USER, "max_tokens": 24, "ignore_eos": True, "stream": True}
+
+    def stream(url):
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+            return r.status_code, [line for line in r.iter_lines() if line.startswith("data: ")][-1]
+
+    try:
+        with serve_in_thread(service, threads=96) as url, concurrent.futures.ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(lambda _: stream(url), range(64)))
+    finally:
+        service.shutdown()
+    assert results == [(200, "data: [DONE]")] * 64
