@@ -16,6 +16,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -132,13 +133,19 @@ def main() -> int:
     os.killpg(proc.pid, signal.SIGTERM)
     exit_code = proc.wait(60)
 
-    warm = [m for t, m in rss if t >= args.duration * 0.2]
-    baseline, final = warm[0], rss[-1][1]
+    # Single samples swing by +-5% as batches come and go; compare the median of the first minute
+    # after warm-up (the first 20%) with the median of the last minute of load.
+    warm_start, window = args.duration * 0.2, min(60.0, args.duration * 0.1)
+    first = [m for t, m in rss if warm_start <= t < warm_start + window]
+    last = [m for t, m in rss if args.duration - window <= t <= args.duration]
+    baseline, final = statistics.median(first), statistics.median(last)
     growth = (final - baseline) / baseline
     summary = {
+        "rss_growth_method": "median RSS of the last minute of load vs the first minute after warm-up",
         "duration_s": args.duration, "clients": args.clients, "requests": sum(tally.values()),
         "outcomes": dict(tally.most_common()), "unexpected_errors": len(errors),
-        "rss_mib": {"start": round(rss[0][1], 1), "after_warmup": round(baseline, 1), "final": round(final, 1),
+        "rss_mib": {"start": round(rss[0][1], 1), "after_warmup_median": round(baseline, 1),
+                    "last_minute_median": round(final, 1),
                     "max": round(max(m for _, m in rss), 1)},
         "rss_growth_after_warmup": round(growth, 4),
         "rss_trace_mib": " ".join(f"{t:.0f}s:{m:.0f}" for t, m in rss),
