@@ -25,6 +25,11 @@ class LLMCtlError(Exception):
         """OpenAI's error envelope."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that go with this error's response."""
+        retry_after = getattr(self, "retry_after", None)
+        return {"Retry-After": str(retry_after)} if retry_after is not None else {}
+
 
 class InvalidRequest(LLMCtlError):
     status = 400
@@ -39,6 +44,9 @@ class Unauthorized(LLMCtlError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class UnsupportedMediaType(LLMCtlError):

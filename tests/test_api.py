@@ -166,6 +166,12 @@ def test_metrics_prometheus(client):
     assert "llmctl_time_to_first_token_seconds_bucket" in r.text
     r = client.get("/metrics", headers={"Accept": "text/plain;version=0.0.4;q=0.9,*/*;q=0.1"})
     assert "llmctl_requests_total" in r.text
+    assert r.headers["content-type"].count("charset") == 1
+    # Prometheus 3 asks for OpenMetrics first: it gets OpenMetrics, ending in '# EOF'.
+    r = client.get("/metrics", headers={
+        "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"})
+    assert r.headers["content-type"].startswith("application/openmetrics-text")
+    assert r.text.rstrip().endswith("# EOF")
 
 
 def test_openai_sdk_unchanged(base_url):
@@ -173,6 +179,9 @@ def test_openai_sdk_unchanged(base_url):
     sdk = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
     models = sdk.models.list()
     name = models.data[0].id
+    assert sdk.models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("gpt-4o")
     completion = sdk.chat.completions.create(model=name, messages=USER, max_tokens=8, temperature=0)
     assert completion.choices[0].message.role == "assistant"
     assert completion.usage.completion_tokens >= 1

@@ -65,9 +65,60 @@ def test_oversized_body(client):
     ({"messages": "hello"}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"messages": [{"content": "hi"}]}, "messages.0.role"),
+    # Booleans are not numbers, and strings are not booleans (pydantic's lax mode would take both).
+    ({"messages": USER, "max_tokens": True}, "max_tokens"),
+    ({"messages": USER, "temperature": True}, "temperature"),
+    ({"messages": USER, "stream": "yes"}, "stream"),
+    ({"messages": USER, "stream": 1}, "stream"),
+    ({"messages": USER, "logit_bias": {"--5": 1}}, "logit_bias"),
+    ({"messages": USER, "logit_bias": {"\u00b2": 1}}, "logit_bias"),
+    ({"messages": USER, "logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+    ({"messages": USER, "seed": 2**64}, "seed"),
+    ({"messages": USER, "seed": -(2**63) - 1}, "seed"),
 ])
 def test_wrong_type_or_range_names_the_param(client, body, param):
     assert_error(post(client, body), 400, param=param)
+
+
+def test_seed_at_the_ends_of_its_range_works(client):
+    for seed in (-(2**63), 2**64 - 1):
+        r = post(client, {"messages": USER, "seed": seed, "max_tokens": 2, "temperature": 1})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(("raw", "contains"), [
+    (b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),  # over Python's int limit
+    (b"[" * 10000 + b"]" * 10000, "nested too deeply"),
+])
+def test_json_python_cannot_parse_is_a_400(client, raw, contains):
+    r = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert_error(r, 400, contains=contains)
+
+
+def test_lone_surrogate_in_model_name_is_a_clean_404(client):
+    raw = b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}'
+    r = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert_error(r, 404, code="model_not_found")
+
+
+def test_text_part_without_text_says_so(client):
+    body = {"messages": [{"role": "user", "content": [{"type": "text"}]}]}
+    error = assert_error(post(client, body), 400)
+    assert error["param"].startswith("messages.0.content") and "not supported" not in error["message"]
+
+
+def test_too_many_stop_strings_says_how_many(client):
+    error = assert_error(post(client, {"messages": USER, "stop": ["x"] * 17}), 400, param="stop")
+    assert "16" in error["message"]
+
+
+def test_compressed_body_is_refused(client):
+    import gzip
+    import json
+
+    r = client.post("/v1/chat/completions", content=gzip.compress(json.dumps({"messages": USER}).encode()),
+                    headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert_error(r, 415, contains="gzip")
 
 
 def test_missing_messages(client):
@@ -98,7 +149,9 @@ def test_unknown_model(client):
 
 def test_unknown_route_and_method(client):
     assert_error(client.get("/v1/nothing"), 404, code="not_found")
-    assert_error(client.get("/v1/chat/completions"), 405)
+    r = client.get("/v1/chat/completions")
+    assert_error(r, 405)
+    assert "POST" in r.headers["allow"]
     assert_error(client.delete("/health"), 405)
 
 

@@ -32,6 +32,7 @@ def test_v1_needs_a_valid_key(secured_url):
     r = httpx.post(secured_url + "/v1/chat/completions", json=body)
     assert r.status_code == 401
     assert r.json()["error"]["type"] == "authentication_error"
+    assert r.headers["www-authenticate"] == "Bearer"
     r = httpx.post(secured_url + "/v1/chat/completions", json=body, headers=bearer("sk-wrong"))
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(secured_url + "/v1/models", headers={"Authorization": "Basic abc"}).status_code == 401
@@ -75,6 +76,12 @@ def test_cors_preflight_and_headers(secured_url, base_url):
     assert r.headers["access-control-allow-origin"] == origin
     assert "POST" in r.headers["access-control-allow-methods"]
     assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    assert "Origin" in r.headers["vary"]
+    # The OpenAI JS SDK in a browser sends headers of its own; the preflight must allow them.
+    r = httpx.options(secured_url + "/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,x-stainless-lang"})
+    assert "x-stainless-os" in r.headers["access-control-allow-headers"].lower()
     r = httpx.get(secured_url + "/health", headers={"Origin": "https://evil.example.com"})
     assert "access-control-allow-origin" not in r.headers
     # Default: no origins allowed at all.
@@ -114,6 +121,37 @@ def test_key_file_and_comma_separated_keys(tmp_path):
     path = tmp_path / "keys"
     path.write_text("# team keys\nk1\n\nk2\n")
     assert load_api_keys(["k0,k1", "k3"], path) == ("k0", "k1", "k3", "k2")
+    assert load_api_keys([""], None) == ()  # LLMCTL_API_KEY="" means no key
+
+
+@pytest.mark.parametrize("keys", [[","], [" , "]])
+def test_asking_for_keys_and_giving_none_is_an_error(tmp_path, keys):
+    from llmctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no API key"):
+        load_api_keys(keys, None)
+    empty = tmp_path / "keys"
+    empty.write_text("# no keys yet\n\n")
+    with pytest.raises(ConfigError, match="no API key"):
+        load_api_keys([], empty)
+
+
+def test_default_max_tokens_and_kv_budget_errors(tiny_model):
+    from llmctl.engine import EngineConfig
+    from tests.conftest import make_service
+
+    service = make_service(tiny_model, default_max_tokens=5,
+                           engine=EngineConfig(max_num_seqs=4, max_waiting=8, kv_cache_tokens=64))
+    try:
+        with serve_in_thread(service) as url:
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "ignore_eos": True})
+            assert r.json()["usage"]["completion_tokens"] == 5
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_completion_tokens": 100})
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == "max_completion_tokens"
+            assert "64" in error["message"]
+    finally:
+        service.shutdown()
 
 
 def test_warning_when_open_to_the_network_without_key(server_process, tiny_model):

@@ -50,6 +50,22 @@ def test_bad_start_fails_fast_with_one_line(args, message):
     assert time.monotonic() - started < 30
 
 
+def test_port_in_use_or_out_of_range_is_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--host", "127.0.0.1", "--port", str(port), "--model-path", "/nonexistent")
+        assert result.returncode == 1, result.stderr
+        result = run_cli("serve", "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 1
+    assert f"Cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("serve", "--port", "83847")
+    assert result.returncode == 2 and "--port" in result.stderr
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(server_process, tmp_path):
     # A model big enough that a 1500-token answer is still running when the signal arrives.
     model = build_tiny_model(tmp_path / "slower", context=2048, hidden=256, layers=6)

@@ -45,7 +45,7 @@ def serve(
     model_path: ModelPathOpt = None,
     config: ConfigOpt = None,
     host: Annotated[str, typer.Option(envvar=envvars.HOST, help="Address to listen on.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(envvar=envvars.PORT, help="Port to listen on.")] = 8080,
+    port: Annotated[int, typer.Option(envvar=envvars.PORT, min=0, max=65535, help="Port to listen on (0: any free port).")] = 8080,
     load_in_8bit: Annotated[bool, typer.Option(
         "--load-in-8bit", "--load_in_8bit", envvar=envvars.LOAD_IN_8BIT,
         help="Quantize the weights to 8 bits with bitsandbytes (about half the memory of fp16).")] = False,
@@ -76,6 +76,10 @@ def serve(
         help="Default per-request timeout in seconds (a request's 'timeout' field overrides it).")] = 60.0,
     max_tokens_cap: Annotated[int | None, typer.Option(
         envvar=envvars.MAX_TOKENS_CAP, min=1, help="Reject requests asking for more max_tokens than this.")] = None,
+    default_max_tokens: Annotated[int | None, typer.Option(
+        envvar=envvars.DEFAULT_MAX_TOKENS, min=1,
+        help="max_tokens for requests that send none. Default: what fits in the context. Each running request "
+        "reserves its max_tokens of KV cache, so a lower default lets more such requests run at once.")] = None,
     max_body_bytes: Annotated[int, typer.Option(
         envvar=envvars.MAX_BODY_BYTES, min=1024, help="Largest accepted request body (413 beyond).")] =
         DEFAULT_MAX_BODY_BYTES,
@@ -116,7 +120,8 @@ def serve(
         log.warning("Listening on all interfaces (%s) without an API key: anyone who can reach this port can use "
                     "the model. Pass --api-key, or --host 127.0.0.1 for local use only.", host or "*")
     service = Service(ServiceSettings(load=load, engine=engine, request_timeout=request_timeout,
-                                      max_tokens_cap=max_tokens_cap, max_messages=max_messages))
+                                      max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
+                                      max_messages=max_messages))
     origins = tuple(o.strip() for o in allowed_origins.split(",") if o.strip())
     app = create_app(service, HTTPOptions(max_body_bytes=max_body_bytes, api_keys=keys,
                                           public_metrics=public_metrics, allowed_origins=origins))

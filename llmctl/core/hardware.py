@@ -37,7 +37,9 @@ def bf16_supported(device: str) -> bool:
     import torch
 
     if device.startswith("cuda"):
-        return torch_cuda_available() and torch.cuda.is_bf16_supported()
+        # Native bf16 only (Ampere, compute capability 8.0, and newer): torch's default also counts the
+        # slow emulation on a T4 or V100, where fp16 is the right choice. `llmctl doctor` uses the same rule.
+        return torch_cuda_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     # PyTorch computes bf16 on any x86-64/ARM CPU; it is fast where the CPU has native bf16 or AVX-512.
     return True
 

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from flask import Flask, Response, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from werkzeug.exceptions import HTTPException
 
 from llmctl.errors import InvalidRequest, LLMCtlError, UnsupportedMediaType
@@ -24,23 +24,20 @@ HTTP_ERROR_TYPES = {400: ("invalid_request_error", None), 404: ("invalid_request
 
 
 def json_response(body: dict, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(json.dumps(body, ensure_ascii=False), status=status, headers=headers,
-                    mimetype="application/json")
+    # Error messages may quote the client's text, lone surrogates included: never fail to encode it.
+    data = json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
+    return Response(data, status=status, headers=headers, mimetype="application/json")
 
 
 def error_response(exc: LLMCtlError) -> Response:
-    headers = {}
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    return json_response(exc.to_body(), exc.status, headers)
+    return json_response(exc.to_body(), exc.status, exc.headers())
 
 
 def wants_prometheus() -> bool:
     if request.args.get("format") == "prometheus":
         return True
     accept = request.headers.get("Accept", "")
-    return "application/openmetrics-text" in accept or "text/plain" in accept and "version=0.0.4" in accept
+    return "application/openmetrics-text" in accept or "text/plain" in accept and "version=" in accept
 
 
 @dataclass(frozen=True)
@@ -75,7 +72,9 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
             413: f"The request body is larger than this server's limit of {max_body_bytes} bytes.",
         }.get(exc.code or 0, exc.description or exc.name)
         body = {"error": {"message": message, "type": err_type, "param": None, "code": code}}
-        return json_response(body, exc.code or 500)
+        # Keep the exception's own headers (Allow on a 405), not its HTML content type.
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        return json_response(body, exc.code or 500, headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
@@ -102,6 +101,10 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
     def models():
         return json_response(service.models())
 
+    @app.get("/v1/models/<path:model_id>")
+    def model(model_id: str):
+        return json_response(service.model(model_id))
+
     @app.get("/openapi.json")
     def openapi():
         return json_response(openapi_document())
@@ -116,7 +119,9 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
     def metrics():
         if wants_prometheus():
             service.refresh_gauges()
-            return Response(generate_latest(service.metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+            # The format the scraper asked for: OpenMetrics or the classic text format.
+            encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+            return Response(encode(service.metrics.registry), content_type=content_type)
         return json_response(service.metrics_json())
 
     return app
@@ -124,6 +129,9 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
 
 def read_json_body() -> object:
     """The request's JSON body, or a 4xx that says what is wrong with it."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding '{encoding}' is not supported; send the body uncompressed.")
     if not request.is_json:
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, got '{request.content_type or 'none'}'. "
@@ -133,6 +141,7 @@ def read_json_body() -> object:
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, 4300+ digit integers, deep nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise InvalidRequest(f"The request body is not valid JSON: {reason}.") from None
 

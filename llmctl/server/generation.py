@@ -16,7 +16,8 @@ from llmctl.server.schemas import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.2  # how often a waiting handler checks whether its client went away
+POLL_S = 0.2  # how often a handler checks whether its client went away
+DEADLINE_SLACK_S = 2.0  # past its deadline plus this, a handler gives up on its sequence by itself
 
 
 def build_prompt(loaded: LoadedModel, req: ChatCompletionRequest) -> list[int]:
@@ -29,17 +30,29 @@ def build_prompt(loaded: LoadedModel, req: ChatCompletionRequest) -> list[int]:
         text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
     except jinja2.TemplateError as exc:
         raise InvalidRequest(f"The model's chat template rejected these messages: {exc}", param="messages") from exc
+    except RecursionError:
+        raise InvalidRequest("The messages or tools are nested too deeply to render.", param="tools" if req.tools
+                             else "messages") from None
     return loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def sampling_params(loaded: LoadedModel, req: ChatCompletionRequest, prompt_tokens: int, kv_budget: int,
-                    max_tokens_cap: int | None) -> SamplingParams:
-    """Check the request against the context window and turn it into engine settings."""
-    context = loaded.context_length
+@dataclass(frozen=True)
+class TokenLimits:
+    """The server's limits on a request's tokens."""
+
+    kv_budget: int  # the engine's KV cache budget, in tokens
+    max_tokens_cap: int | None = None  # reject requests asking for more
+    default_max_tokens: int | None = None  # when a request names no max_tokens (None: what fits)
+
+
+def sampling_params(loaded: LoadedModel, req: ChatCompletionRequest, prompt_tokens: int,
+                    limits: TokenLimits) -> SamplingParams:
+    """Check the request against the context window and the server's limits; turn it into engine settings."""
+    context, cap, budget = loaded.context_length, limits.max_tokens_cap, limits.kv_budget
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    if max_tokens_cap is not None and asked is not None and asked > max_tokens_cap:
-        raise InvalidRequest(f"{param} is {asked}, above this server's limit of {max_tokens_cap}.", param=param)
+    if cap is not None and asked is not None and asked > cap:
+        raise InvalidRequest(f"{param} is {asked}, above this server's limit of {cap}.", param=param)
     if prompt_tokens >= context:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {context} tokens, but the messages use {prompt_tokens} "
@@ -49,14 +62,22 @@ def sampling_params(loaded: LoadedModel, req: ChatCompletionRequest, prompt_toke
             f"This model's maximum context length is {context} tokens, but {prompt_tokens + asked} were requested "
             f"({prompt_tokens} in the messages, {asked} in the completion). Lower {param} to at most "
             f"{context - prompt_tokens}.", param=param)
+    if asked is not None and prompt_tokens + asked > budget:
+        raise InvalidRequest(
+            f"This request needs {prompt_tokens + asked} tokens of KV cache ({prompt_tokens} in the messages, "
+            f"{asked} in the completion) but the server's budget is {budget}; lower {param} to at most "
+            f"{max(1, budget - prompt_tokens)}.", param=param)
     if asked is None:
-        asked = min(context, kv_budget) - prompt_tokens
-        if max_tokens_cap is not None:
-            asked = min(asked, max_tokens_cap)
+        # What fits, unless the operator set a default: each running request reserves its whole
+        # max_tokens, so clients that never send one (LangChain's default) would cut concurrency.
+        asked = min(context, budget) - prompt_tokens
+        for limit in (cap, limits.default_max_tokens):
+            if limit is not None:
+                asked = min(asked, limit)
         if asked < 1:
             raise ContextLengthExceeded(
                 f"The messages use {prompt_tokens} tokens, which leaves no room to answer within this server's "
-                f"KV budget of {kv_budget} tokens.", param="messages")
+                f"KV budget of {budget} tokens.", param="messages")
     bias: dict[int, float] = {}
     vocab = len(loaded.tokenizer)
     for key, value in (req.logit_bias or {}).items():
@@ -103,19 +124,30 @@ class Generation:
 
     def __iter__(self) -> Iterator[str]:
         seq = self.seq
+        next_check = time.monotonic() + POLL_S
         while True:
             try:
                 event = seq.events.get(timeout=POLL_S)
             except queue.Empty:
+                event = None
+            now = time.monotonic()
+            # On a clock, not only when tokens pause: on a GPU they never pause for POLL_S.
+            if now >= next_check:
+                next_check = now + POLL_S
                 if self.disconnected is not None and self.disconnected():
                     seq.cancel()
                     self.finish_reason = "cancelled"
                     return
+                if seq.deadline is not None and now > seq.deadline + DEADLINE_SLACK_S:
+                    # The engine ends timed-out sequences itself; this only guards against it never doing so.
+                    seq.cancel()
+                    yield from self._finish(Finish("timeout"))
+                    return
+            if event is None:
                 continue
             if isinstance(event, Finish):
                 yield from self._finish(event)
                 return
-            now = time.monotonic()
             self.timing.first_token = self.timing.first_token or now
             self.timing.last_token = now
             self.completion_tokens += 1

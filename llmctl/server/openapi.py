@@ -12,6 +12,8 @@ from llmctl import __version__
 from llmctl.server.schemas import ChatCompletionRequest
 
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
+# A key is needed only when the server was started with --api-key: either alternative satisfies.
+KEY = [{"bearer": []}, {}]
 
 
 def _error_responses(*codes: int) -> dict:
@@ -29,7 +31,7 @@ def openapi_document() -> dict:
         "info": {"title": "llmctl OpenAI-compatible API", "version": __version__},
         "paths": {
             "/v1/chat/completions": {"post": {
-                "operationId": "createChatCompletion",
+                "operationId": "createChatCompletion", "security": KEY,
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
                 "responses": {
@@ -39,14 +41,19 @@ def openapi_document() -> dict:
                     **_error_responses(400, 401, 404, 408, 413, 415, 429, 500, 503),
                 },
             }},
-            "/v1/models": {"get": {"operationId": "listModels", "responses": {
+            "/v1/models": {"get": {"operationId": "listModels", "security": KEY, "responses": {
                 "200": {"description": "The served model", "content": {"application/json": {
                     "schema": {"type": "object"}}}}, **_error_responses(401, 503)}}},
+            "/v1/models/{model}": {"get": {
+                "operationId": "retrieveModel", "security": KEY,
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The served model", "content": {"application/json": {
+                    "schema": {"type": "object"}}}}, **_error_responses(401, 404, 503)}}},
             "/health": {"get": {"operationId": "health", "responses": {
                 "200": {"description": "Ready", "content": {"application/json": {"schema": {"type": "object"}}}},
                 "503": {"description": "Loading, failed or shutting down",
                         "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-            "/metrics": {"get": {"operationId": "metrics", "responses": {
+            "/metrics": {"get": {"operationId": "metrics", "security": KEY, "responses": {
                 "200": {"description": "JSON metrics, or Prometheus text with ?format=prometheus",
                         "content": {"application/json": {"schema": {"type": "object"}},
                                     "text/plain": {"schema": {"type": "string"}}}},

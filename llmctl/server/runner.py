@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import threading
 
 from waitress import create_server
 
+from llmctl.errors import LLMCtlError
 from llmctl.server.service import Service
 
 log = logging.getLogger(__name__)
 
 
+class ServeError(LLMCtlError):
+    """The server cannot start (the port is taken, the address does not exist)."""
+
+
 def run_server(app, service: Service, host: str, port: int, threads: int, grace_period: float,
                connection_limit: int = 1000) -> int:
     """Open the port at once, load the model behind it, serve until a signal, then drain and exit 0."""
-    server = create_server(
-        app, host=host, port=port, threads=threads, connection_limit=connection_limit,
-        # Lets a handler notice that its client went away (waitress.client_disconnected).
-        channel_request_lookahead=1, asyncore_use_poll=True, ident="llmctl", clear_untrusted_proxy_headers=True,
-    )
+    try:
+        server = create_server(
+            app, host=host, port=port, threads=threads, connection_limit=connection_limit,
+            # Lets a handler notice that its client went away (waitress.client_disconnected).
+            channel_request_lookahead=1, asyncore_use_poll=True, ident="llmctl", clear_untrusted_proxy_headers=True,
+        )
+    except OSError as exc:
+        hint = (" Another program (perhaps another llmctl serve) listens there: stop it or pick another --port;"
+                " `llmctl doctor --port N` tells whether a port is free.") if exc.errno == errno.EADDRINUSE else ""
+        raise ServeError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.{hint}") from None
     stop = threading.Event()
 
     def _on_signal(signum, _frame) -> None:

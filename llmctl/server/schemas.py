@@ -6,15 +6,27 @@ send fields a given server may not implement, and rejecting them breaks those cl
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from llmctl.errors import InvalidRequest
 
 MAX_TIMEOUT_S = 300.0
+TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: str.isdigit() also accepts '²'
+
+
+def _not_bool(value: object) -> object:
+    # pydantic's lax mode reads true as 1; OpenAI's API rejects it, and so do we.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+Number = BeforeValidator(_not_bool)
 
 
 class _Lenient(BaseModel):
@@ -28,6 +40,13 @@ class TextPart(_Lenient):
 
 class OtherPart(_Lenient):
     type: str
+
+    @field_validator("type")
+    @classmethod
+    def _not_text(cls, value: str) -> str:
+        if value == "text":  # a text part without a valid 'text' must fail as a TextPart
+            raise ValueError("a text part needs a 'text' string")
+        return value
 
 
 class ChatMessage(_Lenient):
@@ -59,35 +78,36 @@ def _valid_unicode(text: str) -> str:
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: StrictBool | None = False
 
 
 class ChatCompletionRequest(_Lenient):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    max_tokens: Annotated[int, Number, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Number, Field(ge=1)] | None = None
+    temperature: Annotated[float, Number, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Number, Field(gt=0.0, le=1.0)] | None = None
+    frequency_penalty: Annotated[float, Number, Field(ge=-2.0, le=2.0)] | None = None
+    presence_penalty: Annotated[float, Number, Field(ge=-2.0, le=2.0)] | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    seed: int | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    n: Annotated[int, Field(ge=1, le=128)] | None = None
-    stream: bool = False
+    # torch seeds are 64-bit; OpenAI documents an integer, so take the signed and unsigned range.
+    seed: Annotated[int, Number, Field(ge=-(2**63), lt=2**64)] | None = None
+    logit_bias: dict[str, Annotated[float, Number, Field(ge=-100.0, le=100.0)]] | None = None
+    n: Annotated[int, Number, Field(ge=1, le=128)] | None = None
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    timeout: Annotated[float, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
-    logprobs: bool | None = None
+    timeout: Annotated[float, Number, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
+    logprobs: StrictBool | None = None
     tools: list[dict] | None = None
     # llmctl extension: keep generating past end-of-sequence (fixed-length benchmarks).
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
 
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not key.lstrip("-").isdigit():
+            if not TOKEN_ID.fullmatch(key):
                 raise ValueError(f"keys must be token ids, got {key!r}")
         return value
 
@@ -104,7 +124,9 @@ def parse_request(body: object) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        error = exc.errors()[0]
+        # In a union (stop: str | list), the branch that matched the input's type explains best.
+        errors = sorted(exc.errors(), key=lambda e: e["type"].endswith("_type"))
+        error = errors[0]
         loc = error["loc"]
         # Drop the union-branch names pydantic adds ("str", "list[...]") from the path.
         parts = [str(p) for p in loc if isinstance(p, int) or not ("[" in str(p) or p in ("str", "int", "float"))]
@@ -162,5 +184,9 @@ def chunk_body(cid: str, model: str, created: int, delta: dict, finish_reason: s
     return body
 
 
+def model_card(model: str, created: int) -> dict:
+    return {"id": model, "object": "model", "created": created, "owned_by": "llmctl"}
+
+
 def models_body(model: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "llmctl"}]}
+    return {"object": "list", "data": [model_card(model, created)]}

@@ -18,7 +18,11 @@ OPEN_PATHS = ("/health",)
 
 
 def load_api_keys(keys: Iterable[str], key_file: Path | None) -> tuple[str, ...]:
-    """Keys from flags/env (comma-separated allowed) and from a file (one per line, # comments)."""
+    """Keys from flags/env (comma-separated allowed) and from a file (one per line, # comments).
+
+    Asking for keys and getting none (an empty file, ``--api-key ,``) is an error, never an open server.
+    """
+    keys = list(keys)
     found = [k.strip() for value in keys for k in value.split(",") if k.strip()]
     if key_file is not None:
         try:
@@ -26,6 +30,11 @@ def load_api_keys(keys: Iterable[str], key_file: Path | None) -> tuple[str, ...]
         except OSError as exc:
             raise ConfigError(f"Cannot read the API key file {key_file}: {exc.strerror}.") from exc
         found += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    asked = any(value.strip() for value in keys) or key_file is not None  # LLMCTL_API_KEY="" means none
+    if asked and not found:
+        source = f"the API key file {key_file}" if key_file is not None else "--api-key"
+        raise ConfigError(f"{source} holds no API key; the server would be open to anyone. "
+                          "Give at least one key, or drop the option.")
     return tuple(dict.fromkeys(found))
 
 
@@ -61,5 +70,13 @@ def install_cors(app: Flask, origins: tuple[str, ...]) -> None:
         return
     from flask_cors import CORS
 
-    CORS(app, origins=list(origins), allow_headers=["Authorization", "Content-Type"],
-         methods=["GET", "POST", "OPTIONS"], max_age=600)
+    # Any request header is allowed: the OpenAI JS SDK sends its own (x-stainless-*), and the
+    # origin list, not the header list, is what guards the service.
+    CORS(app, origins=list(origins), methods=["GET", "POST", "OPTIONS"], expose_headers=["Retry-After"],
+         max_age=600)
+
+    @app.after_request
+    def _vary(response):
+        # The answer depends on the Origin header: shared caches must not hand it to another origin.
+        response.vary.add("Origin")
+        return response

@@ -15,7 +15,7 @@ from llmctl.core.loader import LoadedModel, LoadOptions, load_model
 from llmctl.engine import Engine, EngineConfig, Sequence
 from llmctl.errors import InvalidRequest, LLMCtlError, ModelNotFound, Unavailable
 from llmctl.server import schemas
-from llmctl.server.generation import Generation, build_prompt, sampling_params
+from llmctl.server.generation import Generation, TokenLimits, build_prompt, sampling_params
 from llmctl.server.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ class ServiceSettings:
     engine: EngineConfig = field(default_factory=EngineConfig)
     request_timeout: float = 60.0
     max_tokens_cap: int | None = None
+    default_max_tokens: int | None = None
     max_messages: int = 1024
 
 
@@ -177,6 +178,13 @@ class Service:
         loaded, _ = self.require_ready()
         return schemas.models_body(loaded.name, self.created)
 
+    def model(self, model_id: str) -> dict:
+        loaded, _ = self.require_ready()
+        if model_id != loaded.name:
+            raise ModelNotFound(f"The model '{model_id}' does not exist; this server serves '{loaded.name}'.",
+                                param="model")
+        return schemas.model_card(loaded.name, self.created)
+
     # ---- chat completions ------------------------------------------------------------------
     def chat(self, body: object, disconnected: Callable[[], bool] | None = None) -> dict | Iterator[str]:
         """Answer one chat completion: a response body, or an iterator of SSE lines when streaming."""
@@ -195,8 +203,9 @@ class Service:
         if req.logprobs:
             raise InvalidRequest("logprobs are not supported by this server.", param="logprobs")
         prompt = build_prompt(loaded, req)
-        params = sampling_params(loaded, req, len(prompt), engine.config.kv_cache_tokens,
-                                 self.settings.max_tokens_cap)
+        limits = TokenLimits(engine.config.kv_cache_tokens, self.settings.max_tokens_cap,
+                             self.settings.default_max_tokens)
+        params = sampling_params(loaded, req, len(prompt), limits)
         timeout = req.timeout or self.settings.request_timeout
         seq = engine.submit(Sequence(prompt, params, deadline=arrived + timeout))
         gen = Generation(seq, loaded.tokenizer, req.stops() + list(loaded.default_stops), arrived, disconnected)
