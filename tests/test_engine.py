@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from llmctl.engine import EngineConfig
+from llmctl.engine import EngineConfig, Finish, SamplingParams, Sequence
 from llmctl.core.loader import LoadOptions, load_model
 from llmctl.errors import ModelLoadError
 from llmctl.server.service import Service, ServiceSettings
@@ -114,11 +114,15 @@ def test_client_disconnect_cancels_generation(slow_server):
 
 
 def test_non_streaming_disconnect_cancels_generation(slow_server):
+    """Noticed while tokens keep flowing (a step every ~10 ms), not only when they pause."""
     service, url = slow_server
+    before = service.engine.stats.tokens_generated
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/chat/completions", timeout=0.4, json={
             "messages": USER, "max_tokens": 200, "ignore_eos": True})
     assert wait_for(lambda: service.engine.running == 0, 5)
+    # 200 tokens take over 2 s here; the client left at 0.4 s and is noticed within about 0.2 s more.
+    assert service.engine.stats.tokens_generated - before < 150
 
 
 def test_full_queue_answers_429_at_once(slow_server):
@@ -283,3 +287,32 @@ def test_64_concurrent_streams_are_all_served(tiny_model):
     finally:
         service.shutdown()
     assert results == [(200, "data: [DONE]")] * 64
+
+
+def test_small_requests_overtake_one_that_does_not_fit_yet(tiny_model):
+    """A request whose KV reservation must wait does not hold up smaller ones behind it (for a while)."""
+    service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=8, max_waiting=16, kv_cache_tokens=300))
+    slow_down(service, 0.02)
+    engine = service.engine
+
+    def submit(max_tokens: int) -> Sequence:
+        return engine.submit(Sequence([5, 6, 7, 8], SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                    ignore_eos=True)))
+
+    def finish_time(seq: Sequence) -> float:
+        while not isinstance(seq.events.get(timeout=60), Finish):
+            pass
+        return time.monotonic()
+
+    try:
+        # Reservations (prompt 4 + max_tokens) in the padded layout: rows x the longest row.
+        first = submit(60)  # 64
+        assert wait_for(lambda: engine.running == 1, 10)
+        big = submit(200)  # 204: 2 rows x 204 > 300, so it waits for `first` to finish
+        small = [submit(20) for _ in range(3)]  # 24: 4 rows x 64 <= 300, so they join `first` at once
+        small_done = max(finish_time(s) for s in small)
+        first_done, big_done = finish_time(first), finish_time(big)
+        assert small_done < first_done < big_done
+        assert engine.stats.max_batch_size >= 4
+    finally:
+        service.shutdown()

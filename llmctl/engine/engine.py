@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
 TRIM_EVERY_S = 10.0  # how often freed heap memory is handed back to the OS
+OVERTAKE_S = 5.0  # how long smaller requests may pass one whose KV reservation does not fit yet
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class Engine:
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._waiting: deque[Sequence] = deque()
         self._prefilling: Sequence | None = None
+        self._admitting: list[Sequence] = []  # taken from the queue, not yet in the batch
         self._batch: _Batch | None = None
         self._cond = threading.Condition()
         self._stopping = False
@@ -151,8 +153,9 @@ class Engine:
 
     @property
     def running(self) -> int:
-        batch = self._batch
-        return (len(batch.seqs) if batch else 0) + (1 if self._prefilling else 0)
+        """Sequences past the queue: in the batch, or being prefilled."""
+        batch, admitting = self._batch, self._admitting
+        return (len(batch.seqs) if batch else 0) + len(admitting or ([self._prefilling] if self._prefilling else []))
 
     def check_capacity(self) -> None:
         """Raise QueueFull at once when the waiting queue is full (before any tokenization)."""
@@ -209,11 +212,12 @@ class Engine:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for seq in list(self._waiting):
-            reason = _abort_reason(seq, now)
-            if reason:
+        with self._cond:
+            expired = [(seq, reason) for seq in self._waiting if (reason := _abort_reason(seq, now))]
+            for seq, _ in expired:
                 self._waiting.remove(seq)
-                self._finish(seq, reason)
+        for seq, reason in expired:
+            self._finish(seq, reason)
         if self._prefilling and (reason := _abort_reason(self._prefilling, now)):
             seq, self._prefilling = self._prefilling, None
             seq.prefill_cache = None
@@ -229,25 +233,31 @@ class Engine:
             self._select(keep)
 
     def _admit(self) -> list[Sequence]:
-        """New sequences for one prefill: as many as the slot, KV and token budgets allow."""
+        """New sequences for one prefill: as many as the slot, KV and token budgets allow.
+
+        A request whose KV reservation does not fit yet may be overtaken by smaller ones behind
+        it, but only for OVERTAKE_S: after that nothing passes it, so the batch drains until it fits.
+        """
         cfg = self.config
         running = self._batch.seqs if self._batch else []
         chosen: list[Sequence] = []
         longest = max((s.reserved_tokens for s in running), default=0)
+        now = time.monotonic()
         with self._cond:
-            while self._waiting:
-                seq = self._waiting[0]
+            for seq in list(self._waiting):
                 if len(running) + len(chosen) >= cfg.max_num_seqs:
                     break
                 new_longest = max(longest, seq.reserved_tokens)
                 # Padded layout: every row is as long as the longest one.
                 if (len(running) + len(chosen) + 1) * new_longest > cfg.kv_cache_tokens and (running or chosen):
-                    break
+                    if now - seq.arrived >= OVERTAKE_S:
+                        break
+                    continue
                 prompt_max = max([len(s.prompt_ids) for s in chosen] + [len(seq.prompt_ids)])
                 if chosen and (len(chosen) + 1) * prompt_max > cfg.max_batched_tokens:
                     break
-                self._waiting.popleft()
-                seq.admitted = time.monotonic()
+                self._waiting.remove(seq)
+                seq.admitted = now
                 chosen.append(seq)
                 longest = new_longest
                 if len(seq.prompt_ids) > cfg.max_batched_tokens:
@@ -267,28 +277,44 @@ class Engine:
         self._run_prefill([self._prefilling], self._prefill_chunk)
 
     def _run_prefill(self, seqs: list[Sequence], fn) -> None:
+        self._admitting = list(seqs)
         try:
             batch = fn(seqs)
+            if batch is None:
+                return  # more chunks to go
+            self.stats.prefills += 1
+            self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
+            self._emit(batch, self._sample(batch, batch.last_logits))
+            del batch.last_logits
+            kept = [i for i, s in enumerate(batch.seqs) if not s.done]
+            if kept:
+                _select_rows(batch, kept)
+                self._join(batch)
         except torch.OutOfMemoryError:
-            self._on_oom(seqs)
-            return
+            self._on_oom(self._admitting)
         except Exception:
             log.exception("Prefill failed")
             self._prefilling = None
-            for seq in seqs:
+            for seq in self._admitting:
+                seq.prefill_cache = None
                 self._finish(seq, "error", LLMCtlError("Internal error during prefill; see the server log."))
+        finally:
+            self._admitting = []
+
+    def _join(self, batch: _Batch) -> None:
+        """Add freshly prefilled rows to the running batch."""
+        running = self._batch
+        if running is None:
+            self._batch = batch
             return
-        if batch is None:
-            return  # more chunks to go
-        self.stats.prefills += 1
-        self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
-        self._emit(batch, self._sample(batch, batch.last_logits))
-        del batch.last_logits
-        kept = [i for i, s in enumerate(batch.seqs) if not s.done]
-        if not kept:
-            return
-        _select_rows(batch, kept)
-        self._batch = batch if self._batch is None else _merge(self._batch, batch)
+        try:
+            self._batch = _merge(running, batch)
+        except BaseException:
+            # The merge rewrites the running cache layer by layer: after a failure half-way it is
+            # unusable, so its rows fail with the new ones.
+            self._batch = None
+            self._admitting += running.seqs
+            raise
         self._batch.sampler = None  # composition changed
 
     def _prefill_batch(self, seqs: list[Sequence]) -> _Batch:
@@ -301,7 +327,7 @@ class Engine:
             mask[row, width - len(seq.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = _full_cache()
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                             logits_to_keep=1)
         batch = _Batch(seqs=list(seqs), cache=cache, mask=mask,
@@ -314,7 +340,7 @@ class Engine:
         start, total = seq.prefilled, len(seq.prompt_ids)
         end = min(total, start + self.config.max_batched_tokens)
         if seq.prefill_cache is None:
-            seq.prefill_cache = DynamicCache(config=self.model.config)
+            seq.prefill_cache = _full_cache()
         ids = torch.tensor([seq.prompt_ids[start:end]], device=self.device)
         out = self._forward(
             input_ids=ids,
@@ -339,20 +365,20 @@ class Engine:
         batch = self._batch
         assert batch is not None
         rows = len(batch.seqs)
-        mask = torch.cat([batch.mask, torch.ones((rows, 1), dtype=batch.mask.dtype, device=self.device)], dim=1)
         try:
+            mask = torch.cat([batch.mask, torch.ones((rows, 1), dtype=batch.mask.dtype, device=self.device)], dim=1)
             out = self._forward(input_ids=batch.last[:, None], attention_mask=mask,
                                 position_ids=batch.positions[:, None], cache=batch.cache)
+            batch.mask = mask
+            batch.positions = batch.positions + 1
+            tokens = self._sample(batch, out.logits[:, -1, :])
         except torch.OutOfMemoryError:
             self._batch = None
             self._on_oom(batch.seqs)
             return
-        batch.mask = mask
-        batch.positions = batch.positions + 1
         self.stats.steps += 1
         self.stats.last_batch_size = rows
         self.stats.max_batch_size = max(self.stats.max_batch_size, rows)
-        tokens = self._sample(batch, out.logits[:, -1, :])
         self._emit(batch, tokens)
         self._select([i for i, s in enumerate(batch.seqs) if not s.done])
 
@@ -386,6 +412,7 @@ class Engine:
             return
         if not keep:
             self._batch = None
+            self.stats.last_batch_size = 0
             return
         _select_rows(batch, keep)
         batch.sampler = None
@@ -411,7 +438,8 @@ class Engine:
 
     def _fail_all_running(self, error: LLMCtlError) -> None:
         seqs = (self._batch.seqs if self._batch else []) + ([self._prefilling] if self._prefilling else [])
-        self._batch, self._prefilling = None, None
+        seqs += [s for s in self._admitting if s not in seqs]
+        self._batch, self._prefilling, self._admitting = None, None, []
         for seq in seqs:
             self._finish(seq, "error", error)
 
@@ -421,6 +449,17 @@ class Engine:
         with self._cond:
             while self._waiting:
                 self._finish(self._waiting.popleft(), "error", error)
+
+
+def _full_cache() -> DynamicCache:
+    """A cache of full layers, even for models with sliding-window attention.
+
+    A config-built cache gives sliding layers that crop old keys and keep a running length of
+    their own; rows joining and leaving the batch (`_merge`, `_select_rows`) would break that
+    bookkeeping. With full layers the model still applies its sliding mask, so outputs are the same,
+    and the KV budget, which counts full rows, stays exact.
+    """
+    return DynamicCache()
 
 
 def _abort_reason(seq: Sequence, now: float) -> str | None:
