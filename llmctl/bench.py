@@ -108,6 +108,18 @@ class RequestResult:
     usage_from_server: bool = False
     finish_reason: str | None = None
 
+    @property
+    def counted_by(self) -> str:
+        """Where completion_tokens comes from: the server's usage; finish_reason "length", which means
+        exactly max_tokens; or, failing both, the content chunks (a chunk may hold several tokens)."""
+        return "usage" if self.usage_from_server else "length" if self.finish_reason == "length" else "chunks"
+
+    def stopped_early(self, max_tokens: int) -> bool:
+        """Whether the response ended before max_tokens (end-of-sequence), so it is not full length."""
+        if self.finish_reason == "stop":
+            return True
+        return self.finish_reason != "length" and self.completion_tokens < max_tokens
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -169,7 +181,8 @@ def summarize(results: Sequence[RequestResult], duration: float, *, concurrency:
     """Summarize one level, with the definitions of vLLM's serving benchmark.
 
     Only successful requests count towards tokens and latencies; prompt tokens are known only from
-    the server's usage. TPOT of a request is
+    the server's usage. A response stopped early if its finish_reason is "stop", or if it has neither
+    finish_reason "length" nor max_tokens tokens. TPOT of a request is
     (latency - TTFT) / (completion tokens - 1), for requests with more than one token; ITL pools
     every gap between content chunks of every request.
     """
@@ -181,9 +194,9 @@ def summarize(results: Sequence[RequestResult], duration: float, *, concurrency:
     per_second = (lambda n: n / duration) if duration > 0 else (lambda n: 0.0)
     tpots = [(r.latency - r.ttft) / (r.completion_tokens - 1) for r in ok
              if r.completion_tokens > 1 and r.ttft is not None and r.latency is not None]
-    from_server = sum(r.usage_from_server for r in ok)
-    usage_source = (None if not ok else "server" if from_server == len(ok)
-                    else "chunks" if not from_server else "mixed")
+    counted = {r.counted_by for r in ok}
+    usage_source = (None if not ok else "server" if counted == {"usage"}
+                    else "chunks" if counted == {"chunks"} else "mixed" if "chunks" in counted else "length")
     errors = Counter(r.error or "unknown error" for r in results if not r.success)
     return LevelSummary(
         concurrency=concurrency,
@@ -202,7 +215,7 @@ def summarize(results: Sequence[RequestResult], duration: float, *, concurrency:
         completion_tokens_mean=out_tokens / len(lengths) if lengths else None,
         completion_tokens_max=max(lengths) if lengths else None,
         max_tokens=max_tokens,
-        short_completions=sum(n < max_tokens for n in lengths) if max_tokens else 0,
+        short_completions=sum(r.stopped_early(max_tokens) for r in ok) if max_tokens else 0,
         usage_source=usage_source,
         ttft_ms=Stats.of([r.ttft for r in ok if r.ttft is not None]),
         tpot_ms=Stats.of(tpots),
@@ -315,7 +328,9 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, workload: 
         result.error = "the stream ended without any chunk" if last_event is None else "the stream broke off"
         return result
     if not result.usage_from_server:
-        result.completion_tokens = chunks
+        # Without usage, finish_reason "length" still says the response ran to max_tokens; chunks can
+        # undercount, as a server may put several tokens in one chunk.
+        result.completion_tokens = workload.max_tokens if result.finish_reason == "length" else chunks
     result.latency = last_event - start
     result.success = True
     return result

@@ -16,7 +16,8 @@ from typing import Literal
 
 from llmctl.core import hardware
 from llmctl.fit import (
-    FitPrediction, Precision, attention_from_config, context_length_of, fmt_bytes, predict_fit,
+    SERVE_KV_CACHE_TOKENS, FitPrediction, Precision, attention_from_config, context_length_of, fmt_bytes,
+    predict_fit,
 )
 from llmctl.modelcheck import Check, ModelInfo, Status, check_model
 
@@ -38,6 +39,7 @@ class DoctorOptions:
     batch_size: int = 1
     port: int = 8080
     url: str | None = None
+    kv_cache_tokens: int = SERVE_KV_CACHE_TOKENS
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,15 @@ class Machine:
 
     @property
     def default_precision(self) -> Precision:
-        """What `llmctl serve --dtype auto` picks here (see core.loader.resolve_dtype)."""
+        """What `llmctl serve --dtype auto` picks here, by the rule of core.loader.resolve_dtype.
+
+        On CUDA that is hardware.bf16_supported: torch.cuda.is_bf16_supported(including_emulation=False),
+        which asks the current device (the first visible GPU) for compute capability 8.0 or more, and
+        says yes on any ROCm build. GPUDevice.bf16 is that same capability test.
+        """
         if self.gpus:
-            return "bf16" if all(g.bf16 for g in self.gpus) else "fp16"
+            rocm = (self.cuda_build or "").startswith("ROCm")
+            return "bf16" if rocm or self.gpus[0].bf16 else "fp16"
         return "bf16" if self.cpu_bf16 else "fp32"
 
     @property
@@ -163,6 +171,13 @@ def check_cuda(machine: Machine) -> Check:
                          f"{fmt_bytes(g.total_bytes)} free: another process holds it. {finding}",
                          "See which process with nvidia-smi and stop it, or pick a free GPU with "
                          "CUDA_VISIBLE_DEVICES=<index>.", details)
+        emulated = [g for g in m.gpus if not g.bf16]
+        if m.default_precision == "bf16" and emulated:
+            g = emulated[0]
+            return Check("CUDA", "warning", f"serve picks bf16 from GPU {m.gpus[0].index}, but GPU {g.index} "
+                         f"({g.name}) has no native bf16: the layers placed there run emulated, slowly. "
+                         f"{finding}", "llmctl serve --dtype float16, or use only the bf16 GPUs "
+                         "(CUDA_VISIBLE_DEVICES).", details)
         return Check("CUDA", "ok", finding, details=details)
 
     flags = m.cpu_flags
@@ -206,14 +221,15 @@ def check_bitsandbytes(status: hardware.BitsAndBytesStatus, machine: Machine) ->
 
 
 def check_fit(info: ModelInfo | None, machine: Machine, bnb: hardware.BitsAndBytesStatus,
-              context_length: int | None, batch_size: int) -> tuple[Check, FitPrediction | None]:
+              context_length: int | None, batch_size: int,
+              kv_cache_tokens: int = SERVE_KV_CACHE_TOKENS) -> tuple[Check, FitPrediction | None]:
     """Whether the model fits in free VRAM (or RAM on CPU), and which flag makes it fit."""
     if info is None or info.inventory is None:
         return Check("Fit", "warning", "Cannot predict the memory needed: no readable weights or config.json",
                      "Fix the model checks above first."), None
     config = info.config or {}
     model_context = context_length_of(config)
-    context = context_length or _default_context(model_context)
+    context = context_length or model_context or 2048
     problems: dict[str, str | None] = {"8bit": None if bnb.int8 else "bitsandbytes cannot do 8-bit here",
                                        "4bit": None if bnb.nf4 else "bitsandbytes cannot do 4-bit here"}
     if info.is_gguf and not info.embedded_unconverted:  # the embedded GGUF is served as a converted folder
@@ -221,7 +237,8 @@ def check_fit(info: ModelInfo | None, machine: Machine, bnb: hardware.BitsAndByt
     attention = attention_from_config(config)
     fit = predict_fit(info.inventory, attention, context_length=context, batch_size=batch_size,
                       available_bytes=machine.available_bytes, device=machine.device,
-                      default=machine.default_precision, quantization_problem=problems)
+                      default=machine.default_precision, quantization_problem=problems,
+                      kv_cache_tokens=kv_cache_tokens, devices=len(machine.gpus) or 1)
     have = f"{fmt_bytes(fit.available_bytes)} {'free GPU memory' if machine.gpus else 'available RAM'}"
     default = next(r for r in fit.rows if r.default)
     details = {**fit.to_dict(), "parameters": info.inventory.total, "parameters_from": info.inventory.source,
@@ -230,14 +247,33 @@ def check_fit(info: ModelInfo | None, machine: Machine, bnb: hardware.BitsAndByt
     counted = f"{_count(info.inventory.total)} parameters ({_source_words(info.inventory.source)})"
     kv_note = "" if attention else "; KV cache unknown (config.json states no layers/heads)"
     needs = fmt_bytes(default.total_bytes)
+    kv = f"{fit.kv_tokens:,} KV-cache tokens"
     if fit.choice is default:
-        return Check("Fit", "ok", f"Fits in {default.label} (the default): needs {needs}, {have}; "
+        return Check("Fit", "ok", f"Fits in {default.label} (the default): needs {needs} with {kv}, {have}; "
                      f"{counted}{kv_note}", details=details), fit
+    smaller = fit.smaller_kv()
+    if smaller is not None and smaller[0] is default:
+        # Serve grows its cache only as far as the traffic needs, so shrinking its budget keeps the
+        # default precision; quantizing is the second way out, not the first.
+        n = smaller[1]
+        details["smaller_kv_cache"] = {"precision": default.precision, "kv_cache_tokens": n}
+        fix = _shrink_kv_fix("", n, fit)
+        if fit.choice is not None:
+            fix += f"; or keep {kv} with llmctl serve {fit.choice.flag} ({fmt_bytes(fit.choice.total_bytes)})"
+        return Check("Fit", "warning", f"{default.label} (the default) fits only with a smaller KV cache: "
+                     f"the weights fit, but with {kv} it needs {needs}, {have}; up to {n:,} tokens fit. "
+                     f"{counted}", fix, details), fit
     if fit.choice is not None:
         c = fit.choice
         return Check("Fit", "warning", f"Needs {c.flag}: {default.label} needs {needs}, {have}; {c.label} "
-                     f"needs {fmt_bytes(c.total_bytes)}. {counted}{kv_note}", f"llmctl serve {c.flag}",
-                     details), fit
+                     f"needs {fmt_bytes(c.total_bytes)} with {kv}. {counted}{kv_note}",
+                     f"llmctl serve {c.flag}", details), fit
+    if smaller is not None:
+        row, n = smaller
+        details["smaller_kv_cache"] = {"precision": row.precision, "kv_cache_tokens": n}
+        return Check("Fit", "warning", f"Needs {row.flag} and a smaller KV cache: {row.label} needs "
+                     f"{fmt_bytes(row.total_bytes)} with {kv}, {have}; its weights fit with up to {n:,} "
+                     f"tokens. {counted}", _shrink_kv_fix(row.flag, n, fit), details), fit
     smallest = min(fit.rows, key=lambda r: r.total_bytes)
     blocked = [r for r in fit.rows if not r.usable and fit.fits(r)]
     if blocked:
@@ -248,21 +284,22 @@ def check_fit(info: ModelInfo | None, machine: Machine, bnb: hardware.BitsAndByt
             fix = bnb.problem or hardware.INSTALL_BNB
         return Check("Fit", "failure", f"Does not fit unquantized ({default.label} needs {needs}, {have}); "
                      f"{r.label} would fit but {r.note}. {counted}", fix, details), fit
-    kv = smallest.kv_bytes
     fix = "Use a smaller model or a machine with more memory"
-    if kv > smallest.weights_bytes:
-        fix += (f"; the KV cache ({fmt_bytes(kv)} for {batch_size} x {context} tokens) dominates: lower "
-                "--context-length/--batch-size here and --max-model-len/--kv-cache-tokens for llmctl serve")
+    if smallest.kv_bytes > smallest.weights_bytes:
+        fix += (f"; the KV cache ({fmt_bytes(smallest.kv_bytes)} for {kv}) dominates: lower "
+                "--context-length/--batch-size/--kv-cache-tokens here and --kv-cache-tokens, --max-model-len "
+                "or --max-num-seqs for llmctl serve")
     return Check("Fit", "failure", f"Does not fit: needs {fmt_bytes(smallest.total_bytes)} even in "
                  f"{smallest.label}, {have}. {counted}", fix + ".", details), fit
 
 
-def _default_context(model_context: int | None) -> int:
-    """The model's context, capped at serve's default KV budget: serve never holds more tokens than that."""
-    from llmctl.engine import EngineConfig
-
-    budget = EngineConfig().kv_cache_tokens
-    return min(model_context or 2048, budget)
+def _shrink_kv_fix(flag: str, tokens: int, fit: FitPrediction) -> str:
+    """The serve flags that bound its KV cache to ``tokens`` slots."""
+    serve = f"llmctl serve {flag + ' ' if flag else ''}--kv-cache-tokens {tokens}"
+    if tokens < fit.context_length:  # one request may not reserve more than the whole budget
+        serve += f" --max-model-len {tokens}"
+    return (f"{serve} (or lower --max-model-len and --max-num-seqs so that their product is at most "
+            f"{tokens:,})")
 
 
 def _source_words(source: str) -> str:
@@ -323,8 +360,9 @@ def check_port(port: int, host: str = "0.0.0.0") -> Check:
     if error.errno == errno.EACCES:
         return Check("Port", "failure", f"Port {port} needs root privileges to listen on",
                      "Use a port above 1023: llmctl serve --port 8080", {"port": port})
-    health = _get_health(f"http://127.0.0.1:{port}")
-    if isinstance(health, dict) and "status" in health:
+    answer = _get_health(f"http://127.0.0.1:{port}")
+    health = answer[1] if isinstance(answer, tuple) else None
+    if health is not None and "status" in health:
         return Check("Port", "warning", f"Port {port} is in use by a running llmctl service (status "
                      f"{health['status']!r}); a second `llmctl serve --port {port}` would fail",
                      f"Talk to that one (llmctl doctor --url http://127.0.0.1:{port}), or serve on another "
@@ -335,7 +373,8 @@ def check_port(port: int, host: str = "0.0.0.0") -> Check:
                  "it.", {"port": port})
 
 
-def _get_health(url: str, timeout: float = 2.0) -> dict | Exception | int:
+def _get_health(url: str, timeout: float = 2.0) -> tuple[int, dict | None] | Exception:
+    """GET /health: the HTTP status and the JSON object it answered (None if not one), or the error."""
     import httpx
 
     try:
@@ -345,31 +384,39 @@ def _get_health(url: str, timeout: float = 2.0) -> dict | Exception | int:
     try:
         body = response.json()
     except ValueError:
-        return response.status_code
-    return body if isinstance(body, dict) else response.status_code
+        body = None
+    return response.status_code, body if isinstance(body, dict) else None
 
 
 def check_service(url: str, timeout: float = 5.0) -> Check:
     """Whether the service at ``url`` answers /health, and what its status says."""
     import httpx
 
-    health = _get_health(url, timeout)
+    from llmctl.bench import normalize_url
+
+    url = normalize_url(url)  # as bench and the config do: host:port, or a pasted .../v1 base URL
+    answer = _get_health(url, timeout)
     details: dict = {"url": url}
-    if isinstance(health, httpx.ConnectError):
+    if isinstance(answer, httpx.ConnectError):
         return Check("Service", "failure", f"Connection refused at {url}: nothing listens there",
                      "Start it (llmctl serve --port N) and check host and port; for clients on other "
                      "machines or containers serve with --host 0.0.0.0, publish the port, and open the "
                      "firewall.", details)
-    if isinstance(health, httpx.TimeoutException):
+    if isinstance(answer, httpx.TimeoutException):
         return Check("Service", "failure", f"{url} did not answer /health within {timeout:g} s",
                      "The host may be unreachable (a firewall dropping packets) or the server stuck; check "
                      "its log, and that long generations are not holding every worker thread (--threads).",
                      details)
-    if isinstance(health, Exception):
-        return Check("Service", "failure", f"{url}: {type(health).__name__}: {health}",
+    if isinstance(answer, Exception):
+        return Check("Service", "failure", f"{url}: {type(answer).__name__}: {answer}",
                      "Check the URL (scheme, host, port), e.g. http://127.0.0.1:8080.", details)
-    if not isinstance(health, dict) or "status" not in health:
-        return Check("Service", "failure", f"{url} answers, but /health is not llmctl's (HTTP {health})",
+    code, health = answer
+    details["http_status"] = code
+    if health is None or "status" not in health:
+        error = (health or {}).get("error")
+        said = error.get("message") if isinstance(error, dict) else error
+        return Check("Service", "failure", f"{url} answers, but /health is not llmctl's (HTTP {code}"
+                     f"{': ' + str(said)[:200] if said else ''})",
                      "Check the port: another program answers there.", details)
     details["health"] = health
     status = health["status"]
@@ -421,7 +468,8 @@ def run_doctor(options: DoctorOptions) -> Report:
         model_checks, info = [Check("Model files", "failure", f"Cannot read the model: {exc}",
                                     "Check the permissions of the model folder and its files.")], None
     checks += model_checks
-    fit_check, fit = check_fit(info, machine, bnb, options.context_length, options.batch_size)
+    fit_check, fit = check_fit(info, machine, bnb, options.context_length, options.batch_size,
+                               options.kv_cache_tokens)
     checks += [fit_check, _guarded("Disk", check_disk, info, cache_dir())]
     if options.url:
         checks.append(check_service(options.url))

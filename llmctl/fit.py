@@ -23,9 +23,15 @@ MAX_HEADER_BYTES = 100 * MIB  # the safetensors library's own limit
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 # LLM.int8 keeps one fp32 scale per output row of each quantized layer.
 INT8_ROW_SCALE_BYTES = 4
-# Not weights or KV cache: the CUDA context or PyTorch runtime, plus activations and allocator slack.
+# Not weights or KV cache: the CUDA context (one per GPU) or PyTorch runtime, plus activations and
+# allocator slack.
 RUNTIME_BYTES = 512 * MIB
 ACTIVATION_FRACTION = 0.05
+# `llmctl serve --kv-cache-tokens`' default (EngineConfig.kv_cache_tokens; a test keeps them equal), here
+# so that predicting a fit imports no torch.
+SERVE_KV_CACHE_TOKENS = 65536
+# A KV cache smaller than this holds too little to be worth suggesting instead of quantizing.
+MIN_USEFUL_KV_TOKENS = 2048
 # Tensors bitsandbytes leaves in 16-bit: input and output embeddings (transformers skips the output
 # layer by default, so the prediction must too). "embed" also covers GPT-NeoX's output layer, embed_out.
 _KEPT_NAME_PARTS = ("embed", "wte", "wpe", "lm_head", "token_embd", "position", "shared.weight")
@@ -130,6 +136,11 @@ def _first(config: dict, *keys: str) -> Any:
     return next((config[k] for k in keys if isinstance(config.get(k), int) and config[k] > 0), None)
 
 
+def text_config(config: dict) -> dict:
+    """The language model's part of a config: its text_config where it has one (multimodal models)."""
+    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
+
+
 @dataclass(frozen=True)
 class Attention:
     """What sizes the KV cache: per token, a key and a value vector per layer and KV head."""
@@ -143,7 +154,7 @@ class Attention:
 
 
 def attention_from_config(config: dict) -> Attention | None:
-    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    config = text_config(config)
     hidden = _first(config, "hidden_size", "n_embd", "d_model")
     layers = _first(config, "num_hidden_layers", "n_layer", "num_layers")
     heads = _first(config, "num_attention_heads", "n_head")
@@ -156,36 +167,122 @@ def attention_from_config(config: dict) -> Attention | None:
     return Attention(layers, kv_heads, head_dim)
 
 
+def tied_embeddings(config: dict) -> bool:
+    """Whether the output layer shares the input embedding's weights, as transformers decides it.
+
+    A config.json without the key gets its config class's default (True for GPT-2 and Gemma, False
+    for Llama and Qwen), so that class is asked; True where transformers does not know the model.
+    """
+    for part in (text_config(config), config):
+        if isinstance(part.get("tie_word_embeddings"), bool):
+            return part["tie_word_embeddings"]
+    try:
+        from transformers import AutoConfig
+
+        resolved = AutoConfig.for_model(config.get("model_type"),
+                                        **{k: v for k, v in config.items() if k != "model_type"})
+    except Exception:  # an unknown model_type, or values its config class rejects
+        return True
+    for part in (resolved.get_text_config(), resolved):
+        if isinstance(getattr(part, "tie_word_embeddings", None), bool):
+            return part.tie_word_embeddings
+    return True
+
+
+def _attention_linear(config: dict, hidden: int, heads: int, attention: Attention) -> tuple[int, int, int]:
+    """One layer's attention projections: parameters, output rows, and the weights of its extra norms."""
+    kv_rank = _first(config, "kv_lora_rank")
+    if kv_rank:  # DeepSeek's multi-head latent attention: keys and values go through a low-rank latent
+        rope = _first(config, "qk_rope_head_dim") or 0
+        nope = _first(config, "qk_nope_head_dim") or 0
+        v = _first(config, "v_head_dim") or nope + rope
+        q_rank = _first(config, "q_lora_rank")
+        q_out = heads * (nope + rope)
+        if q_rank:
+            q_params, q_rows = hidden * q_rank + q_rank * q_out, q_rank + q_out
+        else:
+            q_params, q_rows = hidden * q_out, q_out
+        kv_out = heads * (nope + v)
+        params = q_params + hidden * (kv_rank + rope) + kv_rank * kv_out + heads * v * hidden
+        return params, q_rows + kv_rank + rope + kv_out + hidden, (q_rank or 0) + kv_rank
+    hd, kv = attention.head_dim, attention.kv_heads
+    params = hidden * heads * hd + 2 * hidden * kv * hd + heads * hd * hidden
+    return params, heads * hd + 2 * kv * hd + hidden, 0
+
+
+def _mlp(hidden: int, inter: int, gated: bool) -> tuple[int, int]:
+    """Parameters and output rows of one MLP: gate (when gated), up and down projections."""
+    mats = 3 if gated else 2
+    return mats * hidden * inter, (mats - 1) * inter + hidden
+
+
+def _is_moe_layer(config: dict, index: int) -> bool:
+    """Whether layer ``index`` holds experts: Qwen-MoE's mlp_only_layers and decoder_sparse_step,
+    DeepSeek's and GLM's first_k_dense_replace and moe_layer_freq leave some layers dense."""
+    if index in (config.get("mlp_only_layers") or ()):
+        return False
+    first_dense = config.get("first_k_dense_replace")
+    if isinstance(first_dense, int) and index < first_dense:
+        return False
+    step = _first(config, "decoder_sparse_step") or 1
+    freq = _first(config, "moe_layer_freq") or 1
+    return (index + 1) % step == 0 and index % freq == 0
+
+
+def _mlp_layers(config: dict, layers: int, hidden: int, gated: bool) -> tuple[int, int]:
+    """Parameters and output rows of every layer's MLP, dense or a mixture of experts."""
+    dense_inter = _first(config, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+    dense = _mlp(hidden, dense_inter, gated)
+    experts = _first(config, "num_local_experts", "num_experts", "n_routed_experts") or 0
+    if experts < 2:
+        return layers * dense[0], layers * dense[1]
+    # Qwen-MoE and DeepSeek give their experts a narrower MLP than the dense layers (Mixtral does not).
+    expert_inter = _first(config, "moe_intermediate_size") or dense_inter
+    expert = _mlp(hidden, expert_inter, gated)
+    params, rows = experts * (expert[0] + hidden), experts * (expert[1] + 1)  # + the router's row per expert
+    shared_inter = (_first(config, "shared_expert_intermediate_size")
+                    or (_first(config, "n_shared_experts") or 0) * expert_inter)
+    if shared_inter:
+        shared = _mlp(hidden, shared_inter, gated)
+        params, rows = params + shared[0], rows + shared[1]
+        if _first(config, "shared_expert_intermediate_size"):  # Qwen2-MoE gates its shared expert
+            params, rows = params + hidden, rows + 1
+    sparse = sum(_is_moe_layer(config, i) for i in range(layers))
+    return sparse * params + (layers - sparse) * dense[0], sparse * rows + (layers - sparse) * dense[1]
+
+
+def _learned_positions(config: dict) -> int:
+    """Rows of a learned position embedding (GPT-2 style n_positions), 0 for rotary models."""
+    rotary = any(config.get(k) for k in ("rotary_dim", "rope_theta", "rope_scaling", "rope_parameters"))
+    return 0 if rotary else _first(config, "n_positions") or 0
+
+
 def inventory_from_config(config: dict) -> WeightInventory | None:
-    """An estimate for a decoder-only transformer, for when no weight header can be read."""
-    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    attention = attention_from_config(config)
-    hidden = _first(config, "hidden_size", "n_embd", "d_model")
-    vocab = _first(config, "vocab_size")
+    """An estimate for a decoder-only transformer (dense or mixture of experts), when no weight header can be
+    read."""
+    text = text_config(config)
+    attention = attention_from_config(text)
+    hidden = _first(text, "hidden_size", "n_embd", "d_model")
+    vocab = _first(text, "vocab_size")
     if attention is None or vocab is None:
         return None
-    heads = _first(config, "num_attention_heads", "n_head")
-    hd, kv = attention.head_dim, attention.kv_heads
-    inter = _first(config, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
-    act = str(config.get("hidden_act") or config.get("activation_function") or "")
-    gated = act in ("silu", "swish", "swiglu") or str(config.get("model_type", "")).startswith("gemma")
-    experts = _first(config, "num_local_experts", "num_experts", "n_routed_experts") or 1
-    attn = hidden * heads * hd + 2 * hidden * kv * hd + heads * hd * hidden
-    mlp = (3 if gated else 2) * hidden * inter * experts
-    linear = attention.layers * (attn + mlp)
-    mlp_rows = ((2 if gated else 1) * inter + hidden) * experts
-    rows = attention.layers * (heads * hd + 2 * kv * hd + hidden + mlp_rows)
-    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", False) else 2)
-    kept = embeddings + (2 * attention.layers + 1) * hidden  # + the norms
-    return WeightInventory("config", linear + kept, linear, rows)
+    heads = _first(text, "num_attention_heads", "n_head")
+    act = str(text.get("hidden_act") or text.get("activation_function") or "")
+    gated = act in ("silu", "swish", "swiglu") or str(text.get("model_type", "")).startswith("gemma")
+    attn, attn_rows, attn_norms = _attention_linear(text, hidden, heads, attention)
+    mlp, mlp_rows = _mlp_layers(text, attention.layers, hidden, gated)
+    linear = attention.layers * attn + mlp
+    rows = attention.layers * attn_rows + mlp_rows
+    embeddings = vocab * hidden * (1 if tied_embeddings(config) else 2) + _learned_positions(text) * hidden
+    norms = (2 * attention.layers + 1) * hidden + attention.layers * attn_norms
+    return WeightInventory("config", linear + embeddings + norms, linear, rows)
 
 
 def context_length_of(config: dict) -> int | None:
     """The model's context length as its config states it."""
     from llmctl.core.loader import CONTEXT_KEYS
 
-    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    return _first(config, *CONTEXT_KEYS)
+    return _first(text_config(config), *CONTEXT_KEYS)
 
 
 Precision = Literal["fp32", "bf16", "fp16", "8bit", "4bit"]
@@ -217,6 +314,7 @@ class FitRow:
     runtime_bytes: int
     usable: bool = True
     note: str = ""
+    kv_bytes_per_token: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -241,47 +339,85 @@ class FitPrediction:
     batch_size: int
     rows: tuple[FitRow, ...]
     choice: FitRow | None
+    kv_cache_tokens: int = SERVE_KV_CACHE_TOKENS
+    devices: int = 1
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV-cache slots counted: a batch of full contexts, but never more than serve's budget holds."""
+        return min(self.context_length * self.batch_size, self.kv_cache_tokens)
 
     def fits(self, row: FitRow) -> bool:
         return row.total_bytes <= self.available_bytes
 
+    def kv_tokens_that_fit(self, row: FitRow) -> int:
+        """The most KV-cache slots that fit beside this precision's weights and runtime, rounded down."""
+        room = self.available_bytes - row.weights_bytes - row.runtime_bytes
+        if room <= 0:
+            return 0
+        if not row.kv_bytes_per_token:  # no attention shape known: the cache cannot be sized
+            return self.kv_tokens
+        n = min(room // row.kv_bytes_per_token, self.kv_tokens)
+        return n if n == self.kv_tokens else n - n % (1024 if n >= 2048 else 16)
+
+    def smaller_kv(self) -> tuple[FitRow, int] | None:
+        """The precision to use with a smaller KV cache, when none fits with the full one.
+
+        The default first, then the least lossy that can load here; None when even the weights do not
+        fit, or the cache left would be too small to be worth it.
+        """
+        least = min(self.kv_tokens, MIN_USEFUL_KV_TOKENS)
+        order = sorted(self.rows, key=lambda r: (not r.default, -r.total_bytes))
+        for row in order:
+            if row.usable and not self.fits(row) and self.kv_tokens_that_fit(row) >= least:
+                return row, self.kv_tokens_that_fit(row)
+        return None
+
     def to_dict(self) -> dict:
         return {
-            "device": self.device, "available_bytes": self.available_bytes,
+            "device": self.device, "available_bytes": self.available_bytes, "devices": self.devices,
             "context_length": self.context_length, "batch_size": self.batch_size,
+            "kv_cache_tokens": self.kv_cache_tokens, "kv_tokens": self.kv_tokens,
             "choice": self.choice.precision if self.choice else None,
             "flag": self.choice.flag if self.choice else None,
             "rows": [{"precision": r.precision, "flag": FLAGS[r.precision], "default": r.default,
                       "weights_bytes": r.weights_bytes, "kv_cache_bytes": r.kv_bytes,
                       "runtime_bytes": r.runtime_bytes, "total_bytes": r.total_bytes,
-                      "fits": self.fits(r), "usable": r.usable, "note": r.note} for r in self.rows],
+                      "fits": self.fits(r), "kv_tokens_that_fit": self.kv_tokens_that_fit(r),
+                      "usable": r.usable, "note": r.note} for r in self.rows],
         }
 
 
 def predict_fit(inventory: WeightInventory, attention: Attention | None, *, context_length: int,
                 batch_size: int, available_bytes: int, device: Literal["cuda", "cpu"], default: Precision,
-                quantization_problem: dict[str, str | None] | None = None) -> FitPrediction:
-    """Memory per precision (weights + KV cache for ``batch_size`` x ``context_length`` tokens + runtime).
+                quantization_problem: dict[str, str | None] | None = None,
+                kv_cache_tokens: int = SERVE_KV_CACHE_TOKENS, devices: int = 1) -> FitPrediction:
+    """Memory per precision: weights + KV cache + runtime.
 
+    The KV cache holds ``batch_size`` x ``context_length`` tokens, but at most ``kv_cache_tokens``:
+    serve grows its cache as sequences need it and never past that budget over all of them.
     ``default`` is the precision `llmctl serve` picks on its own here; ``quantization_problem`` maps
-    "8bit"/"4bit" to why that mode cannot be used (None where it can).
+    "8bit"/"4bit" to why that mode cannot be used (None where it can). ``devices`` is the number of
+    GPUs serve spreads the model over: each holds its own CUDA context.
     """
     problems = quantization_problem or {}
     compute_bytes = 4 if default == "fp32" else 2
     half = "fp16" if default == "fp16" else "bf16"
+    kv_tokens = min(context_length * batch_size, kv_cache_tokens)
     rows = []
     for precision in ("fp32", half, "8bit", "4bit"):
         kv_element = 4 if precision == "fp32" else 2 if precision in ("bf16", "fp16") else compute_bytes
         weights = weights_bytes(inventory, precision, compute_bytes)
-        kv = attention.kv_bytes_per_token(kv_element) * context_length * batch_size if attention else 0
-        runtime = RUNTIME_BYTES + int(ACTIVATION_FRACTION * weights)
+        per_token = attention.kv_bytes_per_token(kv_element) if attention else 0
+        runtime = RUNTIME_BYTES * max(1, devices) + int(ACTIVATION_FRACTION * weights)
         problem = problems.get(precision)
-        rows.append(FitRow(precision, precision == default, weights, kv, runtime, problem is None,
-                           problem or ""))
+        rows.append(FitRow(precision, precision == default, weights, per_token * kv_tokens, runtime,
+                           problem is None, problem or "", per_token))
     # The default first, then the least lossy precision that fits.
     order = sorted(rows, key=lambda r: (not r.default, -r.total_bytes))
     choice = next((r for r in order if r.usable and r.total_bytes <= available_bytes), None)
-    return FitPrediction(device, available_bytes, context_length, batch_size, tuple(rows), choice)
+    return FitPrediction(device, available_bytes, context_length, batch_size, tuple(rows), choice,
+                         kv_cache_tokens, max(1, devices))
 
 
 def fmt_bytes(n: float) -> str:

@@ -161,6 +161,23 @@ def check_architecture(config: dict) -> Check:
                  details={"model_type": model_type, "class": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]})
 
 
+# What `from_pretrained` reads from a folder, in its order of preference: the first single file or
+# index found wins, and every other weight file in the folder is ignored.
+LOADED_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),
+                  ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def loaded_weight_files(folder: Path) -> tuple[Path | None, list[Path]]:
+    """The index (None for a single file) and the weight files transformers loads from ``folder``."""
+    for single, index in LOADED_WEIGHTS:
+        if (folder / single).is_file():
+            return None, [folder / single]
+        if (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+            return folder / index, [folder / name for name in sorted(set(weight_map.values()))]
+    return None, []
+
+
 def _check_weights(folder: Path) -> tuple[Check, list[TensorInfo] | None]:
     """Index, shards, sizes and safetensors headers; the tensors when every header is readable."""
     try:
@@ -172,19 +189,32 @@ def _check_weights(folder: Path) -> tuple[Check, list[TensorInfo] | None]:
         return Check("Weights", "failure", f"{index_path.name} names {len(missing)} missing shard(s): "
                      f"{shown}", "Download the missing shards into the folder (the download was incomplete).",
                      {"missing": missing}), None
-    files = weight_files(folder)
+    index_path, files = loaded_weight_files(folder)
+    # Only what transformers loads is counted: a consolidated.safetensors beside the shards, or an
+    # adapter, would otherwise double the parameter count.
+    others = sorted({p.name for p in [*folder.glob("*.safetensors"), *weight_files(folder)]}
+                    - {f.name for f in files})
     if not files:
+        if others:
+            return Check("Weights", "failure", "No weight file transformers loads: it reads "
+                         "model.safetensors, model.safetensors.index.json or pytorch_model.bin, and this "
+                         f"folder has only {', '.join(others)}",
+                         "Download the model's model.safetensors (or its shards with "
+                         "model.safetensors.index.json) into the folder.", {"ignored": others}), None
         return Check("Weights", "failure", "No weight files (*.safetensors or pytorch_model*.bin)",
                      "Download the weight files into the same folder as config.json."), None
     total = sum(f.stat().st_size for f in files)
-    details: dict[str, Any] = {"files": [f.name for f in files], "bytes": total}
+    details: dict[str, Any] = {"files": [f.name for f in files], "bytes": total, "ignored": others}
+    reads = (index_path or files[0]).name
+    ignored = (f"; transformers reads {reads}, so these are not counted: {', '.join(others[:3])}"
+               f"{f' and {len(others) - 3} more' if len(others) > 3 else ''}") if others else ""
     empty = [f.name for f in files if f.stat().st_size == 0]
     if empty:
         return Check("Weights", "failure", f"Empty weight file(s) (0 bytes): {', '.join(empty)}", REDOWNLOAD,
                      details), None
     if files[0].suffix != ".safetensors":
         return Check("Weights", "ok", f"{len(files)} PyTorch .bin file(s), {fmt_bytes(total)} (not verified: "
-                     ".bin files cannot be checked without loading them)", details=details), None
+                     f".bin files cannot be checked without loading them){ignored}", details=details), None
     tensors: list[TensorInfo] = []
     for f in files:
         try:
@@ -200,7 +230,7 @@ def _check_weights(folder: Path) -> tuple[Check, list[TensorInfo] | None]:
     params = sum(t.numel for t in tensors)
     details.update(parameters=params, tensors=len(tensors))
     return Check("Weights", "ok", f"{len(files)} safetensors file(s), {fmt_bytes(total)}, {params:,} "
-                 "parameters, headers readable", details=details), tensors
+                 f"parameters, headers readable{ignored}", details=details), tensors
 
 
 def _check_tokenizer(folder: Path) -> Check:

@@ -75,6 +75,7 @@ def test_healthy_tiny_model_passes_every_check(tiny_model):
     packages = checks["python_packages"]["finding"]
     assert "torch" in packages and "transformers" in packages
     assert report["fit"]["choice"] is not None and report["fit"]["context_length"] == 256
+    assert report["fit"]["kv_tokens"] == 256 and report["fit"]["kv_cache_tokens"] == 65536
 
 
 def _no_config(m: Path) -> None:
@@ -199,8 +200,8 @@ def test_human_output_shows_tables_and_summary(tiny_model):
 
 def test_help_documents_flags_and_exit_codes():
     result = runner.invoke(app, ["doctor", "--help"], env={"COLUMNS": "200"})
-    for flag in ("--model-path", "--context-length", "--batch-size", "--port", "--url", "--json",
-                 "Exit code 0"):
+    for flag in ("--model-path", "--context-length", "--batch-size", "--kv-cache-tokens", "--port", "--url",
+                 "--config", "--json", "Exit code 0"):
         assert flag in result.stdout
 
 
@@ -300,8 +301,12 @@ def gpu(free_gib: float, total_gib: float = 24, capability=(8, 6), name="NVIDIA 
 
 @pytest.fixture(scope="module")
 def llama_1b(tiny_model, tmp_path_factory) -> Path:
+    return make_llama_1b(tmp_path_factory.mktemp("fake"), tiny_model)
+
+
+def make_llama_1b(root: Path, tiny_model: Path) -> Path:
     """A Llama-3.2-1B-shaped folder: real config and header, sparse (unwritten) tensor data."""
-    folder = tmp_path_factory.mktemp("fake") / "llama-1b"
+    folder = root / "llama-1b"
     folder.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tiny_model / name, folder / name)
@@ -362,15 +367,28 @@ def test_context_length_and_batch_size_drive_the_kv_cache(monkeypatch, llama_1b)
 
 
 def test_fake_gpus_are_listed_with_memory_capability_and_bf16(monkeypatch, llama_1b):
-    fake_gpus(monkeypatch, gpu(20, name="NVIDIA A10G"), gpu(14, 16, (7, 5), "Tesla T4", index=1))
+    fake_gpus(monkeypatch, gpu(14, 16, (7, 5), "Tesla T4"), gpu(20, name="NVIDIA A10G", index=1))
     _, report = doctor_json("--model-path", str(llama_1b))
     cuda = by_id(report)["cuda"]
     assert cuda["status"] == "ok" and cuda["details"]["device_count"] == 2
-    assert "GPU 1 Tesla T4: 16.0 GiB, 14.0 GiB free, compute 7.5, bf16 no" in cuda["finding"]
+    assert "GPU 0 Tesla T4: 16.0 GiB, 14.0 GiB free, compute 7.5, bf16 no" in cuda["finding"]
     assert "driver 550.54.15" in cuda["finding"]
-    # A T4 has no bf16, so serve picks fp16; the fit compares with the free memory of both GPUs.
-    assert [r["precision"] for r in report["fit"]["rows"]] == ["fp32", "fp16", "8bit", "4bit"]
-    assert report["fit"]["available_bytes"] == 34 * GIB
+    # serve asks the first GPU (a T4: no native bf16), so it picks fp16; the fit compares with the free
+    # memory of both GPUs, and each GPU holds its own CUDA context.
+    rows = {r["precision"]: r for r in report["fit"]["rows"]}
+    assert list(rows) == ["fp32", "fp16", "8bit", "4bit"] and rows["fp16"]["default"]
+    assert report["fit"]["available_bytes"] == 34 * GIB and report["fit"]["devices"] == 2
+    assert rows["fp16"]["runtime_bytes"] == 2 * 512 * 1024**2 + int(0.05 * rows["fp16"]["weights_bytes"])
+
+
+def test_bf16_first_gpu_with_a_t4_beside_it_is_a_warning(monkeypatch, llama_1b):
+    fake_gpus(monkeypatch, gpu(20, name="NVIDIA A10G"), gpu(14, 16, (7, 5), "Tesla T4", index=1))
+    _, report = doctor_json("--model-path", str(llama_1b))
+    cuda = by_id(report)["cuda"]
+    # The loader decides on the first GPU alone (torch.cuda.is_bf16_supported asks the current device).
+    assert [r["precision"] for r in report["fit"]["rows"] if r["default"]] == ["bf16"]
+    assert cuda["status"] == "warning" and "GPU 1 (Tesla T4) has no native bf16" in cuda["finding"]
+    assert "--dtype float16" in cuda["fix"]
 
 
 def test_busy_gpu_is_a_warning(monkeypatch):

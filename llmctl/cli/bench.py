@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -14,12 +16,16 @@ from llmctl import envvars
 from llmctl.bench import (BenchError, BenchPlan, Endpoint, EndpointRun, LevelSummary, RequestResult, Workload,
                           builtin_prompts, load_prompts, run_benchmark)
 from llmctl.bench_report import BenchReport, check_plot_available, write_plot
+from llmctl.cli.options import ConfigOpt
 from llmctl.cli.output import console, err_console
 from llmctl.cli.serve import ModelPathOpt
+from llmctl.config import load_settings
 from llmctl.core.loader import Device, Dtype
 from llmctl.offline import OfflineRun
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+# Tokens a chat template may add around a prompt (SmolLM2's adds about 30), before a prompt counts as longer
+# than --prompt-tokens asked for.
+PROMPT_TEMPLATE_ALLOWANCE = 64
 
 
 def parse_levels(text: str) -> list[int]:
@@ -34,8 +40,8 @@ def parse_levels(text: str) -> list[int]:
 
 def bench(
     url: Annotated[str | None, typer.Option(envvar=envvars.BENCH_URL, help=(
-        "Server to benchmark (its root or its /v1 URL). Default: http://127.0.0.1:8080, "
-        "or none with --offline."))] = None,
+        f"Server to benchmark (its root or its /v1 URL). Default: ${envvars.SELF_HOSTED_LLM_URL}, else the "
+        "config's self_hosted_url, else http://127.0.0.1:8080; none with --offline."))] = None,
     model: Annotated[str | None, typer.Option(
         help="Model name to request. Default: the first of GET /v1/models.")] = None,
     api_key: Annotated[str | None, typer.Option(
@@ -74,6 +80,7 @@ def bench(
     csv: Annotated[Path | None, typer.Option(help="Write one CSV row per endpoint and level ('-': stdout).")] = None,
     plot: Annotated[Path | None, typer.Option(
         help="Write a PNG of throughput and latency against concurrency (needs matplotlib).")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Benchmark chat completions: TTFT, TPOT, ITL, E2E latency and throughput per concurrency level.
 
@@ -88,7 +95,14 @@ def bench(
     if eos_bias and not eos_token_id:
         raise BenchError("--eos-bias needs the end-of-sequence token id: add --eos-token-id ID.")
     if url is None and not offline:
-        url = DEFAULT_URL
+        # The service chat and health talk to: $SELF_HOSTED_LLM_URL, else the config file's, else the default.
+        settings = load_settings(config)
+        url = settings.self_hosted_url
+        if api_key is None and settings.self_hosted_api_key is not None:
+            api_key = settings.self_hosted_api_key.get_secret_value()
+    elif offline and model_path is None and (config is not None or os.environ.get(envvars.CONFIG)):
+        configured = load_settings(config).model_path
+        model_path = Path(configured) if configured else None
     if compare and url is None:
         raise BenchError("--compare needs --url for the first server.")
     if as_json and csv is not None and str(csv) == "-":
@@ -101,7 +115,11 @@ def bench(
     # server gains from a prefix cache.
     count = plan.prompt_count()
     if prompts:
-        messages, warmup_messages = load_prompts(prompts), []
+        messages = load_prompts(prompts)
+        # The file's unused tail if it has one, else built-in prompts: never a prompt a level measures.
+        spare = messages[count:]
+        warmup_messages = spare if len(spare) >= warmup else builtin_prompts(warmup, prompt_tokens, seed,
+                                                                             offset=count)
     else:
         messages = builtin_prompts(count, prompt_tokens, seed)
         warmup_messages = builtin_prompts(warmup, prompt_tokens, seed, offset=count)
@@ -130,7 +148,8 @@ def bench(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        render(report)
+        # With --csv -, stdout carries the CSV alone, so `> run.csv` is a valid file; the tables go to stderr.
+        render(report, err_console if csv is not None and str(csv) == "-" else console)
     if interrupted:
         err_console.print("[yellow]Interrupted:[/yellow] the tables show what finished.")
         raise typer.Exit(130)
@@ -221,17 +240,17 @@ def _num(value: float | int | None, digits: int = 1) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
 
 
-def render(report: BenchReport) -> None:
+def render(report: BenchReport, out: Console = console) -> None:
     """Print the throughput and latency tables, the ratios, and the warnings a reader must see."""
     for run in report.runs:
-        console.print(_throughput_table(run))
-        console.print(_latency_table(run))
-        _warn(run)
+        out.print(_throughput_table(run))
+        out.print(_latency_table(run))
+        _warn(run, report.config.get("prompt_tokens"))
     if report.offline is not None:
-        console.print(_offline_table(report.offline))
+        out.print(_offline_table(report.offline))
     ratios = report.ratios()
     if ratios:
-        console.print(_ratio_table(ratios))
+        out.print(_ratio_table(ratios))
 
 
 def _throughput_table(run: EndpointRun) -> Table:
@@ -296,9 +315,14 @@ def _ratio_table(ratios: list[dict]) -> Table:
     return table
 
 
-def _warn(run: EndpointRun) -> None:
+def _warn(run: EndpointRun, prompt_words: int | None = None) -> None:
     for lv in run.levels:
         where = f"[{run.label}] concurrency {lv.concurrency}"
+        mean = lv.prompt_tokens_mean
+        if prompt_words and mean and mean > 2 * prompt_words + PROMPT_TEMPLATE_ALLOWANCE:
+            err_console.print(f"[yellow]Note:[/yellow] {where}: prompts average {mean:,.0f} tokens (the server's "
+                              f"usage), not about {prompt_words}: its tokenizer splits the built-in words into "
+                              "several tokens each.", highlight=False)
         if lv.usage_source in ("chunks", "mixed"):
             err_console.print(f"[yellow]Note:[/yellow] {where}: the server sent no usage in some streams; their "
                               "completion tokens were counted as stream chunks (several tokens may share a chunk).")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,11 +14,12 @@ from rich.table import Table
 from rich.text import Text
 
 from llmctl import envvars
-from llmctl.cli.options import JsonOpt
+from llmctl.cli.options import ConfigOpt, JsonOpt
 from llmctl.cli.output import console, err_console
 from llmctl.cli.serve import ModelPathOpt
+from llmctl.config import load_settings
 from llmctl.doctor import DoctorOptions, Report, run_doctor
-from llmctl.fit import FitPrediction, fmt_bytes
+from llmctl.fit import SERVE_KV_CACHE_TOKENS, FitPrediction, fmt_bytes
 
 STATUS = {"ok": "[green]ok[/green]", "warning": "[yellow]warning[/yellow]", "failure": "[red]FAILURE[/red]"}
 
@@ -25,16 +28,23 @@ def doctor(
     model_path: ModelPathOpt = None,
     context_length: Annotated[int | None, typer.Option(
         "--context-length", min=16, show_default=False,
-        help="Tokens per sequence for the KV-cache estimate. Default: the model's context length, at most "
-        "serve's default --kv-cache-tokens (65536).")] = None,
+        help="Tokens per sequence for the KV-cache estimate (serve's --max-model-len). Default: the "
+        "model's context length.")] = None,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", min=1, help="Sequences generated at once, for the KV-cache estimate.")] = 1,
+        "--batch-size", min=1, help="Sequences generated at once, for the KV-cache estimate (at most serve's "
+        "--max-num-seqs).")] = 1,
+    kv_cache_tokens: Annotated[int, typer.Option(
+        "--kv-cache-tokens", envvar=envvars.KV_CACHE_TOKENS, min=16,
+        help="serve's KV cache budget over all sequences: the estimate counts context x batch tokens, at "
+        "most this many.")] = SERVE_KV_CACHE_TOKENS,
     port: Annotated[int, typer.Option(
         envvar=envvars.PORT, min=1, max=65535,
         help="The port `llmctl serve` will listen on: checked to be free.")] = 8080,
     url: Annotated[str | None, typer.Option(
         "--url", show_default=False,
-        help="Check a running service at this base URL (its /health) instead of the port.")] = None,
+        help="Check a running service at this URL (its root, its /v1 URL, or host:port) instead of the "
+        "port.")] = None,
+    config: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Check the machine, the model and the service, and say what to fix, without loading any weights.
@@ -43,8 +53,13 @@ def doctor(
     model fits in memory (and which flag makes it fit), disk space, and the port or a running service.
     Exit code 0 when no check failed (warnings do not fail), 1 when one did.
     """
+    if config is not None or os.environ.get(envvars.CONFIG):
+        # The shared config file's llm.model_path, unless --model-path / LLMCTL_MODEL_PATH says otherwise,
+        # as for `llmctl serve`.
+        configured = load_settings(config, model_path=str(model_path) if model_path else None).model_path
+        model_path = Path(configured) if configured else None
     options = DoctorOptions(model_path=model_path, context_length=context_length, batch_size=batch_size,
-                            port=port, url=url)
+                            port=port, url=url, kv_cache_tokens=kv_cache_tokens)
     # bitsandbytes logs its own import warnings; this command reports on it in its own words.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if json_output:
@@ -84,9 +99,11 @@ def render(report: Report) -> None:
 def fit_table(fit: FitPrediction) -> Table:
     """Memory needed per precision; the arrow marks what `llmctl serve` should use."""
     memory = "free GPU memory" if fit.device == "cuda" else "available RAM"
-    table = Table(title=f"Memory needed: weights + KV cache for {fit.batch_size} x {fit.context_length} "
-                  f"tokens + runtime (0.5 GiB + 5% of weights), against {fmt_bytes(fit.available_bytes)} "
-                  f"{memory}",
+    capped = "capped at" if fit.kv_tokens < fit.batch_size * fit.context_length else "within"
+    per_gpu = f" x {fit.devices} GPUs" if fit.devices > 1 else ""
+    table = Table(title=f"Memory needed: weights + KV cache for {fit.kv_tokens:,} tokens ({fit.batch_size} x "
+                  f"{fit.context_length:,}, {capped} --kv-cache-tokens {fit.kv_cache_tokens:,}) + runtime "
+                  f"(0.5 GiB{per_gpu} + 5% of weights), against {fmt_bytes(fit.available_bytes)} {memory}",
                   title_justify="left",
                   box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     table.add_column("Precision", no_wrap=True)
