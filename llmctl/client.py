@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import threading
@@ -23,86 +22,20 @@ from typing import Any, TypeVar
 
 import httpx
 from httpx_sse import EventSource, SSEError
-from pydantic import SecretStr
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from llmctl.config import LLMSettings
-from llmctl.errors import ConfigError, LLMCtlError
+from llmctl.providers import (AllProvidersFailed, ClientError, Endpoint, ProviderError, _message_of, provider_chain,
+                              raise_for_status, reason)
+
+# The errors a caller catches are part of this module's API, though they live with the providers.
+__all__ = ["AllProvidersFailed", "ChatResult", "ChatStream", "Client", "ClientError", "Endpoint", "ProviderError",
+           "batch_chat", "provider_chain"]
 
 log = logging.getLogger("llmctl.client")
 
 T = TypeVar("T")
 Messages = str | Sequence[dict]
-ORDER = ("self", "together", "openai")
-LABELS = {"self": "The llmctl service", "together": "Together AI", "openai": "OpenAI"}
-
-
-class ClientError(LLMCtlError):
-    """A chat request could not be answered."""
-
-    type = "client_error"
-
-
-class ProviderError(ClientError):
-    """One provider failed to answer.
-
-    ``retryable``: worth asking it again; ``fallback``: worth asking another provider.
-    """
-
-    def __init__(self, message: str, *, provider: str, status: int | None = None,
-                 retry_after: float | None = None, retryable: bool = False, fallback: bool = True) -> None:
-        super().__init__(message)
-        self.provider = provider
-        self.status = status
-        self.retry_after = retry_after
-        self.retryable = retryable
-        self.fallback = fallback
-
-
-class AllProvidersFailed(ClientError):
-    """Every provider in the fallback chain failed; ``failures`` maps each one to its error."""
-
-    status = 503
-
-    def __init__(self, failures: dict[str, ProviderError]) -> None:
-        super().__init__("No provider could answer: " + "; ".join(f"{e.message}" for e in failures.values()))
-        self.failures = failures
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One OpenAI-compatible provider: its name, base URL (ending in /v1), key and model."""
-
-    name: str
-    base_url: str
-    api_key: str | None = None
-    model: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{LABELS.get(self.name, self.name)} at {self.base_url.removesuffix('/v1')}"
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-
-def provider_chain(settings: LLMSettings) -> list[Endpoint]:
-    """The providers to try, in order: `provider` first, then the remote ones after it that have a key."""
-    def secret(value: SecretStr | None) -> str | None:
-        return value.get_secret_value() if value is not None else None
-
-    available = {
-        "self": Endpoint("self", settings.self_hosted_url + "/v1", secret(settings.self_hosted_api_key)),
-        "together": Endpoint("together", settings.together_base_url, secret(settings.together_api_key),
-                             settings.together_model),
-        "openai": Endpoint("openai", settings.openai_base_url, secret(settings.openai_api_key),
-                           settings.openai_model),
-    }
-    for name, var in (("together", "TOGETHER_API_KEY"), ("openai", "OPENAI_API_KEY")):
-        if settings.provider == name and not available[name].api_key:
-            raise ConfigError(f"The provider is '{name}' but {var} is not set.")
-    start = ORDER.index(settings.provider)
-    return [available[name] for name in ORDER[start:] if name == "self" or available[name].api_key]
 
 
 @dataclass
@@ -130,6 +63,7 @@ class ChatResult:
 class _ProviderState:
     failures: int = 0
     skip_until: float = 0.0
+    why: str = "it kept failing"
 
 
 class Client:
@@ -214,7 +148,8 @@ class Client:
             return stack, response
 
         (stack, response), ep, failed = self._first_answer(call)
-        return ChatStream(ep, stack, response, started, failed, self._errors)
+        return ChatStream(ep, stack, response, started, failed, self._errors,
+                          on_cut=lambda: self._record_failure(ep))
 
     def batch(self, prompts: Sequence[Messages], *, batch_size: int | None = None,
               return_exceptions: bool = False, **options: Any) -> list[ChatResult | ClientError]:
@@ -250,10 +185,11 @@ class Client:
             connecting = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
             what = "could not be reached" if connecting else "did not answer"
             raise ProviderError(f"{ep.label} {what} within {self.settings.timeout_seconds:g} s.",
-                                provider=ep.name, retryable=connecting) from None
+                                provider=ep.name, retryable=connecting,
+                                unreachable=isinstance(exc, httpx.ConnectTimeout)) from None
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             raise ProviderError(f"{ep.label} is not reachable ({reason(exc)}).", provider=ep.name,
-                                retryable=True) from None
+                                retryable=True, unreachable=isinstance(exc, httpx.ConnectError)) from None
         except httpx.TransportError as exc:
             raise ProviderError(f"{ep.label} failed: {reason(exc)}.", provider=ep.name) from None
 
@@ -261,18 +197,21 @@ class Client:
     def _first_answer(self, call: Callable[[Endpoint], T]) -> tuple[T, Endpoint, dict[str, str]]:
         failures: dict[str, ProviderError] = {}
         failed: dict[str, str] = {}
-        for ep in self._candidates(failed):
+        candidates = self._candidates(failed)
+        for ep in candidates:
+            last = ep is candidates[-1]
             retrying = Retrying(
                 stop=stop_after_attempt(self.settings.retry_attempts + 1), wait=self._wait,
-                retry=retry_if_exception(self._should_retry), sleep=self._sleep, reraise=True,
-                before_sleep=self._log_retry,
+                retry=retry_if_exception(lambda exc, last=last: self._should_retry(exc, last=last)),
+                sleep=self._sleep, reraise=True, before_sleep=self._log_retry,
             )
             try:
                 answer = retrying(call, ep)
             except ProviderError as exc:
                 if not exc.fallback:
                     raise
-                self._record_failure(ep)
+                # Nothing listening: it will not be back within a retry's back-off, so skip it from now on.
+                self._record_failure(ep, at_once=exc.unreachable)
                 failures[ep.name], failed[ep.name] = exc, exc.message
                 log.info("%s", exc.message)
                 continue
@@ -296,27 +235,41 @@ class Client:
             return list(self.endpoints)
         for ep in self.endpoints:
             if ep not in ready:
-                left = self._state[ep.name].skip_until - now
-                failed[ep.name] = f"{ep.label} skipped: it kept failing (cooling down for {left:.0f} s more)."
+                state = self._state[ep.name]
+                failed[ep.name] = (f"{ep.label} skipped: {state.why} (cooling down for "
+                                   f"{state.skip_until - now:.0f} s more).")
                 log.info("%s", failed[ep.name])
         return ready
 
-    def _record_failure(self, ep: Endpoint) -> None:
+    def set_aside(self, name: str, seconds: float, why: str) -> None:
+        """Skip provider ``name`` for ``seconds`` while another one can answer (e.g. its model is loading)."""
+        if name not in self._state or seconds <= 0 or len(self.endpoints) < 2:
+            return
+        with self._lock:
+            self._state[name].skip_until = self._clock() + seconds
+            self._state[name].why = why
+
+    def _record_failure(self, ep: Endpoint, *, at_once: bool = False) -> None:
         cooldown = self.settings.cooldown_seconds
         with self._lock:
             state = self._state[ep.name]
             state.failures += 1
-            if state.failures >= self.failures_before_cooldown and cooldown > 0 and len(self.endpoints) > 1:
+            enough = at_once or state.failures >= self.failures_before_cooldown
+            if enough and cooldown > 0 and len(self.endpoints) > 1:
                 state.skip_until = self._clock() + cooldown
-                log.warning("%s failed %d times in a row; skipping it for %g s.", ep.label, state.failures,
+                state.why = "it could not be reached" if at_once else "it kept failing"
+                log.warning("%s failed %d time(s) in a row; skipping it for %g s.", ep.label, state.failures,
                             cooldown)
 
     def _record_success(self, ep: Endpoint) -> None:
         with self._lock:
             self._state[ep.name] = _ProviderState()
 
-    def _should_retry(self, exc: BaseException) -> bool:
+    def _should_retry(self, exc: BaseException, *, last: bool = True) -> bool:
         if not isinstance(exc, ProviderError) or not exc.retryable:
+            return False
+        if exc.unreachable and not last:
+            # Retrying a refused connection costs seconds of back-off; another provider can answer now.
             return False
         # A Retry-After beyond our patience means: ask the next provider instead of waiting.
         return exc.retry_after is None or exc.retry_after <= self.max_backoff_s
@@ -337,14 +290,15 @@ class ChatStream:
     """A streamed answer: iterate for text pieces as they arrive, then read ``result``; ``close()`` stops."""
 
     def __init__(self, endpoint: Endpoint, stack: ExitStack, response: httpx.Response, started: float,
-                 failed: dict[str, str], errors: Callable[[Endpoint], Any]) -> None:
+                 failed: dict[str, str], errors: Callable[[Endpoint], Any],
+                 on_cut: Callable[[], None] | None = None) -> None:
         self.endpoint = endpoint
         self.provider = endpoint.name
         self.model = endpoint.model
         self.failed = failed
         self.finish_reason: str | None = None
         self.first_token_s: float | None = None
-        self._stack, self._response, self._errors = stack, response, errors
+        self._stack, self._response, self._errors, self._on_cut = stack, response, errors, on_cut
         self._started = started
         self._ended: float | None = None
         self._parts: list[str] = []
@@ -353,10 +307,22 @@ class ChatStream:
     def __iter__(self) -> Iterator[str]:
         try:
             with self._errors(self.endpoint):
-                yield from self._texts()
+                try:
+                    yield from self._texts()
+                except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ReadTimeout) as exc:
+                    raise self._cut(exc) from None
         finally:
             self._ended = self._ended or time.monotonic()
             self.close()
+
+    def _cut(self, exc: Exception) -> ProviderError:
+        """The answer stopped halfway: say so, rather than that the provider is not reachable."""
+        if self._on_cut is not None:
+            self._on_cut()
+        log.info("%s: stream ended early: %s", self.endpoint.label, reason(exc))
+        what = "went silent" if isinstance(exc, httpx.ReadTimeout) else "closed the connection"
+        when = "mid-answer; the answer is cut off" if self._parts else "before answering"
+        return ProviderError(f"{self.endpoint.label} {what} {when}.", provider=self.provider, fallback=False)
 
     def _texts(self) -> Iterator[str]:
         if "text/event-stream" not in self._response.headers.get("content-type", ""):
@@ -438,52 +404,3 @@ def batch_chat(client: Client, prompts: Sequence[Messages], *, batch_size: int |
                     raise
                 results.append(exc)
     return results
-
-
-def raise_for_status(response: httpx.Response, ep: Endpoint) -> None:
-    """A ProviderError for an error status: retryable (and worth a fallback) for 408, 429 and 5xx."""
-    status = response.status_code
-    if status < 400:
-        return
-    response.read()
-    retryable = status in (408, 429) or status >= 500
-    raise ProviderError(f"{ep.label} answered {status}: {_error_message(response)}", provider=ep.name,
-                        status=status, retry_after=_retry_after(response), retryable=retryable,
-                        fallback=retryable)
-
-
-# ---- helpers ---------------------------------------------------------------------------------
-def reason(exc: Exception) -> str:
-    """A transport error in a few words: 'Connection refused', not '[Errno 111] Connection refused'."""
-    text = str(exc).strip()
-    return text.split("] ", 1)[-1] if text else type(exc).__name__
-
-
-def _message_of(body: dict) -> str:
-    error = body.get("error")
-    if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(error or body.get("message") or body)
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        return _message_of(response.json())
-    except (ValueError, AttributeError):
-        return response.text.strip()[:300] or response.reason_phrase
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After in seconds: a number, or an HTTP date (RFC 9110)."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())

@@ -21,6 +21,7 @@ Provider = Literal["self", "together", "openai"]
 DEFAULT_URL = "http://127.0.0.1:8080"
 TOGETHER_URL = "https://api.together.xyz/v1"
 OPENAI_URL = "https://api.openai.com/v1"
+MAX_SECONDS = 86400.0  # a day: longer than any request or cool-down anyone means
 
 # Setting -> the environment variable that sets it. API keys are read from the environment only,
 # so they never end up in a config file that gets committed.
@@ -53,13 +54,14 @@ class LLMSettings(BaseModel):
 
     provider: Provider = "self"
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
-    timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Bounded: an infinite or huge timeout passes a plain "> 0" check, then overflows in socket.settimeout.
+    timeout_seconds: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] = 60.0
     max_tokens: Annotated[int, Field(ge=1)] = 512
     retry_attempts: Annotated[int, Field(ge=0, le=20)] = 3
     batch_size: Annotated[int, Field(ge=1, le=1024)] = 8
     self_hosted_url: str = DEFAULT_URL
     model_path: str | None = None
-    cooldown_seconds: Annotated[float, Field(ge=0)] = 60.0
+    cooldown_seconds: Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)] = 60.0
     together_base_url: str = TOGETHER_URL
     together_model: str = "meta-llama/Llama-3.3-70B-Instruct-Turbo"
     openai_base_url: str = OPENAI_URL
@@ -173,6 +175,11 @@ def load_settings(config: Path | str | None = None, *, env: Mapping[str, str] | 
         value = env.get(var)
         if value is not None and value.strip():
             merged[key], sources[key] = value.strip(), f"environment variable {var}"
+    key_file = env.get(envvars.API_KEY_FILE, "").strip()
+    if "self_hosted_api_key" not in merged and key_file:
+        # The file `llmctl serve --api-key-file` reads, so one export serves both sides here too.
+        merged["self_hosted_api_key"] = read_api_key_file(Path(key_file).expanduser())
+        sources["self_hosted_api_key"] = f"the API key file {key_file} ({envvars.API_KEY_FILE})"
     for key, value in overrides.items():
         if key not in LLMSettings.model_fields:
             raise TypeError(f"unknown setting {key!r}")
@@ -182,6 +189,19 @@ def load_settings(config: Path | str | None = None, *, env: Mapping[str, str] | 
         return LLMSettings.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, sources)) from None
+
+
+def read_api_key_file(path: Path) -> str:
+    """The first key in a key file: one key a line, blank lines and # comments skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"Cannot read the API key file {path} ({envvars.API_KEY_FILE}): {why}.") from None
+    for line in lines:
+        if line.strip() and not line.lstrip().startswith("#"):
+            return line.strip()
+    raise ConfigError(f"The API key file {path} ({envvars.API_KEY_FILE}) holds no key.")
 
 
 def _explain(exc: ValidationError, sources: dict[str, str]) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from llmctl.client import Endpoint, ProviderError, raise_for_status, reason
+from llmctl.providers import Endpoint, ProviderError, raise_for_status, reason
 
 
 @dataclass
@@ -41,10 +41,14 @@ def get_health(url: str, *, timeout: float = 10.0) -> Health:
     except ValueError:
         body = None
     if not isinstance(body, dict):
+        if response.status_code == 200:  # vLLM and TGI answer an empty 200 when they are up
+            return Health(url, "ready", {"status": "ready"}, 200)
         return Health(url, "error", http_status=response.status_code,
                       error=f"/health answered {response.status_code} without a JSON object; "
                             "is this an llmctl service?")
     status = str(body.get("status") or ("ready" if response.status_code == 200 else "error"))
+    if response.status_code == 200 and status == "ok":  # llama.cpp's server
+        status = "ready"
     return Health(url, status, body, response.status_code, body.get("error"))
 
 

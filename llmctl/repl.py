@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llmctl.errors import LLMCtlError
@@ -122,7 +123,7 @@ def answer(send: Send, conversation: Conversation, text: str, console: Console) 
         return
     except LLMCtlError as exc:
         _drop(reply, conversation, parts, console)
-        console.print(f"[red]Error:[/red] {exc.message}", highlight=False)
+        console.print(f"[red]Error:[/red] {escape(exc.message)}", highlight=False)
         return
     finally:
         waiting.stop()
@@ -132,7 +133,7 @@ def answer(send: Send, conversation: Conversation, text: str, console: Console) 
     tokens = reply.completion_tokens or len(parts)
     stats = f"{tokens} tokens · {tokens / elapsed if elapsed > 0 else 0:.1f} tokens/s · {elapsed:.2f} s"
     if reply.provider and reply.provider != "self":
-        stats += f" · answered by {reply.provider}"
+        stats += f" · answered by {escape(reply.provider)}"
     console.print(stats, style="dim", highlight=False)
 
 
@@ -173,10 +174,12 @@ def run_command(line: str, conversation: Conversation, console: Console) -> bool
             text = json.dumps({"messages": conversation.messages()}, indent=2, ensure_ascii=False)
             path.write_text(text + "\n", encoding="utf-8")
         except OSError as exc:
-            console.print(f"[red]Error:[/red] cannot write {path}: {exc.strerror or exc}", highlight=False)
+            why = escape(str(exc.strerror or exc))
+            console.print(f"[red]Error:[/red] cannot write {escape(str(path))}: {why}", highlight=False)
         else:
-            console.print(f"Saved {len(conversation.turns)} messages to {path}.", style="dim",
+            console.print(f"Saved {len(conversation.turns)} messages to {escape(str(path))}.", style="dim",
                           highlight=False)
     else:
-        console.print(f"Unknown command {name}; /help lists the commands.", style="yellow", highlight=False)
+        console.print(f"Unknown command {escape(name)}; /help lists the commands.", style="yellow",
+                      highlight=False)
     return False

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -23,12 +25,12 @@ from llmctl.core.loader import LoadOptions
 from llmctl.repl import Conversation, read_message, run_repl
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.testing import free_port, serve_in_thread
-from tests.test_client import StandIn
+from tests.test_client import StandIn, stand_in  # noqa: F401 - the fixture
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for var in [*ENV_VARS.values(), envvars.CONFIG, envvars.SYSTEM_PROMPT]:
+    for var in [*ENV_VARS.values(), envvars.CONFIG, envvars.SYSTEM_PROMPT, envvars.API_KEY_FILE]:
         monkeypatch.delenv(var, raising=False)
 
 
@@ -272,3 +274,107 @@ def test_real_sigint_stops_the_answer_without_leaving(tmp_path):
         if proc.poll() is None:
             proc.kill()
         slow.close()
+
+
+# ---- text from users and servers is shown as it is ---------------------------------------------
+def test_brackets_in_commands_and_server_errors_are_shown_literally(stand_in):
+    server = stand_in("self", fail=400, message="messages.0.content: Field required [type=missing] [/foo]")
+    result = run("-i", "--url", server.url, input="/x[/b]\nhello\n")
+    assert result.exit_code == 0, result.output
+    out = flat(result.stdout)
+    assert "Unknown command /x[/b];" in out
+    assert "answered 400: messages.0.content: Field required [type=missing] [/foo]" in out
+
+
+def test_one_shot_prints_the_answer_byte_for_byte(stand_in):
+    text = "col1\tcol2  [bold]x[/bold] \u00e9 [red]"
+    server = stand_in("self", reply=text)
+    result = run("hi", "--url", server.url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == text + "\n"
+
+
+def test_one_shot_cut_off_mid_answer_ends_the_line_and_says_so(stand_in, monkeypatch):
+    monkeypatch.setenv("LLMCTL_RETRY_ATTEMPTS", "0")
+    server = stand_in("self", reply="one two three four", cut_after=2)
+    result = run("hi", "--url", server.url)
+    assert result.exit_code == 1
+    assert result.stdout == "one two\n"
+    err = flat(result.stderr)
+    assert "closed the connection mid-answer; the answer is cut off" in err and "not reachable" not in err
+
+
+# ---- servers that are not llmctl, keys, fallbacks -----------------------------------------------
+@pytest.mark.parametrize("health", [None, {"status": "ok"}, ""], ids=["no /health", "llama.cpp", "vLLM"])
+def test_session_with_another_openai_compatible_server(stand_in, health):
+    server = stand_in("other", health=health)
+    result = run("-i", "--url", server.url, input="hello there\n")
+    assert result.exit_code == 0, result.output
+    out = flat(result.stdout)
+    assert f"Connected to {server.url}" in out and "other: hello there" in out
+
+
+def test_session_against_a_service_that_wants_a_key(tiny_service, monkeypatch, tmp_path):
+    with serve_in_thread(tiny_service, api_keys=("k-123",)) as url:
+        without = run("-i", "--url", url, "--max-tokens", "2", input="hello\n")
+        once = run("hello", "--url", url, "--max-tokens", "2")
+        monkeypatch.setenv("LLMCTL_API_KEY", "k-123")
+        with_key = run("-i", "--url", url, "--max-tokens", "2", input="hello\n")
+        monkeypatch.delenv("LLMCTL_API_KEY")
+        (tmp_path / "keys").write_text("# ours\nk-123\n")
+        monkeypatch.setenv("LLMCTL_API_KEY_FILE", str(tmp_path / "keys"))
+        from_file = run("hello", "--url", url, "--max-tokens", "2")
+    assert "answered 401" in flat(without.stdout) and "set LLMCTL_API_KEY" in flat(without.stdout)
+    assert once.exit_code == 1 and "set LLMCTL_API_KEY" in flat(once.stderr)
+    assert with_key.exit_code == 0 and "tokens/s" in with_key.stdout and "401" not in with_key.stdout
+    assert from_file.exit_code == 0 and from_file.stderr == ""
+
+
+def test_a_loading_model_does_not_hold_up_the_fallback(loading, stand_in, monkeypatch):
+    together = stand_in("together")
+    monkeypatch.setenv("TOGETHER_API_KEY", "tg-key")
+    monkeypatch.setenv("LLMCTL_TOGETHER_BASE_URL", together.base_url)
+    monkeypatch.setenv("LLMCTL_TIMEOUT_SECONDS", "5")
+    monkeypatch.setenv("LLMCTL_RETRY_ATTEMPTS", "0")
+    started = time.monotonic()
+    result = run("-i", "--url", loading[0], input="hello there\n")
+    assert time.monotonic() - started < 3
+    assert result.exit_code == 0, result.output
+    assert "still loading; answers come from Together AI until it is ready" in flat(result.stderr)
+    assert "together: hello there" in flat(result.stdout)
+
+
+def test_arrow_keys_edit_the_line(base_url, tmp_path):
+    """A real terminal (a pty): with readline, Left moves the cursor instead of typing ESC [ D."""
+    saved = tmp_path / "edited.json"
+    main, sub = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS.values()}
+    proc = subprocess.Popen([sys.executable, "-m", "llmctl", "chat", "-i", "--url", base_url, "--max-tokens", "2"],
+                            stdin=sub, stdout=sub, stderr=sub, env={**env, "TERM": "xterm"}, close_fds=True)
+    os.close(sub)
+    seen = bytearray()
+
+    def wait_for(text: bytes, start: int = 0, timeout: float = 60) -> int:
+        """Read until ``text`` shows up after offset ``start``; returns the offset just past it."""
+        deadline = time.monotonic() + timeout
+        while seen.find(text, start) < 0:
+            assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
+            if select.select([main], [], [], 0.2)[0]:
+                seen.extend(os.read(main, 4096))
+        return seen.find(text, start) + len(text)
+
+    try:
+        wait_for(b">>> ")
+        os.write(main, b"abc\x1b[DX\r")
+        wait_for(b">>> ", wait_for(b"tokens/s"))
+        os.write(main, f"/save {saved}\r".encode())
+        wait_for(b"Saved")
+        os.write(main, b"/exit\r")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
+    assert json.loads(saved.read_text())["messages"][0] == {"role": "user", "content": "abXc"}
+    assert b"\x01" not in seen  # readline took the zero-width markers around the prompt's colours
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -33,24 +34,38 @@ from llmctl.testing import free_port
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for var in [*ENV_VARS.values(), envvars.CONFIG]:
+    for var in [*ENV_VARS.values(), envvars.CONFIG, envvars.API_KEY_FILE]:
         monkeypatch.delenv(var, raising=False)
+
+
+READY = object()
 
 
 class StandIn:
     """A local OpenAI-compatible provider. ``fail`` is an HTTP status sent for the first ``fail_times``
-    requests (all of them when None); after that it answers "<name>: <last user message>"."""
+    requests (all of them when None), with ``message`` as the error; after that it answers ``reply``,
+    else "<name>: <last user message>". A stream stops, with the connection dropped, after ``cut_after``
+    pieces. ``health`` is the /health body (llmctl's "ready" by default; None: no /health at all) and
+    ``metrics`` the /metrics body (None: no /metrics)."""
 
     def __init__(self, name: str, *, fail: int | None = None, fail_times: int | None = None,
-                 retry_after: str | None = None, delay: float = 0.0, chunk_delay: float = 0.0) -> None:
+                 retry_after: str | None = None, delay: float = 0.0, chunk_delay: float = 0.0,
+                 message: str | None = None, reply: str | None = None, cut_after: int | None = None,
+                 health: object = READY, metrics: str | dict | None = None) -> None:
         self.name, self.fail, self.fail_times, self.retry_after = name, fail, fail_times, retry_after
         self.delay, self.chunk_delay = delay, chunk_delay
+        self.message, self.reply, self.cut_after = message, reply, cut_after
         self.requests: list[dict] = []
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
         app = Flask(name)
         app.post("/v1/chat/completions")(self._completions)
-        app.get("/health")(lambda: {"status": "ready", "model": name, "device": "cpu"})
+        if health is READY:
+            health = {"status": "ready", "model": name, "device": "cpu"}
+        if health is not None:
+            app.add_url_rule("/health", "health", lambda: health)
+        if metrics is not None:
+            app.add_url_rule("/metrics", "metrics", lambda: metrics)
         self.server = make_server("127.0.0.1", 0, app, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.base_url = self.url + "/v1"
@@ -69,12 +84,13 @@ class StandIn:
             time.sleep(self.delay)
             if failing:
                 headers = {"Retry-After": self.retry_after} if self.retry_after else {}
-                error = {"error": {"message": f"{self.name} says {self.fail}", "type": "server_error",
-                                   "param": None, "code": None}}
+                message = self.message or f"{self.name} says {self.fail}"
+                error = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
                 return Response(json.dumps(error), self.fail, headers, mimetype="application/json")
-            text = f"{self.name}: {body['messages'][-1]['content']}"
+            text = self.reply if self.reply is not None else f"{self.name}: {body['messages'][-1]['content']}"
             if body.get("stream"):
-                return Response(self._chunks(text), mimetype="text/event-stream")
+                sock = request.environ.get("werkzeug.socket")
+                return Response(self._chunks(text, sock), mimetype="text/event-stream")
             return {"id": "x", "object": "chat.completion", "model": body.get("model") or self.name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": "stop"}],
@@ -83,10 +99,14 @@ class StandIn:
             with self._lock:
                 self.in_flight -= 1
 
-    def _chunks(self, text: str) -> Iterator[str]:
+    def _chunks(self, text: str, sock: socket.socket | None = None) -> Iterator[str]:
         words = text.split(" ")
         for i, word in enumerate(words):
             time.sleep(self.chunk_delay)
+            if i == self.cut_after and sock is not None:
+                # The server dies mid-answer: the connection closes before the chunked body is complete.
+                sock.shutdown(socket.SHUT_RDWR)
+                raise ConnectionAbortedError("stand-in cut the stream")
             piece = word if i == 0 else " " + word
             yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': piece}}]})}\n\n"
         yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
@@ -369,3 +389,70 @@ def test_batch_chat_failures(stand_in):
         assert all(isinstance(r, ProviderError) and r.status == 400 for r in results)
         with pytest.raises(ProviderError):
             batch_chat(client, ["a", "b"])
+
+
+# ---- streams cut short, dead providers, keys ------------------------------------------------------
+def test_a_stream_cut_off_mid_answer_says_so(stand_in):
+    server = stand_in("self", reply="one two three four", cut_after=2)
+    with quick_client(settings(server.url)) as client:
+        stream = client.stream("hi")
+        pieces = []
+        with pytest.raises(ProviderError) as info:
+            for piece in stream:
+                pieces.append(piece)
+    assert pieces == ["one", " two"]
+    assert "closed the connection mid-answer; the answer is cut off" in info.value.message
+    assert "not reachable" not in info.value.message and not info.value.fallback
+
+
+def test_a_provider_refusing_connections_is_skipped_at_once_while_another_can_answer(stand_in):
+    """Without this, every prompt after the service died spent seconds of back-off on it first."""
+    openai = stand_in("openai")
+    waits: list[float] = []
+    with quick_client(settings(down_url(), openai=openai, retry_attempts=3), waits) as client:
+        first = client.chat("hi")
+        assert first.provider == "openai" and "not reachable" in first.failed["self"]
+        assert waits == []  # no back-off on a refused connection while OpenAI can answer
+        second = client.chat("hi")
+    assert second.provider == "openai" and "could not be reached (cooling down" in second.failed["self"]
+
+
+def test_a_cut_stream_counts_as_a_failure_of_that_provider(stand_in):
+    server = stand_in("self", reply="one two three", cut_after=1)
+    openai = stand_in("openai")
+    with quick_client(settings(server.url, openai=openai), [], failures_before_cooldown=1) as client:
+        with pytest.raises(ProviderError):
+            list(client.stream("hi"))
+        assert client.chat("again").provider == "openai"
+    assert len(server.requests) == 1  # cooling down after the cut
+
+
+def test_set_aside_skips_a_provider_for_a_while(stand_in):
+    server = stand_in("self")
+    openai = stand_in("openai")
+    now = [0.0]
+    with quick_client(settings(server.url, openai=openai), [], clock=lambda: now[0]) as client:
+        client.set_aside("self", 30, "its model is still loading")
+        result = client.chat("hi")
+        assert result.provider == "openai" and "its model is still loading" in result.failed["self"]
+        now[0] += 31
+        assert client.chat("hi").provider == "self"
+
+
+@pytest.mark.parametrize("key, words", [
+    (None, "It needs an API key: set LLMCTL_API_KEY (or LLMCTL_API_KEY_FILE)."),
+    ("wrong", "The key from LLMCTL_API_KEY (or LLMCTL_API_KEY_FILE) was refused"),
+])
+def test_a_401_says_which_setting_holds_the_key(stand_in, key, words):
+    server = stand_in("self", fail=401, message="Missing API key.")
+    with quick_client(settings(server.url, self_hosted_api_key=key)) as client, \
+            pytest.raises(ProviderError) as info:
+        client.chat("hi")
+    assert info.value.status == 401 and words in info.value.message
+
+
+def test_a_401_from_openai_names_OPENAI_API_KEY(stand_in):
+    openai = stand_in("openai", fail=401)
+    with quick_client(settings(down_url(), openai=openai)) as client, pytest.raises(ProviderError) as info:
+        client.chat("hi")
+    assert "OPENAI_API_KEY was refused" in info.value.message

@@ -19,7 +19,7 @@ SAMPLE = Path(__file__).resolve().parent.parent / "docs" / "config.sample.yaml"
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     """The developer's own settings and keys must not leak into these tests."""
-    for var in [*ENV_VARS.values(), envvars.CONFIG]:
+    for var in [*ENV_VARS.values(), envvars.CONFIG, envvars.API_KEY_FILE]:
         monkeypatch.delenv(var, raising=False)
 
 
@@ -129,6 +129,12 @@ def test_a_key_in_the_file_is_ignored_with_a_warning(tmp_path, caplog):
     ("temperature: 3", "llm.temperature", "less than or equal to 2"),
     ("retry_attempts: -1", "llm.retry_attempts", "greater than or equal to 0"),
     ("batch_size: 0", "llm.batch_size", "greater than or equal to 1"),
+    # Each of these passed "> 0", then crashed the first request with OverflowError in socket.settimeout.
+    ("timeout_seconds: .inf", "llm.timeout_seconds", "finite number"),
+    ("timeout_seconds: 1e400", "llm.timeout_seconds", "finite number"),
+    ("timeout_seconds: .nan", "llm.timeout_seconds", "finite number"),
+    ("timeout_seconds: 1e12", "llm.timeout_seconds", "less than or equal to 86400"),
+    ("cooldown_seconds: .inf", "llm.cooldown_seconds", "finite number"),
 ])
 def test_invalid_values_name_the_key_and_the_line(tmp_path, line, key, words):
     path = write(tmp_path, f"# client settings\nllm:\n  model_path: /models/smol\n  {line}\n")
@@ -141,6 +147,31 @@ def test_invalid_values_name_the_key_and_the_line(tmp_path, line, key, words):
 def test_invalid_env_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("LLMCTL_TIMEOUT_SECONDS", "0")
     with pytest.raises(ConfigError, match="environment variable LLMCTL_TIMEOUT_SECONDS: llm.timeout_seconds"):
+        load_settings()
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "-inf", "NaN"])
+def test_a_timeout_that_is_not_a_finite_number_is_refused(monkeypatch, value):
+    monkeypatch.setenv("LLMCTL_TIMEOUT_SECONDS", value)
+    with pytest.raises(ConfigError, match="environment variable LLMCTL_TIMEOUT_SECONDS: llm.timeout_seconds"):
+        load_settings()
+
+
+def test_the_service_key_from_LLMCTL_API_KEY_FILE(tmp_path, monkeypatch):
+    keys = write(tmp_path, "# keys for the service\n\n  first-key  \nsecond-key\n", "keys.txt")
+    monkeypatch.setenv("LLMCTL_API_KEY_FILE", str(keys))
+    assert load_settings().self_hosted_api_key.get_secret_value() == "first-key"
+    monkeypatch.setenv("LLMCTL_API_KEY", "from-env")  # the variable wins over the file
+    assert load_settings().self_hosted_api_key.get_secret_value() == "from-env"
+
+
+@pytest.mark.parametrize("text, words", [(None, "Cannot read the API key file"), ("# none\n", "holds no key")])
+def test_an_unusable_LLMCTL_API_KEY_FILE(tmp_path, monkeypatch, text, words):
+    path = tmp_path / "keys.txt"
+    if text is not None:
+        path.write_text(text)
+    monkeypatch.setenv("LLMCTL_API_KEY_FILE", str(path))
+    with pytest.raises(ConfigError, match=words):
         load_settings()
 
 

@@ -7,21 +7,23 @@ import threading
 import time
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from llmctl import envvars
 from llmctl.cli.app import app
-from llmctl.cli.metrics import duration, gib
+from llmctl.cli.metrics import duration, gib, latency_table
 from llmctl.config import ENV_VARS
 from llmctl.core.loader import LoadOptions
 from llmctl.errors import ModelLoadError
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.testing import free_port, serve_in_thread
+from tests.test_client import stand_in  # noqa: F401 - the fixture
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for var in [*ENV_VARS.values(), envvars.CONFIG]:
+    for var in [*ENV_VARS.values(), envvars.CONFIG, envvars.API_KEY_FILE]:
         monkeypatch.delenv(var, raising=False)
 
 
@@ -193,3 +195,55 @@ def test_duration(seconds, text):
 
 def test_gib():
     assert gib(0.5) == "512 MiB" and gib(3.25) == "3.25 GiB" and gib(None) == "-"
+
+
+# ---- scripts, odd servers, narrow terminals ------------------------------------------------------
+def test_metrics_json_when_unreachable_is_still_json():
+    url = down_url()
+    result = invoke("metrics", "--url", url, "--json")
+    assert result.exit_code == 2
+    body = json.loads(result.stdout)
+    assert body["status"] == "unreachable" and body["url"] == url and "not reachable" in body["error"]
+
+
+def test_metrics_that_are_not_json_are_a_protocol_error_not_unreachable(stand_in):
+    server = stand_in("other", metrics="# HELP something\nsomething 1\n")
+    result = invoke("metrics", "--url", server.url, "--json")
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stdout)["status"] == "error" and "without JSON" in flat(result.stderr)
+
+
+def test_metrics_count_needs_watch(base_url):
+    result = invoke("metrics", "--url", base_url, "--count", "2")
+    assert result.exit_code == 2 and "--count needs --watch" in flat(result.stderr)
+
+
+def test_metrics_401_says_where_the_key_comes_from(tiny_service):
+    with serve_in_thread(tiny_service, api_keys=("secret-key",)) as url:
+        result = invoke("metrics", "--url", url, "--json")
+    assert result.exit_code == 1 and "set LLMCTL_API_KEY" in flat(result.stderr)
+    assert json.loads(result.stdout)["status"] == "error"
+
+
+def test_latency_rows_fit_in_80_columns():
+    big = {"count": 1_234_567, "mean": 1234.5, "p50": 1000.2, "p95": 2000.1, "p99": 12345.6}
+    console = Console(width=80, record=True)
+    console.print(latency_table({"latency_s": big, "tokens_per_second_per_request": big}))
+    lines = console.export_text().splitlines()
+    assert any(line.startswith("│ Tokens/s") and "12,345.6" in line and "1,234,567" in line for line in lines)
+    assert len(lines) == 9  # title, 3 header lines, 4 rows, bottom border: nothing wrapped
+
+
+def test_health_shows_a_foreign_servers_fields_literally(stand_in):
+    server = stand_in("other", health={"status": "ok", "detail[/x]": "[type=missing] [/foo]"})
+    result = invoke("health", "--url", server.url)
+    assert result.exit_code == 0 and "Traceback" not in result.output  # llama.cpp's "ok" is ready
+    assert "detail[/x]" in result.stdout and "[type=missing] [/foo]" in result.stdout
+
+
+@pytest.mark.parametrize("health", [{"status": "ok"}, ""], ids=["llama.cpp", "vLLM"])
+def test_health_of_other_servers_that_are_up_is_ready(stand_in, health):
+    server = stand_in("other", health=health)
+    result = invoke("health", "--url", server.url, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["status"] in ("ok", "ready")

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from collections.abc import Callable
+from typing import Any
 
+import click
 import typer
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from llmctl import __version__, envvars
-from llmctl.cli import bench, chat, doctor, health, metrics, serve
+from llmctl.cli import chat, health, metrics
 from llmctl.cli.output import err_console
 from llmctl.errors import LLMCtlError
 
-app = typer.Typer(
-    name="llmctl",
-    help="Run your own OpenAI-compatible chat LLM service, and talk to it.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+# serve, bench and doctor import torch and transformers (seconds of start-up); chat, health and
+# metrics are plain HTTP clients. So the heavy three are imported only when one of them runs, and
+# `llmctl --help` lists them with these summaries (tests check they match the real docstrings).
+LAZY: dict[str, tuple[str, str]] = {
+    "serve": ("llmctl.cli.serve", "Serve a chat model with an OpenAI-compatible API "
+              "(/v1/chat/completions, /v1/models, /health, /metrics)."),
+    "bench": ("llmctl.cli.bench", "Benchmark chat completions: TTFT, TPOT, ITL, E2E latency and "
+              "throughput per concurrency level."),
+    "doctor": ("llmctl.cli.doctor", "Check the machine, the model and the service, and say what to fix, "
+               "without loading any weights."),
+}
 
 
 def command(fn: Callable) -> Callable:
@@ -39,9 +47,38 @@ def command(fn: Callable) -> Callable:
     return wrapper
 
 
-app.command("serve")(command(serve.serve))
-app.command("bench")(command(bench.bench))
-app.command("doctor")(command(doctor.doctor))
+def load_command(name: str) -> click.Command:
+    """Import one of the heavy commands and build its click command, with the same error policy."""
+    module, _ = LAZY[name]
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command(name)(command(getattr(importlib.import_module(module), name)))
+    return typer.main.get_command(single)
+
+
+class LazyGroup(TyperGroup):
+    """The root group: serve, bench and doctor stand in as summaries until one of them is invoked."""
+
+    def __init__(self, *, commands: dict[str, click.Command] | None = None, **kwargs: Any) -> None:
+        stand_ins = {name: click.Command(name, help=summary) for name, (_, summary) in LAZY.items()}
+        super().__init__(commands={**stand_ins, **(commands or {})}, **kwargs)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
+                                                                             list[str]]:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name in LAZY and cmd is self.commands.get(name) and type(cmd) is click.Command:
+            cmd = self.commands[name] = load_command(name)
+        return name, cmd, rest
+
+
+app = typer.Typer(
+    name="llmctl",
+    help="Run your own OpenAI-compatible chat LLM service, and talk to it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    cls=LazyGroup,
+)
+
 app.command("chat")(command(chat.chat))
 app.command("health")(command(health.health))
 app.command("metrics")(command(metrics.metrics))

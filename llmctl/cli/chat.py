@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Annotated
 
@@ -13,11 +14,16 @@ from rich.markup import escape
 from llmctl import envvars
 from llmctl.cli.options import ConfigOpt, UrlOpt
 from llmctl.cli.output import console, err_console
-from llmctl.client import LABELS, Client
+from llmctl.client import Client
+from llmctl.providers import LABELS
 from llmctl.config import load_settings
-from llmctl.errors import InvalidRequest, Unavailable
+from llmctl.errors import InvalidRequest, LLMCtlError, Unavailable
 from llmctl.probe import Health, get_health, wait_for_health
 from llmctl.repl import run_repl
+
+# The statuses llmctl's own /health reports; any other answer comes from another kind of server.
+LLMCTL_STATUSES = ("ready", "loading", "error", "shutting_down")
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def chat(
@@ -63,51 +69,118 @@ def chat(
             ask_once(client, prompt, system)
             return
         check_service(client)
-        run_repl(lambda messages: client.stream(messages), console, system=system, first=prompt)
+        read = read_line if enable_line_editing() else None
+        run_repl(lambda messages: client.stream(messages), console, system=system, first=prompt, read=read)
+
+
+def enable_line_editing() -> bool:
+    """Arrow keys, history and Ctrl-R at the prompt: input() uses readline once it is imported."""
+    if not sys.stdin.isatty():
+        return False
+    try:
+        import readline  # noqa: F401
+    except ImportError:  # Windows, or a Python built without it: plain input still works
+        return False
+    return True
+
+
+def read_line(prompt: str) -> str:
+    """input() with the coloured prompt, its colour codes marked zero-width so readline keeps the cursor
+    in the right column (else recalled or long lines are redrawn shifted)."""
+    with console.capture() as capture:
+        console.print(prompt, end="")
+    return input(ANSI_CODE.sub("\x01\\g<0>\x02", capture.get()))
 
 
 def ask_once(client: Client, prompt: str, system: str | None) -> None:
-    """Print one answer to stdout as it streams; who answered goes to stderr when it was not the service."""
+    """Print one answer to stdout exactly as it streams; who answered goes to stderr when not the service."""
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     stream = client.stream(messages)
+    # Straight to stdout, not through rich: scripts get the model's bytes (tabs, [brackets]) unchanged.
+    last = "\n"
     try:
         for piece in stream:
-            console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            last = piece[-1:] or last
     except KeyboardInterrupt:
         stream.close()
-        console.print()
+        _end_line(last)
         raise typer.Exit(130) from None
-    console.print()
+    except LLMCtlError:
+        _end_line(last)  # the error goes to stderr on a line of its own, after what did arrive
+        raise
+    _end_line(last)
     if stream.provider != "self":
         err_console.print(f"(answered by {LABELS[stream.provider]})", style="dim", highlight=False)
 
 
+def _end_line(last: str) -> None:
+    if last != "\n":
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 def check_service(client: Client) -> None:
-    """Before the first prompt: say whether the service is ready, wait while it loads, fail if it is down."""
+    """Before the first prompt: say whether the service is ready, wait while it loads, fail if it is down.
+
+    A server that is not llmctl (llama.cpp, vLLM, one without /health) is taken at its word: chat goes on.
+    """
     if "self" not in client.providers:
-        console.print(f"Chatting with {client.endpoints[0].label}.", style="dim", highlight=False)
+        console.print(f"Chatting with {escape(client.endpoints[0].label)}.", style="dim", highlight=False)
         return
     settings = client.settings
     url = settings.self_hosted_url
+    fallbacks = [LABELS[name] for name in client.providers if name != "self"]
     health = get_health(url, timeout=min(settings.timeout_seconds, 10.0))
-    if health.status == "loading":
-        err_console.print(f"The model at {url} is still loading; waiting up to "
+    declared = _declared(health)
+    if declared == "loading" and fallbacks:
+        # Someone else can answer now: do not keep the user waiting on the model.
+        err_console.print(f"The model at {escape(url)} is still loading; answers come from "
+                          f"{' or else '.join(fallbacks)} until it is ready.", style="yellow", highlight=False)
+        client.set_aside("self", settings.cooldown_seconds, "its model is still loading")
+        return
+    if declared == "loading":
+        err_console.print(f"The model at {escape(url)} is still loading; waiting up to "
                           f"{settings.timeout_seconds:g} s (Ctrl-C to give up).", highlight=False)
         with err_console.status("Loading…"):
             health = wait_for_health(url, settings.timeout_seconds, interval=1.0)
-    if health.ready:
+        declared = _declared(health)
+    if declared == "ready":
         body = health.body
-        console.print(f"Connected to {url}: {body.get('model')} on {body.get('device')}.", style="dim",
-                      highlight=False)
+        console.print(f"Connected to {escape(url)}: {escape(str(body.get('model')))} on "
+                      f"{escape(str(body.get('device')))}.", style="dim", highlight=False)
+        return
+    if declared is None:
+        _foreign(health)
         return
     problem = describe(health)
-    fallbacks = [LABELS[name] for name in client.providers if name != "self"]
     if fallbacks:
         err_console.print(f"[yellow]Warning:[/yellow] {escape(problem)} Answers will come from "
                           f"{' or else '.join(fallbacks)}.", highlight=False)
         return
     raise Unavailable(problem, retry_after=None)
+
+
+def _declared(health: Health) -> str | None:
+    """llmctl's status (or "unreachable"); None for an answer that is not llmctl's."""
+    if not health.reachable:
+        return "unreachable"
+    status = health.body.get("status")
+    return status if status in LLMCTL_STATUSES else None
+
+
+def _foreign(health: Health) -> None:
+    """Another OpenAI-compatible server (llama.cpp says {"status": "ok"}, vLLM an empty 200; some have no
+    /health at all): it cannot tell us about loading, so the first answer will tell."""
+    code = health.http_status
+    if code is not None and (200 <= code < 300 or code == 404):
+        note = "" if code != 404 else " (it has no /health, so it is not checked)"
+        console.print(f"Connected to {escape(health.url)}{note}.", style="dim", highlight=False)
+        return
+    err_console.print(f"[yellow]Warning:[/yellow] {escape(health.url)}/health answered {code}: "
+                      f"{escape(str(health.error or 'no details'))}. Trying it anyway.", highlight=False)
 
 
 def describe(health: Health) -> str:

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from llmctl import envvars
 from llmctl.cli.options import ConfigOpt, JsonOpt, UrlOpt
 from llmctl.cli.output import console, err_console
 from llmctl.config import load_settings
@@ -44,9 +45,9 @@ def health(
     url = settings.self_hosted_url
     timeout = min(settings.timeout_seconds, 10.0)
     if wait:
-        with err_console.status(f"Waiting for {url}…") as spinner:
+        with err_console.status(f"Waiting for {escape(url)}…") as spinner:
             report = wait_for_health(url, wait, timeout=timeout, on_poll=lambda h, left: spinner.update(
-                f"Waiting for {url}: {h.status}, {left:.0f} s left…"))
+                f"Waiting for {escape(url)}: {escape(h.status)}, {left:.0f} s left…"))
     else:
         report = get_health(url, timeout=timeout)
     if json_output:
@@ -70,9 +71,14 @@ def render(report: Health) -> Table:
     table.add_row("URL", escape(report.url))
     body = report.body or {"status": report.status, "error": report.error}
     for key, value in body.items():
-        table.add_row(FIELDS.get(key, key), _value(key, value))
+        table.add_row(escape(FIELDS.get(key, str(key))), _value(key, value))
     if not report.reachable:
         table.add_row("Hint", "Start it with `llmctl serve`, or point --url at it.")
+    elif report.http_status == 401:
+        # llmctl keeps /health open, so this is another kind of server; chat and metrics send a key.
+        table.add_row("Hint", f"It asks for an API key. `llmctl chat` and `llmctl metrics` send "
+                              f"{envvars.API_KEY} (or the first key in {envvars.API_KEY_FILE}); "
+                              "llmctl's own /health needs none.")
     return table
 
 

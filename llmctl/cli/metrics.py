@@ -15,7 +15,7 @@ from rich.table import Table
 from llmctl.cli.health import EXIT_NOT_READY, EXIT_READY, EXIT_UNREACHABLE
 from llmctl.cli.options import ConfigOpt, JsonOpt, UrlOpt
 from llmctl.cli.output import console, err_console
-from llmctl.client import ProviderError
+from llmctl.providers import ProviderError
 from llmctl.config import LLMSettings, load_settings
 from llmctl.probe import get_metrics
 
@@ -37,11 +37,15 @@ def metrics(
     """Show the service's metrics: requests, tokens, latency percentiles, throughput, memory.
 
     Exit codes: 0 shown; 1 the service answered with an error; 2 unreachable.
+    With --json, failures are JSON too: {"status": "unreachable" or "error", "url": ..., "error": ...}.
     """
+    if count is not None and watch is None:
+        raise typer.BadParameter("--count needs --watch (it counts the updates of the live view).",
+                                 param_hint="--count")
     settings = load_settings(config, self_hosted_url=url)
     if watch is None:
         data, error, code = fetch(settings)
-        report(data, error, settings.self_hosted_url, json_output, indent=2)
+        report(data, error, settings.self_hosted_url, json_output, indent=2, code=code)
         raise typer.Exit(code)
     raise typer.Exit(watch_loop(settings, watch, count, json_output))
 
@@ -60,7 +64,7 @@ def watch_loop(settings: LLMSettings, interval: float, count: int | None, json_o
             if live is not None:
                 live.update(render(data, error, url, interval), refresh=True)
             else:
-                report(data, error, url, json_output, interval=interval)
+                report(data, error, url, json_output, interval=interval, code=code)
             updates += 1
             if count is not None and updates >= count:
                 break
@@ -79,14 +83,25 @@ def fetch(settings: LLMSettings) -> tuple[dict | None, str | None, int]:
     try:
         data = get_metrics(settings.self_hosted_url, timeout=min(settings.timeout_seconds, 10.0), api_key=key)
     except ProviderError as exc:
-        return None, exc.message, EXIT_UNREACHABLE if exc.status is None else EXIT_NOT_READY
+        # Only a failed connection is "unreachable" (the one retryable error without a status); an answer
+        # that is not JSON came from something listening there: a protocol error, exit 1.
+        unreachable = exc.status is None and exc.retryable
+        return None, exc.message, EXIT_UNREACHABLE if unreachable else EXIT_NOT_READY
+    if not isinstance(data, dict):
+        return None, f"{settings.self_hosted_url}/metrics answered JSON that is not an object; is this an " \
+                     "llmctl service?", EXIT_NOT_READY
     return data, None, EXIT_READY
 
 
 def report(data: dict | None, error: str | None, url: str, json_output: bool, *, indent: int | None = None,
-           interval: float | None = None) -> None:
+           interval: float | None = None, code: int = EXIT_READY) -> None:
     if error is not None:
         err_console.print(f"[red]Error:[/red] {escape(error)}", highlight=False)
+        if json_output:
+            # Scripts parse stdout: a failure is an object there too, shaped like `health --json`'s.
+            status = "unreachable" if code == EXIT_UNREACHABLE else "error"
+            typer.echo(json.dumps({"status": status, "url": url, "error": error}, indent=indent,
+                                  ensure_ascii=False))
     elif json_output:
         typer.echo(json.dumps(data, indent=indent, ensure_ascii=False))
     else:
@@ -141,9 +156,10 @@ def latency_table(d: dict) -> Table:
     table = Table(title="Per request", title_justify="left")
     table.add_column("", no_wrap=True)
     for heading in ("count", "mean", "p50", "p95", "p99"):
-        table.add_column(heading, justify="right")
+        table.add_column(heading, justify="right", no_wrap=True)
     rows = [(label, d.get(key) or {}, duration) for key, label in LATENCIES.items()]
-    rows.append(("Tokens/s", d.get("tokens_per_second_per_request") or {}, rate))
+    # The unit is in the row's name: "1,234.5 tok/s" in each cell wraps at 80 columns.
+    rows.append(("Tokens/s", d.get("tokens_per_second_per_request") or {}, per_second))
     for label, summary, unit in rows:
         table.add_row(label, number(summary.get("count")),
                       *(unit(summary.get(q)) for q in ("mean", "p50", "p95", "p99")))
@@ -156,6 +172,10 @@ def number(value: Any) -> str:
 
 def rate(value: Any) -> str:
     return f"{value:,.1f} tok/s" if isinstance(value, int | float) else "-"
+
+
+def per_second(value: Any) -> str:
+    return f"{value:,.1f}" if isinstance(value, int | float) else "-"
 
 
 def gib(value: Any) -> str:
