@@ -42,7 +42,7 @@ def get_health(url: str, *, timeout: float = 10.0) -> Health:
         body = None
     if not isinstance(body, dict):
         if response.status_code == 200:  # vLLM and TGI answer an empty 200 when they are up
-            return Health(url, "ready", {"status": "ready"}, 200)
+            return Health(url, "ready", {}, 200)
         return Health(url, "error", http_status=response.status_code,
                       error=f"/health answered {response.status_code} without a JSON object; "
                             "is this an llmctl service?")

@@ -312,6 +312,7 @@ def test_session_with_another_openai_compatible_server(stand_in, health):
     assert result.exit_code == 0, result.output
     out = flat(result.stdout)
     assert f"Connected to {server.url}" in out and "other: hello there" in out
+    assert "None" not in out  # no llmctl fields (model, device) to show for another server
 
 
 def test_session_against_a_service_that_wants_a_key(tiny_service, monkeypatch, tmp_path):
