@@ -43,6 +43,20 @@ def test_health_ready(client, tiny_service):
     assert body["device"] == "cpu" and body["cuda_available"] is False
 
 
+def test_answers_match_the_documented_schemas(client):
+    """docs/openapi.json describes the answers with these models; unknown fields are forbidden in them."""
+    from llmctl.server import responses
+
+    responses.Health.model_validate(client.get("/health").json())
+    responses.ModelList.model_validate(client.get("/v1/models").json())
+    responses.Model.model_validate(client.get("/v1/models/tiny-llama").json())
+    responses.ChatCompletion.model_validate(chat(client, max_tokens=3).json())
+    events = stream_events(client, max_tokens=3, stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]"
+    for event in events[:-1]:
+        responses.ChatCompletionChunk.model_validate(event)
+
+
 def test_models(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"

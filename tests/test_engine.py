@@ -18,6 +18,7 @@ import torch
 from llmctl.engine import EngineConfig, Finish, SamplingParams, Sequence
 from llmctl.core.loader import LoadOptions, load_model
 from llmctl.errors import ModelLoadError
+from llmctl.server import responses
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.testing import serve_in_thread
 from tests.conftest import make_service
@@ -235,6 +236,7 @@ def test_loading_then_ready(tiny_model):
     with serve_in_thread(service) as url:
         r = httpx.get(url + "/health")
         assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["Retry-After"]
+        responses.Health.model_validate(r.json())  # the documented shape, while loading too
         r = httpx.post(url + "/v1/chat/completions", json={"messages": USER})
         assert r.status_code == 503 and r.headers["Retry-After"]
         assert r.json()["error"]["code"] == "model_loading"

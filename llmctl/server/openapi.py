@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from llmctl import __version__
+from llmctl.server.responses import RESPONSE_MODELS
 from llmctl.server.schemas import ChatCompletionRequest
 
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -23,9 +24,21 @@ def _error_responses(*codes: int) -> dict:
     return {str(c): {"description": text[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
 
 
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _schemas() -> dict:
+    """The request and response models as components, their nested models beside them."""
+    found: dict = {}
+    for model in (ChatCompletionRequest, *RESPONSE_MODELS):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        found.update(schema.pop("$defs", {}))
+        found[model.__name__] = schema
+    return found
+
+
 def openapi_document() -> dict:
-    request_schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs = request_schema.pop("$defs", {})
     return {
         "openapi": "3.1.0",
         "info": {"title": "llmctl OpenAI-compatible API", "version": __version__},
@@ -35,24 +48,25 @@ def openapi_document() -> dict:
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
                 "responses": {
-                    "200": {"description": "A completion, or server-sent events when stream is true",
-                            "content": {"application/json": {"schema": {"type": "object"}},
+                    "200": {"description": "A completion, or server-sent events (ChatCompletionChunk, then "
+                                           "[DONE]) when stream is true",
+                            "content": {"application/json": {"schema": _ref("ChatCompletion")},
                                         "text/event-stream": {"schema": {"type": "string"}}}},
                     **_error_responses(400, 401, 404, 408, 413, 415, 429, 500, 503),
                 },
             }},
             "/v1/models": {"get": {"operationId": "listModels", "security": KEY, "responses": {
                 "200": {"description": "The served model", "content": {"application/json": {
-                    "schema": {"type": "object"}}}}, **_error_responses(401, 503)}}},
+                    "schema": _ref("ModelList")}}}, **_error_responses(401, 503)}}},
             "/v1/models/{model}": {"get": {
                 "operationId": "retrieveModel", "security": KEY,
                 "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "The served model", "content": {"application/json": {
-                    "schema": {"type": "object"}}}}, **_error_responses(401, 404, 503)}}},
+                    "schema": _ref("Model")}}}, **_error_responses(401, 404, 503)}}},
             "/health": {"get": {"operationId": "health", "responses": {
-                "200": {"description": "Ready", "content": {"application/json": {"schema": {"type": "object"}}}},
+                "200": {"description": "Ready", "content": {"application/json": {"schema": _ref("Health")}}},
                 "503": {"description": "Loading, failed or shutting down",
-                        "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+                        "content": {"application/json": {"schema": _ref("Health")}}}}}},
             "/metrics": {"get": {"operationId": "metrics", "security": KEY, "responses": {
                 "200": {"description": "JSON metrics, or Prometheus text with ?format=prometheus",
                         "content": {"application/json": {"schema": {"type": "object"}},
@@ -61,8 +75,7 @@ def openapi_document() -> dict:
         },
         "components": {
             "schemas": {
-                **defs,
-                "ChatCompletionRequest": request_schema,
+                **_schemas(),
                 "ErrorResponse": {
                     "type": "object", "required": ["error"],
                     "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"],

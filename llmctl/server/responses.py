@@ -1,0 +1,105 @@
+"""The shapes of the service's answers, for its OpenAPI document.
+
+The service builds its answers as plain dicts (`schemas.completion_body` and friends); these
+models describe them, and `tests/test_api.py` validates real answers against them with unknown
+fields forbidden, so the document cannot drift from what the service sends.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+FinishReason = Literal["stop", "length"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Usage(_Strict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(_Strict):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(_Strict):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Strict):
+    """The answer to a request without `stream`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(_Strict):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Strict):
+    index: int
+    delta: Delta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(_Strict):
+    """One server-sent event of a streamed answer (`data: {...}`); the stream ends with `data: [DONE]`.
+    The usage chunk, sent when `stream_options.include_usage` is true, has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class Model(_Strict):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Strict):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Health(_Strict):
+    """GET /health: 200 when ready, 503 otherwise. Fields are null until the model has loaded."""
+
+    status: Literal["loading", "ready", "error", "shutting_down", "stopped"]
+    model: str | None
+    device: str | None
+    cuda_available: bool
+    cuda_device_count: int
+    memory_allocated_gb: float
+    memory_reserved_gb: float
+    dtype: str | None
+    quantization: Literal["none", "8bit", "4bit"] | None
+    context_length: int | None
+    running: int
+    waiting: int
+    version: str
+    error: str | None = None
+
+
+RESPONSE_MODELS = (ChatCompletion, ChatCompletionChunk, Model, ModelList, Health)
