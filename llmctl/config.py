@@ -191,17 +191,23 @@ def load_settings(config: Path | str | None = None, *, env: Mapping[str, str] | 
         raise ConfigError(_explain(exc, sources)) from None
 
 
-def read_api_key_file(path: Path) -> str:
-    """The first key in a key file: one key a line, blank lines and # comments skipped."""
+def api_key_file_keys(path: Path) -> list[str]:
+    """The keys in a key file, as `llmctl serve --api-key-file` reads it: one a line, blank lines and
+    # comments skipped."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.expanduser().read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         why = getattr(exc, "strerror", None) or exc
-        raise ConfigError(f"Cannot read the API key file {path} ({envvars.API_KEY_FILE}): {why}.") from None
-    for line in lines:
-        if line.strip() and not line.lstrip().startswith("#"):
-            return line.strip()
-    raise ConfigError(f"The API key file {path} ({envvars.API_KEY_FILE}) holds no key.")
+        raise ConfigError(f"Cannot read the API key file {path}: {why}.") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_api_key_file(path: Path) -> str:
+    """The first key in a key file, for the client side."""
+    keys = api_key_file_keys(path)
+    if not keys:
+        raise ConfigError(f"The API key file {path} ({envvars.API_KEY_FILE}) holds no key.")
+    return keys[0]
 
 
 def _explain(exc: ValidationError, sources: dict[str, str]) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flask import Flask, request
 
+from llmctl.config import api_key_file_keys
 from llmctl.errors import ConfigError, Unauthorized
 
 OPEN_PATHS = ("/health",)
@@ -25,11 +26,7 @@ def load_api_keys(keys: Iterable[str], key_file: Path | None) -> tuple[str, ...]
     keys = list(keys)
     found = [k.strip() for value in keys for k in value.split(",") if k.strip()]
     if key_file is not None:
-        try:
-            lines = key_file.expanduser().read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigError(f"Cannot read the API key file {key_file}: {exc.strerror}.") from exc
-        found += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        found += api_key_file_keys(key_file)
     asked = any(value.strip() for value in keys) or key_file is not None  # LLMCTL_API_KEY="" means none
     if asked and not found:
         source = f"the API key file {key_file}" if key_file is not None else "--api-key"
