@@ -191,6 +191,15 @@ def load_settings(config: Path | str | None = None, *, env: Mapping[str, str] | 
         raise ConfigError(_explain(exc, sources)) from None
 
 
+def configured_model_path(config: Path | None, model_path: Path | None) -> Path | None:
+    """The model to load: --model-path (or $LLMCTL_MODEL_PATH) if given, else the config file's
+    llm.model_path when a config file is named (--config or $LLMCTL_CONFIG), else None (the embedded model)."""
+    if config is None and not os.environ.get(envvars.CONFIG):
+        return model_path
+    configured = load_settings(config, model_path=str(model_path) if model_path else None).model_path
+    return Path(configured) if configured else None
+
+
 def api_key_file_keys(path: Path) -> list[str]:
     """The keys in a key file, as `llmctl serve --api-key-file` reads it: one a line, blank lines and
     # comments skipped."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +18,7 @@ from llmctl.bench_report import BenchReport, check_plot_available, write_plot
 from llmctl.cli.options import ConfigOpt
 from llmctl.cli.output import console, err_console
 from llmctl.cli.serve import ModelPathOpt
-from llmctl.config import load_settings
+from llmctl.config import configured_model_path, load_settings
 from llmctl.core.loader import Device, Dtype
 from llmctl.offline import OfflineRun
 
@@ -100,9 +99,8 @@ def bench(
         url = settings.self_hosted_url
         if api_key is None and settings.self_hosted_api_key is not None:
             api_key = settings.self_hosted_api_key.get_secret_value()
-    elif offline and model_path is None and (config is not None or os.environ.get(envvars.CONFIG)):
-        configured = load_settings(config).model_path
-        model_path = Path(configured) if configured else None
+    elif offline:
+        model_path = configured_model_path(config, model_path)
     if compare and url is None:
         raise BenchError("--compare needs --url for the first server.")
     if as_json and csv is not None and str(csv) == "-":

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,7 +15,7 @@ from llmctl import envvars
 from llmctl.cli.options import ConfigOpt, JsonOpt
 from llmctl.cli.output import console, err_console
 from llmctl.cli.serve import ModelPathOpt
-from llmctl.config import load_settings
+from llmctl.config import configured_model_path
 from llmctl.doctor import DoctorOptions, Report, run_doctor
 from llmctl.fit import SERVE_KV_CACHE_TOKENS, FitPrediction, fmt_bytes
 
@@ -53,11 +51,7 @@ def doctor(
     model fits in memory (and which flag makes it fit), disk space, and the port or a running service.
     Exit code 0 when no check failed (warnings do not fail), 1 when one did.
     """
-    if config is not None or os.environ.get(envvars.CONFIG):
-        # The shared config file's llm.model_path, unless --model-path / LLMCTL_MODEL_PATH says otherwise,
-        # as for `llmctl serve`.
-        configured = load_settings(config, model_path=str(model_path) if model_path else None).model_path
-        model_path = Path(configured) if configured else None
+    model_path = configured_model_path(config, model_path)
     options = DoctorOptions(model_path=model_path, context_length=context_length, batch_size=batch_size,
                             port=port, url=url, kv_cache_tokens=kv_cache_tokens)
     # bitsandbytes logs its own import warnings; this command reports on it in its own words.

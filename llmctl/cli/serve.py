@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +11,7 @@ import typer
 
 from llmctl import envvars
 from llmctl.cli.options import ConfigOpt
-from llmctl.config import load_settings
+from llmctl.config import configured_model_path
 from llmctl.core.loader import Device, Dtype, LoadOptions, preflight
 from llmctl.engine import EngineConfig
 from llmctl.server.app import DEFAULT_MAX_BODY_BYTES, HTTPOptions, create_app
@@ -103,10 +102,7 @@ def serve(
 ) -> None:
     """Serve a chat model with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
     setup_logging(log_level)
-    if config is not None or os.environ.get(envvars.CONFIG):
-        # The shared config file's llm.model_path, unless --model-path / LLMCTL_MODEL_PATH says otherwise.
-        configured = load_settings(config, model_path=str(model_path) if model_path else None).model_path
-        model_path = Path(configured) if configured else None
+    model_path = configured_model_path(config, model_path)
     load = LoadOptions(
         model_path=model_path, dtype=dtype, device=device,
         quantization=LoadOptions.quantization_from_flags(load_in_8bit, load_in_4bit),
