@@ -72,10 +72,11 @@ def serve_in_thread(service, *, threads: int = 48, **http_options) -> Iterator[s
     from waitress import create_server
 
     from llmctl.server.app import HTTPOptions, create_app
+    from llmctl.server.runner import transport_body_limit
 
     app = create_app(service, HTTPOptions(**http_options))
     server = create_server(app, host="127.0.0.1", port=0, threads=threads, channel_request_lookahead=1,
-                           asyncore_use_poll=True)
+                           asyncore_use_poll=True, max_request_body_size=transport_body_limit(app))
     port = server.socket.getsockname()[1]
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -51,6 +51,15 @@ def test_oversized_body(client):
     assert_error(post(client, big), 413)
 
 
+def test_huge_body_is_cut_off_before_it_is_buffered(client):
+    """Far over the limit, the HTTP layer refuses the body itself (plain text) rather than spooling it."""
+    r = client.post("/v1/chat/completions", content=b"x" * (40 * 1024 * 1024),
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert not r.headers["content-type"].startswith("application/json")  # waitress answered, not the app
+    assert post(client, {"messages": USER, "max_tokens": 2}).status_code == 200
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"messages": USER, "temperature": "hot"}, "temperature"),
     ({"messages": USER, "temperature": 3}, "temperature"),

@@ -19,6 +19,13 @@ class ServeError(LLMCtlError):
     """The server cannot start (the port is taken, the address does not exist)."""
 
 
+def transport_body_limit(app) -> int:
+    """What waitress may buffer of one body before the app sees it (its own default is 1 GB, spooled to
+    disk). Twice the app's limit: a body a little too large still gets the app's JSON 413, a huge one is
+    cut off early with waitress' plain one."""
+    return 2 * app.config["MAX_CONTENT_LENGTH"]
+
+
 def run_server(app, service: Service, host: str, port: int, threads: int, grace_period: float,
                connection_limit: int = 1000) -> int:
     """Open the port at once, load the model behind it, serve until a signal, then drain and exit 0."""
@@ -27,6 +34,7 @@ def run_server(app, service: Service, host: str, port: int, threads: int, grace_
             app, host=host, port=port, threads=threads, connection_limit=connection_limit,
             # Lets a handler notice that its client went away (waitress.client_disconnected).
             channel_request_lookahead=1, asyncore_use_poll=True, ident="llmctl", clear_untrusted_proxy_headers=True,
+            max_request_body_size=transport_body_limit(app),
         )
     except OSError as exc:
         hint = (" Another program (perhaps another llmctl serve) listens there: stop it or pick another --port;"
