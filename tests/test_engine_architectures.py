@@ -1,4 +1,5 @@
-"""The engine on other architectures (sliding-window attention among them), and failures after a prefill.
+"""The engine driven directly: other architectures (sliding-window attention among them), failures
+after a prefill or in a decode step, and per-row sampling settings as rows join and leave.
 
 Each model is a tiny random one built from a config; the reference is a greedy loop without any
 cache, one forward pass over the whole sequence per token, so it shares no code with the engine.
@@ -117,3 +118,89 @@ def test_a_failure_after_the_prefill_fails_only_the_new_request(monkeypatch):
         assert finish.reason == "length" and len(after) == NEW_TOKENS
     finally:
         engine.stop()
+
+
+def run_in_steps(engine: Engine, schedule: dict[int, list[Sequence]], max_steps: int = 200) -> None:
+    """Drive the engine step by step on this thread (no engine thread), so that which request joins
+    or leaves at which step is fixed and the tests below are deterministic."""
+    with torch.inference_mode():
+        for step in range(max_steps):
+            for seq in schedule.get(step, []):
+                engine.submit(seq)
+            if step > max(schedule) and not (engine._waiting or engine._batch or engine._prefilling):
+                return
+            engine._step()
+    raise AssertionError("the engine did not finish within max_steps")
+
+
+def drain(seq: Sequence) -> tuple[list[int], Finish]:
+    return tokens_of(seq, timeout=0)
+
+
+EOS = 299
+
+
+@pytest.mark.parametrize("neighbour", [
+    SamplingParams(max_tokens=1, temperature=0),  # leaves right after its prefill
+    SamplingParams(max_tokens=20, temperature=1.0, logit_bias={EOS: 100.0}),  # ends on its first token
+])
+@pytest.mark.parametrize("own", [
+    SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+    SamplingParams(max_tokens=20, temperature=1.0, seed=3, ignore_eos=True),
+    SamplingParams(max_tokens=20, temperature=0, frequency_penalty=2.0, ignore_eos=True),
+])
+def test_a_row_keeps_its_own_settings_when_a_neighbour_leaves_after_the_prefill(own, neighbour):
+    """Rows prefilled together, one of which finishes at once: the other samples as if it ran alone."""
+    model = build("llama")
+    alone = Sequence([5, 6, 7, 8, 9], own)
+    run_in_steps(Engine(model, frozenset({EOS}), EngineConfig()), {0: [alone]})
+    together, other = Sequence([5, 6, 7, 8, 9], own), Sequence([10, 11, 12], neighbour)
+    run_in_steps(Engine(model, frozenset({EOS}), EngineConfig()), {0: [other, together]})
+    assert drain(other)[1].reason in ("stop", "length")
+    assert drain(together) == drain(alone)
+
+
+def test_penalty_history_survives_rows_joining_and_leaving():
+    """frequency_penalty counts every token a row generated, across changes of the batch around it."""
+    model = build("llama")
+    penalized = SamplingParams(max_tokens=30, temperature=0, frequency_penalty=2.0, presence_penalty=1.0,
+                               ignore_eos=True)
+    alone = Sequence([5, 6, 7], penalized)
+    run_in_steps(Engine(model, frozenset(), EngineConfig()), {0: [alone]})
+    busy = Sequence([5, 6, 7], penalized)
+    schedule = {0: [busy, Sequence([8, 9], greedy(3))],  # leaves at step 3
+                5: [Sequence([10, 11, 12, 13], greedy(4))],  # joins, then leaves
+                12: [Sequence([14], greedy(10))]}
+    run_in_steps(Engine(model, frozenset(), EngineConfig()), schedule)
+    assert drain(busy) == drain(alone)
+
+
+def test_out_of_memory_in_a_decode_step_spares_a_prompt_being_prefilled_in_chunks():
+    """The decode batch fails; a long prompt half-way through its chunked prefill carries on."""
+    model = build("llama")
+    real_forward = model.forward
+    armed = {"on": False}
+
+    @functools.wraps(real_forward)
+    def forward(*args, **kwargs):
+        if armed["on"] and kwargs["input_ids"].shape[1] == 1:  # a decode step
+            armed["on"] = False
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return real_forward(*args, **kwargs)
+
+    model.forward = forward
+    engine = Engine(model, frozenset(), EngineConfig(max_batched_tokens=4))
+    running, long_prompt = Sequence([5, 6, 7], greedy(20)), Sequence(list(range(3, 23)), greedy(10))
+    with torch.inference_mode():
+        engine.submit(running)
+        engine._step()  # prefill of the running row
+        engine.submit(long_prompt)
+        engine._step()  # first chunk of the long prompt, then a decode step
+        assert long_prompt.prefilled == 4
+        armed["on"] = True
+        engine._step()  # second chunk, then the decode step fails
+    run_in_steps(engine, {0: []})
+    assert drain(running)[1].reason == "error"
+    tokens, finish = drain(long_prompt)
+    assert finish.reason == "length" and len(tokens) == 10
+    assert engine.stats.oom_events == 1

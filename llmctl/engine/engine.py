@@ -415,7 +415,6 @@ class Engine:
             self.stats.last_batch_size = 0
             return
         _select_rows(batch, keep)
-        batch.sampler = None
 
     def _finish(self, seq: Sequence, reason: str, error: LLMCtlError | None = None) -> None:
         if not seq.done:
@@ -424,7 +423,8 @@ class Engine:
 
     def _on_oom(self, seqs: list[Sequence]) -> None:
         self.stats.oom_events += 1
-        self._prefilling = None
+        if self._prefilling in seqs:
+            self._prefilling = None  # a long prompt in mid-prefill goes on unless it was part of the failure
         for seq in seqs:
             seq.prefill_cache = None
             self._finish(seq, "error", GenerationOutOfMemory(
@@ -477,6 +477,8 @@ def _select_rows(batch: _Batch, keep: list[int]) -> None:
     batch.positions = batch.positions[index]
     batch.last = batch.last[index]
     batch.counts = batch.counts[index] if batch.counts is not None else None
+    # The sampler holds per-row settings and the counts tensor just replaced: rebuild it next step.
+    batch.sampler = None
     trim = batch.mask.shape[1] - int(batch.positions.max())
     batch.mask = batch.mask[index, trim:]
     for layer in batch.cache.layers:

@@ -120,6 +120,7 @@ class Generation:
         self.disconnected = disconnected
         self.timing = Timing(arrived)
         self.completion_tokens = 0
+        self.streamed_tokens = 0  # tokens that arrived as events (not the end-of-sequence token)
         self.finish_reason: str | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -151,6 +152,7 @@ class Generation:
             self.timing.first_token = self.timing.first_token or now
             self.timing.last_token = now
             self.completion_tokens += 1
+            self.streamed_tokens += 1
             text, stopped = self.stops.feed(self.detok.add(event))
             if text:
                 yield text
@@ -190,6 +192,6 @@ class Generation:
     @property
     def itl(self) -> float | None:
         t = self.timing
-        if t.first_token is None or t.last_token is None or self.completion_tokens < 2:
+        if t.first_token is None or t.last_token is None or self.streamed_tokens < 2:
             return None
-        return (t.last_token - t.first_token) / (self.completion_tokens - 1)
+        return (t.last_token - t.first_token) / (self.streamed_tokens - 1)
