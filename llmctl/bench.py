@@ -356,6 +356,7 @@ class _Level:
 
     concurrency: int
     requests: int
+    first_prompt: int = 0  # this level's requests use prompts first_prompt, first_prompt + 1, ...
     results: list[RequestResult] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     ended: float | None = None
@@ -373,7 +374,7 @@ async def run_level(client: httpx.AsyncClient, endpoint: Endpoint, workload: Wor
 
     async def worker() -> None:
         for index in indices:
-            messages = workload.prompts[index % len(workload.prompts)]
+            messages = workload.prompts[(level.first_prompt + index) % len(workload.prompts)]
             result = await send_request(client, endpoint, workload, messages)
             level.results.append(result)
             if progress is not None:
@@ -419,9 +420,18 @@ class BenchPlan:
         """Requests per level: as asked, else 4 per concurrent stream (at least 8)."""
         return self.requests if self.requests else max(8, 4 * concurrency)
 
+    def prompt_starts(self) -> list[int]:
+        """Where each level starts in the prompt sequence: every level gets prompts of its own, so a
+        server with a prefix cache gains nothing at one level from what an earlier level sent."""
+        starts, total = [], 0
+        for concurrency in self.concurrency:
+            starts.append(total)
+            total += self.requests_for(concurrency)
+        return starts
+
     def prompt_count(self) -> int:
-        """Prompts the built-in set needs: one per request of the longest level."""
-        return max(self.requests_for(c) for c in self.concurrency)
+        """Prompts the built-in set needs: one per request of every level."""
+        return sum(self.requests_for(c) for c in self.concurrency)
 
 
 def resolve_model(endpoint: Endpoint, timeout: float = 10.0) -> Endpoint:
@@ -454,6 +464,7 @@ async def _run_plan(plan: BenchPlan, state: _RunState, progress: ProgressFn | No
     connections = max(plan.concurrency) + 8
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     clients = [httpx.AsyncClient(timeout=timeout, limits=limits) for _ in plan.endpoints]
+    starts = plan.prompt_starts()
     try:
         for endpoint, client in zip(plan.endpoints, clients):
             await _warm_up(client, endpoint, workload, plan.warmup)
@@ -461,7 +472,7 @@ async def _run_plan(plan: BenchPlan, state: _RunState, progress: ProgressFn | No
             # ABBA order, so a drift of the machine over time weighs on both endpoints alike.
             order = list(range(len(plan.endpoints)))
             for e in order if i % 2 == 0 else order[::-1]:
-                level = _Level(concurrency, plan.requests_for(concurrency))
+                level = _Level(concurrency, plan.requests_for(concurrency), starts[i])
                 state.current = (e, level)
                 limited = await run_level(clients[e], plan.endpoints[e], workload, level, plan.time_limit, progress)
                 state.runs[e].levels.append(level.summary(workload.max_tokens, limited))

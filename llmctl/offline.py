@@ -57,12 +57,13 @@ def generate_batch(loaded: LoadedModel, texts: Sequence[str], max_tokens: int) -
 
 
 def run_offline(loaded: LoadedModel, prompts: Sequence[Messages], batch_sizes: Sequence[int], max_tokens: int,
-                requests_for: Callable[[int], int], warmup: bool = True,
+                requests_for: Callable[[int], int], warmup: bool = True, first_prompts: Sequence[int] = (),
                 progress: Callable[[int, int, int], None] | None = None,
                 done: list[OfflineLevel] | None = None) -> list[OfflineLevel]:
     """Measure each batch size over ``requests_for(batch_size)`` prompts (rounded up to whole batches).
 
-    Prompt i is prompts[i % len(prompts)], as in the server benchmark, so both see the same workload.
+    Level k's request i uses prompts[(first_prompts[k] + i) % len(prompts)] (``first_prompts``
+    defaults to 0 for every level), as in the server benchmark, so both see the same workload.
     With ``warmup``, one uncounted batch of each size runs first.
     ``progress(batch_size, done, total)`` is called after each batch. Finished levels are appended
     to ``done`` (returned), so a caller interrupted by Ctrl-C still holds them.
@@ -79,16 +80,17 @@ def run_offline(loaded: LoadedModel, prompts: Sequence[Messages], batch_sizes: S
         return rendered[i]
 
     levels = done if done is not None else []
-    for size in batch_sizes:
+    for k, size in enumerate(batch_sizes):
+        first = first_prompts[k] if k < len(first_prompts) else 0
         wanted = max(size, requests_for(size))
         batches = -(-wanted // size)
         total = batches * size
         if warmup:  # the first batch of a new shape pays for kernel selection and allocator growth
-            generate_batch(loaded, [text(j) for j in range(size)], min(max_tokens, 16))
+            generate_batch(loaded, [text(first + j) for j in range(size)], min(max_tokens, 16))
         prompt_tokens = new_tokens = 0
         started = time.perf_counter()
         for b in range(batches):
-            batch = [text(b * size + j) for j in range(size)]
+            batch = [text(first + b * size + j) for j in range(size)]
             p, n = generate_batch(loaded, batch, max_tokens)
             prompt_tokens, new_tokens = prompt_tokens + p, new_tokens + n
             if progress is not None:

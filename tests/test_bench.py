@@ -338,6 +338,18 @@ def test_eos_bias_sends_standard_logit_bias(plain_server):
     assert body["model"] == "m" and body["max_tokens"] == 6 and body["stream_options"] == {"include_usage": True}
 
 
+
+def test_no_prompt_is_sent_twice_across_levels_and_warm_up(plain_server):
+    """A server with a prefix cache must not gain at one level from what the warm-up or an earlier level sent."""
+    url, bodies = plain_server
+    result = bench(*small(url, "--concurrency", "1,2", "--warmup", "2", "--compare", url, "--json"))
+    assert result.exit_code == 0, result.output
+    prompts = [json.dumps(b["messages"]) for b in bodies]
+    assert len(prompts) == 2 * (2 + 4 + 4)  # two servers: warm-up, then 4 requests at each level
+    # Each server gets 10 distinct prompts; both servers get the same ones.
+    assert len(set(prompts)) == 10 and sorted(prompts[:2]) == sorted(prompts[2:4])
+
+
 # ---- the documented JSON schema ------------------------------------------------------------------
 def test_json_schema_is_documented():
     text = DOCS.read_text(encoding="utf-8")

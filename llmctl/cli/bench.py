@@ -109,7 +109,7 @@ def bench(
     if compare:
         endpoints.append(Endpoint(compare, compare_model, api_key, "B"))
     plan = BenchPlan(endpoints, Workload([]), levels, requests, warmup, time_limit)
-    # One distinct prompt per request of the longest level, and others for the warm-up, so that no
+    # One distinct prompt per request of every level, and others for the warm-up, so that no
     # server gains from a prefix cache.
     count = plan.prompt_count()
     if prompts:
@@ -170,7 +170,7 @@ def _run_offline(model_path: Path | None, dtype: Dtype, device: Device, plan: Be
     interrupted = False
     try:
         run_offline(loaded, plan.workload.prompts, plan.concurrency, plan.workload.max_tokens, plan.requests_for,
-                    progress=bar.offline_batch, done=levels)
+                    first_prompts=plan.prompt_starts(), progress=bar.offline_batch, done=levels)
     except KeyboardInterrupt:
         interrupted = True
     return OfflineRun(loaded.name, loaded.dtype, loaded.device, levels), interrupted
