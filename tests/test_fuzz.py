@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 EXAMPLES = int(os.environ.get("LLMCTL_FUZZ_EXAMPLES", "150"))
 FIELDS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "frequency_penalty",
           "presence_penalty", "stop", "seed", "logit_bias", "n", "stream", "stream_options", "timeout", "logprobs",
-          "tools", "ignore_eos", "user", "response_format", "unknown_field"]
+          "top_logprobs", "tools", "ignore_eos", "user", "response_format", "unknown_field"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 10),

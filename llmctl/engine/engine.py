@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from llmctl.core import hardware
-from llmctl.engine.sampling import BatchSampler, SamplingParams
+from llmctl.engine.sampling import BatchSampler, SamplingParams, TokenLogprobs
 from llmctl.errors import GenerationOutOfMemory, LLMCtlError, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class Sequence:
         self.cancelled = False
         self.done = False
         self.generated = 0
+        # Filled by the engine before each token's event when params.logprobs is set: entry i is token i's.
+        self.logprobs: list[TokenLogprobs] = []
         self.generator: torch.Generator | None = None
         # Chunked prefill state, for prompts longer than max_batched_tokens.
         self.prefill_cache: DynamicCache | None = None
@@ -389,6 +391,8 @@ class Engine:
             batch.sampler = BatchSampler(logits.shape[-1], self.device)
             batch.sampler.refresh([s.params for s in batch.seqs], [s.generator for s in batch.seqs], batch.counts)
         tokens = batch.sampler.sample(logits)
+        for row, logprobs in batch.sampler.logprobs(logits, tokens):
+            batch.seqs[row].logprobs.append(logprobs)
         batch.sampler.observe(tokens)
         batch.last = tokens
         return tokens

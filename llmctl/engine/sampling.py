@@ -13,6 +13,15 @@ import torch
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability, and the most likely tokens at its place (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
@@ -22,6 +31,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; N >= 0: each token's log-probability and the N most likely
+
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +70,8 @@ class BatchSampler:
         self.any_penalty = any(p.penalized for p in params)
         self.any_bias = any(p.logit_bias for p in params)
         self.all_greedy = all(p.greedy for p in params)
+        self.logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        self.top_k = max((params[i].logprobs for i in self.logprob_rows), default=0)
         if self.any_penalty:
             self.freq = torch.tensor([p.frequency_penalty for p in params], device=self.device)[:, None]
             self.pres = torch.tensor([p.presence_penalty for p in params], device=self.device)[:, None]
@@ -98,6 +111,26 @@ class BatchSampler:
             choice = torch.multinomial(sorted_probs, 1, generator=generator)
             return order[choice].squeeze(0)
         return torch.multinomial(probs, 1, generator=generator).squeeze(0)
+
+    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[tuple[int, TokenLogprobs]]:
+        """(row, log-probabilities) for the rows that asked for them, from the model's own distribution:
+        before temperature, top_p, penalties and logit_bias, as other OpenAI-compatible servers report it."""
+        if not self.logprob_rows:
+            return []
+        rows = torch.tensor(self.logprob_rows, device=logits.device)
+        logp = torch.log_softmax(logits[rows].float(), dim=-1)
+        picked = tokens[rows]
+        chosen = logp.gather(1, picked[:, None]).squeeze(1).tolist()
+        picked = picked.tolist()
+        if self.top_k:
+            values, ids = logp.topk(self.top_k, dim=-1)
+            values, ids = values.tolist(), ids.tolist()
+        out = []
+        for j, row in enumerate(self.logprob_rows):
+            k = self.params[row].logprobs
+            top = list(zip(ids[j][:k], values[j][:k])) if k else []
+            out.append((row, TokenLogprobs(picked[j], chosen[j], top)))
+        return out
 
     def observe(self, tokens: torch.Tensor) -> None:
         """Count the sampled tokens for the penalties."""

@@ -58,3 +58,46 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+class TokenText:
+    """The UTF-8 bytes and text of single tokens, for logprobs.
+
+    Decoding one token alone loses what it really holds when it is part of a multi-byte character
+    (it decodes to U+FFFD). Byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM) spell every
+    byte as one character, and SentencePiece models spell stray bytes as ``<0xNN>``: both map back
+    to the exact bytes. Other tokenizers fall back to decoding the token alone.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.byte_of_char: dict[str, int] | None = None
+        if type(getattr(backend, "decoder", None)).__name__ == "ByteLevel":
+            from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+            self.byte_of_char = {char: byte for byte, char in bytes_to_unicode().items()}
+        self._cache: dict[int, bytes] = {}
+
+    def bytes_of(self, token: int) -> bytes:
+        cached = self._cache.get(token)
+        if cached is None:
+            cached = self._cache[token] = self._bytes(token)
+        return cached
+
+    def text_of(self, token: int) -> str:
+        return self.bytes_of(token).decode("utf-8", "replace")
+
+    def _bytes(self, token: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(piece, str):
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                try:
+                    return bytes([int(piece[3:5], 16)])
+                except ValueError:
+                    pass
+            table = self.byte_of_char
+            if table is not None and all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return self.tokenizer.decode([token]).encode("utf-8")
+

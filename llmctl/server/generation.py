@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from llmctl.core.loader import LoadedModel
 from llmctl.engine import Finish, SamplingParams, Sequence
+from llmctl.engine.sampling import TokenLogprobs
 from llmctl.engine.text import IncrementalDetokenizer, StopMatcher
 from llmctl.errors import ContextLengthExceeded, InvalidRequest, RequestTimeout
 from llmctl.server.schemas import ChatCompletionRequest
@@ -95,6 +96,7 @@ def sampling_params(loaded: LoadedModel, req: ChatCompletionRequest, prompt_toke
         logit_bias=bias,
         seed=req.seed,
         ignore_eos=req.ignore_eos,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
     )
 
 
@@ -121,6 +123,7 @@ class Generation:
         self.timing = Timing(arrived)
         self.completion_tokens = 0
         self.streamed_tokens = 0  # tokens that arrived as events (not the end-of-sequence token)
+        self._logprobs_taken = 0
         self.finish_reason: str | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -179,6 +182,12 @@ class Generation:
         else:
             self.finish_reason = "error"
             raise event.error or RuntimeError("generation failed")
+
+    def take_logprobs(self) -> list[TokenLogprobs]:
+        """The log-probabilities of the tokens received since the last call (when the request asked)."""
+        items = self.seq.logprobs[self._logprobs_taken:self.streamed_tokens]
+        self._logprobs_taken += len(items)
+        return items
 
     def close(self) -> None:
         """Stop the sequence if the consumer leaves before the end."""

@@ -29,10 +29,28 @@ class AssistantMessage(_Strict):
     content: str
 
 
+class TopLogprob(_Strict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Strict):
+    """Sent when the request has `logprobs: true`: the model's log-probabilities (before temperature,
+    top_p, penalties and logit_bias) of each generated token and of its `top_logprobs` alternatives."""
+
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class Choice(_Strict):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason
 
 
@@ -55,7 +73,7 @@ class Delta(_Strict):
 class ChunkChoice(_Strict):
     index: int
     delta: Delta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason | None
 
 

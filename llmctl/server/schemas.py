@@ -9,11 +9,15 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from llmctl.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from llmctl.engine.sampling import TokenLogprobs
+    from llmctl.engine.text import TokenText
 
 MAX_TIMEOUT_S = 300.0
 TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: str.isdigit() also accepts '²'
@@ -99,6 +103,7 @@ class ChatCompletionRequest(_Lenient):
     stream_options: StreamOptions | None = None
     timeout: Annotated[float, Number, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
     logprobs: StrictBool | None = None
+    top_logprobs: Annotated[int, Number, Field(ge=0, le=20)] | None = None
     tools: list[dict] | None = None
     # llmctl extension: keep generating past end-of-sequence (fixed-length benchmarks).
     ignore_eos: StrictBool = False
@@ -152,8 +157,23 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+# OpenAI's stand-in for a log-probability of minus infinity (JSON has no infinities).
+MIN_LOGPROB = -9999.0
+
+
+def logprobs_body(token_text: TokenText, items: list[TokenLogprobs]) -> dict:
+    """A choice's ``logprobs``: each token's text, UTF-8 bytes and log-probability, and its alternatives."""
+
+    def entry(token: int, logprob: float) -> dict:
+        raw = token_text.bytes_of(token)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": max(logprob, MIN_LOGPROB), "bytes": list(raw)}
+
+    content = [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, v) for t, v in i.top]} for i in items]
+    return {"content": content, "refusal": None}
+
+
 def completion_body(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-                    completion_tokens: int, created: int | None = None) -> dict:
+                    completion_tokens: int, created: int | None = None, logprobs: dict | None = None) -> dict:
     return {
         "id": cid,
         "object": "chat.completion",
@@ -162,7 +182,7 @@ def completion_body(cid: str, model: str, text: str, finish_reason: str, prompt_
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
         }],
         "usage": usage(prompt_tokens, completion_tokens),
@@ -170,13 +190,13 @@ def completion_body(cid: str, model: str, text: str, finish_reason: str, prompt_
 
 
 def chunk_body(cid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-               usage_: dict | None = None, with_choice: bool = True) -> dict:
+               usage_: dict | None = None, with_choice: bool = True, logprobs: dict | None = None) -> dict:
     body = {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
         if with_choice else [],
     }
     if usage_ is not None:

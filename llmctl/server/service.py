@@ -13,6 +13,7 @@ from llmctl import __version__
 from llmctl.core import hardware
 from llmctl.core.loader import LoadedModel, LoadOptions, load_model
 from llmctl.engine import Engine, EngineConfig, Sequence
+from llmctl.engine.text import TokenText
 from llmctl.errors import InvalidRequest, LLMCtlError, ModelNotFound, Unavailable
 from llmctl.server import schemas
 from llmctl.server.generation import Generation, TokenLimits, build_prompt, sampling_params
@@ -44,6 +45,7 @@ class Service:
         self.error: str | None = None
         self.loaded: LoadedModel | None = None
         self.engine: Engine | None = None
+        self.token_text: TokenText | None = None  # token ids to bytes, for logprobs
         self.draining = False
         self.created = int(time.time())
         self._inflight = 0
@@ -65,6 +67,7 @@ class Service:
             self.error, self.status = f"{type(exc).__name__}: {exc}".splitlines()[0][:500], "error"
             return
         self.loaded, self.engine = loaded, engine
+        self.token_text = TokenText(loaded.tokenizer)
         self.status = "ready"
         log.info("Ready: serving %s", loaded.name)
 
@@ -200,8 +203,8 @@ class Service:
                                  f"{self.settings.max_messages}.", param="messages")
         if (req.n or 1) > 1:
             raise InvalidRequest("Only n=1 is supported.", param="n")
-        if req.logprobs:
-            raise InvalidRequest("logprobs are not supported by this server.", param="logprobs")
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
         prompt = build_prompt(loaded, req)
         limits = TokenLimits(engine.config.kv_cache_tokens, self.settings.max_tokens_cap,
                              self.settings.default_max_tokens)
@@ -212,7 +215,7 @@ class Service:
         self._enter()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(gen, loaded.name, len(prompt), include_usage)
+            return self._stream(gen, loaded.name, len(prompt), include_usage, bool(req.logprobs))
         try:
             text = "".join(gen)
         finally:
@@ -220,9 +223,16 @@ class Service:
             self._record(gen, len(prompt))
             self._leave()
         return schemas.completion_body(schemas.completion_id(), loaded.name, text, gen.finish_reason or "stop",
-                                       len(prompt), gen.completion_tokens)
+                                       len(prompt), gen.completion_tokens, logprobs=self._logprobs(gen, req.logprobs))
 
-    def _stream(self, gen: Generation, model: str, prompt_tokens: int, include_usage: bool) -> Iterator[str]:
+    def _logprobs(self, gen: Generation, wanted: bool | None) -> dict | None:
+        """The logprobs of the tokens ``gen`` received since the last call, when the request asked."""
+        if not wanted or self.token_text is None:
+            return None
+        return schemas.logprobs_body(self.token_text, gen.take_logprobs())
+
+    def _stream(self, gen: Generation, model: str, prompt_tokens: int, include_usage: bool,
+                logprobs: bool) -> Iterator[str]:
         deltas = iter(gen)
         try:
             first = next(deltas, None)  # errors before the first token still get a proper status code
@@ -231,20 +241,25 @@ class Service:
             self._record(gen, prompt_tokens)
             self._leave()
             raise
-        return self._sse(gen, deltas, first, model, prompt_tokens, include_usage)
+        return self._sse(gen, deltas, first, model, prompt_tokens, include_usage, logprobs)
 
     def _sse(self, gen: Generation, deltas: Iterator[str], first: str | None, model: str, prompt_tokens: int,
-             include_usage: bool) -> Iterator[str]:
+             include_usage: bool, logprobs: bool) -> Iterator[str]:
         cid, created = schemas.completion_id(), int(time.time())
         try:
             yield _sse(schemas.chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
             if first:
-                yield _sse(schemas.chunk_body(cid, model, created, {"content": first}))
+                yield _sse(schemas.chunk_body(cid, model, created, {"content": first},
+                                              logprobs=self._logprobs(gen, logprobs)))
             for delta in deltas:
-                yield _sse(schemas.chunk_body(cid, model, created, {"content": delta}))
+                yield _sse(schemas.chunk_body(cid, model, created, {"content": delta},
+                                              logprobs=self._logprobs(gen, logprobs)))
             if gen.finish_reason == "cancelled":
                 return
-            yield _sse(schemas.chunk_body(cid, model, created, {}, gen.finish_reason or "stop"))
+            # Tokens whose text was held back and never sent (the start of a stop string) keep their logprobs.
+            rest = self._logprobs(gen, logprobs)
+            yield _sse(schemas.chunk_body(cid, model, created, {}, gen.finish_reason or "stop",
+                                          logprobs=rest if rest and rest["content"] else None))
             if include_usage:
                 yield _sse(schemas.chunk_body(cid, model, created, {}, None,
                                               schemas.usage(prompt_tokens, gen.completion_tokens), with_choice=False))
