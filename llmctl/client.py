@@ -76,8 +76,10 @@ class Client:
         self.settings = settings or LLMSettings()
         self.endpoints = provider_chain(self.settings)
         self._own_http = http is None
+        # The timeout is for the provider, not for the wait for a free connection: with more requests
+        # at once than the pool holds (a large batch_chat), the others queue without failing.
         self._http = http or httpx.Client(
-            timeout=httpx.Timeout(self.settings.timeout_seconds),
+            timeout=httpx.Timeout(self.settings.timeout_seconds, pool=None),
             limits=httpx.Limits(max_connections=max(16, 2 * self.settings.batch_size)),
         )
         self._sleep, self._clock = sleep, clock
@@ -181,12 +183,18 @@ class Client:
         """Turn httpx's transport errors into a ProviderError that says whether to retry."""
         try:
             yield
+        except httpx.PoolTimeout:
+            # The request never left this process: the provider is not to blame, so no retry or fallback.
+            raise ProviderError(f"{ep.label} was not asked: no connection of the HTTP client's pool came "
+                                "free within its pool timeout (more requests at once than the pool allows). "
+                                "Lower batch_size, or give the httpx.Client passed as http= a larger pool or "
+                                "pool=None in its timeout.",
+                                provider=ep.name, fallback=False) from None
         except httpx.TimeoutException as exc:
-            connecting = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
+            connecting = isinstance(exc, httpx.ConnectTimeout)
             what = "could not be reached" if connecting else "did not answer"
             raise ProviderError(f"{ep.label} {what} within {self.settings.timeout_seconds:g} s.",
-                                provider=ep.name, retryable=connecting,
-                                unreachable=isinstance(exc, httpx.ConnectTimeout)) from None
+                                provider=ep.name, retryable=connecting, unreachable=connecting) from None
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             raise ProviderError(f"{ep.label} is not reachable ({reason(exc)}).", provider=ep.name,
                                 retryable=True, unreachable=isinstance(exc, httpx.ConnectError)) from None
@@ -222,9 +230,10 @@ class Client:
             else:
                 log.info("Answered by %s.", ep.name)
             return answer, ep, failed
-        if len(failures) == 1:
+        skipped = {name: why for name, why in failed.items() if name not in failures}
+        if len(failures) == 1 and not skipped:
             raise next(iter(failures.values()))
-        raise AllProvidersFailed(failures)
+        raise AllProvidersFailed(failures, skipped)
 
     def _candidates(self, failed: dict[str, str]) -> list[Endpoint]:
         now = self._clock()

@@ -77,8 +77,8 @@ class LLMSettings(BaseModel):
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-        except ValueError:
-            raise ValueError(f"not a valid URL: {value!r}") from None
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL ({exc}): {value!r}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"must be an http:// or https:// URL with a host, e.g. {DEFAULT_URL}; "
                              f"got {value!r}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from llmctl import envvars
 from llmctl.core import hardware
 from llmctl.fit import (
     SERVE_KV_CACHE_TOKENS, FitPrediction, Precision, attention_from_config, context_length_of, fmt_bytes,
@@ -349,6 +350,8 @@ def check_disk(info: ModelInfo | None, cache: Path) -> Check:
 
 def check_port(port: int, host: str = "0.0.0.0") -> Check:
     """Whether `llmctl serve --port PORT` can listen, and what holds the port if not."""
+    from llmctl.probe import get_health
+
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # The server sets SO_REUSEADDR too, so a closing connection in TIME_WAIT does not block it.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -360,78 +363,80 @@ def check_port(port: int, host: str = "0.0.0.0") -> Check:
     if error.errno == errno.EACCES:
         return Check("Port", "failure", f"Port {port} needs root privileges to listen on",
                      "Use a port above 1023: llmctl serve --port 8080", {"port": port})
-    answer = _get_health(f"http://127.0.0.1:{port}")
-    health = answer[1] if isinstance(answer, tuple) else None
-    if health is not None and "status" in health:
+    health = get_health(f"http://127.0.0.1:{port}", timeout=2.0)
+    if health.from_llmctl:
         return Check("Port", "warning", f"Port {port} is in use by a running llmctl service (status "
-                     f"{health['status']!r}); a second `llmctl serve --port {port}` would fail",
+                     f"{health.status!r}); a second `llmctl serve --port {port}` would fail",
                      f"Talk to that one (llmctl doctor --url http://127.0.0.1:{port}), or serve on another "
-                     "--port.", {"port": port, "health": health})
+                     "--port.", {"port": port, "health": health.body})
     return Check("Port", "failure", f"Port {port} is taken by another program ({error.strerror}); "
                  f"llmctl serve --port {port} would fail",
                  f"Serve on another --port, or find the program with `ss -ltnp 'sport = :{port}'` and stop "
                  "it.", {"port": port})
 
 
-def _get_health(url: str, timeout: float = 2.0) -> tuple[int, dict | None] | Exception:
-    """GET /health: the HTTP status and the JSON object it answered (None if not one), or the error."""
-    import httpx
+def valid_url(url: str) -> str:
+    """``url`` as the config takes SELF_HOSTED_LLM_URL (host:port, or a pasted .../v1 base URL, is fine);
+    raises ValueError with the config's words when it is not a usable http(s) URL."""
+    from pydantic import ValidationError
+
+    from llmctl.bench import normalize_url
+    from llmctl.config import LLMSettings
 
     try:
-        response = httpx.get(url.rstrip("/") + "/health", timeout=timeout)
-    except httpx.HTTPError as exc:
-        return exc
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    return response.status_code, body if isinstance(body, dict) else None
+        return LLMSettings(self_hosted_url=normalize_url(url)).self_hosted_url
+    except ValidationError as exc:
+        raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def check_service(url: str, timeout: float = 5.0) -> Check:
     """Whether the service at ``url`` answers /health, and what its status says."""
     import httpx
 
-    from llmctl.bench import normalize_url
+    from llmctl.probe import get_health
 
-    url = normalize_url(url)  # as bench and the config do: host:port, or a pasted .../v1 base URL
-    answer = _get_health(url, timeout)
+    try:
+        url = valid_url(url)
+    except ValueError as exc:
+        return Check("Service", "failure", f"--url: {exc}", "Give the service's URL: http(s)://, a "
+                     "host, and a port from 1 to 65535, e.g. http://127.0.0.1:8080.", {"url": url})
+    health = get_health(url, timeout=timeout)
     details: dict = {"url": url}
-    if isinstance(answer, httpx.ConnectError):
+    if isinstance(health.exception, httpx.ConnectError):
         return Check("Service", "failure", f"Connection refused at {url}: nothing listens there",
                      "Start it (llmctl serve --port N) and check host and port; for clients on other "
                      "machines or containers serve with --host 0.0.0.0, publish the port, and open the "
                      "firewall.", details)
-    if isinstance(answer, httpx.TimeoutException):
+    if isinstance(health.exception, httpx.TimeoutException):
         return Check("Service", "failure", f"{url} did not answer /health within {timeout:g} s",
                      "The host may be unreachable (a firewall dropping packets) or the server stuck; check "
                      "its log, and that long generations are not holding every worker thread (--threads).",
                      details)
-    if isinstance(answer, Exception):
-        return Check("Service", "failure", f"{url}: {type(answer).__name__}: {answer}",
+    if not health.reachable:
+        return Check("Service", "failure", f"{url}: {health.error}",
                      "Check the URL (scheme, host, port), e.g. http://127.0.0.1:8080.", details)
-    code, health = answer
-    details["http_status"] = code
-    if health is None or "status" not in health:
-        error = (health or {}).get("error")
-        said = error.get("message") if isinstance(error, dict) else error
-        return Check("Service", "failure", f"{url} answers, but /health is not llmctl's (HTTP {code}"
-                     f"{': ' + str(said)[:200] if said else ''})",
+    details["http_status"] = health.http_status
+    if health.status == "error" and not health.from_llmctl:
+        return Check("Service", "failure", health.error or f"{url} /health answered {health.http_status}",
                      "Check the port: another program answers there.", details)
-    details["health"] = health
-    status = health["status"]
-    shown = (f"status {status!r}, model {health.get('model')}, device {health.get('device')}, "
-             f"dtype {health.get('dtype')}, context {health.get('context_length')}")
-    if status == "ready":
-        return Check("Service", "ok", f"{url} is ready: {shown}", details=details)
-    if status == "loading":
+    details["health"] = health.body
+    body = health.body
+    shown = ", ".join(f"{name} {body[key]}" for key, name in (("model", "model"), ("device", "device"), (
+        "dtype", "dtype"), ("context_length", "context")) if body.get(key) is not None)
+    if health.ready:
+        what = shown or "an OpenAI-compatible server that does not report its model or device"
+        return Check("Service", "ok", f"{url} is ready: {what}", details=details)
+    if health.status == "loading":
         return Check("Service", "warning", f"{url} is still loading the model", "Wait: requests get 503 "
                      "with Retry-After until it is ready (llmctl health --wait 300 waits for you).", details)
-    if status == "error":
-        return Check("Service", "failure", f"{url} failed to load its model: {health.get('error')}",
+    if health.status == "error":
+        return Check("Service", "failure", f"{url} failed to load its model: {health.error}",
                      "Run llmctl doctor --model-path <the same path> on the server machine, fix what it "
                      "reports, and restart the service.", details)
-    return Check("Service", "warning", f"{url}: {shown}", "The service is stopping; restart it.", details)
+    if health.status == "shutting_down":
+        return Check("Service", "warning", f"{url} is shutting down", "Restart the service.", details)
+    return Check("Service", "warning", f"{url}: status {health.status!r}" + (f", {shown}" if shown else ""),
+                 "Check the service's log.", details)
 
 
 @dataclass
@@ -461,26 +466,39 @@ def run_doctor(options: DoctorOptions) -> Report:
 
     machine = probe_machine()
     bnb = hardware.probe_bitsandbytes()
-    checks = [check_packages(machine), check_cuda(machine), check_bitsandbytes(bnb, machine)]
+    checks = [_guarded("Python & packages", check_packages, machine), _guarded("CUDA", check_cuda, machine),
+              _guarded("bitsandbytes", check_bitsandbytes, bnb, machine)]
     try:
         model_checks, info = check_model(options.model_path)
-    except OSError as exc:  # an unreadable folder or file: permissions, a broken mount
-        model_checks, info = [Check("Model files", "failure", f"Cannot read the model: {exc}",
-                                    "Check the permissions of the model folder and its files.")], None
+    except Exception as exc:  # an unreadable folder (permissions, a broken mount), or a file no check foresaw
+        model_checks, info = [_could_not_check("Model files", exc)], None
     checks += model_checks
-    fit_check, fit = check_fit(info, machine, bnb, options.context_length, options.batch_size,
-                               options.kv_cache_tokens)
+    try:
+        fit_check, fit = check_fit(info, machine, bnb, options.context_length, options.batch_size,
+                                   options.kv_cache_tokens)
+    except Exception as exc:
+        fit_check, fit = _could_not_check("Fit", exc), None
     checks += [fit_check, _guarded("Disk", check_disk, info, cache_dir())]
     if options.url:
-        checks.append(check_service(options.url))
+        checks.append(_guarded("Service", check_service, options.url))
     else:
         checks.append(_guarded("Port", check_port, options.port))
     return Report(checks, fit, info.label if info else None)
 
 
 def _guarded(name: str, check: Callable[..., Check], *args: object) -> Check:
-    """Run one check; an OS error it did not foresee becomes its finding instead of a traceback."""
+    """Run one check; an error it did not foresee becomes its finding instead of a traceback."""
     try:
         return check(*args)
-    except OSError as exc:
+    except Exception as exc:
+        return _could_not_check(name, exc)
+
+
+def _could_not_check(name: str, exc: Exception) -> Check:
+    """A check that raised: a failure that says what went wrong, so the other checks still report."""
+    if os.environ.get(envvars.DEBUG):
+        raise exc
+    if isinstance(exc, OSError):
         return Check(name, "failure", f"Could not check: {exc}", "Check the path and its permissions.")
+    return Check(name, "failure", f"Could not check: {type(exc).__name__}: {exc}",
+                 f"Unexpected: run again with {envvars.DEBUG}=1 for the traceback, and report it.")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmctl.core.modelfiles import (
-    ModelSource, is_gguf_file, missing_shards, read_config, tokenizer_files, weight_files,
+    ModelSource, is_gguf_file, missing_shards, read_config, read_weight_map, tokenizer_files, weight_files,
 )
 from llmctl.errors import ModelLoadError
 from llmctl.fit import (
@@ -142,11 +142,15 @@ def check_architecture(config: dict) -> Check:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
-    archs = config.get("architectures") or []
+    archs = config.get("architectures")
+    archs = archs if isinstance(archs, list) else []
     shown = f"{archs[0]} (model_type {model_type!r})" if archs else f"model_type {model_type!r}"
     version = transformers.__version__
     if not model_type:
         return Check("Architecture", "failure", "config.json has no model_type", REDOWNLOAD)
+    if not isinstance(model_type, str):
+        return Check("Architecture", "failure", f"config.json's model_type is {model_type!r}, not a name "
+                     "such as \"llama\"", REDOWNLOAD, {"model_type": model_type})
     if model_type not in CONFIG_MAPPING_NAMES:
         remote = (" It ships its own modelling code (auto_map), which llmctl does not run."
                   if config.get("auto_map") else "")
@@ -173,7 +177,7 @@ def loaded_weight_files(folder: Path) -> tuple[Path | None, list[Path]]:
         if (folder / single).is_file():
             return None, [folder / single]
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_weight_map(folder / index)
             return folder / index, [folder / name for name in sorted(set(weight_map.values()))]
     return None, []
 
@@ -222,7 +226,7 @@ def _check_weights(folder: Path) -> tuple[Check, list[TensorInfo] | None]:
         except WeightFileError as exc:
             return Check("Weights", "failure", str(exc), REDOWNLOAD, details), None
     if index_path is not None:
-        declared = set(json.loads(index_path.read_text(encoding="utf-8"))["weight_map"])
+        declared = set(read_weight_map(index_path))
         absent = sorted(declared - {t.name for t in tensors})
         if absent:
             return Check("Weights", "failure", f"{len(absent)} tensor(s) named in {index_path.name} are in "
@@ -238,22 +242,72 @@ def _check_tokenizer(folder: Path) -> Check:
     if not names:
         return Check("Tokenizer", "failure", "No tokenizer (tokenizer.json, tokenizer.model, or vocab.json + "
                      "merges.txt)", "Copy the tokenizer files of the model into the folder.")
+    empty = [n for n in names if (folder / n).stat().st_size == 0]
+    if empty:
+        return Check("Tokenizer", "failure", f"Empty tokenizer file(s) (0 bytes): {', '.join(empty)}",
+                     REDOWNLOAD, {"files": names})
+    if "tokenizer.json" in names:
+        try:
+            parsed = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return Check("Tokenizer", "failure", f"tokenizer.json is not valid JSON ({exc})", REDOWNLOAD,
+                         {"files": names})
+        if not isinstance(parsed, dict):
+            return Check("Tokenizer", "failure", "tokenizer.json does not hold a JSON object", REDOWNLOAD,
+                         {"files": names})
     return Check("Tokenizer", "ok", ", ".join(names), details={"files": names})
+
+
+def chat_templates(folder: Path) -> tuple[str, dict[str, str]] | None:
+    """Where the folder's chat template lives and its text(s) by name, or None when it has none."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.name, {"default": jinja.read_text(encoding="utf-8", errors="replace")}
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            data = {}
+        found = data.get("chat_template") if isinstance(data, dict) else None
+        if isinstance(found, list):  # several named templates: [{"name": ..., "template": ...}]
+            found = {str(t.get("name")): t.get("template") for t in found if isinstance(t, dict)}
+        if found:
+            return name, found if isinstance(found, dict) else {"default": found}
+    extra = folder / "additional_chat_templates"
+    if extra.is_dir():
+        found = {p.stem: p.read_text(encoding="utf-8", errors="replace")
+                 for p in sorted(extra.glob("*.jinja"))}
+        if found:
+            return f"{extra.name}/", found
+    return None
 
 
 def chat_template_source(folder: Path) -> str | None:
     """Where the folder's chat template lives, or None when it has none."""
-    for name in ("chat_template.jinja", "chat_template.json"):
-        if (folder / name).is_file():
-            return name
+    found = chat_templates(folder)
+    return found[0] if found else None
+
+
+def template_error(template: object) -> str | None:
+    """Why a chat template cannot be compiled, or None when it compiles (no model or weights needed)."""
+    import jinja2
+
+    if not isinstance(template, str):
+        return f"it is {type(template).__name__}, not text"
     try:
-        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        tokenizer_config = {}
-    if isinstance(tokenizer_config, dict) and tokenizer_config.get("chat_template"):
-        return "tokenizer_config.json"
-    extra = folder / "additional_chat_templates"
-    return f"{extra.name}/" if extra.is_dir() and any(extra.glob("*.jinja")) else None
+        # The compiler apply_chat_template uses: its filters and the {% generation %} tag are known to it.
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a private helper: should it move, check the syntax with plain Jinja
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        _compile_jinja_template = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"line {exc.lineno}: {exc.message}"
+    except jinja2.TemplateError as exc:
+        return str(exc)
+    return None
 
 
 def _no_chat_template() -> Check:
@@ -264,8 +318,19 @@ def _no_chat_template() -> Check:
 
 
 def _check_chat_template(folder: Path) -> Check:
-    where = chat_template_source(folder)
-    return Check("Chat template", "ok", f"in {where}") if where else _no_chat_template()
+    found = chat_templates(folder)
+    if found is None:
+        return _no_chat_template()
+    where, templates = found
+    for name, template in templates.items():
+        error = template_error(template)
+        if error:
+            which = "" if name == "default" else f" (template {name!r})"
+            return Check("Chat template", "failure", f"The chat template in {where}{which} does not compile: "
+                         f"{error}", f"Fix the template in {where}, or download the model's own again.",
+                         {"source": where, "template": name, "error": error})
+    return Check("Chat template", "ok", f"in {where}",
+                 details={"source": where, "templates": list(templates)})
 
 
 def _gguf_checks(info: ModelInfo) -> list[Check]:
@@ -294,9 +359,14 @@ def _gguf_checks(info: ModelInfo) -> list[Check]:
     else:
         checks.append(Check("Tokenizer", "failure", "The GGUF file has no tokenizer",
                             "Use a GGUF file that includes its tokenizer."))
-    has_template = bool(_gguf_value(reader, "tokenizer.chat_template"))
-    checks.append(Check("Chat template", "ok", "embedded in the GGUF") if has_template
-                  else _no_chat_template())
+    template = _gguf_value(reader, "tokenizer.chat_template")
+    error = template_error(template) if template else None
+    if error:
+        checks.append(Check("Chat template", "failure", f"The chat template embedded in the GGUF does not "
+                            f"compile: {error}", "Use a GGUF file with a working chat template."))
+    else:
+        checks.append(Check("Chat template", "ok", "embedded in the GGUF") if template
+                      else _no_chat_template())
     return checks
 
 

@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from llmctl.providers import Endpoint, ProviderError, raise_for_status, reason
+from llmctl.providers import Endpoint, ProviderError, _message_of, raise_for_status, reason
+
+
+# The statuses llmctl's own /health reports; other servers say "ok" (llama.cpp) or send an empty 200 (vLLM).
+LLMCTL_STATUSES = ("ready", "loading", "error", "shutting_down")
+NOT_A_SERVICE = "answers, but /health is not an llmctl/OpenAI-compatible service's"
 
 
 @dataclass
@@ -20,6 +25,8 @@ class Health:
     body: dict = field(default_factory=dict)
     http_status: int | None = None
     error: str | None = None
+    exception: Exception | None = field(default=None, repr=False, compare=False)
+    """The error when no answer came (refused, timed out, undecodable), for callers that tell them apart."""
 
     @property
     def ready(self) -> bool:
@@ -29,27 +36,39 @@ class Health:
     def reachable(self) -> bool:
         return self.status != "unreachable"
 
+    @property
+    def from_llmctl(self) -> bool:
+        """Whether the answer is llmctl's own (it names one of llmctl's statuses)."""
+        return self.body.get("status") in LLMCTL_STATUSES
+
 
 def get_health(url: str, *, timeout: float = 10.0) -> Health:
-    """Ask the service at ``url`` how it is; never raises for a service that is down."""
+    """Ask the service at ``url`` how it is; never raises for a service that is down or is not one."""
     try:
         response = httpx.get(url.rstrip("/") + "/health", timeout=timeout)
     except httpx.TransportError as exc:
-        return Health(url, "unreachable", error=reason(exc))
+        return Health(url, "unreachable", error=reason(exc), exception=exc)
+    except httpx.HTTPError as exc:  # e.g. a body that cannot be decoded: someone answered, but not sensibly
+        return Health(url, "error", error=f"{url} {NOT_A_SERVICE} ({reason(exc)})", exception=exc)
+    code = response.status_code
     try:
         body = response.json()
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        if response.status_code == 200:  # vLLM and TGI answer an empty 200 when they are up
+        if code == 200 and not response.content.strip():  # vLLM and TGI answer an empty 200 when they are up
             return Health(url, "ready", {}, 200)
-        return Health(url, "error", http_status=response.status_code,
-                      error=f"/health answered {response.status_code} without a JSON object; "
-                            "is this an llmctl service?")
-    status = str(body.get("status") or ("ready" if response.status_code == 200 else "error"))
-    if response.status_code == 200 and status == "ok":  # llama.cpp's server
+        # Anything else (a web server's "It works" page, a proxy's error page) is not a model service.
+        kind = response.headers.get("content-type", "").split(";")[0].strip() or "no content type"
+        return Health(url, "error", http_status=code, error=f"{url} {NOT_A_SERVICE} (HTTP {code}, {kind})")
+    status = str(body.get("status") or ("ready" if code == 200 else "error"))
+    if code == 200 and status == "ok":  # llama.cpp's server
         status = "ready"
-    return Health(url, status, body, response.status_code, body.get("error"))
+    error = body.get("error")
+    if "status" not in body and code != 200:
+        said = _message_of(body) if error else None
+        error = f"{url} {NOT_A_SERVICE} (HTTP {code}{': ' + said[:200] if said else ''})"
+    return Health(url, status, body, code, error if error is None else str(error))
 
 
 def wait_for_health(url: str, wait_s: float, *, interval: float = 0.5, timeout: float = 10.0,

@@ -45,13 +45,16 @@ class ProviderError(ClientError):
 
 
 class AllProvidersFailed(ClientError):
-    """Every provider in the fallback chain failed; ``failures`` maps each one to its error."""
+    """Every provider in the fallback chain failed or was skipped: ``failures`` maps each one asked to its
+    error, ``skipped`` each one left out while it cools down to why."""
 
     status = 503
 
-    def __init__(self, failures: dict[str, ProviderError]) -> None:
-        super().__init__("No provider could answer: " + "; ".join(f"{e.message}" for e in failures.values()))
-        self.failures = failures
+    def __init__(self, failures: dict[str, ProviderError], skipped: dict[str, str] | None = None) -> None:
+        self.failures, self.skipped = failures, dict(skipped or {})
+        said = {name: e.message for name, e in failures.items()} | self.skipped
+        names = sorted(said, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+        super().__init__("No provider could answer: " + "; ".join(said[n].rstrip(". ") for n in names) + ".")
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,10 @@ def _error_message(response: httpx.Response) -> str:
     try:
         return _message_of(response.json())
     except (ValueError, AttributeError):
-        return response.text.strip()[:300] or response.reason_phrase
+        pass
+    if "html" in response.headers.get("content-type", ""):  # a web server's or proxy's error page
+        return f"{response.reason_phrase} (an HTML page: is this an OpenAI-compatible server?)"
+    return " ".join(response.text.split())[:300] or response.reason_phrase
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from flask import Flask, Response, request
 from werkzeug.serving import make_server
@@ -331,7 +332,30 @@ def test_all_providers_failing_lists_each(stand_in):
             pytest.raises(AllProvidersFailed) as info:
         client.chat("hi")
     assert set(info.value.failures) == {"self", "together", "openai"}
-    assert "together says 500" in info.value.message and "openai says 503" in info.value.message
+    message = info.value.message
+    assert "together says 500; OpenAI at" in message and message.endswith("openai says 503.")
+    assert "(Connection refused); Together AI at" in message and ".;" not in message
+
+
+def test_all_providers_failing_names_the_one_skipped_while_it_cools_down(stand_in):
+    """Without the skipped one, the message blamed only OpenAI, and the user did not know the service
+    was not even asked."""
+    flaky = stand_in("self", fail=500)
+    openai = stand_in("openai")
+    now = [0.0]
+    with quick_client(settings(flaky.url, openai=openai, retry_attempts=0, cooldown_seconds=30), [],
+                      clock=lambda: now[0], failures_before_cooldown=1) as client:
+        assert client.chat("hi").provider == "openai"  # the service failed once: it cools down
+        openai.fail = 500
+        now[0] += 10
+        with pytest.raises(AllProvidersFailed) as info:
+            client.chat("hi")
+    message = info.value.message
+    skipped = f"The llmctl service at {flaky.url} skipped: it kept failing (cooling down for 20 s more)"
+    assert skipped in message
+    assert "openai says 500" in message and message.index("llmctl service") < message.index("OpenAI")
+    assert info.value.skipped.keys() == {"self"} and info.value.failures.keys() == {"openai"}
+    assert len(flaky.requests) == 1
 
 
 def test_stream_falls_back_before_the_first_byte(stand_in):
@@ -380,6 +404,35 @@ def test_batch_chat_bounds_concurrency_and_keeps_order(stand_in):
         results = batch_chat(client, prompts)
     assert [r.content for r in results] == [f"self: p{i}" for i in range(9)]
     assert server.max_in_flight == 3
+
+
+def test_a_batch_larger_than_the_connection_pool_waits_for_a_connection(stand_in):
+    """The client keeps max(16, 2 x batch_size) connections; a batch_chat of 48 at once used to fail the
+    third wave with "could not be reached within 2 s" after waiting that long for a free connection."""
+    server = stand_in("self", delay=1.2)
+    prompts = [f"p{i}" for i in range(48)]
+    with quick_client(settings(server.url, batch_size=1, timeout_seconds=2, retry_attempts=0)) as client:
+        results = batch_chat(client, prompts, batch_size=48, return_exceptions=True)
+    assert [getattr(r, "message", None) for r in results if not isinstance(r, ChatResult)] == []
+    assert [r.content for r in results] == [f"self: {p}" for p in prompts]
+    assert len(server.requests) == 48 and server.max_in_flight == 16
+
+
+def test_waiting_for_a_pool_connection_is_not_called_unreachable(stand_in):
+    """With an httpx.Client of one's own that bounds the wait for a connection, running out of them is
+    said as such: the provider was never asked, so it is neither unreachable nor failed over."""
+    server = stand_in("self", delay=1.0)
+    openai = stand_in("openai")
+    http = httpx.Client(limits=httpx.Limits(max_connections=1), timeout=httpx.Timeout(5, pool=0.2))
+    with http, quick_client(settings(server.url, openai=openai), [], http=http) as client:
+        results = batch_chat(client, ["a", "b"], batch_size=2, return_exceptions=True)
+    answered = [r for r in results if isinstance(r, ChatResult)]
+    refused = [r for r in results if isinstance(r, ProviderError)]
+    assert len(answered) == 1 and answered[0].provider == "self" and len(refused) == 1
+    message = refused[0].message
+    assert "was not asked: no connection of the HTTP client's pool came free" in message
+    assert "could not be reached" not in message and not refused[0].unreachable
+    assert len(server.requests) == 1 and openai.requests == []
 
 
 def test_batch_chat_failures(stand_in):

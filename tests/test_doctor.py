@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 from collections import namedtuple
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -133,8 +134,52 @@ def _no_chat_template(m: Path) -> None:
     (m / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
 
 
+def _weight_index(weight_map: object) -> Callable[[Path], None]:
+    """An index beside model.safetensors whose weight_map is ``weight_map`` (as in a hand-edited download)."""
+    def breakage(m: Path) -> None:
+        index = {"metadata": {}, "weight_map": weight_map}
+        (m / "model.safetensors.index.json").write_text(json.dumps(index))
+    return breakage
+
+
+def _model_type_list(m: Path) -> None:
+    config = json.loads((m / "config.json").read_text())
+    config["model_type"] = ["llama"]
+    (m / "config.json").write_text(json.dumps(config))
+
+
+def _empty_tokenizer(m: Path) -> None:
+    (m / "tokenizer.json").write_bytes(b"")
+
+
+def _tokenizer_not_json(m: Path) -> None:
+    (m / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+
+
+def _chat_template_syntax_error(m: Path) -> None:
+    (m / "chat_template.jinja").write_text("{% for message in messages %}{{ message.content }\n{% endfor %}")
+
+
+def _tokenizer_config_template_syntax_error(m: Path) -> None:
+    _no_chat_template(m)
+    tokenizer_config = json.loads((m / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = "{% if messages %}{{ messages[0].content }}"  # no endif
+    (m / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+
 @pytest.mark.parametrize(("breakage", "check", "status", "words"), [
     (_no_config, "config", "failure", "has no config.json"),
+    (_weight_index(None), "weights", "failure", "not a valid weight index: it needs a \"weight_map\" object"),
+    (_weight_index(["model.safetensors"]), "weights", "failure", "needs a \"weight_map\" object"),
+    (_weight_index({"lm_head.weight": 5}), "weights", "failure",
+     "tensor 'lm_head.weight' maps to 5, not a shard file name"),
+    (_model_type_list, "architecture", "failure", "model_type is ['llama'], not a name"),
+    (_empty_tokenizer, "tokenizer", "failure", "Empty tokenizer file(s) (0 bytes): tokenizer.json"),
+    (_tokenizer_not_json, "tokenizer", "failure", "tokenizer.json is not valid JSON"),
+    (_chat_template_syntax_error, "chat_template", "failure",
+     "The chat template in chat_template.jinja does not compile: line 1: unexpected '}'"),
+    (_tokenizer_config_template_syntax_error, "chat_template", "failure",
+     "The chat template in tokenizer_config.json does not compile: line 1: Unexpected end of template"),
     (_missing_shard, "weights", "failure", "1 missing shard(s): model-00002-of-00002.safetensors"),
     (_empty_weights, "weights", "failure", "(0 bytes): model.safetensors"),
     (_corrupt_header, "weights", "failure", "corrupt header"),
@@ -534,9 +579,41 @@ def test_connection_refused():
 @pytest.mark.parametrize(("code", "body", "status", "words"), [
     (503, {"status": "loading"}, "warning", "still loading"),
     (503, {"status": "error", "error": "out of memory"}, "failure", "failed to load its model: out of"),
-    (404, "<html>no</html>", "failure", "is not llmctl's"),
+    (404, "<html>no</html>", "failure", "answers, but /health is not an llmctl/OpenAI-compatible service's"),
+    (200, "<html>It works!</html>", "failure", "is not an llmctl/OpenAI-compatible service's (HTTP 200"),
 ])
 def test_service_status_is_reported(fake_server, code, body, status, words):
     url, _ = fake_server(code, body)
     check = doc.check_service(url)
     assert check.status == status and words in check.finding and check.fix
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ("", "an OpenAI-compatible server that does not report its model or device"),  # vLLM, TGI
+    ({"status": "ok"}, "an OpenAI-compatible server that does not report its model or device"),  # llama.cpp
+    ({"status": "ready", "model": "m", "device": "cuda"}, "is ready: model m, device cuda"),
+])
+def test_other_servers_that_are_up_are_ready_without_none_fields(fake_server, body, words):
+    url, _ = fake_server(200, body)
+    check = doc.check_service(url)
+    assert check.status == "ok" and words in check.finding and "None" not in check.finding
+
+
+def test_a_check_that_crashes_is_a_failure_and_the_others_still_report(monkeypatch, tiny_model):
+    """Every crash that real files could cause is fixed; the guard is for the next one, so here two checks
+    are made to raise (the only fake in this test) to show what the user would then see."""
+    def crash(*args):
+        raise KeyError("hidden_size")
+
+    monkeypatch.delenv("LLMCTL_DEBUG", raising=False)
+    monkeypatch.setattr(doc, "check_fit", crash)
+    monkeypatch.setattr(doc, "check_port", crash)
+    code, report = doctor_json("--model-path", str(tiny_model))
+    checks = by_id(report)
+    assert code == 1 and checks["fit"]["status"] == "failure" and checks["port"]["status"] == "failure"
+    assert checks["fit"]["finding"] == "Could not check: KeyError: 'hidden_size'"
+    assert "LLMCTL_DEBUG=1" in checks["fit"]["fix"]
+    assert checks["weights"]["status"] == "ok" and checks["disk"]["status"] == "ok"
+    monkeypatch.setattr(doc, "check_model", crash)
+    code, report = doctor_json("--model-path", str(tiny_model))
+    assert by_id(report)["model_files"]["finding"] == "Could not check: KeyError: 'hidden_size'"

@@ -34,8 +34,21 @@ def test_foreign_health_shows_the_status_code_not_the_body(fake_server):  # noqa
     url, _ = fake_server(404, {"error": {"message": "Not Found", "type": "not_found_error"}})
     check = doc.check_service(url)
     assert check.status == "failure"
-    assert "is not llmctl's (HTTP 404: Not Found)" in check.finding and "{" not in check.finding
-    assert check.details["http_status"] == 404
+    assert "is not an llmctl/OpenAI-compatible service's (HTTP 404: Not Found)" in check.finding
+    assert "{" not in check.finding and check.details["http_status"] == 404
+
+
+@pytest.mark.parametrize(("url", "words"), [
+    ("http://[::1", "not a valid URL (Invalid IPv6 URL): 'http://[::1'"),  # crashed with httpx.InvalidURL
+    ("http://127.0.0.1:99999", "not a valid URL (Port out of range 0-65535)"),  # said "Connection refused"
+    ("ftp://127.0.0.1:8080", "must be an http:// or https:// URL with a host"),
+])
+def test_a_bad_url_is_a_failure_that_says_so(url, words):
+    code, report = doctor_json("--model-path", "/nonexistent", "--url", url)
+    service = by_id(report)["service"]
+    assert code == 1 and service["status"] == "failure", service
+    assert service["finding"].startswith(f"--url: {words}")
+    assert "Connection refused" not in service["finding"] and "port from 1 to 65535" in service["fix"]
 
 
 # ---- --config --------------------------------------------------------------------------------------

@@ -247,3 +247,16 @@ def test_health_of_other_servers_that_are_up_is_ready(stand_in, health):
     result = invoke("health", "--url", server.url, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["status"] in ("ok", "ready")
+
+
+def test_health_of_a_web_page_is_not_ready(stand_in):
+    """A web server's "It works" page at /health used to count as ready (exit 0): only an empty 200 is."""
+    server = stand_in("other", health="<html><body><h1>It works!</h1></body></html>")
+    result = CliRunner().invoke(app, ["health", "--url", server.url], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    out = flat(result.stdout)
+    assert "Status │ error" in out
+    assert "answers, but /health is not an llmctl/OpenAI-compatible service's" in out
+    assert "HTTP 200, text/html" in out
+    body = json.loads(invoke("health", "--url", server.url, "--json").stdout)
+    assert body["status"] == "error" and "not an llmctl/OpenAI-compatible service's" in body["error"]

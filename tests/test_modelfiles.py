@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +60,34 @@ def test_index_names_missing_shard(tiny_model, tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match="missing: model-00002-of-00002.safetensors"):
         inspect_model_path(folder)
+
+
+MALFORMED_INDEXES = [
+    ({"weight_map": None}, "it needs a \"weight_map\" object"),
+    ({"weight_map": ["model.safetensors"]}, "it needs a \"weight_map\" object"),
+    (["model.safetensors"], "it needs a \"weight_map\" object"),
+    ({"weight_map": {"lm_head.weight": 5}}, "tensor 'lm_head.weight' maps to 5, not a shard file name"),
+]
+
+
+@pytest.mark.parametrize(("index", "words"), MALFORMED_INDEXES)
+def test_malformed_weight_index(tiny_model, tmp_path, index, words):
+    folder = copy_model(tiny_model, tmp_path / "m")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="is not a valid weight index") as info:
+        inspect_model_path(folder)
+    assert words in info.value.message
+
+
+def test_serve_reports_a_malformed_index_in_one_line(tiny_model, tmp_path):
+    """`llmctl serve` runs the same checks before it opens its port: one red line, no traceback."""
+    folder = copy_model(tiny_model, tmp_path / "m")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": None}))
+    command = [sys.executable, "-m", "llmctl", "serve", "--port", "0", "--model-path", str(folder)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "COLUMNS": "300"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout
+    assert "Error:" in result.stderr and "is not a valid weight index" in result.stderr
 
 
 def test_no_tokenizer(tiny_model, tmp_path):

@@ -22,7 +22,6 @@ from llmctl.probe import Health, get_health, wait_for_health
 from llmctl.repl import run_repl
 
 # The statuses llmctl's own /health reports; any other answer comes from another kind of server.
-LLMCTL_STATUSES = ("ready", "loading", "error", "shutting_down")
 ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -148,9 +147,9 @@ def check_service(client: Client) -> None:
             health = wait_for_health(url, settings.timeout_seconds, interval=1.0)
         declared = _declared(health)
     if declared == "ready":
-        body = health.body
-        console.print(f"Connected to {escape(url)}: {escape(str(body.get('model')))} on "
-                      f"{escape(str(body.get('device')))}.", style="dim", highlight=False)
+        model, device = health.body.get("model"), health.body.get("device")
+        about = f": {model}" + (f" on {device}" if device else "") if model else ""
+        console.print(f"Connected to {escape(url)}{escape(about)}.", style="dim", highlight=False)
         return
     if declared is None:
         _foreign(health)
@@ -167,15 +166,14 @@ def _declared(health: Health) -> str | None:
     """llmctl's status (or "unreachable"); None for an answer that is not llmctl's."""
     if not health.reachable:
         return "unreachable"
-    status = health.body.get("status")
-    return status if status in LLMCTL_STATUSES else None
+    return health.body["status"] if health.from_llmctl else None
 
 
 def _foreign(health: Health) -> None:
     """Another OpenAI-compatible server (llama.cpp says {"status": "ok"}, vLLM an empty 200; some have no
     /health at all): it cannot tell us about loading, so the first answer will tell."""
     code = health.http_status
-    if code is not None and (200 <= code < 300 or code == 404):
+    if health.ready or code == 404:
         note = "" if code != 404 else " (it has no /health, so it is not checked)"
         console.print(f"Connected to {escape(health.url)}{note}.", style="dim", highlight=False)
         return

@@ -52,15 +52,19 @@ def read_config(folder: Path) -> dict:
             f"{folder} has no config.json, so it is not a Hugging Face model folder. "
             "Point --model-path at the folder that holds config.json, or at a single .gguf file."
         )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{config_path} is not valid JSON ({exc}).") from exc
-    except OSError as exc:
-        raise ModelLoadError(f"Cannot read {config_path}: {exc.strerror}.") from exc
+    config = _read_json(config_path, "valid JSON")
     if not isinstance(config, dict):
         raise ModelLoadError(f"{config_path} must hold a JSON object.")
     return config
+
+
+def _read_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not {what} ({exc}).") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot read {path}: {exc.strerror}.") from exc
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -71,15 +75,26 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.bin") if p.name.startswith(("pytorch_model", "model")))
 
 
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a weight index (tensor name -> shard file); a ModelLoadError says why not."""
+    index = _read_json(index_path, "a valid weight index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ModelLoadError(f"{index_path} is not a valid weight index: it needs a \"weight_map\" object "
+                             "(tensor name -> shard file).")
+    bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise ModelLoadError(f"{index_path} is not a valid weight index: tensor {bad!r} maps to "
+                             f"{weight_map[bad]!r}, not a shard file name.")
+    return weight_map
+
+
 def missing_shards(folder: Path) -> tuple[Path | None, list[str]]:
     """The weight index in a folder (if any) and the shard files it names that are missing."""
     for index_name in WEIGHT_INDEXES:
         index_path = folder / index_name
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-                raise ModelLoadError(f"{index_path} is not a valid weight index ({exc}).") from exc
+            weight_map = read_weight_map(index_path)
             shards = sorted(set(weight_map.values()))
             return index_path, [s for s in shards if not (folder / s).is_file()]
     return None, []
