@@ -297,9 +297,9 @@ def test_small_requests_overtake_one_that_does_not_fit_yet(tiny_model):
     slow_down(service, 0.02)
     engine = service.engine
 
-    def submit(max_tokens: int) -> Sequence:
-        return engine.submit(Sequence([5, 6, 7, 8], SamplingParams(max_tokens=max_tokens, temperature=0,
-                                                                    ignore_eos=True)))
+    def submit(max_tokens: int, prompt_tokens: int = 4) -> Sequence:
+        return engine.submit(Sequence([5 + i % 50 for i in range(prompt_tokens)], SamplingParams(
+            max_tokens=max_tokens, temperature=0, ignore_eos=True)))
 
     def finish_time(seq: Sequence) -> float:
         while not isinstance(seq.events.get(timeout=60), Finish):
@@ -307,14 +307,40 @@ def test_small_requests_overtake_one_that_does_not_fit_yet(tiny_model):
         return time.monotonic()
 
     try:
-        # Reservations (prompt 4 + max_tokens) in the padded layout: rows x the longest row.
-        first = submit(60)  # 64
+        # Admission charges rows x the widest row, each row's context plus up to 128 tokens of growth.
+        first = submit(60)  # 4 + 60 = 64
         assert wait_for(lambda: engine.running == 1, 10)
-        big = submit(200)  # 204: 2 rows x 204 > 300, so it waits for `first` to finish
-        small = [submit(20) for _ in range(3)]  # 24: 4 rows x 64 <= 300, so they join `first` at once
+        big = submit(100, prompt_tokens=150)  # 150 + 100 = 250: 2 rows x 250 > 300, so it waits for `first`
+        small = [submit(20) for _ in range(3)]  # 4 + 20: 4 rows x 64 <= 300, so they join `first` at once
         small_done = max(finish_time(s) for s in small)
         first_done, big_done = finish_time(first), finish_time(big)
         assert small_done < first_done < big_done
         assert engine.stats.max_batch_size >= 4
+    finally:
+        service.shutdown()
+
+
+def test_requests_without_max_tokens_share_the_batch(tiny_model):
+    """Clients that send no max_tokens (the openai SDK's and LangChain's default) may each run to the end
+    of the context; they still run together, and the KV budget holds by preempting and resuming rows."""
+    service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=8, max_waiting=16, kv_cache_tokens=1024))
+    prompts = [f"Tell me about number {i}" for i in range(8)]
+    try:
+        with serve_in_thread(service) as url:
+            def ask(prompt):
+                r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+                    "messages": [{"role": "user", "content": prompt}], "temperature": 0, "ignore_eos": True})
+                assert r.status_code == 200, r.text
+                body = r.json()
+                return body["choices"][0]["message"]["content"], body["usage"]["total_tokens"]
+
+            alone = [ask(p) for p in prompts]
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                together = list(pool.map(ask, prompts))
+        assert together == alone
+        assert all(total == 256 for _, total in alone)  # each ran to the end of the tiny model's context
+        # A worst-case reservation (the whole context) would have let 1024 // 256 = 4 run at once.
+        assert service.engine.stats.max_batch_size >= 6
+        assert service.engine.stats.preemptions >= 1
     finally:
         service.shutdown()

@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from llmctl.engine import Engine, EngineConfig, Finish, SamplingParams, Sequence
+from llmctl.engine import engine as engine_module
 from llmctl.engine import sampling
 
 VOCAB, NEW_TOKENS = 300, 30
@@ -204,3 +205,32 @@ def test_out_of_memory_in_a_decode_step_spares_a_prompt_being_prefilled_in_chunk
     tokens, finish = drain(long_prompt)
     assert finish.reason == "length" and len(tokens) == 10
     assert engine.stats.oom_events == 1
+
+
+@pytest.mark.parametrize("params", [
+    greedy(),
+    SamplingParams(max_tokens=NEW_TOKENS, temperature=0, frequency_penalty=1.5, presence_penalty=0.5,
+                   ignore_eos=True),
+    SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=11, ignore_eos=True),
+])
+def test_rows_preempted_when_the_kv_budget_fills_resume_where_they_stopped(params, monkeypatch):
+    """A budget too small for all rows at their full length: the newest rows are preempted and later
+    resume from their prompt plus what they had generated, and every answer is the one it has alone."""
+    monkeypatch.setattr(engine_module, "ADMIT_HEADROOM", 8)  # admit more rows than fit at full length
+    model = build("llama")
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in (3, 9, 20, 33)]
+    alone = []
+    for prompt in prompts:
+        seq = Sequence(list(prompt), params)
+        run_in_steps(Engine(model, frozenset(), EngineConfig()), {0: [seq]})
+        alone.append(drain(seq))
+    if params.greedy and not params.penalized:
+        assert [tokens for tokens, _ in alone] == [reference(model, p) for p in prompts]
+    # Admitted together, three rows would grow to 3 x 50 slots in the padded layout; the budget is 120.
+    engine = Engine(model, frozenset(), EngineConfig(kv_cache_tokens=120))
+    seqs = [Sequence(list(p), params) for p in prompts]
+    run_in_steps(engine, {0: seqs}, max_steps=500)
+    assert engine.stats.preemptions >= 1
+    assert [drain(seq) for seq in seqs] == alone
+    assert engine.stats.prompt_tokens == sum(len(p) for p in prompts)  # a resumption is not a new prompt

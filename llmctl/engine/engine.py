@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
 TRIM_EVERY_S = 10.0  # how often freed heap memory is handed back to the OS
-OVERTAKE_S = 5.0  # how long smaller requests may pass one whose KV reservation does not fit yet
+OVERTAKE_S = 5.0  # how long smaller requests may pass one that does not fit yet
+ADMIT_HEADROOM = 128  # tokens of growth each row must have room for when a new row is admitted
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Sequence:
         self.cancelled = False
         self.done = False
         self.generated = 0
+        self.output_ids: list[int] = []  # generated tokens, to resume after a preemption
+        self.preemptions = 0
         # Filled by the engine before each token's event when params.logprobs is set: entry i is token i's.
         self.logprobs: list[TokenLogprobs] = []
         self.generator: torch.Generator | None = None
@@ -84,7 +87,18 @@ class Sequence:
 
     @property
     def reserved_tokens(self) -> int:
+        """The most KV cache this sequence can ever need: prompt + max_tokens."""
         return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What a prefill feeds: the prompt, and after a preemption what was generated so far."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+
+    @property
+    def admit_tokens(self) -> int:
+        """The row width admission charges: the context now, plus room to grow for a while."""
+        return len(self.prompt_ids) + self.generated + min(self.params.max_tokens - self.generated, ADMIT_HEADROOM)
 
 
 @dataclass
@@ -107,6 +121,7 @@ class EngineStats:
     last_batch_size: int = 0
     max_batch_size: int = 0
     oom_events: int = 0
+    preemptions: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=512))  # (time, tokens) per step
 
     def tokens_per_second(self, window: float = 10.0) -> float:
@@ -237,32 +252,37 @@ class Engine:
     def _admit(self) -> list[Sequence]:
         """New sequences for one prefill: as many as the slot, KV and token budgets allow.
 
-        A request whose KV reservation does not fit yet may be overtaken by smaller ones behind
-        it, but only for OVERTAKE_S: after that nothing passes it, so the batch drains until it fits.
+        KV admission is optimistic, as in paged servers: a row is charged its context now plus
+        ADMIT_HEADROOM tokens, not its whole max_tokens, and when the rows outgrow the budget the
+        newest ones are preempted (`_make_room`). A request that does not fit yet may be overtaken
+        by smaller ones behind it, but only for OVERTAKE_S: after that nothing passes it.
         """
         cfg = self.config
         running = self._batch.seqs if self._batch else []
         chosen: list[Sequence] = []
-        longest = max((s.reserved_tokens for s in running), default=0)
+        # The running rows' width in a while: now, plus what they may still generate (up to the headroom).
+        longest = self._batch.mask.shape[1] + min(
+            ADMIT_HEADROOM, max(s.params.max_tokens - s.generated for s in running)) if self._batch else 0
         now = time.monotonic()
         with self._cond:
             for seq in list(self._waiting):
                 if len(running) + len(chosen) >= cfg.max_num_seqs:
                     break
-                new_longest = max(longest, seq.reserved_tokens)
+                new_longest = max(longest, seq.admit_tokens)
                 # Padded layout: every row is as long as the longest one.
                 if (len(running) + len(chosen) + 1) * new_longest > cfg.kv_cache_tokens and (running or chosen):
                     if now - seq.arrived >= OVERTAKE_S:
                         break
                     continue
-                prompt_max = max([len(s.prompt_ids) for s in chosen] + [len(seq.prompt_ids)])
+                context = len(seq.context_ids)
+                prompt_max = max([len(s.context_ids) for s in chosen] + [context])
                 if chosen and (len(chosen) + 1) * prompt_max > cfg.max_batched_tokens:
                     break
                 self._waiting.remove(seq)
-                seq.admitted = now
+                seq.admitted = seq.admitted or now
                 chosen.append(seq)
                 longest = new_longest
-                if len(seq.prompt_ids) > cfg.max_batched_tokens:
+                if context > cfg.max_batched_tokens:
                     break  # a long prompt is prefilled alone, in chunks
         return chosen
 
@@ -271,7 +291,7 @@ class Engine:
             chosen = self._admit()
             if not chosen:
                 return
-            if len(chosen) == 1 and len(chosen[0].prompt_ids) > self.config.max_batched_tokens:
+            if len(chosen) == 1 and len(chosen[0].context_ids) > self.config.max_batched_tokens:
                 self._prefilling = chosen[0]
             else:
                 self._run_prefill(chosen, self._prefill_batch)
@@ -285,7 +305,7 @@ class Engine:
             if batch is None:
                 return  # more chunks to go
             self.stats.prefills += 1
-            self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
+            self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs if not s.preemptions)
             self._emit(batch, self._sample(batch, batch.last_logits))
             del batch.last_logits
             kept = [i for i, s in enumerate(batch.seqs) if not s.done]
@@ -320,13 +340,14 @@ class Engine:
         self._batch.sampler = None  # composition changed
 
     def _prefill_batch(self, seqs: list[Sequence]) -> _Batch:
-        lengths = [len(s.prompt_ids) for s in seqs]
+        contexts = [s.context_ids for s in seqs]
+        lengths = [len(c) for c in contexts]
         width = max(lengths)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
-            mask[row, width - len(seq.prompt_ids):] = 1
+        for row, context in enumerate(contexts):
+            ids[row, width - len(context):] = torch.tensor(context)
+            mask[row, width - len(context):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = _full_cache()
@@ -339,11 +360,12 @@ class Engine:
 
     def _prefill_chunk(self, seqs: list[Sequence]) -> _Batch | None:
         (seq,) = seqs
-        start, total = seq.prefilled, len(seq.prompt_ids)
+        context = seq.context_ids
+        start, total = seq.prefilled, len(context)
         end = min(total, start + self.config.max_batched_tokens)
         if seq.prefill_cache is None:
             seq.prefill_cache = _full_cache()
-        ids = torch.tensor([seq.prompt_ids[start:end]], device=self.device)
+        ids = torch.tensor([context[start:end]], device=self.device)
         out = self._forward(
             input_ids=ids,
             attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
@@ -363,7 +385,33 @@ class Engine:
     def _forward(self, cache: DynamicCache, **kwargs):
         return self.model(**kwargs, **{self._cache_kw: cache}, use_cache=True)
 
+    def _make_room(self) -> None:
+        """Preempt the newest rows while the next decode step would take the cache over the KV budget.
+
+        A preempted sequence goes back to the front of the queue with what it generated so far; when
+        it is admitted again, its prompt and those tokens are prefilled anew and it carries on where it
+        stopped (recompute preemption, as vLLM does), the client seeing only a pause. The oldest row
+        always stays: alone it fits, since no request may need more than the whole budget.
+        """
+        batch = self._batch
+        pending = len(self._prefilling.context_ids) if self._prefilling else 0  # its chunks hold cache too
+        victims = []
+        while len(batch.seqs) > 1 and len(batch.seqs) * (batch.mask.shape[1] + 1) + pending > \
+                self.config.kv_cache_tokens:
+            victims.append(batch.seqs[-1])  # rows are in admission order: the last is the newest
+            _select_rows(batch, list(range(len(batch.seqs) - 1)))
+        if not victims:
+            return
+        with self._cond:
+            for seq in victims:  # the oldest victim ends up first in the queue
+                seq.preemptions += 1
+                seq.prefilled, seq.prefill_cache = 0, None
+                self._waiting.appendleft(seq)
+        self.stats.preemptions += len(victims)
+        log.info("KV budget full: preempted %d sequence(s); they resume when there is room", len(victims))
+
     def _decode(self) -> None:
+        self._make_room()
         batch = self._batch
         assert batch is not None
         rows = len(batch.seqs)
@@ -388,6 +436,10 @@ class Engine:
         if batch.sampler is None:
             if any(s.params.penalized for s in batch.seqs) and batch.counts is None:
                 batch.counts = torch.zeros((len(batch.seqs), logits.shape[-1]), device=self.device)
+                for row, seq in enumerate(batch.seqs):  # a resumed sequence counts what it generated before
+                    if seq.output_ids and seq.params.penalized:
+                        batch.counts[row] = torch.bincount(
+                            torch.tensor(seq.output_ids, device=self.device), minlength=logits.shape[-1])
             batch.sampler = BatchSampler(logits.shape[-1], self.device)
             batch.sampler.refresh([s.params for s in batch.seqs], [s.generator for s in batch.seqs], batch.counts)
         tokens = batch.sampler.sample(logits)
@@ -404,6 +456,7 @@ class Engine:
             if token in self.eos and not seq.params.ignore_eos:
                 self._finish(seq, "stop")
                 continue
+            seq.output_ids.append(token)
             seq.events.put(token)
             if seq.generated >= seq.params.max_tokens:
                 self._finish(seq, "length")

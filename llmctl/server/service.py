@@ -165,6 +165,7 @@ class Service:
             "engine_tokens_per_second": round(engine.stats.tokens_per_second(), 2) if engine else 0.0,
             "engine_steps": engine.stats.steps if engine else 0,
             "oom_events": engine.stats.oom_events if engine else 0,
+            "preemptions": engine.stats.preemptions if engine else 0,
         }
         return body
 
