@@ -228,3 +228,12 @@ def test_no_chat_template_falls_back(tmp_path, caplog):
             assert r.status_code == 200
     finally:
         service.shutdown()
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token(client):
+    """OpenAI accepts top_p 0; some clients send it to mean greedy."""
+    greedy = chat(client, max_tokens=12, temperature=0, ignore_eos=True).json()["choices"][0]["message"]
+    for seed in (1, 2):
+        r = chat(client, max_tokens=12, temperature=1.5, top_p=0, seed=seed, ignore_eos=True)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"] == greedy

@@ -63,7 +63,10 @@ def test_huge_body_is_cut_off_before_it_is_buffered(client):
 @pytest.mark.parametrize(("body", "param"), [
     ({"messages": USER, "temperature": "hot"}, "temperature"),
     ({"messages": USER, "temperature": 3}, "temperature"),
-    ({"messages": USER, "top_p": 0}, "top_p"),
+    ({"messages": USER, "top_p": -0.1}, "top_p"),
+    ({"messages": USER, "max_tokens": "10"}, "max_tokens"),  # numeric strings are not numbers either
+    ({"messages": USER, "temperature": "0.5"}, "temperature"),
+    ({"messages": USER, "seed": "5"}, "seed"),
     ({"messages": USER, "max_tokens": 0}, "max_tokens"),
     ({"messages": USER, "max_tokens": "ten"}, "max_tokens"),
     ({"messages": USER, "presence_penalty": 9}, "presence_penalty"),

@@ -102,6 +102,26 @@ def test_timeout_during_stream_reports_error_in_band(slow_server):
     assert wait_for(lambda: service.engine.running == 0, 2)
 
 
+def test_metrics_count_how_generations_ended(slow_server):
+    """A stream that times out was answered 200; the finish counters still show how it ended.
+    The request counters count the API only, not health probes."""
+    service, url = slow_server
+    before = httpx.get(url + "/metrics").json()
+    for _ in range(3):
+        httpx.get(url + "/health")
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, json={
+            "messages": USER, "max_tokens": 200, "ignore_eos": True, "timeout": 0.5, "stream": True}) as r:
+        assert r.status_code == 200 and '"timeout_error"' in list(r.iter_lines())[-2]
+    assert httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2}).status_code == 200
+    assert wait_for(lambda: httpx.get(url + "/metrics").json()["finish_reasons"].get("timeout", 0)
+                    == before["finish_reasons"].get("timeout", 0) + 1, 5)
+    after = httpx.get(url + "/metrics").json()
+    assert after["requests_total"] == before["requests_total"] + 2
+    assert sum(after["finish_reasons"].values()) == sum(before["finish_reasons"].values()) + 2
+    text = httpx.get(url + "/metrics", params={"format": "prometheus"}).text
+    assert 'llmctl_request_finished_total{reason="timeout"}' in text
+
+
 def test_client_disconnect_cancels_generation(slow_server):
     service, url = slow_server
     before = service.engine.stats.tokens_generated
@@ -325,6 +345,13 @@ def test_requests_without_max_tokens_share_the_batch(tiny_model):
     of the context; they still run together, and the KV budget holds by preempting and resuming rows."""
     service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=8, max_waiting=16, kv_cache_tokens=1024))
     prompts = [f"Tell me about number {i}" for i in range(8)]
+    model, engine = service.engine.model, service.engine
+    real, gate = model.forward, threading.Event()
+
+    def forward(*args, **kwargs):  # together: hold the first step until all eight have arrived
+        gate.wait(30)
+        return real(*args, **kwargs)
+
     try:
         with serve_in_thread(service) as url:
             def ask(prompt):
@@ -335,12 +362,18 @@ def test_requests_without_max_tokens_share_the_batch(tiny_model):
                 return body["choices"][0]["message"]["content"], body["usage"]["total_tokens"]
 
             alone = [ask(p) for p in prompts]
+            assert engine.stats.preemptions == 0
+            model.forward = forward
+            gate.clear()
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
-                together = list(pool.map(ask, prompts))
+                futures = [pool.submit(ask, p) for p in prompts]
+                assert wait_for(lambda: engine.waiting + engine.running == 8, 10)
+                gate.set()
+                together = [f.result() for f in futures]
         assert together == alone
         assert all(total == 256 for _, total in alone)  # each ran to the end of the tiny model's context
         # A worst-case reservation (the whole context) would have let 1024 // 256 = 4 run at once.
-        assert service.engine.stats.max_batch_size >= 6
-        assert service.engine.stats.preemptions >= 1
+        assert engine.stats.max_batch_size >= 6
+        assert engine.stats.preemptions >= 1
     finally:
         service.shutdown()

@@ -39,6 +39,8 @@ def test_underscore_flags_and_env(server_process, tiny_model):
 @pytest.mark.parametrize(("args", "message"), [
     (["--load_in_8bit", "--load-in-4bit"], "cannot be used together"),
     (["--model-path", "/nonexistent/model"], "does not exist"),
+    # A long path: still one line of stderr (log collectors split records at newlines).
+    (["--model-path", "/nonexistent/" + "a-rather-long-folder-name/" * 6 + "model"], "does not exist"),
     (["--device", "cuda"], "no CUDA device"),
 ])
 def test_bad_start_fails_fast_with_one_line(args, message):
@@ -46,6 +48,7 @@ def test_bad_start_fails_fast_with_one_line(args, message):
     result = run_cli("serve", "--port", "0", *args)
     assert result.returncode == 1
     assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert time.monotonic() - started < 30
 

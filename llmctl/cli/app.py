@@ -41,7 +41,8 @@ def command(fn: Callable) -> Callable:
         except LLMCtlError as exc:
             if os.environ.get(envvars.DEBUG):
                 raise
-            err_console.print(f"[red]Error:[/red] {escape(exc.message)}", highlight=False)
+            # One line however long (a path, say), so that log collectors keep it as one record.
+            err_console.print(f"[red]Error:[/red] {escape(exc.message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

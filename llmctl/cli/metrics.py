@@ -127,12 +127,14 @@ def summary_table(d: dict) -> Table:
     if d.get("gpu_name"):
         device += f" ({d['gpu_name']})"
     by_status = ", ".join(f"{status}: {n:,}" for status, n in (d.get("requests_by_status") or {}).items())
+    endings = ", ".join(f"{reason}: {n:,}" for reason, n in (d.get("finish_reasons") or {}).items())
     groups: dict[str, list[tuple[str, str]]] = {
         "Service": [("Status", str(d.get("status", "-"))), ("Model", str(d.get("model_name") or "-")),
                     ("Device", device), ("Version", str(d.get("version", "-"))),
                     ("Uptime", duration(d.get("uptime_s")))],
         "Requests": [("Total", number(d.get("requests_total"))), ("Failed", number(d.get("requests_failed"))),
-                     ("By status", by_status or "-"), ("Running", number(d.get("running"))),
+                     ("By status", by_status or "-"), ("Generations ended by", endings or "-"),
+                     ("Running", number(d.get("running"))),
                      ("Waiting", number(d.get("waiting"))),
                      ("Batch size (now / max)",
                       f"{number(d.get('batch_size'))} / {number(d.get('max_batch_size_seen'))}"),

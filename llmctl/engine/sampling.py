@@ -36,7 +36,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 1e-5
+        """Temperature 0, or top_p 0 (only the most likely token is left to draw from)."""
+        return self.temperature <= 1e-5 or self.top_p <= 0.0
 
     @property
     def penalized(self) -> bool:
@@ -107,6 +108,7 @@ class BatchSampler:
             cumulative = torch.cumsum(sorted_probs, dim=-1)
             # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
             drop = cumulative - sorted_probs >= p.top_p
+            drop[0] = False
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             choice = torch.multinomial(sorted_probs, 1, generator=generator)
             return order[choice].squeeze(0)

@@ -85,6 +85,8 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
 
     @app.after_request
     def _count(response: Response):
+        if request.method == "OPTIONS":  # CORS preflights are not requests to the API
+            return response
         route = request.url_rule.rule if request.url_rule else "unmatched"
         service.metrics.count_request(route, response.status_code)
         return response

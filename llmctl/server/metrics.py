@@ -32,7 +32,8 @@ class ServiceMetrics:
     def __init__(self, window: int = 1000) -> None:
         self.started = time.time()
         self._lock = threading.Lock()
-        self.requests: dict[str, int] = {}
+        self.requests: dict[str, int] = {}  # API requests (/v1/...) by HTTP status
+        self.finished: dict[str, int] = {}  # generations by how they ended
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.latency: deque[float] = deque(maxlen=window)
@@ -43,6 +44,8 @@ class ServiceMetrics:
         r = self.registry
         self.p_requests = Counter("llmctl_requests", "HTTP requests by route and status.", ["route", "status"],
                                   registry=r)
+        self.p_finished = Counter("llmctl_request_finished", "Generations by how they ended: stop, length, "
+                                  "timeout, cancelled (client gone) or error.", ["reason"], registry=r)
         self.p_prompt = Counter("llmctl_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.p_generation = Counter("llmctl_generation_tokens", "Tokens generated.", registry=r)
         self.p_e2e = Histogram("llmctl_e2e_request_latency_seconds", "Request latency, arrival to last token.",
@@ -66,14 +69,19 @@ class ServiceMetrics:
         self.g_rss = Gauge("llmctl_process_resident_memory_bytes", "Resident memory of the service.", registry=r)
 
     def count_request(self, route: str, status: int) -> None:
-        with self._lock:
-            key = str(status)
-            self.requests[key] = self.requests.get(key, 0) + 1
+        """Count a request; the JSON counters keep to the API, Prometheus labels every route."""
+        key = str(status)
+        if route.startswith("/v1/"):
+            with self._lock:
+                self.requests[key] = self.requests.get(key, 0) + 1
         self.p_requests.labels(route, key).inc()
 
     def record_generation(self, prompt_tokens: int, completion_tokens: int, latency: float,
-                          ttft: float | None, itl: float | None, queue_time: float | None) -> None:
+                          ttft: float | None, itl: float | None, queue_time: float | None,
+                          finish_reason: str = "stop") -> None:
+        """One generation that ended, however it ended (a stream answered 200 may still time out or fail)."""
         with self._lock:
+            self.finished[finish_reason] = self.finished.get(finish_reason, 0) + 1
             self.prompt_tokens += prompt_tokens
             self.completion_tokens += completion_tokens
             self.latency.append(latency)
@@ -83,6 +91,7 @@ class ServiceMetrics:
                 self.itl.append(itl)
             if completion_tokens and latency > 0:
                 self.tps.append(completion_tokens / latency)
+        self.p_finished.labels(finish_reason).inc()
         self.p_prompt.inc(prompt_tokens)
         self.p_generation.inc(completion_tokens)
         self.p_prompt_hist.observe(prompt_tokens)
@@ -103,6 +112,7 @@ class ServiceMetrics:
                 "requests_total": total,
                 "requests_by_status": dict(sorted(self.requests.items())),
                 "requests_failed": sum(n for s, n in self.requests.items() if not s.startswith("2")),
+                "finish_reasons": dict(sorted(self.finished.items())),
                 "prompt_tokens_total": self.prompt_tokens,
                 "completion_tokens_total": self.completion_tokens,
                 "latency_s": _summary(self.latency),

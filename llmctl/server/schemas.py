@@ -23,14 +23,16 @@ MAX_TIMEOUT_S = 300.0
 TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: str.isdigit() also accepts '²'
 
 
-def _not_bool(value: object) -> object:
-    # pydantic's lax mode reads true as 1; OpenAI's API rejects it, and so do we.
+def _a_number(value: object) -> object:
+    # pydantic's lax mode reads true as 1 and "10" as 10; OpenAI's API rejects both, and so do we.
     if isinstance(value, bool):
         raise ValueError("expected a number, got a boolean")
+    if isinstance(value, str):
+        raise ValueError(f"expected a number, got a string ({value[:20]!r})")
     return value
 
 
-Number = BeforeValidator(_not_bool)
+Number = BeforeValidator(_a_number)
 
 
 class _Lenient(BaseModel):
@@ -91,7 +93,7 @@ class ChatCompletionRequest(_Lenient):
     max_tokens: Annotated[int, Number, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Number, Field(ge=1)] | None = None
     temperature: Annotated[float, Number, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Number, Field(gt=0.0, le=1.0)] | None = None
+    top_p: Annotated[float, Number, Field(ge=0.0, le=1.0)] | None = None
     frequency_penalty: Annotated[float, Number, Field(ge=-2.0, le=2.0)] | None = None
     presence_penalty: Annotated[float, Number, Field(ge=-2.0, le=2.0)] | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None

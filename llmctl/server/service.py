@@ -277,7 +277,8 @@ class Service:
         seq = gen.seq
         latency = (gen.timing.last_token or time.monotonic()) - gen.timing.arrived
         queue_time = seq.admitted - seq.arrived if seq.admitted else None
-        self.metrics.record_generation(prompt_tokens, gen.completion_tokens, latency, gen.ttft, gen.itl, queue_time)
+        self.metrics.record_generation(prompt_tokens, gen.completion_tokens, latency, gen.ttft, gen.itl, queue_time,
+                                       gen.finish_reason or "error")
 
 
 def _sse(body: dict) -> str:
