@@ -218,6 +218,38 @@ def test_out_of_memory_fails_only_affected_requests(tiny_model):
         service.shutdown()
 
 
+def test_out_of_memory_in_a_step_spares_requests_outside_it(tiny_model):
+    """The batch that was decoding fails (its cache may be half-updated); a request still waiting for a
+    slot is not part of that step and is answered normally afterwards."""
+    service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=1, max_waiting=4, kv_cache_tokens=4096))
+    model, engine = service.engine.model, service.engine
+    real = model.forward
+    fail = threading.Event()
+
+    def forward(*args, **kwargs):
+        time.sleep(0.01)
+        if fail.is_set() and kwargs["input_ids"].shape[1] == 1:  # a decode step
+            fail.clear()
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+
+    model.forward = forward
+    body = {"messages": USER, "max_tokens": 40, "ignore_eos": True}
+    try:
+        with serve_in_thread(service) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=30)
+            assert wait_for(lambda: engine.running == 1, 10)
+            waiting = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=30)
+            assert wait_for(lambda: engine.waiting == 1, 10)
+            fail.set()
+            assert running.result().status_code == 503
+            assert running.result().json()["error"]["code"] == "out_of_memory"
+            answer = waiting.result()
+            assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 40
+    finally:
+        service.shutdown()
+
+
 def test_unexpected_engine_error_is_500_without_traceback(tiny_model):
     service = make_service(tiny_model)
     model = service.engine.model

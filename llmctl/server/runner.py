@@ -6,6 +6,7 @@ import errno
 import logging
 import signal
 import threading
+import time
 
 from waitress import create_server
 
@@ -65,7 +66,22 @@ def run_server(app, service: Service, host: str, port: int, threads: int, grace_
         log.info("Waiting up to %.0f s for %d request(s) in flight", grace_period, inflight)
     if not service.wait_idle(grace_period):
         log.warning("Grace period over with %d request(s) still running; stopping them", service.inflight)
+    _wait_for_responses(server, timeout=2.0)
     service.shutdown()
     server.close()
     log.info("Stopped")
     return 0
+
+
+def _wait_for_responses(server, timeout: float) -> None:
+    """Let the answers of the last requests reach their clients before the process exits: a handler
+    has returned once the service is idle, but waitress still has to build and send what it returned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            channels = tuple(server.active_channels.values())
+        except RuntimeError:  # the loop thread changed the map while we read it
+            continue
+        if not any(channel.requests or channel.total_outbufs_len for channel in channels):
+            return
+        time.sleep(0.02)
