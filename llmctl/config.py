@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Mapping
@@ -150,7 +151,9 @@ def read_config_file(path: Path) -> FileValues:
     values = {str(k): v for k, v in data["llm"].items()}
     for key in list(values):
         if key not in LLMSettings.model_fields or key in SECRETS:
-            hint = f"; set {ENV_VARS[key]} in the environment instead" if key in SECRETS else ""
+            close = difflib.get_close_matches(key, [k for k in LLMSettings.model_fields if k not in SECRETS], 1)
+            hint = (f"; set {ENV_VARS[key]} in the environment instead" if key in SECRETS
+                    else f" (did you mean llm.{close[0]}?)" if close else "")
             log.warning("%s, line %s: ignoring unknown setting llm.%s%s.", path, lines.get(key, "?"), key,
                         hint)
             del values[key]

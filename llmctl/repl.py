@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from llmctl.errors import LLMCtlError
 PROMPT = "[bold green]>>> [/]"
 MORE = "[dim]... [/]"
 FENCE = '"""'
+# A slash command is one word after the slash: "/usr/bin is a folder" is a message, not a command.
+COMMAND = re.compile(r"/[^/\s]+(\s|$)")
 COMMANDS = [
     ("/system [TEXT]", "Show the system prompt, or replace it with TEXT."),
     ("/reset", "Forget the conversation so far (the system prompt stays)."),
@@ -76,7 +79,7 @@ def run_repl(send: Send, console: Console, *, system: str | None = None, first: 
         pending = None
         if not text.strip():
             continue
-        if text.lstrip().startswith("/"):
+        if COMMAND.match(text.strip()):
             if run_command(text.strip(), conversation, console):
                 return conversation
             continue
@@ -92,7 +95,12 @@ def read_message(read: Callable[[str], str]) -> str:
             return rest.rstrip()[: -len(FENCE)].strip()
         lines = [rest] if rest.strip() else []
         while True:
-            more = read(MORE)
+            try:
+                more = read(MORE)
+            except EOFError:  # Ctrl-D ends the block: send what was typed (the next read leaves)
+                if any(part.strip() for part in lines):
+                    return "\n".join(lines).strip()
+                raise
             if more.rstrip().endswith(FENCE):
                 lines.append(more.rstrip()[: -len(FENCE)])
                 return "\n".join(lines).strip()

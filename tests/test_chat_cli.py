@@ -234,6 +234,21 @@ def test_read_message_forms():
     assert read_message(reader("a\\", "b\\", "c")) == "a\nb\nc"
 
 
+def test_ctrl_d_inside_a_block_sends_what_was_typed(stand_in):
+    server = stand_in("self", reply="ok")
+    result = run("-i", "--url", server.url, input='"""\nfirst line\nsecond line\n')
+    assert result.exit_code == 0, result.output
+    assert server.requests[-1]["body"]["messages"][-1]["content"] == "first line\nsecond line"
+
+
+def test_a_message_that_starts_with_a_path_is_not_a_command(stand_in):
+    server = stand_in("self", reply="ok")
+    result = run("-i", "--url", server.url, input="/usr/bin is where programs live\n")
+    assert result.exit_code == 0, result.output
+    assert "Unknown command" not in result.stdout
+    assert server.requests[-1]["body"]["messages"][-1]["content"] == "/usr/bin is where programs live"
+
+
 def test_real_sigint_stops_the_answer_without_leaving(tmp_path):
     """`llmctl chat` in a subprocess, interrupted with SIGINT while a slow provider streams."""
     slow = StandIn("self", chunk_delay=0.1)
@@ -279,10 +294,10 @@ def test_real_sigint_stops_the_answer_without_leaving(tmp_path):
 # ---- text from users and servers is shown as it is ---------------------------------------------
 def test_brackets_in_commands_and_server_errors_are_shown_literally(stand_in):
     server = stand_in("self", fail=400, message="messages.0.content: Field required [type=missing] [/foo]")
-    result = run("-i", "--url", server.url, input="/x[/b]\nhello\n")
+    result = run("-i", "--url", server.url, input="/x[bold]y\nhello\n")
     assert result.exit_code == 0, result.output
     out = flat(result.stdout)
-    assert "Unknown command /x[/b];" in out
+    assert "Unknown command /x[bold]y;" in out
     assert "answered 400: messages.0.content: Field required [type=missing] [/foo]" in out
 
 

@@ -116,7 +116,7 @@ def test_a_key_in_the_file_is_ignored_with_a_warning(tmp_path, caplog):
         s = load_settings(path)
     assert s.openai_api_key is None
     assert "line 3" in caplog.text and "OPENAI_API_KEY" in caplog.text
-    assert "llm.temprature" in caplog.text and "line 4" in caplog.text
+    assert "llm.temprature (did you mean llm.temperature?)" in caplog.text and "line 4" in caplog.text
 
 
 @pytest.mark.parametrize("line, key, words", [
