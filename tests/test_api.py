@@ -237,3 +237,38 @@ def test_top_p_zero_keeps_only_the_most_likely_token(client):
         r = chat(client, max_tokens=12, temperature=1.5, top_p=0, seed=seed, ignore_eos=True)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"] == greedy
+
+
+def test_an_agents_tool_history_reaches_the_chat_template(tiny_service):
+    """Assistant tool calls (arguments as objects, as templates expect them) and tool results with their
+    call ids are handed to the model's chat template, not dropped."""
+    import copy
+    from types import SimpleNamespace
+
+    from llmctl.server import schemas
+    from llmctl.server.generation import build_prompt
+
+    tokenizer = copy.deepcopy(tiny_service.loaded.tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}<call {{ c.function.name }} city={{ c.function.arguments.city }}>"
+        "{% endfor %}{% if m.tool_call_id %}<result of {{ m.tool_call_id }}>{% endif %}{% endfor %}")
+    request = schemas.parse_request({"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ], "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]})
+    ids = build_prompt(SimpleNamespace(tokenizer=tokenizer), request)
+    text = tokenizer.decode(ids)
+    assert "<call get_weather city=Paris>" in text and "[tool]sunny<result of c1>" in text
+
+
+def test_tool_history_is_accepted_by_the_server(client):
+    r = chat(client, max_tokens=3, messages=[
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": "not json"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ])
+    assert r.status_code == 200, r.text

@@ -25,7 +25,7 @@ def build_prompt(loaded: LoadedModel, req: ChatCompletionRequest) -> list[int]:
     """Render the chat template and tokenize it."""
     import jinja2
 
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    messages = [m.for_template() for m in req.messages]
     extra = {"tools": req.tools} if req.tools else {}
     try:
         text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)

@@ -6,6 +6,7 @@ send fields a given server may not implement, and rejecting them breaks those cl
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -59,6 +60,20 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | OtherPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls, in an agent's history
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    def for_template(self) -> dict:
+        """The message as chat templates read it: system for developer, and tool calls whose arguments
+        are objects (OpenAI sends them as JSON text; templates such as Qwen's and Llama 3's index them)."""
+        message: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name:
+            message["name"] = self.name
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [_template_tool_call(call) for call in self.tool_calls]
+        return message
 
     def text(self) -> str:
         if self.content is None:
@@ -72,6 +87,17 @@ class ChatMessage(_Lenient):
                     param="messages",
                 )
         return _valid_unicode("".join(part.text for part in self.content))
+
+
+def _template_tool_call(call: dict) -> dict:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except (ValueError, RecursionError):
+        return call  # not JSON (or nested beyond reason): the template gets the text as it came
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _valid_unicode(text: str) -> str:
