@@ -18,6 +18,7 @@ from llmctl.server.app import DEFAULT_MAX_BODY_BYTES, HTTPOptions, create_app
 from llmctl.server.runner import run_server
 from llmctl.server.security import load_api_keys
 from llmctl.server.service import Service, ServiceSettings
+from llmctl.server.tools import ToolCallParser
 
 log = logging.getLogger("llmctl.serve")
 
@@ -77,8 +78,7 @@ def serve(
         envvar=envvars.MAX_TOKENS_CAP, min=1, help="Reject requests asking for more max_tokens than this.")] = None,
     default_max_tokens: Annotated[int | None, typer.Option(
         envvar=envvars.DEFAULT_MAX_TOKENS, min=1,
-        help="max_tokens for requests that send none. Default: what fits in the context. Each running request "
-        "reserves its max_tokens of KV cache, so a lower default lets more such requests run at once.")] = None,
+        help="max_tokens for requests that send none. Default: the rest of the context.")] = None,
     max_body_bytes: Annotated[int, typer.Option(
         envvar=envvars.MAX_BODY_BYTES, min=1024, help="Largest accepted request body (413 beyond).")] =
         DEFAULT_MAX_BODY_BYTES,
@@ -96,6 +96,11 @@ def serve(
         help="Comma-separated origins allowed by CORS (browser apps), e.g. https://app.example.com. Default: none.")] = "",
     max_messages: Annotated[int, typer.Option(
         envvar=envvars.MAX_MESSAGES, min=1, help="Most messages accepted in one request.")] = 1024,
+    tool_call_parser: Annotated[ToolCallParser | None, typer.Option(
+        envvar=envvars.TOOL_CALL_PARSER,
+        help="Turn the model's tool calls into OpenAI tool_calls, for requests that send tools. 'hermes': "
+        "<tool_call>{...}</tool_call>, as Qwen 2/2.5/3, Hermes and SmolLM3 write them. Default: answers stay text.",
+    )] = None,
     threads: Annotated[int | None, typer.Option(
         envvar=envvars.THREADS, min=4, help="HTTP worker threads. Default: max-num-seqs + max-waiting + 16.")] = None,
     log_level: Annotated[str, typer.Option(envvar=envvars.LOG_LEVEL, help="debug, info, warning or error.")] = "info",
@@ -117,7 +122,7 @@ def serve(
                     "the model. Pass --api-key, or --host 127.0.0.1 for local use only.", host or "*")
     service = Service(ServiceSettings(load=load, engine=engine, request_timeout=request_timeout,
                                       max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
-                                      max_messages=max_messages))
+                                      max_messages=max_messages, tool_call_parser=tool_call_parser))
     origins = tuple(o.strip() for o in allowed_origins.split(",") if o.strip())
     app = create_app(service, HTTPOptions(max_body_bytes=max_body_bytes, api_keys=keys,
                                           public_metrics=public_metrics, allowed_origins=origins))

@@ -133,6 +133,7 @@ class ChatCompletionRequest(_Lenient):
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[int, Number, Field(ge=0, le=20)] | None = None
     tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
     # llmctl extension: keep generating past end-of-sequence (fixed-length benchmarks).
     ignore_eos: StrictBool = False
 
@@ -200,8 +201,12 @@ def logprobs_body(token_text: TokenText, items: list[TokenLogprobs]) -> dict:
     return {"content": content, "refusal": None}
 
 
-def completion_body(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-                    completion_tokens: int, created: int | None = None, logprobs: dict | None = None) -> dict:
+def completion_body(cid: str, model: str, text: str | None, finish_reason: str, prompt_tokens: int,
+                    completion_tokens: int, created: int | None = None, logprobs: dict | None = None,
+                    tool_calls: list[dict] | None = None) -> dict:
+    message: dict = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "id": cid,
         "object": "chat.completion",
@@ -209,7 +214,7 @@ def completion_body(cid: str, model: str, text: str, finish_reason: str, prompt_
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
         }],

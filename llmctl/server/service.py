@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -18,6 +19,7 @@ from llmctl.errors import InvalidRequest, LLMCtlError, ModelNotFound, Unavailabl
 from llmctl.server import schemas
 from llmctl.server.generation import Generation, TokenLimits, build_prompt, sampling_params
 from llmctl.server.metrics import ServiceMetrics
+from llmctl.server.tools import HermesToolParser
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class ServiceSettings:
     max_tokens_cap: int | None = None
     default_max_tokens: int | None = None
     max_messages: int = 1024
+    tool_call_parser: str | None = None  # "hermes": turn <tool_call> blocks into tool_calls
 
 
 class Service:
@@ -213,18 +216,28 @@ class Service:
         timeout = req.timeout or self.settings.request_timeout
         seq = engine.submit(Sequence(prompt, params, deadline=arrived + timeout))
         gen = Generation(seq, loaded.tokenizer, req.stops() + list(loaded.default_stops), arrived, disconnected)
+        parse_tools = self.settings.tool_call_parser and req.tools and req.tool_choice != "none"
+        answer = _Answer(loaded.name, len(prompt), bool(req.stream_options and req.stream_options.include_usage),
+                         bool(req.logprobs), HermesToolParser() if parse_tools else None)
         self._enter()
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(gen, loaded.name, len(prompt), include_usage, bool(req.logprobs))
+            return self._stream(gen, answer)
         try:
             text = "".join(gen)
         finally:
             gen.close()
             self._record(gen, len(prompt))
             self._leave()
-        return schemas.completion_body(schemas.completion_id(), loaded.name, text, gen.finish_reason or "stop",
-                                       len(prompt), gen.completion_tokens, logprobs=self._logprobs(gen, req.logprobs))
+        finish_reason, calls = gen.finish_reason or "stop", None
+        if answer.tools is not None:
+            sent = answer.tools.feed(text)
+            rest, calls = answer.tools.finish()
+            text = sent + rest
+            if calls:
+                finish_reason, text = "tool_calls", text.strip() or None
+        return schemas.completion_body(schemas.completion_id(), loaded.name, text, finish_reason, len(prompt),
+                                       gen.completion_tokens, logprobs=self._logprobs(gen, req.logprobs),
+                                       tool_calls=calls or None)
 
     def _logprobs(self, gen: Generation, wanted: bool | None) -> dict | None:
         """The logprobs of the tokens ``gen`` received since the last call, when the request asked."""
@@ -232,45 +245,55 @@ class Service:
             return None
         return schemas.logprobs_body(self.token_text, gen.take_logprobs())
 
-    def _stream(self, gen: Generation, model: str, prompt_tokens: int, include_usage: bool,
-                logprobs: bool) -> Iterator[str]:
+    def _stream(self, gen: Generation, answer: _Answer) -> Iterator[str]:
         deltas = iter(gen)
         try:
             first = next(deltas, None)  # errors before the first token still get a proper status code
         except BaseException:
             gen.close()
-            self._record(gen, prompt_tokens)
+            self._record(gen, answer.prompt_tokens)
             self._leave()
             raise
-        return self._sse(gen, deltas, first, model, prompt_tokens, include_usage, logprobs)
+        return self._sse(gen, itertools.chain([first] if first else [], deltas), answer)
 
-    def _sse(self, gen: Generation, deltas: Iterator[str], first: str | None, model: str, prompt_tokens: int,
-             include_usage: bool, logprobs: bool) -> Iterator[str]:
-        cid, created = schemas.completion_id(), int(time.time())
+    def _sse(self, gen: Generation, deltas: Iterator[str], answer: _Answer) -> Iterator[str]:
+        cid, created, model, tools = schemas.completion_id(), int(time.time()), answer.model, answer.tools
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> str:
+            # Tokens whose text was held back (the start of a stop string or of a tool call) keep their
+            # logprobs until a chunk goes out.
+            logprobs = self._logprobs(gen, answer.logprobs)
+            logprobs = logprobs if logprobs and logprobs["content"] else None
+            return _sse(schemas.chunk_body(cid, model, created, delta, finish_reason, logprobs=logprobs))
+
         try:
             yield _sse(schemas.chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
-            if first:
-                yield _sse(schemas.chunk_body(cid, model, created, {"content": first},
-                                              logprobs=self._logprobs(gen, logprobs)))
             for delta in deltas:
-                yield _sse(schemas.chunk_body(cid, model, created, {"content": delta},
-                                              logprobs=self._logprobs(gen, logprobs)))
+                shown = tools.feed(delta) if tools is not None else delta
+                if shown:
+                    yield chunk({"content": shown})
             if gen.finish_reason == "cancelled":
                 return
-            # Tokens whose text was held back and never sent (the start of a stop string) keep their logprobs.
-            rest = self._logprobs(gen, logprobs)
-            yield _sse(schemas.chunk_body(cid, model, created, {}, gen.finish_reason or "stop",
-                                          logprobs=rest if rest and rest["content"] else None))
-            if include_usage:
+            finish_reason = gen.finish_reason or "stop"
+            if tools is not None:
+                rest, calls = tools.finish()
+                if rest:
+                    yield chunk({"content": rest})
+                if calls:
+                    finish_reason = "tool_calls"
+                    yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+            yield chunk({}, finish_reason)
+            if answer.include_usage:
                 yield _sse(schemas.chunk_body(cid, model, created, {}, None,
-                                              schemas.usage(prompt_tokens, gen.completion_tokens), with_choice=False))
+                                              schemas.usage(answer.prompt_tokens, gen.completion_tokens),
+                                              with_choice=False))
             yield "data: [DONE]\n\n"
         except LLMCtlError as exc:
             # Headers are already sent: report the error in-band, as OpenAI's API does.
             yield _sse(exc.to_body())
         finally:
             gen.close()
-            self._record(gen, prompt_tokens)
+            self._record(gen, answer.prompt_tokens)
             self._leave()
 
     def _record(self, gen: Generation, prompt_tokens: int) -> None:
@@ -279,6 +302,17 @@ class Service:
         queue_time = seq.admitted - seq.arrived if seq.admitted else None
         self.metrics.record_generation(prompt_tokens, gen.completion_tokens, latency, gen.ttft, gen.itl, queue_time,
                                        gen.finish_reason or "error")
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What shapes one answer besides its text."""
+
+    model: str
+    prompt_tokens: int
+    include_usage: bool = False
+    logprobs: bool = False
+    tools: HermesToolParser | None = None
 
 
 def _sse(body: dict) -> str:
