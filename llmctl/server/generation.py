@@ -69,8 +69,8 @@ def sampling_params(loaded: LoadedModel, req: ChatCompletionRequest, prompt_toke
             f"{asked} in the completion) but the server's budget is {budget}; lower {param} to at most "
             f"{max(1, budget - prompt_tokens)}.", param=param)
     if asked is None:
-        # What fits, unless the operator set a default: each running request reserves its whole
-        # max_tokens, so clients that never send one (LangChain's default) would cut concurrency.
+        # The rest of the context (the engine admits by what a sequence holds, so this costs no
+        # concurrency), unless the operator capped it or set a default.
         asked = min(context, budget) - prompt_tokens
         for limit in (cap, limits.default_max_tokens):
             if limit is not None:
