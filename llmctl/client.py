@@ -25,7 +25,7 @@ from httpx_sse import EventSource, SSEError
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from llmctl.config import LLMSettings
-from llmctl.providers import (AllProvidersFailed, ClientError, Endpoint, ProviderError, _message_of, provider_chain,
+from llmctl.providers import (AllProvidersFailed, ClientError, Endpoint, ProviderError, message_of, provider_chain,
                               raise_for_status, reason)
 
 # The errors a caller catches are part of this module's API, though they live with the providers.
@@ -344,7 +344,7 @@ class ChatStream:
                     return
                 data = json.loads(event.data)
                 if isinstance(data, dict) and data.get("error"):
-                    raise ProviderError(f"{self.endpoint.label} failed mid-answer: {_message_of(data)}",
+                    raise ProviderError(f"{self.endpoint.label} failed mid-answer: {message_of(data)}",
                                         provider=self.provider, fallback=False)
                 yield from self._take(data, "delta")
         except (SSEError, json.JSONDecodeError) as exc:

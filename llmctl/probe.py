@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from llmctl.providers import Endpoint, ProviderError, _message_of, raise_for_status, reason
+from llmctl.providers import Endpoint, ProviderError, message_of, raise_for_status, reason
 
 
 # The statuses llmctl's own /health reports; other servers say "ok" (llama.cpp) or send an empty 200 (vLLM).
@@ -66,7 +66,7 @@ def get_health(url: str, *, timeout: float = 10.0) -> Health:
         status = "ready"
     error = body.get("error")
     if "status" not in body and code != 200:
-        said = _message_of(body) if error else None
+        said = message_of(body) if error else None
         error = f"{url} {NOT_A_SERVICE} (HTTP {code}{': ' + said[:200] if said else ''})"
     return Health(url, status, body, code, error if error is None else str(error))
 

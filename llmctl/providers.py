@@ -116,7 +116,7 @@ def reason(exc: Exception) -> str:
     return text.split("] ", 1)[-1] if text else type(exc).__name__
 
 
-def _message_of(body: dict) -> str:
+def message_of(body: dict) -> str:
     error = body.get("error")
     if isinstance(error, dict):
         return str(error.get("message") or error)
@@ -125,7 +125,7 @@ def _message_of(body: dict) -> str:
 
 def _error_message(response: httpx.Response) -> str:
     try:
-        return _message_of(response.json())
+        return message_of(response.json())
     except (ValueError, AttributeError):
         pass
     if "html" in response.headers.get("content-type", ""):  # a web server's or proxy's error page

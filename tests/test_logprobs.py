@@ -60,7 +60,8 @@ def test_streamed_logprobs_equal_the_plain_ones(client):
         responses.ChatCompletionChunk.model_validate(event)
 
 
-def test_requests_with_and_without_logprobs_share_a_batch(base_url, client):
+def test_requests_with_and_without_logprobs_side_by_side(base_url, client):
+    """Each gets what it asked for when they run at the same time."""
     import httpx
 
     def ask(with_logprobs: bool):

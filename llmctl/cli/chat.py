@@ -21,7 +21,6 @@ from llmctl.errors import InvalidRequest, LLMCtlError, Unavailable
 from llmctl.probe import Health, get_health, wait_for_health
 from llmctl.repl import run_repl
 
-# The statuses llmctl's own /health reports; any other answer comes from another kind of server.
 ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 
 

@@ -96,9 +96,13 @@ class Sequence:
         return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
 
     @property
+    def context_length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
     def admit_tokens(self) -> int:
         """The row width admission charges: the context now, plus room to grow for a while."""
-        return len(self.prompt_ids) + self.generated + min(self.params.max_tokens - self.generated, ADMIT_HEADROOM)
+        return self.context_length + min(self.params.max_tokens - self.generated, ADMIT_HEADROOM)
 
 
 @dataclass
@@ -274,8 +278,8 @@ class Engine:
                     if now - seq.arrived >= OVERTAKE_S:
                         break
                     continue
-                context = len(seq.context_ids)
-                prompt_max = max([len(s.context_ids) for s in chosen] + [context])
+                context = seq.context_length
+                prompt_max = max([s.context_length for s in chosen] + [context])
                 if chosen and (len(chosen) + 1) * prompt_max > cfg.max_batched_tokens:
                     break
                 self._waiting.remove(seq)
@@ -291,7 +295,7 @@ class Engine:
             chosen = self._admit()
             if not chosen:
                 return
-            if len(chosen) == 1 and len(chosen[0].context_ids) > self.config.max_batched_tokens:
+            if len(chosen) == 1 and chosen[0].context_length > self.config.max_batched_tokens:
                 self._prefilling = chosen[0]
             else:
                 self._run_prefill(chosen, self._prefill_batch)
@@ -394,7 +398,7 @@ class Engine:
         always stays: alone it fits, since no request may need more than the whole budget.
         """
         batch = self._batch
-        pending = len(self._prefilling.context_ids) if self._prefilling else 0  # its chunks hold cache too
+        pending = self._prefilling.context_length if self._prefilling else 0  # its chunks hold cache too
         victims = []
         while len(batch.seqs) > 1 and len(batch.seqs) * (batch.mask.shape[1] + 1) + pending > \
                 self.config.kv_cache_tokens:

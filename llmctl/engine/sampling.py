@@ -33,7 +33,6 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; N >= 0: each token's log-probability and the N most likely
 
-
     @property
     def greedy(self) -> bool:
         """Temperature 0, or top_p 0 (only the most likely token is left to draw from)."""

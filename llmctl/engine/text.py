@@ -100,4 +100,3 @@ class TokenText:
             if table is not None and all(c in table for c in piece):
                 return bytes(table[c] for c in piece)
         return self.tokenizer.decode([token]).encode("utf-8")
-

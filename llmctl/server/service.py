@@ -19,7 +19,7 @@ from llmctl.errors import InvalidRequest, LLMCtlError, ModelNotFound, Unavailabl
 from llmctl.server import schemas
 from llmctl.server.generation import Generation, TokenLimits, build_prompt, sampling_params
 from llmctl.server.metrics import ServiceMetrics
-from llmctl.server.tools import HermesToolParser
+from llmctl.server.tools import HermesToolParser, ToolCallParser
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ServiceSettings:
     max_tokens_cap: int | None = None
     default_max_tokens: int | None = None
     max_messages: int = 1024
-    tool_call_parser: str | None = None  # "hermes": turn <tool_call> blocks into tool_calls
+    tool_call_parser: ToolCallParser | None = None  # "hermes": turn <tool_call> blocks into tool_calls
 
 
 class Service:
