@@ -34,7 +34,7 @@ TOOL_CALL_PARSER = "LLMCTL_TOOL_CALL_PARSER"
 CACHE_DIR = "LLMCTL_CACHE_DIR"
 DEBUG = "LLMCTL_DEBUG"
 
-# client settings (llmctl.config): chat, health, metrics and the Python client
+# client settings (llmctl.client.config): chat, health, metrics and the Python client
 CONFIG = "LLMCTL_CONFIG"
 LLM_PROVIDER = "WEBAGENT_LLM_PROVIDER"
 SELF_HOSTED_LLM_URL = "SELF_HOSTED_LLM_URL"

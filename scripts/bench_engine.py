@@ -28,11 +28,13 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from llmctl.bench import BenchPlan, Stats, Workload, builtin_prompts
+from llmctl.bench.loadgen import BenchPlan, Workload
+from llmctl.bench.offline import load_offline_model, run_offline
+from llmctl.bench.prompts import builtin_prompts
+from llmctl.bench.stats import Stats
 from llmctl.core import hardware
 from llmctl.core.loader import LoadedModel
-from llmctl.offline import load_offline_model, run_offline
-from llmctl.testing import free_port
+from llmctl.server.testing import free_port
 
 console = Console()
 

@@ -77,11 +77,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from llmctl.core.loader import LoadOptions, load_model
-    from llmctl.engine import Engine, EngineConfig
+    from llmctl.engine import BuiltinEngine, EngineConfig
 
     loaded = load_model(LoadOptions(model_path=args.model_path))
     model, tokenizer = loaded.model, loaded.tokenizer
-    engine = Engine(model, loaded.eos_token_ids, EngineConfig(max_num_seqs=64, kv_cache_tokens=1 << 20))
+    engine = BuiltinEngine(model, loaded.eos_token_ids, EngineConfig(max_num_seqs=64, kv_cache_tokens=1 << 20))
     engine.start()
     sizes = [int(b) for b in args.batches.split(",")]
     mechanisms = {"raw generate": lambda b: run_raw(model, tokenizer, b, args.max_tokens),

@@ -31,7 +31,7 @@ PROMPTS = ["Tell me about the sea.", "What is the capital of France?", "Write a 
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    from llmctl.testing import free_port
+    from llmctl.server.testing import free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", "llmctl", "serve", "--host", "127.0.0.1", "--port", str(port),

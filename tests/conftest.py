@@ -14,7 +14,7 @@ import pytest
 from llmctl.core.loader import LoadOptions
 from llmctl.engine import EngineConfig
 from llmctl.server.service import Service, ServiceSettings
-from llmctl.testing import build_tiny_model, free_port, serve_in_thread
+from llmctl.server.testing import build_tiny_model, free_port, serve_in_thread
 
 
 @pytest.fixture(scope="session", autouse=True)

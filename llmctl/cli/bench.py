@@ -12,15 +12,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from llmctl import envvars
-from llmctl.bench import (BenchError, BenchPlan, Endpoint, EndpointRun, LevelSummary, RequestResult, Workload,
-                          builtin_prompts, load_prompts, run_benchmark)
-from llmctl.bench_report import BenchReport, check_plot_available, write_plot
-from llmctl.cli.options import ConfigOpt
+from llmctl.bench.loadgen import BenchPlan, Endpoint, EndpointRun, Workload, run_benchmark
+from llmctl.bench.offline import OfflineRun
+from llmctl.bench.prompts import BenchError, builtin_prompts, load_prompts
+from llmctl.bench.report import BenchReport, check_plot_available, write_plot
+from llmctl.bench.stats import LevelSummary, RequestResult
+from llmctl.cli.options import ConfigOpt, ModelPathOpt
 from llmctl.cli.output import console, err_console
-from llmctl.cli.serve import ModelPathOpt
-from llmctl.config import configured_model_path, load_settings
+from llmctl.client.config import configured_model_path, load_settings
 from llmctl.core.loader import Device, Dtype
-from llmctl.offline import OfflineRun
 
 # Tokens a chat template may add around a prompt (SmolLM2's adds about 30), before a prompt counts as longer
 # than --prompt-tokens asked for.
@@ -159,7 +159,7 @@ def bench(
 
 def _run_offline(model_path: Path | None, dtype: Dtype, device: Device, plan: BenchPlan,
                  bar: _ProgressBar) -> tuple[OfflineRun | None, bool]:
-    from llmctl.offline import load_offline_model, run_offline
+    from llmctl.bench.offline import load_offline_model, run_offline
 
     err_console.print(f"Loading {model_path or 'the embedded model'} for the offline baseline...")
     try:

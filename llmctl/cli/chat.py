@@ -15,11 +15,11 @@ from llmctl import envvars
 from llmctl.cli.options import ConfigOpt, UrlOpt
 from llmctl.cli.output import console, err_console
 from llmctl.client import Client
-from llmctl.providers import LABELS
-from llmctl.config import load_settings
+from llmctl.client.config import load_settings
+from llmctl.client.probe import Health, get_health, wait_for_health
+from llmctl.client.providers import LABELS
+from llmctl.client.repl import run_repl
 from llmctl.errors import InvalidRequest, LLMCtlError, Unavailable
-from llmctl.probe import Health, get_health, wait_for_health
-from llmctl.repl import run_repl
 
 ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -12,12 +12,11 @@ from rich.table import Table
 from rich.text import Text
 
 from llmctl import envvars
-from llmctl.cli.options import ConfigOpt, JsonOpt
+from llmctl.cli.options import ConfigOpt, JsonOpt, ModelPathOpt
 from llmctl.cli.output import console, err_console
-from llmctl.cli.serve import ModelPathOpt
-from llmctl.config import configured_model_path
-from llmctl.doctor import DoctorOptions, Report, run_doctor
-from llmctl.fit import SERVE_KV_CACHE_TOKENS, FitPrediction, fmt_bytes
+from llmctl.client.config import configured_model_path
+from llmctl.doctor.checks import DoctorOptions, Report, run_doctor
+from llmctl.doctor.fit import SERVE_KV_CACHE_TOKENS, FitPrediction, fmt_bytes
 
 STATUS = {"ok": "[green]ok[/green]", "warning": "[yellow]warning[/yellow]", "failure": "[red]FAILURE[/red]"}
 

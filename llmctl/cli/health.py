@@ -12,8 +12,8 @@ from rich.table import Table
 from llmctl import envvars
 from llmctl.cli.options import ConfigOpt, JsonOpt, UrlOpt
 from llmctl.cli.output import console, err_console
-from llmctl.config import load_settings
-from llmctl.probe import Health, get_health, wait_for_health
+from llmctl.client.config import load_settings
+from llmctl.client.probe import Health, get_health, wait_for_health
 
 EXIT_READY = 0
 EXIT_NOT_READY = 1

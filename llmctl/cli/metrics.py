@@ -15,9 +15,9 @@ from rich.table import Table
 from llmctl.cli.health import EXIT_NOT_READY, EXIT_READY, EXIT_UNREACHABLE
 from llmctl.cli.options import ConfigOpt, JsonOpt, UrlOpt
 from llmctl.cli.output import console, err_console
-from llmctl.providers import ProviderError
-from llmctl.config import LLMSettings, load_settings
-from llmctl.probe import get_metrics
+from llmctl.client.config import LLMSettings, load_settings
+from llmctl.client.probe import get_metrics
+from llmctl.client.providers import ProviderError
 
 LATENCIES = {"latency_s": "Request latency", "time_to_first_token_s": "Time to first token",
              "inter_token_latency_s": "Inter-token latency"}

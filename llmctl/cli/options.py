@@ -1,4 +1,4 @@
-"""Option types shared by the commands that talk to a running service (one spelling, one help text)."""
+"""Option types shared by several commands (one spelling, one help text, one env var)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,6 @@ UrlOpt = Annotated[str | None, typer.Option(
     help=f"Base URL of the llmctl service. Default: ${envvars.SELF_HOSTED_LLM_URL}, else the config's "
     "self_hosted_url, else http://127.0.0.1:8080.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
+ModelPathOpt = Annotated[Path | None, typer.Option(
+    "--model-path", "--model_path", envvar=envvars.MODEL_PATH,
+    help="A Hugging Face model folder or a .gguf file. Default: the embedded SmolLM2-135M-Instruct.")]

@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 
 from llmctl import envvars
-from llmctl.cli.options import ConfigOpt
-from llmctl.config import configured_model_path
+from llmctl.cli.options import ConfigOpt, ModelPathOpt
+from llmctl.client.config import configured_model_path
 from llmctl.core.loader import Device, Dtype, LoadOptions, preflight
 from llmctl.engine import EngineConfig
 from llmctl.server.app import DEFAULT_MAX_BODY_BYTES, HTTPOptions, create_app
@@ -21,11 +21,6 @@ from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.tools import ToolCallParser
 
 log = logging.getLogger("llmctl.serve")
-
-ModelPathOpt = Annotated[Path | None, typer.Option(
-    "--model-path", "--model_path", envvar=envvars.MODEL_PATH,
-    help="A Hugging Face model folder or a .gguf file. Default: the embedded SmolLM2-135M-Instruct.")]
-
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(

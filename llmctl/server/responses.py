@@ -1,7 +1,7 @@
 """The shapes of the service's answers, for its OpenAPI document.
 
 The service builds its answers as plain dicts (`schemas.completion_body` and friends); these
-models describe them, and `tests/test_api.py` validates real answers against them with unknown
+models describe them, and `tests/server/test_api.py` validates real answers against them with unknown
 fields forbidden, so the document cannot drift from what the service sends.
 """
 

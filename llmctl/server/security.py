@@ -12,8 +12,8 @@ from pathlib import Path
 
 from flask import Flask, request
 
-from llmctl.config import api_key_file_keys
 from llmctl.errors import ConfigError, Unauthorized
+from llmctl.keyfile import api_key_file_keys
 
 OPEN_PATHS = ("/health",)
 

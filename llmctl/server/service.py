@@ -17,6 +17,7 @@ from llmctl.engine import Engine, EngineConfig, Sequence
 from llmctl.engine.text import TokenText
 from llmctl.errors import InvalidRequest, LLMCtlError, ModelNotFound, Unavailable
 from llmctl.server import schemas
+from llmctl.server.engines import ENGINES, Loader
 from llmctl.server.generation import Generation, TokenLimits, build_prompt, sampling_params
 from llmctl.server.metrics import ServiceMetrics
 from llmctl.server.tools import HermesToolParser, ToolCallParser
@@ -30,6 +31,7 @@ class ServiceSettings:
 
     load: LoadOptions = field(default_factory=LoadOptions)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    engine_kind: str = "builtin"  # a key of llmctl.server.engines.ENGINES
     request_timeout: float = 60.0
     max_tokens_cap: int | None = None
     default_max_tokens: int | None = None
@@ -40,7 +42,7 @@ class ServiceSettings:
 class Service:
     """Owns the model and the engine; every route calls into one of its methods."""
 
-    def __init__(self, settings: ServiceSettings, loader: Callable[[LoadOptions], LoadedModel] = load_model) -> None:
+    def __init__(self, settings: ServiceSettings, loader: Loader = load_model) -> None:
         self.settings = settings
         self.loader = loader
         self.metrics = ServiceMetrics()
@@ -58,8 +60,8 @@ class Service:
     def load(self) -> None:
         """Load the model and start the engine; failures leave the service answering 'error'."""
         try:
-            loaded = self.loader(self.settings.load)
-            engine = Engine(loaded.model, loaded.eos_token_ids, self.settings.engine)
+            build = ENGINES[self.settings.engine_kind]
+            loaded, engine = build(self.settings.load, self.settings.engine, self.loader)
             engine.start()
         except LLMCtlError as exc:
             log.error("Model failed to load: %s", exc.message)

@@ -1,0 +1,148 @@
+"""What the server needs of any engine: the request it submits (`Sequence`), the events it reads back
+(token ids, then one `Finish`), the engine's bounds (`EngineConfig`), its counters (`EngineStats`) and
+the `Engine` protocol. An engine is one module implementing `Engine`; the server picks it by name in
+`llmctl.server.engines`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from llmctl.engine.sampling import SamplingParams, TokenLogprobs
+from llmctl.errors import LLMCtlError
+
+if TYPE_CHECKING:
+    import torch
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Bounds of the engine. None of them is derived from free memory: they are the operator's choice."""
+
+    max_num_seqs: int = 32
+    max_batched_tokens: int = 2048
+    max_waiting: int = 256
+    kv_cache_tokens: int = 65536
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_batched_tokens", "max_waiting", "kv_cache_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass
+class Finish:
+    """The last event of a sequence: why it ended (stop, length, timeout, cancelled, error)."""
+
+    reason: str
+    error: LLMCtlError | None = None
+
+
+class Sequence:
+    """One request's generation: its prompt, settings, and the queue its tokens arrive on."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> None:
+        self.id = next(_ids)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.deadline = deadline
+        self.events: queue.SimpleQueue[int | Finish] = queue.SimpleQueue()
+        self.arrived = time.monotonic()
+        self.admitted: float | None = None
+        self.cancelled = False
+        self.done = False
+        self.generated = 0
+        self.output_ids: list[int] = []  # generated tokens, to resume after a preemption
+        self.preemptions = 0
+        # Filled by the engine before each token's event when params.logprobs is set: entry i is token i's.
+        self.logprobs: list[TokenLogprobs] = []
+        self.generator: torch.Generator | None = None
+        # The engine's own per-sequence state (the builtin engine's chunked-prefill cache, say).
+        self.prefill_cache: Any = None
+        self.prefilled = 0
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this sequence; it is gone within one decode step."""
+        self.cancelled = True
+
+    @property
+    def reserved_tokens(self) -> int:
+        """The most KV cache this sequence can ever need: prompt + max_tokens."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What a prefill feeds: the prompt, and after a preemption what was generated so far."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+
+    @property
+    def context_length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class EngineStats:
+    """Counters every engine keeps; /health and /metrics read them without asking the engine."""
+
+    steps: int = 0
+    prefills: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    last_batch_size: int = 0
+    max_batch_size: int = 0
+    oom_events: int = 0
+    preemptions: int = 0
+    # Filled by engines that have them; 0 otherwise.
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found there (not prefilled again)
+    prefix_cache_tokens: int = 0  # tokens the prefix cache holds now
+    kv_cache_usage: float = 0.0  # share of the KV cache in use, 0..1
+    recent: deque = field(default_factory=lambda: deque(maxlen=512))  # (time, tokens) per step
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self.recent) if now - t <= window]
+        if len(recent) < 2:
+            return 0.0
+        span = recent[-1][0] - recent[0][0]
+        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+
+
+class Engine(Protocol):
+    """What the server uses of an engine. All methods are called from HTTP worker threads.
+
+    The engine owns generation on threads of its own: `submit` only queues; the engine then puts the
+    sequence's token ids on `seq.events`, each preceded (when `params.logprobs` is set) by its entry
+    in `seq.logprobs`, and ends with exactly one `Finish`. `seq.cancel()` and `seq.deadline` must stop
+    the sequence (and free what it holds) within one step.
+    """
+
+    config: EngineConfig
+    stats: EngineStats
+
+    def start(self) -> None:
+        """Start generating; called once, after the model is loaded."""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Fail what is queued or running with 'shutting down' and stop the engine's threads."""
+
+    @property
+    def running(self) -> int:
+        """Sequences past the queue (being prefilled or generating)."""
+
+    @property
+    def waiting(self) -> int:
+        """Sequences queued for a batch slot."""
+
+    def check_capacity(self) -> None:
+        """Raise QueueFull when the waiting queue is full, before the request costs anything."""
+
+    def submit(self, seq: Sequence) -> Sequence:
+        """Queue ``seq``; raise InvalidRequest if it can never fit, Unavailable when shutting down."""

@@ -1,0 +1,75 @@
+"""The running batch's KV-cache layout and the row operations on it.
+
+Rows are right-aligned (left-padded) so that every row's newest token sits in the last column; a
+decode step is then one forward pass of [B, 1] tokens with per-row positions and a padding mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from llmctl.engine.base import Sequence
+from llmctl.engine.sampling import BatchSampler
+
+
+@dataclass
+class Batch:
+    """The running rows: their KV cache, padding mask, positions and next input tokens."""
+
+    seqs: list[Sequence]
+    cache: DynamicCache
+    mask: torch.Tensor  # [B, L] 1 for real cache entries, 0 for left padding
+    positions: torch.Tensor  # [B] position of the next token == real tokens in the cache
+    last: torch.Tensor  # [B] the token to feed at the next step
+    counts: torch.Tensor | None = None  # [B, V] generated-token counts when any row has penalties
+    sampler: BatchSampler | None = field(default=None, repr=False)
+
+
+def full_cache() -> DynamicCache:
+    """A cache of full layers, even for models with sliding-window attention.
+
+    A config-built cache gives sliding layers that crop old keys and keep a running length of
+    their own; rows joining and leaving the batch (`merge`, `select_rows`) would break that
+    bookkeeping. With full layers the model still applies its sliding mask, so outputs are the same,
+    and the KV budget, which counts full rows, stays exact.
+    """
+    return DynamicCache()
+
+
+def select_rows(batch: Batch, keep: list[int]) -> None:
+    """Keep only rows ``keep`` and drop the left-padding columns no remaining row needs."""
+    index = torch.tensor(keep, device=batch.mask.device)
+    batch.seqs = [batch.seqs[i] for i in keep]
+    batch.positions = batch.positions[index]
+    batch.last = batch.last[index]
+    batch.counts = batch.counts[index] if batch.counts is not None else None
+    # The sampler holds per-row settings and the counts tensor just replaced: rebuild it next step.
+    batch.sampler = None
+    trim = batch.mask.shape[1] - int(batch.positions.max())
+    batch.mask = batch.mask[index, trim:]
+    for layer in batch.cache.layers:
+        layer.keys = layer.keys[index, :, trim:, :]
+        layer.values = layer.values[index, :, trim:, :]
+
+
+def merge(a: Batch, b: Batch) -> Batch:
+    """Stack two batches' rows, left-padding the shorter cache so every row stays right-aligned."""
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    pad_a, pad_b = width - a.mask.shape[1], width - b.mask.shape[1]
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        la.keys = torch.cat([F.pad(la.keys, (0, 0, pad_a, 0)), F.pad(lb.keys, (0, 0, pad_b, 0))], dim=0)
+        la.values = torch.cat([F.pad(la.values, (0, 0, pad_a, 0)), F.pad(lb.values, (0, 0, pad_b, 0))], dim=0)
+    a.mask = torch.cat([F.pad(a.mask, (pad_a, 0)), F.pad(b.mask, (pad_b, 0))], dim=0)
+    a.positions = torch.cat([a.positions, b.positions])
+    a.last = torch.cat([a.last, b.last])
+    if a.counts is not None or b.counts is not None:
+        vocab = (a.counts if a.counts is not None else b.counts).shape[1]
+        ca = a.counts if a.counts is not None else torch.zeros((len(a.seqs), vocab), device=a.mask.device)
+        cb = b.counts if b.counts is not None else torch.zeros((len(b.seqs), vocab), device=a.mask.device)
+        a.counts = torch.cat([ca, cb])
+    a.seqs = a.seqs + b.seqs
+    return a

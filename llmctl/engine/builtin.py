@@ -1,0 +1,422 @@
+"""Continuous batching: sequences join the running batch at any decode step and leave when done.
+
+Layout of the running batch: one KV cache whose rows are right-aligned (left-padded) so that every
+row's newest token sits in the last column. A decode step is then one forward pass of [B, 1] tokens
+with per-row position ids and a padding mask, exactly what batched `generate` does. New requests
+are prefilled in their own small batch (long prompts in chunks, interleaved with decode steps so
+running streams keep flowing) and then concatenated onto the running batch. A finished or
+cancelled row is dropped from the cache at the end of the step it finished in.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+
+import torch
+from transformers import DynamicCache
+
+from llmctl.core import hardware
+from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
+from llmctl.engine.batch import Batch, full_cache, merge, select_rows
+from llmctl.engine.sampling import BatchSampler
+from llmctl.errors import GenerationOutOfMemory, LLMCtlError, QueueFull, Unavailable
+
+log = logging.getLogger(__name__)
+
+TRIM_EVERY_S = 10.0  # how often freed heap memory is handed back to the OS
+OVERTAKE_S = 5.0  # how long smaller requests may pass one that does not fit yet
+ADMIT_HEADROOM = 128  # tokens of growth each row must have room for when a new row is admitted
+
+
+class BuiltinEngine:
+    """Runs generation for all requests on one background thread (the `Engine` protocol)."""
+
+    def __init__(self, model, eos_token_ids: frozenset[int], config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.eos = eos_token_ids
+        self.device = model.get_input_embeddings().weight.device
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.stats = EngineStats()
+        # transformers renamed `past_key_values` to `cache`; pass whichever this version takes.
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._waiting: deque[Sequence] = deque()
+        self._prefilling: Sequence | None = None
+        self._admitting: list[Sequence] = []  # taken from the queue, not yet in the batch
+        self._batch: Batch | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._last_trim = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="llmctl-engine", daemon=True)
+
+    # ---- public, thread-safe -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Sequences past the queue: in the batch, or being prefilled."""
+        batch, admitting = self._batch, self._admitting
+        return (len(batch.seqs) if batch else 0) + len(admitting or ([self._prefilling] if self._prefilling else []))
+
+    def check_capacity(self) -> None:
+        """Raise QueueFull at once when the waiting queue is full (before any tokenization)."""
+        if len(self._waiting) >= self.config.max_waiting:
+            raise QueueFull(
+                f"The server is at capacity ({self.config.max_waiting} requests waiting); retry shortly.",
+                retry_after=1,
+            )
+
+    def submit(self, seq: Sequence) -> Sequence:
+        if seq.reserved_tokens > self.config.kv_cache_tokens:
+            from llmctl.errors import InvalidRequest
+
+            raise InvalidRequest(
+                f"This request needs {seq.reserved_tokens} tokens of KV cache (prompt + max_tokens) but the "
+                f"server's budget is {self.config.kv_cache_tokens}; lower max_tokens.",
+                param="max_tokens",
+            )
+        with self._cond:
+            if self._stopping:
+                raise Unavailable("The server is shutting down.", retry_after=None, code="shutting_down")
+            self.check_capacity()
+            if seq.params.seed is not None:
+                seq.generator = seq.params.make_generator(self.device)
+            self._waiting.append(seq)
+            self._cond.notify()
+        return seq
+
+    # ---- engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not (self._waiting or self._batch or self._prefilling):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._step()
+                except Exception:  # a bug must not kill the engine: fail what ran, keep serving
+                    log.exception("Engine step failed")
+                    self._fail_all_running(LLMCtlError("Internal error during generation; see the server log."))
+        self._shutdown()
+
+    def _step(self) -> None:
+        self._expire()
+        self._prefill_some()
+        if self._batch is not None:
+            self._decode()
+        now = time.monotonic()
+        if now - self._last_trim > TRIM_EVERY_S:
+            self._last_trim = now
+            hardware.trim_heap()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            expired = [(seq, reason) for seq in self._waiting if (reason := _abort_reason(seq, now))]
+            for seq, _ in expired:
+                self._waiting.remove(seq)
+        for seq, reason in expired:
+            self._finish(seq, reason)
+        if self._prefilling and (reason := _abort_reason(self._prefilling, now)):
+            seq, self._prefilling = self._prefilling, None
+            seq.prefill_cache = None
+            self._finish(seq, reason)
+        if self._batch is not None:
+            keep = []
+            for i, seq in enumerate(self._batch.seqs):
+                reason = _abort_reason(seq, now)
+                if reason:
+                    self._finish(seq, reason)
+                else:
+                    keep.append(i)
+            self._select(keep)
+
+    def _admit(self) -> list[Sequence]:
+        """New sequences for one prefill: as many as the slot, KV and token budgets allow.
+
+        KV admission is optimistic, as in paged servers: a row is charged its context now plus
+        ADMIT_HEADROOM tokens, not its whole max_tokens, and when the rows outgrow the budget the
+        newest ones are preempted (`_make_room`). A request that does not fit yet may be overtaken
+        by smaller ones behind it, but only for OVERTAKE_S: after that nothing passes it.
+        """
+        cfg = self.config
+        running = self._batch.seqs if self._batch else []
+        chosen: list[Sequence] = []
+        # The running rows' width in a while: now, plus what they may still generate (up to the headroom).
+        longest = self._batch.mask.shape[1] + min(
+            ADMIT_HEADROOM, max(s.params.max_tokens - s.generated for s in running)) if self._batch else 0
+        now = time.monotonic()
+        with self._cond:
+            for seq in list(self._waiting):
+                if len(running) + len(chosen) >= cfg.max_num_seqs:
+                    break
+                new_longest = max(longest, _admit_tokens(seq))
+                # Padded layout: every row is as long as the longest one.
+                if (len(running) + len(chosen) + 1) * new_longest > cfg.kv_cache_tokens and (running or chosen):
+                    if now - seq.arrived >= OVERTAKE_S:
+                        break
+                    continue
+                context = seq.context_length
+                prompt_max = max([s.context_length for s in chosen] + [context])
+                if chosen and (len(chosen) + 1) * prompt_max > cfg.max_batched_tokens:
+                    break
+                self._waiting.remove(seq)
+                seq.admitted = seq.admitted or now
+                chosen.append(seq)
+                longest = new_longest
+                if context > cfg.max_batched_tokens:
+                    break  # a long prompt is prefilled alone, in chunks
+        return chosen
+
+    def _prefill_some(self) -> None:
+        if self._prefilling is None:
+            chosen = self._admit()
+            if not chosen:
+                return
+            if len(chosen) == 1 and chosen[0].context_length > self.config.max_batched_tokens:
+                self._prefilling = chosen[0]
+            else:
+                self._run_prefill(chosen, self._prefill_batch)
+                return
+        self._run_prefill([self._prefilling], self._prefill_chunk)
+
+    def _run_prefill(self, seqs: list[Sequence], fn) -> None:
+        self._admitting = list(seqs)
+        try:
+            batch = fn(seqs)
+            if batch is None:
+                return  # more chunks to go
+            self.stats.prefills += 1
+            self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs if not s.preemptions)
+            self._emit(batch, self._sample(batch, batch.last_logits))
+            del batch.last_logits
+            kept = [i for i, s in enumerate(batch.seqs) if not s.done]
+            if kept:
+                select_rows(batch, kept)
+                self._join(batch)
+        except torch.OutOfMemoryError:
+            self._on_oom(self._admitting)
+        except Exception:
+            log.exception("Prefill failed")
+            self._prefilling = None
+            for seq in self._admitting:
+                seq.prefill_cache = None
+                self._finish(seq, "error", LLMCtlError("Internal error during prefill; see the server log."))
+        finally:
+            self._admitting = []
+
+    def _join(self, batch: Batch) -> None:
+        """Add freshly prefilled rows to the running batch."""
+        running = self._batch
+        if running is None:
+            self._batch = batch
+            return
+        try:
+            self._batch = merge(running, batch)
+        except BaseException:
+            # The merge rewrites the running cache layer by layer: after a failure half-way it is
+            # unusable, so its rows fail with the new ones.
+            self._batch = None
+            self._admitting += running.seqs
+            raise
+        self._batch.sampler = None  # composition changed
+
+    def _prefill_batch(self, seqs: list[Sequence]) -> Batch:
+        contexts = [s.context_ids for s in seqs]
+        lengths = [len(c) for c in contexts]
+        width = max(lengths)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, context in enumerate(contexts):
+            ids[row, width - len(context):] = torch.tensor(context)
+            mask[row, width - len(context):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = full_cache()
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                            logits_to_keep=1)
+        batch = Batch(seqs=list(seqs), cache=cache, mask=mask,
+                       positions=torch.tensor(lengths, device=self.device), last=ids[:, -1].clone())
+        batch.last_logits = out.logits[:, -1, :]
+        return batch
+
+    def _prefill_chunk(self, seqs: list[Sequence]) -> Batch | None:
+        (seq,) = seqs
+        context = seq.context_ids
+        start, total = seq.prefilled, len(context)
+        end = min(total, start + self.config.max_batched_tokens)
+        if seq.prefill_cache is None:
+            seq.prefill_cache = full_cache()
+        ids = torch.tensor([context[start:end]], device=self.device)
+        out = self._forward(
+            input_ids=ids,
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(start, end, device=self.device)[None],
+            cache=seq.prefill_cache, logits_to_keep=1,
+        )
+        seq.prefilled = end
+        if end < total:
+            return None
+        self._prefilling = None
+        cache, seq.prefill_cache = seq.prefill_cache, None
+        batch = Batch(seqs=[seq], cache=cache, mask=torch.ones((1, total), dtype=torch.long, device=self.device),
+                       positions=torch.tensor([total], device=self.device), last=ids[:, -1].clone())
+        batch.last_logits = out.logits[:, -1, :]
+        return batch
+
+    def _forward(self, cache: DynamicCache, **kwargs):
+        return self.model(**kwargs, **{self._cache_kw: cache}, use_cache=True)
+
+    def _make_room(self) -> None:
+        """Preempt the newest rows while the next decode step would take the cache over the KV budget.
+
+        A preempted sequence goes back to the front of the queue with what it generated so far; when
+        it is admitted again, its prompt and those tokens are prefilled anew and it carries on where it
+        stopped (recompute preemption, as vLLM does), the client seeing only a pause. The oldest row
+        always stays: alone it fits, since no request may need more than the whole budget.
+        """
+        batch = self._batch
+        pending = self._prefilling.context_length if self._prefilling else 0  # its chunks hold cache too
+        victims = []
+        while len(batch.seqs) > 1 and len(batch.seqs) * (batch.mask.shape[1] + 1) + pending > \
+                self.config.kv_cache_tokens:
+            victims.append(batch.seqs[-1])  # rows are in admission order: the last is the newest
+            select_rows(batch, list(range(len(batch.seqs) - 1)))
+        if not victims:
+            return
+        with self._cond:
+            for seq in victims:  # the oldest victim ends up first in the queue
+                seq.preemptions += 1
+                seq.prefilled, seq.prefill_cache = 0, None
+                self._waiting.appendleft(seq)
+        self.stats.preemptions += len(victims)
+        log.info("KV budget full: preempted %d sequence(s); they resume when there is room", len(victims))
+
+    def _decode(self) -> None:
+        self._make_room()
+        batch = self._batch
+        assert batch is not None
+        rows = len(batch.seqs)
+        try:
+            mask = torch.cat([batch.mask, torch.ones((rows, 1), dtype=batch.mask.dtype, device=self.device)], dim=1)
+            out = self._forward(input_ids=batch.last[:, None], attention_mask=mask,
+                                position_ids=batch.positions[:, None], cache=batch.cache)
+            batch.mask = mask
+            batch.positions = batch.positions + 1
+            tokens = self._sample(batch, out.logits[:, -1, :])
+        except torch.OutOfMemoryError:
+            self._batch = None
+            self._on_oom(batch.seqs)
+            return
+        self.stats.steps += 1
+        self.stats.last_batch_size = rows
+        self.stats.max_batch_size = max(self.stats.max_batch_size, rows)
+        self._emit(batch, tokens)
+        self._select([i for i, s in enumerate(batch.seqs) if not s.done])
+
+    def _sample(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        if batch.sampler is None:
+            if any(s.params.penalized for s in batch.seqs) and batch.counts is None:
+                batch.counts = torch.zeros((len(batch.seqs), logits.shape[-1]), device=self.device)
+                for row, seq in enumerate(batch.seqs):  # a resumed sequence counts what it generated before
+                    if seq.output_ids and seq.params.penalized:
+                        batch.counts[row] = torch.bincount(
+                            torch.tensor(seq.output_ids, device=self.device), minlength=logits.shape[-1])
+            batch.sampler = BatchSampler(logits.shape[-1], self.device)
+            batch.sampler.refresh([s.params for s in batch.seqs], [s.generator for s in batch.seqs], batch.counts)
+        tokens = batch.sampler.sample(logits)
+        for row, logprobs in batch.sampler.logprobs(logits, tokens):
+            batch.seqs[row].logprobs.append(logprobs)
+        batch.sampler.observe(tokens)
+        batch.last = tokens
+        return tokens
+
+    def _emit(self, batch: Batch, tokens: torch.Tensor) -> None:
+        now = time.monotonic()
+        for seq, token in zip(batch.seqs, tokens.tolist()):
+            seq.generated += 1
+            if token in self.eos and not seq.params.ignore_eos:
+                self._finish(seq, "stop")
+                continue
+            seq.output_ids.append(token)
+            seq.events.put(token)
+            if seq.generated >= seq.params.max_tokens:
+                self._finish(seq, "length")
+        self.stats.tokens_generated += len(batch.seqs)
+        self.stats.recent.append((now, len(batch.seqs)))
+
+    def _select(self, keep: list[int]) -> None:
+        batch = self._batch
+        if batch is None or len(keep) == len(batch.seqs):
+            return
+        if not keep:
+            self._batch = None
+            self.stats.last_batch_size = 0
+            return
+        select_rows(batch, keep)
+
+    def _finish(self, seq: Sequence, reason: str, error: LLMCtlError | None = None) -> None:
+        if not seq.done:
+            seq.done = True
+            seq.events.put(Finish(reason, error))
+
+    def _on_oom(self, seqs: list[Sequence]) -> None:
+        self.stats.oom_events += 1
+        if self._prefilling in seqs:
+            self._prefilling = None  # a long prompt in mid-prefill goes on unless it was part of the failure
+        for seq in seqs:
+            seq.prefill_cache = None
+            self._finish(seq, "error", GenerationOutOfMemory(
+                "Out of memory while generating this request; it was stopped and the memory freed. "
+                "Retry with a smaller max_tokens or a shorter prompt, or start the server with "
+                "--load-in-8bit/--load-in-4bit or a lower --max-num-seqs."))
+        from llmctl.core.loader import free_memory
+
+        free_memory()
+        log.error("Out of memory during generation: failed %d request(s), memory freed", len(seqs))
+
+    def _fail_all_running(self, error: LLMCtlError) -> None:
+        seqs = (self._batch.seqs if self._batch else []) + ([self._prefilling] if self._prefilling else [])
+        seqs += [s for s in self._admitting if s not in seqs]
+        self._batch, self._prefilling, self._admitting = None, None, []
+        for seq in seqs:
+            self._finish(seq, "error", error)
+
+    def _shutdown(self) -> None:
+        error = Unavailable("The server is shutting down.", retry_after=None, code="shutting_down")
+        self._fail_all_running(error)
+        with self._cond:
+            while self._waiting:
+                self._finish(self._waiting.popleft(), "error", error)
+
+
+def _admit_tokens(seq: Sequence) -> int:
+    """The row width admission charges: the context now, plus room to grow for a while."""
+    return seq.context_length + min(seq.params.max_tokens - seq.generated, ADMIT_HEADROOM)
+
+
+def _abort_reason(seq: Sequence, now: float) -> str | None:
+    if seq.cancelled:
+        return "cancelled"
+    if seq.deadline is not None and now >= seq.deadline:
+        return "timeout"
+    return None
+
+

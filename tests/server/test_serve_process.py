@@ -1,0 +1,118 @@
+"""`llmctl serve` as a user runs it: a subprocess, its flags, start-up checks and graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from llmctl.server.testing import build_tiny_model
+
+USER = [{"role": "user", "content": "Hello there"}]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "llmctl", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_underscore_flags_and_env(server_process, tiny_model):
+    server = server_process("--model_path", str(tiny_model), "--dtype", "float32",
+                            env={"LLMCTL_SERVED_MODEL_NAME": "my-model"})
+    health = server.wait_status("ready")
+    assert health["model"] == "my-model"
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 3, "model": "my-model"})
+    assert r.status_code == 200
+    assert server.stop() == 0
+    log = server.output()
+    assert "Listening on http://127.0.0.1" in log and "ready in" in log
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--load_in_8bit", "--load-in-4bit"], "cannot be used together"),
+    (["--model-path", "/nonexistent/model"], "does not exist"),
+    # A long path: still one line of stderr (log collectors split records at newlines).
+    (["--model-path", "/nonexistent/" + "a-rather-long-folder-name/" * 6 + "model"], "does not exist"),
+    (["--device", "cuda"], "no CUDA device"),
+])
+def test_bad_start_fails_fast_with_one_line(args, message):
+    started = time.monotonic()
+    result = run_cli("serve", "--port", "0", *args)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert time.monotonic() - started < 30
+
+
+def test_port_in_use_or_out_of_range_is_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--host", "127.0.0.1", "--port", str(port), "--model-path", "/nonexistent")
+        assert result.returncode == 1, result.stderr
+        result = run_cli("serve", "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 1
+    assert f"Cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("serve", "--port", "83847")
+    assert result.returncode == 2 and "--port" in result.stderr
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(server_process, tmp_path):
+    # A model big enough that a 1500-token answer is still running when the signal arrives.
+    model = build_tiny_model(tmp_path / "slower", context=2048, hidden=256, layers=6)
+    server = server_process("--model-path", str(model), "--dtype", "float32", "--grace-period", "60")
+    server.wait_status("ready")
+    lines: list[str] = []
+
+    def stream():
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120, json={
+                "messages": USER, "max_tokens": 1500, "ignore_eos": True, "stream": True}) as r:
+            lines.extend(line for line in r.iter_lines() if line.startswith("data: "))
+
+    client = threading.Thread(target=stream)
+    client.start()
+    deadline = time.monotonic() + 30
+    while len(lines) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    health = httpx.get(server.url + "/health").json()
+    assert health["running"] == 1, "the request should be in flight when the signal arrives"
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    if server.proc.poll() is None:
+        # While draining, new work is refused with a clear 503.
+        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+    client.join(120)
+    assert server.proc.wait(60) == 0
+    assert lines[-1] == "data: [DONE]"
+    final = json.loads(lines[-2][len("data: "):])
+    assert final["choices"][0]["finish_reason"] == "length"
+    output = server.output()
+    assert "Waiting up to 60 s for 1 request(s) in flight" in output and "Stopped" in output
+
+
+def test_module_and_script_entry_points():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("llmctl ")
+    result = run_cli("serve", "--help")
+    assert "--model_path" in result.stdout and "--load_in_4bit" in result.stdout
+
+
+def test_serve_takes_model_path_from_the_config_file(server_process, tiny_model, tmp_path):
+    config = tmp_path / "llmctl.yaml"
+    config.write_text(f"llm:\n  provider: self\n  model_path: {tiny_model}\n")
+    server = server_process("--config", str(config), "--dtype", "float32")
+    assert server.wait_status("ready")["model"] == "tiny-llama"
+    assert server.stop() == 0

@@ -1,0 +1,133 @@
+"""The package's parts and the directions their imports may take (docs/architecture.md).
+
+Each module's imports of llmctl, at the top and inside functions, are read with `ast`; a part may
+import only the parts listed for it below, and never another part's private (underscore) names.
+
+How this test was checked: adding `from llmctl.server import schemas` to llmctl/engine/batch.py made
+`test_imports_flow_downwards` fail with "llmctl/engine/batch.py:… imports llmctl.server.schemas, but
+engine may import only core, shared"; adding `from llmctl.engine.builtin import _abort_reason` to
+llmctl/server/generation.py made `test_no_part_imports_private_names_of_another` fail. Both lines
+were then removed.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "llmctl"
+SHARED = {"errors", "envvars", "keyfile", "__init__"}
+COMPAT = {"config", "probe"}  # llmctl.config and llmctl.probe: old import paths, kept as aliases
+
+# part -> the parts it may import (besides itself)
+ALLOWED: dict[str, set[str]] = {
+    "cli": {"server", "client", "doctor", "bench", "engine", "core", "shared"},
+    "server": {"engine", "core", "shared"},
+    "doctor": {"client", "core", "shared"},
+    "bench": {"client", "core", "shared"},
+    "client": {"shared"},
+    "engine": {"core", "shared"},
+    "core": {"shared"},
+    "shared": set(),
+    "compat": {"client"},
+}
+PARTS = ("cli", "server", "client", "doctor", "bench", "engine", "core")
+MAX_LINES = 500
+
+
+def part_of(module: str) -> str:
+    """'llmctl.engine.builtin' -> 'engine'; 'llmctl.errors' -> 'shared'."""
+    pieces = module.split(".")
+    if len(pieces) == 1:
+        return "shared"
+    head = pieces[1]
+    if head in PARTS:
+        return head
+    if head == "__main__":
+        return "cli"
+    if head in COMPAT:
+        return "compat"
+    if head in SHARED:
+        return "shared"
+    raise AssertionError(f"{module} belongs to no known part: add it to a package or to tests/test_layout.py")
+
+
+def module_name(path: Path) -> str:
+    relative = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(relative.parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def llmctl_imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, imported module, imported names) for every import of llmctl in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, []) for alias in node.names if alias.name.split(".")[0] == "llmctl"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] == "llmctl":
+            found.append((node.lineno, node.module, [alias.name for alias in node.names]))
+    return found
+
+
+def _submodule(module: str, name: str) -> str:
+    """``module.name`` when ``from module import name`` imports a module, else ``module``."""
+    path = PACKAGE.parent.joinpath(*module.split("."), name)
+    return f"{module}.{name}" if path.with_suffix(".py").exists() or path.is_dir() else module
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_module_belongs_to_a_part():
+    for path in MODULES:
+        part_of(module_name(path))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_imports_flow_downwards(path: Path):
+    here = part_of(module_name(path))
+    problems = []
+    for line, module, names in llmctl_imports(path):
+        targets = [module] if not names else [_submodule(module, n) for n in names]
+        for target in set(targets):
+            there = part_of(target)
+            if there != here and there not in ALLOWED[here]:
+                allowed = ", ".join(sorted(ALLOWED[here])) or "nothing else"
+                problems.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}, but {here} may "
+                                f"import only {allowed}")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_part_imports_private_names_of_another():
+    problems = []
+    for path in MODULES:
+        here = part_of(module_name(path))
+        for line, module, names in llmctl_imports(path):
+            if part_of(module) == here:
+                continue
+            private = [n for n in names + module.split(".") if _private(n)]
+            if private:
+                problems.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports private {private} from {module}")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_module_is_over_the_size_limit():
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in MODULES
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_every_package_says_what_it_does_and_may_import():
+    for part in PARTS:
+        doc = ast.get_docstring(ast.parse((PACKAGE / part / "__init__.py").read_text(encoding="utf-8")))
+        assert doc and "may import" in doc.lower(), f"llmctl/{part}/__init__.py needs a docstring saying what it " \
+                                                    "does and what it may import"
