@@ -376,7 +376,11 @@ def test_arrow_keys_edit_the_line(base_url, tmp_path):
         while seen.find(text, start) < 0:
             assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
             if select.select([main], [], [], 0.2)[0]:
-                seen.extend(os.read(main, 4096))
+                try:
+                    seen.extend(os.read(main, 4096))
+                except OSError:  # EIO: the child closed its terminal, so it exited; show what it printed
+                    raise AssertionError(f"llmctl chat exited ({proc.wait(10)}): "
+                                         f"{seen.decode(errors='replace')}") from None
         return seen.find(text, start) + len(text)
 
     try:
