@@ -131,6 +131,9 @@ def quantization_config(quantization: Quantization, device: str, compute_dtype):
     if quantization == "8bit":
         if device == "cpu":
             log.warning("8-bit weights on CPU are slower than bf16; use them only to save memory.")
+        # bitsandbytes' int8 matmul computes in float16 and logs a warning at every call whose input is
+        # bf16 or fp32: one line per linear layer per decode step would bury the service's log.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
