@@ -21,7 +21,7 @@ from llmctl.errors import ModelLoadError
 from llmctl.server import responses
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.testing import serve_in_thread
-from tests.conftest import make_service
+from tests.conftest import make_service, slow_down
 
 USER = [{"role": "user", "content": "Hello there"}]
 
@@ -33,17 +33,6 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return False
-
-
-def slow_down(service: Service, seconds: float) -> None:
-    model = service.engine.model
-    real = model.forward
-
-    def forward(*args, **kwargs):
-        time.sleep(seconds)
-        return real(*args, **kwargs)
-
-    model.forward = forward
 
 
 @pytest.fixture()
