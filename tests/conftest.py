@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,6 +18,16 @@ from llmctl.core.loader import LoadOptions
 from llmctl.engine import EngineConfig
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.testing import build_tiny_model, free_port, serve_in_thread
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def slow_down(service: Service, seconds: float) -> None:
@@ -28,6 +40,16 @@ def slow_down(service: Service, seconds: float) -> None:
         return real(*args, **kwargs)
 
     model.forward = forward
+
+
+@contextlib.contextmanager
+def slow_serving(model: Path, seconds: float, engine: EngineConfig) -> Iterator[tuple[Service, str]]:
+    """A real server on 127.0.0.1 whose every forward pass takes ``seconds`` longer."""
+    service = make_service(model, engine=engine)
+    slow_down(service, seconds)
+    with serve_in_thread(service) as url:
+        yield service, url
+    service.shutdown()
 
 
 def sse_data(client: httpx.Client, path: str, body: dict) -> list:

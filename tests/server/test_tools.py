@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from llmctl.server import responses
-from llmctl.server.testing import serve_in_thread
 from llmctl.server.tools import HermesToolParser
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'

@@ -18,7 +18,7 @@ from pydantic import Field, StrictBool
 
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
-from llmctl.server.api.common import ChoiceText, check_model, json_arguments, sse_event
+from llmctl.server.api.common import ChoiceText, TextPieces, check_model, json_arguments, sse_event
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MAX_TIMEOUT_S, Number, _Lenient, other_type
@@ -234,15 +234,14 @@ def _events(run: Run, deltas: Iterator[Delta], choice: _Choice) -> Iterator[str]
 
     try:
         yield event("message_start", message=choice.message([], None, None, run.prompt_tokens, 0))
-        for delta in deltas:
-            shown = choice.text.feed(delta.text)
-            if shown:
-                yield from text_delta(shown)
-        if run.cancelled:
+        pieces = TextPieces(run, deltas, choice.text)
+        for piece in pieces:
+            yield from text_delta(piece)
+        calls = pieces.calls
+        if calls is None:
             return
-        rest, calls = choice.text.finish()
-        if rest or not (opened or calls):
-            yield from text_delta(rest)
+        if not (opened or calls):
+            yield from text_delta("")  # an empty answer still has its (empty) text block
         if opened:
             yield event("content_block_stop", index=0)
             index = 1

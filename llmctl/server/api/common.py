@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from llmctl.errors import ModelNotFound
 from llmctl.server.tools import HermesToolParser
+
+if TYPE_CHECKING:
+    from llmctl.server.pipeline import Delta, Run
 
 
 def sse(body: dict) -> str:
@@ -57,3 +62,25 @@ class ChoiceText:
         rest, calls = self.tools.finish()
         self.text += rest
         return rest, calls
+
+
+class TextPieces:
+    """One choice's text to show as it streams (tool calls held back), the rest at the end.
+
+    After the iteration ``calls`` holds the tool calls, or stays None when the client went away.
+    """
+
+    def __init__(self, run: Run, deltas: Iterator[Delta], text: ChoiceText) -> None:
+        self.run, self.deltas, self.text = run, deltas, text
+        self.calls: list[dict] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for delta in self.deltas:
+            shown = self.text.feed(delta.text)
+            if shown:
+                yield shown
+        if self.run.cancelled:
+            return
+        rest, self.calls = self.text.finish()
+        if rest:
+            yield rest

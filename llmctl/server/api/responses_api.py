@@ -20,7 +20,7 @@ from pydantic import Field, StrictBool
 
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
-from llmctl.server.api.common import ChoiceText, check_model, sse_event
+from llmctl.server.api.common import ChoiceText, TextPieces, check_model, sse_event
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MAX_TIMEOUT_S, Number, _Lenient, other_type
@@ -261,15 +261,12 @@ def _events(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Iterator[str]
     try:
         yield event("response.created", response=answer.body(None, [], "in_progress"))
         yield event("response.in_progress", response=answer.body(None, [], "in_progress"))
-        for delta in deltas:
-            shown = answer.text.feed(delta.text)
-            if shown:
-                yield from text_delta(shown)
-        if run.cancelled:
+        pieces = TextPieces(run, deltas, answer.text)
+        for piece in pieces:
+            yield from text_delta(piece)
+        calls = pieces.calls
+        if calls is None:
             return
-        rest, calls = answer.text.finish()
-        if rest:
-            yield from text_delta(rest)
         output = _output(answer.text.text, calls, run.gens[0].finish_reason, answer)
         for index, item in enumerate(output):
             if item["type"] == "message":
