@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,6 +18,51 @@ from llmctl.core.loader import LoadOptions
 from llmctl.engine import EngineConfig
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.testing import build_tiny_model, free_port, serve_in_thread
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def slow_down(service: Service, seconds: float) -> None:
+    """Wrap the model's real forward pass with a sleep, so requests are still running when a test acts."""
+    model = service.engine.model
+    real = model.forward
+
+    def forward(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    model.forward = forward
+
+
+@contextlib.contextmanager
+def slow_serving(model: Path, seconds: float, engine: EngineConfig) -> Iterator[tuple[Service, str]]:
+    """A real server on 127.0.0.1 whose every forward pass takes ``seconds`` longer."""
+    service = make_service(model, engine=engine)
+    slow_down(service, seconds)
+    with serve_in_thread(service) as url:
+        yield service, url
+    service.shutdown()
+
+
+def sse_data(client: httpx.Client, path: str, body: dict) -> list:
+    """The `data:` payloads of a streamed answer: decoded JSON, and "[DONE]" as it is."""
+    events = []
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                payload = line[len("data: "):]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -114,3 +162,29 @@ def server_process():
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_model):
+    """A server whose tiny model writes ``script["text"]`` (then end of sequence) for each request."""
+    service = make_service(tiny_model, tool_call_parser="hermes")
+    model, tokenizer = service.engine.model, service.loaded.tokenizer
+    real = model.forward
+    script = {"ids": [], "step": 0}
+
+    def forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if script["step"] < len(script["ids"]) + 1:
+            token = (script["ids"] + [tokenizer.eos_token_id])[script["step"]]
+            out.logits[:, -1, :] = float("-inf")
+            out.logits[:, -1, token] = 0.0
+        script["step"] += 1
+        return out
+
+    def say(text: str) -> None:
+        script["ids"], script["step"] = tokenizer(text, add_special_tokens=False)["input_ids"], 0
+
+    model.forward = forward
+    with serve_in_thread(service) as url:
+        yield url, say
+    service.shutdown()

@@ -179,6 +179,11 @@ def load_settings(config: Path | str | None = None, *, env: Mapping[str, str] | 
         value = env.get(var)
         if value is not None and value.strip():
             merged[key], sources[key] = value.strip(), f"environment variable {var}"
+    sdk_url = env.get(envvars.OPENAI_SDK_BASE_URL, "").strip()
+    if "openai_base_url" not in merged and sdk_url:
+        # The openai SDK's own variable: set-ups made for it reach the same server unchanged.
+        merged["openai_base_url"] = sdk_url
+        sources["openai_base_url"] = f"environment variable {envvars.OPENAI_SDK_BASE_URL}"
     key_file = env.get(envvars.API_KEY_FILE, "").strip()
     if "self_hosted_api_key" not in merged and key_file:
         # The file `llmctl serve --api-key-file` reads, so one export serves both sides here too.

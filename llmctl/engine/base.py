@@ -6,6 +6,7 @@ the `Engine` protocol. An engine is one module implementing `Engine`; the server
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import time
@@ -67,6 +68,24 @@ class Sequence:
         # The engine's own per-sequence state (the builtin engine's chunked-prefill cache, say).
         self.prefill_cache: Any = None
         self.prefilled = 0
+        # n > 1: the other choices for this prompt, submitted with it; an engine prefills the prompt once
+        # and then gives each its own row (the builtin engine's fork after prefill).
+        self.forks: list[Sequence] = []
+
+    def fork(self, n: int) -> list[Sequence]:
+        """This sequence and n - 1 more choices for the same prompt, submitted together with it.
+
+        With a seed, choice i samples with seed + i (wrapped into torch's 64-bit range), so each choice
+        is reproducible and choice 0 is what the same request with n = 1 gives.
+        """
+        for i in range(1, n):
+            seed = self.params.seed
+            if seed is not None:
+                seed = seed + i if seed + i < 2**64 else seed + i - 2**64
+            fork = Sequence(self.prompt_ids, dataclasses.replace(self.params, seed=seed), self.deadline)
+            fork.arrived = self.arrived
+            self.forks.append(fork)
+        return [self, *self.forks]
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence; it is gone within one decode step."""
@@ -145,4 +164,6 @@ class Engine(Protocol):
         """Raise QueueFull when the waiting queue is full, before the request costs anything."""
 
     def submit(self, seq: Sequence) -> Sequence:
-        """Queue ``seq``; raise InvalidRequest if it can never fit, Unavailable when shutting down."""
+        """Queue ``seq``; raise InvalidRequest if it can never fit, Unavailable when shutting down.
+
+        ``seq.forks`` (n > 1) come with it: each gets its own tokens and Finish on its own ``events``."""

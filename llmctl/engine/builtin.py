@@ -94,8 +94,9 @@ class BuiltinEngine:
             if self._stopping:
                 raise Unavailable("The server is shutting down.", retry_after=None, code="shutting_down")
             self.check_capacity()
-            if seq.params.seed is not None:
-                seq.generator = seq.params.make_generator(self.device)
+            for member in (seq, *seq.forks):
+                if member.params.seed is not None:
+                    member.generator = member.params.make_generator(self.device)
             self._waiting.append(seq)
             self._cond.notify()
         return seq
@@ -203,6 +204,7 @@ class BuiltinEngine:
             batch = fn(seqs)
             if batch is None:
                 return  # more chunks to go
+            self._fork(batch)
             self.stats.prefills += 1
             self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs if not s.preemptions)
             self._emit(batch, self._sample(batch, batch.last_logits))
@@ -221,6 +223,23 @@ class BuiltinEngine:
                 self._finish(seq, "error", LLMCtlError("Internal error during prefill; see the server log."))
         finally:
             self._admitting = []
+
+    def _fork(self, batch: Batch) -> None:
+        """n > 1: the prompt was prefilled once; each other choice gets a copy of its row (KV cache included)
+        and samples on its own from the first token on."""
+        if not any(seq.forks for seq in batch.seqs):
+            return
+        rows, seqs = [], []
+        for row, seq in enumerate(batch.seqs):
+            for member in (seq, *seq.forks):
+                member.admitted = seq.admitted
+                rows.append(row)
+                seqs.append(member)
+            seq.forks = []
+        logits = batch.last_logits[torch.tensor(rows, device=batch.last_logits.device)]
+        select_rows(batch, rows)
+        batch.seqs, batch.last_logits = seqs, logits
+        self._admitting += [s for s in seqs if s not in self._admitting]  # an OOM from here on fails them too
 
     def _join(self, batch: Batch) -> None:
         """Add freshly prefilled rows to the running batch."""
@@ -376,6 +395,9 @@ class BuiltinEngine:
         if not seq.done:
             seq.done = True
             seq.events.put(Finish(reason, error))
+        for fork in seq.forks:  # choices not forked yet end with the sequence they wait on
+            self._finish(fork, reason, error)
+        seq.forks = []
 
     def _on_oom(self, seqs: list[Sequence]) -> None:
         self.stats.oom_events += 1

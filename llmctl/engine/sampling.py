@@ -26,6 +26,7 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off; k: sample among the k most likely tokens
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -101,6 +102,8 @@ class BatchSampler:
 
     @staticmethod
     def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+        if 0 < p.top_k < row.shape[-1]:
+            row = row.masked_fill(row < torch.topk(row, p.top_k).values[-1], float("-inf"))
         probs = torch.softmax(row / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)

@@ -35,15 +35,17 @@ class StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Return the text that is safe to emit now, and whether a stop string was reached."""
         if not self.stops:
             return delta, False
         self.pending += delta
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(at, stop) for stop in self.stops if (at := self.pending.find(stop)) >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            at, self.matched = min(hits)
+            out, self.pending = self.pending[:at], ""
             return out, True
         hold = 0
         for stop in self.stops:

@@ -1,4 +1,5 @@
-"""Flask app factory: thin routes over a `Service`, and one place that maps errors to OpenAI's envelope."""
+"""Flask app factory: thin routes over a `Service` and its API modules, and one place that maps errors to
+each API's envelope (OpenAI's, or Anthropic's on /v1/messages)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from prometheus_client.exposition import choose_encoder
 from werkzeug.exceptions import HTTPException
 
 from llmctl.errors import InvalidRequest, LLMCtlError, UnsupportedMediaType
+from llmctl.server.api import anthropic, chat, completions, responses_api, tokenize
 from llmctl.server.openapi import openapi_document
 from llmctl.server.security import install_auth, install_cors
 from llmctl.server.service import Service
@@ -18,6 +20,7 @@ from llmctl.server.service import Service
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+ANTHROPIC_PREFIX = "/v1/messages"
 HTTP_ERROR_TYPES = {400: ("invalid_request_error", None), 404: ("invalid_request_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
                     413: ("invalid_request_error", "request_too_large"),
                     415: ("invalid_request_error", "unsupported_media_type")}
@@ -30,7 +33,14 @@ def json_response(body: dict, status: int = 200, headers: dict | None = None) ->
 
 
 def error_response(exc: LLMCtlError) -> Response:
-    return json_response(exc.to_body(), exc.status, exc.headers())
+    return json_response(error_body(exc.status, exc.to_body()), exc.status, exc.headers())
+
+
+def error_body(status: int, body: dict) -> dict:
+    """An OpenAI error body as the route's API spells errors: Anthropic's envelope on /v1/messages."""
+    if request.path.startswith(ANTHROPIC_PREFIX):
+        return anthropic.error_body(status, body["error"]["message"])
+    return body
 
 
 def wants_prometheus() -> bool:
@@ -74,14 +84,14 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
         body = {"error": {"message": message, "type": err_type, "param": None, "code": code}}
         # Keep the exception's own headers (Allow on a 405), not its HTML content type.
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
-        return json_response(body, exc.code or 500, headers)
+        return json_response(error_body(exc.code or 500, body), exc.code or 500, headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         log.exception("Unhandled error on %s %s", request.method, request.path)
         body = {"error": {"message": "Internal server error; see the server log.", "type": "server_error",
                           "param": None, "code": "internal_error"}}
-        return json_response(body, 500)
+        return json_response(error_body(500, body), 500)
 
     @app.after_request
     def _count(response: Response):
@@ -91,13 +101,12 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
         service.metrics.count_request(route, response.status_code)
         return response
 
-    @app.post("/v1/chat/completions")
-    def chat_completions():
-        result = service.chat(read_json_body(), request.environ.get("waitress.client_disconnected"))
-        if isinstance(result, dict):
-            return json_response(result)
-        return Response(result, mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # Each API is a module with a handler that takes the decoded body; generation handlers also take the
+    # client-disconnected check and may answer a stream.
+    for path, handle in GENERATION_ROUTES.items():
+        app.add_url_rule(path, path, _generation_view(service, handle), methods=["POST"])
+    for path, handle in JSON_ROUTES.items():
+        app.add_url_rule(path, path, _json_view(service, handle), methods=["POST"])
 
     @app.get("/v1/models")
     def models():
@@ -127,6 +136,27 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
         return json_response(service.metrics_json())
 
     return app
+
+
+GENERATION_ROUTES = {"/v1/chat/completions": chat.handle, "/v1/completions": completions.handle,
+                     "/v1/responses": responses_api.handle, "/v1/messages": anthropic.handle}
+JSON_ROUTES = {"/v1/messages/count_tokens": anthropic.count_tokens, "/tokenize": tokenize.tokenize,
+               "/detokenize": tokenize.detokenize}
+
+
+def _generation_view(service: Service, handle):
+    def view():
+        result = handle(service, read_json_body(), request.environ.get("waitress.client_disconnected"))
+        if isinstance(result, dict):
+            return json_response(result)
+        return Response(result, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return view
+
+
+def _json_view(service: Service, handle):
+    return lambda: json_response(handle(service, read_json_body()))
 
 
 def read_json_body() -> object:

@@ -1,4 +1,4 @@
-"""One request's trip through the engine: prompt building, limits, and turning tokens into text."""
+"""One sequence's trip through the engine: chat prompts, and turning its tokens into text."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from llmctl.core.loader import LoadedModel
-from llmctl.engine import Finish, SamplingParams, Sequence
+from llmctl.engine import Finish, Sequence
 from llmctl.engine.sampling import TokenLogprobs
 from llmctl.engine.text import IncrementalDetokenizer, StopMatcher
-from llmctl.errors import ContextLengthExceeded, InvalidRequest, RequestTimeout
+from llmctl.errors import InvalidRequest, RequestTimeout
 from llmctl.server.schemas import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
@@ -22,82 +22,25 @@ DEADLINE_SLACK_S = 2.0  # past its deadline plus this, a handler gives up on its
 
 
 def build_prompt(loaded: LoadedModel, req: ChatCompletionRequest) -> list[int]:
-    """Render the chat template and tokenize it."""
+    """A chat completion request's messages (and tools) through the chat template, tokenized."""
+    return chat_prompt(loaded, [m.for_template() for m in req.messages], req.tools)
+
+
+def chat_prompt(loaded: LoadedModel, messages: list[dict], tools: list[dict] | None, *, param: str = "messages",
+                add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
+    """Render the chat template over messages as templates read them, and tokenize it."""
     import jinja2
 
-    messages = [m.for_template() for m in req.messages]
-    extra = {"tools": req.tools} if req.tools else {}
+    extra = {"tools": tools} if tools else {}
     try:
-        text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+        text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                    tokenize=False, **extra)
     except jinja2.TemplateError as exc:
-        raise InvalidRequest(f"The model's chat template rejected these messages: {exc}", param="messages") from exc
+        raise InvalidRequest(f"The model's chat template rejected these messages: {exc}", param=param) from exc
     except RecursionError:
-        raise InvalidRequest("The messages or tools are nested too deeply to render.", param="tools" if req.tools
-                             else "messages") from None
-    return loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-@dataclass(frozen=True)
-class TokenLimits:
-    """The server's limits on a request's tokens."""
-
-    kv_budget: int  # the engine's KV cache budget, in tokens
-    max_tokens_cap: int | None = None  # reject requests asking for more
-    default_max_tokens: int | None = None  # when a request names no max_tokens (None: what fits)
-
-
-def sampling_params(loaded: LoadedModel, req: ChatCompletionRequest, prompt_tokens: int,
-                    limits: TokenLimits) -> SamplingParams:
-    """Check the request against the context window and the server's limits; turn it into engine settings."""
-    context, cap, budget = loaded.context_length, limits.max_tokens_cap, limits.kv_budget
-    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    if cap is not None and asked is not None and asked > cap:
-        raise InvalidRequest(f"{param} is {asked}, above this server's limit of {cap}.", param=param)
-    if prompt_tokens >= context:
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {context} tokens, but the messages use {prompt_tokens} "
-            "tokens. Shorten the messages.", param="messages")
-    if asked is not None and prompt_tokens + asked > context:
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {context} tokens, but {prompt_tokens + asked} were requested "
-            f"({prompt_tokens} in the messages, {asked} in the completion). Lower {param} to at most "
-            f"{context - prompt_tokens}.", param=param)
-    if asked is not None and prompt_tokens + asked > budget:
-        raise InvalidRequest(
-            f"This request needs {prompt_tokens + asked} tokens of KV cache ({prompt_tokens} in the messages, "
-            f"{asked} in the completion) but the server's budget is {budget}; lower {param} to at most "
-            f"{max(1, budget - prompt_tokens)}.", param=param)
-    if asked is None:
-        # The rest of the context (the engine admits by what a sequence holds, so this costs no
-        # concurrency), unless the operator capped it or set a default.
-        asked = min(context, budget) - prompt_tokens
-        for limit in (cap, limits.default_max_tokens):
-            if limit is not None:
-                asked = min(asked, limit)
-        if asked < 1:
-            raise ContextLengthExceeded(
-                f"The messages use {prompt_tokens} tokens, which leaves no room to answer within this server's "
-                f"KV budget of {budget} tokens.", param="messages")
-    bias: dict[int, float] = {}
-    vocab = len(loaded.tokenizer)
-    for key, value in (req.logit_bias or {}).items():
-        token = int(key)
-        if not 0 <= token < vocab:
-            raise InvalidRequest(f"logit_bias names token {token}, outside the vocabulary (0..{vocab - 1}).",
-                                 param="logit_bias")
-        bias[token] = value
-    return SamplingParams(
-        max_tokens=asked,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        presence_penalty=req.presence_penalty or 0.0,
-        logit_bias=bias,
-        seed=req.seed,
-        ignore_eos=req.ignore_eos,
-        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-    )
+        raise InvalidRequest("The messages or tools are nested too deeply to render.",
+                             param="tools" if tools else param) from None
+    return loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 @dataclass
@@ -193,6 +136,11 @@ class Generation:
         """Stop the sequence if the consumer leaves before the end."""
         if not self.seq.done:
             self.seq.cancel()
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended the text, if one did."""
+        return self.stops.matched
 
     @property
     def ttft(self) -> float | None:

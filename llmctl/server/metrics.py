@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2, 0.5, 1.0, 2.5)
 TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384)
+API_ROUTES = ("/tokenize", "/detokenize")  # API routes outside /v1/
 
 
 def _summary(values: deque) -> dict:
@@ -32,7 +33,8 @@ class ServiceMetrics:
     def __init__(self, window: int = 1000) -> None:
         self.started = time.time()
         self._lock = threading.Lock()
-        self.requests: dict[str, int] = {}  # API requests (/v1/...) by HTTP status
+        self.requests: dict[str, int] = {}  # API requests (/v1/..., /tokenize, /detokenize) by HTTP status
+        self.routes: dict[str, int] = {}  # the same requests by route
         self.finished: dict[str, int] = {}  # generations by how they ended
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -71,9 +73,10 @@ class ServiceMetrics:
     def count_request(self, route: str, status: int) -> None:
         """Count a request; the JSON counters keep to the API, Prometheus labels every route."""
         key = str(status)
-        if route.startswith("/v1/"):
+        if route.startswith("/v1/") or route in API_ROUTES:
             with self._lock:
                 self.requests[key] = self.requests.get(key, 0) + 1
+                self.routes[route] = self.routes.get(route, 0) + 1
         self.p_requests.labels(route, key).inc()
 
     def record_generation(self, prompt_tokens: int, completion_tokens: int, latency: float,
@@ -111,6 +114,7 @@ class ServiceMetrics:
                 "uptime_s": round(time.time() - self.started, 3),
                 "requests_total": total,
                 "requests_by_status": dict(sorted(self.requests.items())),
+                "requests_by_route": dict(sorted(self.routes.items())),
                 "requests_failed": sum(n for s, n in self.requests.items() if not s.startswith("2")),
                 "finish_reasons": dict(sorted(self.finished.items())),
                 "prompt_tokens_total": self.prompt_tokens,

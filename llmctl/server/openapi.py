@@ -9,19 +9,45 @@ from __future__ import annotations
 import json
 
 from llmctl import __version__
+from llmctl.server.api.anthropic import CountTokensRequest, MessagesRequest
+from llmctl.server.api.completions import CompletionRequest
+from llmctl.server.api.responses_api import ResponsesRequest
+from llmctl.server.api.shapes import SHAPES
+from llmctl.server.api.tokenize import DetokenizeRequest, TokenizeRequest
 from llmctl.server.responses import RESPONSE_MODELS
 from llmctl.server.schemas import ChatCompletionRequest
 
+REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, ResponsesRequest, MessagesRequest, CountTokensRequest,
+                  TokenizeRequest, DetokenizeRequest)
+
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
-# A key is needed only when the server was started with --api-key: either alternative satisfies.
-KEY = [{"bearer": []}, {}]
+ANTHROPIC_ERROR = {"$ref": "#/components/schemas/AnthropicError"}
+# A key is needed only when the server was started with --api-key: any alternative satisfies.
+KEY = [{"bearer": []}, {"apiKey": []}, {}]
 
 
-def _error_responses(*codes: int) -> dict:
+def _error_responses(*codes: int, schema: dict = ERROR) -> dict:
     text = {400: "Invalid request", 401: "Missing or invalid API key", 404: "Unknown model or route",
             408: "Request timed out", 413: "Body too large", 415: "Body is not JSON", 429: "Queue full",
             500: "Server bug", 503: "Loading, failed, shutting down, or out of memory"}
-    return {str(c): {"description": text[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
+    return {str(c): {"description": text[c], "content": {"application/json": {"schema": schema}}} for c in codes}
+
+
+GENERATION_ERRORS = (400, 401, 404, 408, 413, 415, 429, 500, 503)
+
+
+def _post(operation: str, request: str, answer: str, description: str, *, stream: bool = True,
+          errors: tuple[int, ...] = GENERATION_ERRORS, error_schema: dict = ERROR, security: bool = True) -> dict:
+    """A POST route that takes the JSON body ``request`` and answers ``answer`` (or server-sent events)."""
+    content = {"application/json": {"schema": _ref(answer)}}
+    if stream:
+        content["text/event-stream"] = {"schema": {"type": "string"}}
+    return {"post": {
+        "operationId": operation, **({"security": KEY} if security else {}),
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+        "responses": {"200": {"description": description, "content": content},
+                      **_error_responses(*errors, schema=error_schema)},
+    }}
 
 
 def _ref(name: str) -> dict:
@@ -31,7 +57,7 @@ def _ref(name: str) -> dict:
 def _schemas() -> dict:
     """The request and response models as components, their nested models beside them."""
     found: dict = {}
-    for model in (ChatCompletionRequest, *RESPONSE_MODELS):
+    for model in (*REQUEST_MODELS, *RESPONSE_MODELS, *SHAPES):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         found.update(schema.pop("$defs", {}))
         found[model.__name__] = schema
@@ -41,20 +67,30 @@ def _schemas() -> dict:
 def openapi_document() -> dict:
     return {
         "openapi": "3.1.0",
-        "info": {"title": "llmctl OpenAI-compatible API", "version": __version__},
+        "info": {"title": "llmctl OpenAI- and Anthropic-compatible API", "version": __version__},
         "paths": {
-            "/v1/chat/completions": {"post": {
-                "operationId": "createChatCompletion", "security": KEY,
-                "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
-                "responses": {
-                    "200": {"description": "A completion, or server-sent events (ChatCompletionChunk, then "
-                                           "[DONE]) when stream is true",
-                            "content": {"application/json": {"schema": _ref("ChatCompletion")},
-                                        "text/event-stream": {"schema": {"type": "string"}}}},
-                    **_error_responses(400, 401, 404, 408, 413, 415, 429, 500, 503),
-                },
-            }},
+            "/v1/chat/completions": _post(
+                "createChatCompletion", "ChatCompletionRequest", "ChatCompletion",
+                "A completion, or server-sent events (ChatCompletionChunk, then [DONE]) when stream is true"),
+            "/v1/completions": _post(
+                "createCompletion", "CompletionRequest", "TextCompletion",
+                "A text completion, or server-sent events (TextCompletion chunks, then [DONE]) when stream is true"),
+            "/v1/responses": _post(
+                "createResponse", "ResponsesRequest", "Response",
+                "A response, or its named server-sent events when stream is true (see Response)"),
+            "/v1/messages": _post(
+                "createMessage", "MessagesRequest", "AnthropicMessage",
+                "An Anthropic message, or Anthropic's server-sent events when stream is true; errors in "
+                "Anthropic's envelope", error_schema=ANTHROPIC_ERROR),
+            "/v1/messages/count_tokens": _post(
+                "countMessageTokens", "CountTokensRequest", "AnthropicTokenCount",
+                "The prompt's tokens, as /v1/messages would count them", stream=False,
+                errors=(400, 401, 404, 413, 415, 500, 503), error_schema=ANTHROPIC_ERROR),
+            "/tokenize": _post("tokenize", "TokenizeRequest", "Tokenized",
+                               "The token ids of a prompt, or of chat messages through the chat template",
+                               stream=False, errors=(400, 401, 404, 413, 415, 500, 503)),
+            "/detokenize": _post("detokenize", "DetokenizeRequest", "Detokenized", "The text of token ids",
+                                 stream=False, errors=(400, 401, 404, 413, 415, 500, 503)),
             "/v1/models": {"get": {"operationId": "listModels", "security": KEY, "responses": {
                 "200": {"description": "The served model", "content": {"application/json": {
                     "schema": _ref("ModelList")}}}, **_error_responses(401, 503)}}},
@@ -85,7 +121,8 @@ def openapi_document() -> dict:
                                                             "code": {"type": ["string", "null"]}}}},
                 },
             },
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
         },
     }
 

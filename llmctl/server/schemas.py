@@ -10,17 +10,9 @@ import json
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StrictBool,
-    ValidationError,
-    field_validator,
-)
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
 
 from llmctl.errors import InvalidRequest
 
@@ -44,6 +36,23 @@ def _a_number(value: object) -> object:
 Number = BeforeValidator(_a_number)
 
 
+def _token_ids(value: dict[str, float]) -> dict[str, float]:
+    for key in value:
+        if not TOKEN_ID.fullmatch(key):
+            raise ValueError(f"keys must be token ids, got {key!r}")
+    return value
+
+
+LogitBias = Annotated[dict[str, Annotated[float, Number, Field(ge=-100.0, le=100.0)]], AfterValidator(_token_ids)]
+Stop = str | Annotated[list[str], Field(max_length=16)]
+
+
+def stop_list(stop: Stop | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -53,15 +62,20 @@ class TextPart(_Lenient):
     text: str
 
 
-class OtherPart(_Lenient):
-    type: str
+def other_type(known: tuple[str, ...], what: str) -> AfterValidator:
+    """For the catch-all member of a union of typed parts: a known type that reaches it is a known part
+    with a bad field, and must fail as one (not pass as 'some other type')."""
 
-    @field_validator("type")
-    @classmethod
-    def _not_text(cls, value: str) -> str:
-        if value == "text":  # a text part without a valid 'text' must fail as a TextPart
-            raise ValueError("a text part needs a 'text' string")
+    def check(value: str) -> str:
+        if value in known:
+            raise ValueError(f"a '{value}' {what} is missing a field or has one of the wrong type")
         return value
+
+    return AfterValidator(check)
+
+
+class OtherPart(_Lenient):
+    type: Annotated[str, other_type(("text",), "part")]
 
 
 class ChatMessage(_Lenient):
@@ -87,14 +101,14 @@ class ChatMessage(_Lenient):
         if self.content is None:
             return ""
         if isinstance(self.content, str):
-            return _valid_unicode(self.content)
+            return valid_unicode(self.content)
         for part in self.content:
             if not isinstance(part, TextPart):
                 raise InvalidRequest(
                     f"Content parts of type '{part.type}' are not supported: this model reads text only.",
                     param="messages",
                 )
-        return _valid_unicode("".join(part.text for part in self.content))
+        return valid_unicode("".join(part.text for part in self.content))
 
 
 def _template_tool_call(call: dict) -> dict:
@@ -108,7 +122,7 @@ def _template_tool_call(call: dict) -> dict:
     return {**call, "function": {**function, "arguments": arguments}}
 
 
-def _valid_unicode(text: str) -> str:
+def valid_unicode(text: str) -> str:
     """JSON may carry lone surrogates (\\ud800) that no tokenizer accepts; replace them."""
     try:
         text.encode("utf-8")
@@ -117,54 +131,57 @@ def _valid_unicode(text: str) -> str:
         return text.encode("utf-8", "replace").decode("utf-8")
 
 
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
 class StreamOptions(_Lenient):
     include_usage: StrictBool | None = False
 
 
-class ChatCompletionRequest(_Lenient):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+class OpenAISampling(_Lenient):
+    """The fields OpenAI's chat and legacy completions share."""
+
     model: str | None = None
-    max_tokens: Annotated[int, Number, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Number, Field(ge=1)] | None = None
     temperature: Annotated[float, Number, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Number, Field(ge=0.0, le=1.0)] | None = None
     frequency_penalty: Annotated[float, Number, Field(ge=-2.0, le=2.0)] | None = None
     presence_penalty: Annotated[float, Number, Field(ge=-2.0, le=2.0)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    stop: Stop | None = None
     # torch seeds are 64-bit; OpenAI documents an integer, so take the signed and unsigned range.
     seed: Annotated[int, Number, Field(ge=-(2**63), lt=2**64)] | None = None
-    logit_bias: dict[str, Annotated[float, Number, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: LogitBias | None = None
     n: Annotated[int, Number, Field(ge=1, le=128)] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     timeout: Annotated[float, Number, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
+    # llmctl extension: keep generating past end-of-sequence (fixed-length benchmarks).
+    ignore_eos: StrictBool = False
+
+    def stops(self) -> list[str]:
+        return stop_list(self.stop)
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Number, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Number, Field(ge=1)] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[int, Number, Field(ge=0, le=20)] | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
-    # llmctl extension: keep generating past end-of-sequence (fixed-length benchmarks).
-    ignore_eos: StrictBool = False
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key in value or {}:
-            if not TOKEN_ID.fullmatch(key):
-                raise ValueError(f"keys must be token ids, got {key!r}")
-        return value
-
-    def stops(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
 def parse_request(body: object) -> ChatCompletionRequest:
-    """Validate a decoded JSON body, turning the first problem into a 400 that names the field."""
+    """A chat completion request (see `parse_body`)."""
+    return parse_body(ChatCompletionRequest, body)
+
+
+def parse_body(model: type[RequestT], body: object) -> RequestT:
+    """Validate a decoded JSON body against ``model``, turning the first problem into a 400 that names the field."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     try:
-        return ChatCompletionRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         # In a union (stop: str | list), the branch that matched the input's type explains best.
         errors = sorted(exc.errors(), key=lambda e: e["type"].endswith("_type"))
@@ -175,8 +192,8 @@ def parse_request(body: object) -> ChatCompletionRequest:
         param = ".".join(parts) or None
         if error["type"] == "missing":
             message = f"Missing required parameter: '{param}'."
-        elif param == "messages" and error["type"] == "too_short":
-            message = "'messages' must contain at least one message."
+        elif param in ("messages", "prompt", "input") and error["type"] == "too_short":
+            message = f"'{param}' must contain at least one item."
         else:
             message = f"Invalid value for '{param}': {error['msg']}."
         raise InvalidRequest(message, param=param) from None
@@ -209,35 +226,35 @@ def logprobs_body(token_text: TokenText, items: list[TokenLogprobs]) -> dict:
     return {"content": content, "refusal": None}
 
 
-def completion_body(cid: str, model: str, text: str | None, finish_reason: str, prompt_tokens: int,
-                    completion_tokens: int, created: int | None = None, logprobs: dict | None = None,
-                    tool_calls: list[dict] | None = None) -> dict:
+def choice(index: int, text: str | None, finish_reason: str, logprobs: dict | None = None,
+           tool_calls: list[dict] | None = None) -> dict:
     message: dict = {"role": "assistant", "content": text}
     if tool_calls:
         message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_body(cid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int,
+                    created: int | None = None) -> dict:
     return {
         "id": cid,
         "object": "chat.completion",
         "created": created or int(time.time()),
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": logprobs,
-            "finish_reason": finish_reason,
-        }],
+        "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def chunk_body(cid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-               usage_: dict | None = None, with_choice: bool = True, logprobs: dict | None = None) -> dict:
+               usage_: dict | None = None, with_choice: bool = True, logprobs: dict | None = None,
+               index: int = 0) -> dict:
     body = {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
         if with_choice else [],
     }
     if usage_ is not None:

@@ -1,6 +1,7 @@
 """API keys and CORS for the service.
 
-Keys are compared in constant time. /health stays open so load balancers can probe it; /metrics
+Keys are compared in constant time; a key comes as 'Authorization: Bearer <key>' or, as Anthropic's
+clients send it, 'x-api-key: <key>'. /health stays open so load balancers can probe it; /metrics
 needs a key unless the operator makes it public (Prometheus can send a bearer token).
 """
 
@@ -16,6 +17,7 @@ from llmctl.errors import ConfigError, Unauthorized
 from llmctl.keyfile import api_key_file_keys
 
 OPEN_PATHS = ("/health",)
+PROTECTED_PATHS = ("/metrics", "/openapi.json", "/tokenize", "/detokenize")
 
 
 def load_api_keys(keys: Iterable[str], key_file: Path | None) -> tuple[str, ...]:
@@ -51,15 +53,22 @@ def install_auth(app: Flask, keys: tuple[str, ...], public_metrics: bool) -> Non
             return None
         if request.path == "/metrics" and public_metrics:
             return None
-        if not (request.path.startswith("/v1/") or request.path in ("/metrics", "/openapi.json")):
+        if not (request.path.startswith("/v1/") or request.path in PROTECTED_PATHS):
             return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-        if not key_matches(token.strip(), keys):
+        token = presented_key()
+        if not token:
+            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>').")
+        if not key_matches(token, keys):
             raise Unauthorized("Invalid API key.")
         return None
+
+
+def presented_key() -> str | None:
+    """The key in 'Authorization: Bearer <key>', or in 'x-api-key' (what Anthropic's clients send)."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key", "").strip() or None
 
 
 def install_cors(app: Flask, origins: tuple[str, ...]) -> None:

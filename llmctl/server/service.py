@@ -1,13 +1,11 @@
-"""The service's state (loading, ready, error, draining) and the chat-completion handler."""
+"""The service's state (loading, ready, error, draining) and the request pipeline the API modules share."""
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmctl import __version__
@@ -15,12 +13,13 @@ from llmctl.core import hardware
 from llmctl.core.loader import LoadedModel, LoadOptions, load_model
 from llmctl.engine import Engine, EngineConfig, Sequence
 from llmctl.engine.text import TokenText
-from llmctl.errors import InvalidRequest, LLMCtlError, ModelNotFound, Unavailable
+from llmctl.errors import LLMCtlError, ModelNotFound, Unavailable
 from llmctl.server import schemas
 from llmctl.server.engines import ENGINES, Loader
-from llmctl.server.generation import Generation, TokenLimits, build_prompt, sampling_params
+from llmctl.server.generation import Generation
 from llmctl.server.metrics import ServiceMetrics
-from llmctl.server.tools import HermesToolParser, ToolCallParser
+from llmctl.server.pipeline import Ask, Run, TokenLimits, sampling_params
+from llmctl.server.tools import ToolCallParser
 
 log = logging.getLogger(__name__)
 
@@ -194,128 +193,48 @@ class Service:
                                 param="model")
         return schemas.model_card(loaded.name, self.created)
 
-    # ---- chat completions ------------------------------------------------------------------
-    def chat(self, body: object, disconnected: Callable[[], bool] | None = None) -> dict | Iterator[str]:
-        """Answer one chat completion: a response body, or an iterator of SSE lines when streaming."""
-        arrived = time.monotonic()
+    # ---- the request pipeline every API shares (see llmctl.server.pipeline) -----------------
+    def admit(self) -> tuple[LoadedModel, Engine]:
+        """The model and engine, when the service is ready and its queue has room (else 503 or 429)."""
         loaded, engine = self.require_ready()
         engine.check_capacity()
-        req = schemas.parse_request(body)
-        if req.model and req.model != loaded.name:
-            raise ModelNotFound(f"The model '{req.model}' does not exist; this server serves '{loaded.name}'.",
-                                param="model")
-        if len(req.messages) > self.settings.max_messages:
-            raise InvalidRequest(f"{len(req.messages)} messages is more than this server's limit of "
-                                 f"{self.settings.max_messages}.", param="messages")
-        if (req.n or 1) > 1:
-            raise InvalidRequest("Only n=1 is supported.", param="n")
-        if req.top_logprobs and not req.logprobs:
-            raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
-        prompt = build_prompt(loaded, req)
+        return loaded, engine
+
+    def start(self, asks: list[Ask], arrived: float, disconnected: Callable[[], bool] | None = None) -> Run:
+        """Check each ask against the limits, submit them (n choices as one group each) and return the run."""
+        loaded, engine = self.require_ready()
         limits = TokenLimits(engine.config.kv_cache_tokens, self.settings.max_tokens_cap,
                              self.settings.default_max_tokens)
-        params = sampling_params(loaded, req, len(prompt), limits)
-        timeout = req.timeout or self.settings.request_timeout
-        seq = engine.submit(Sequence(prompt, params, deadline=arrived + timeout))
-        gen = Generation(seq, loaded.tokenizer, req.stops() + list(loaded.default_stops), arrived, disconnected)
-        parse_tools = self.settings.tool_call_parser and req.tools and req.tool_choice != "none"
-        answer = _Answer(loaded.name, len(prompt), bool(req.stream_options and req.stream_options.include_usage),
-                         bool(req.logprobs), HermesToolParser() if parse_tools else None)
-        self._enter()
-        if req.stream:
-            return self._stream(gen, answer)
+        params = [sampling_params(loaded, ask, limits) for ask in asks]  # every 400 before anything runs
+        gens: list[Generation] = []
         try:
-            text = "".join(gen)
-        finally:
-            gen.close()
-            self._record(gen, len(prompt))
-            self._leave()
-        finish_reason, calls = gen.finish_reason or "stop", None
-        if answer.tools is not None:
-            sent = answer.tools.feed(text)
-            rest, calls = answer.tools.finish()
-            text = sent + rest
-            if calls:
-                finish_reason, text = "tool_calls", text.strip() or None
-        return schemas.completion_body(schemas.completion_id(), loaded.name, text, finish_reason, len(prompt),
-                                       gen.completion_tokens, logprobs=self._logprobs(gen, req.logprobs),
-                                       tool_calls=calls or None)
+            for ask, p in zip(asks, params):
+                seq = Sequence(ask.prompt, p, deadline=arrived + (ask.timeout or self.settings.request_timeout))
+                members = seq.fork(ask.n)
+                engine.submit(seq)
+                stops = list(ask.stops) + list(loaded.default_stops)
+                gens += [Generation(m, loaded.tokenizer, stops, arrived, disconnected) for m in members]
+        except BaseException:
+            for gen in gens:  # a full queue part-way through a list of prompts: stop what was submitted
+                gen.close()
+            raise
+        self._enter()
+        return Run(gens, sum(len(ask.prompt) for ask in asks), self._ended)
 
-    def _logprobs(self, gen: Generation, wanted: bool | None) -> dict | None:
+    def logprobs(self, gen: Generation, wanted: bool | None) -> dict | None:
         """The logprobs of the tokens ``gen`` received since the last call, when the request asked."""
         if not wanted or self.token_text is None:
             return None
         return schemas.logprobs_body(self.token_text, gen.take_logprobs())
 
-    def _stream(self, gen: Generation, answer: _Answer) -> Iterator[str]:
-        deltas = iter(gen)
-        try:
-            first = next(deltas, None)  # errors before the first token still get a proper status code
-        except BaseException:
-            gen.close()
-            self._record(gen, answer.prompt_tokens)
-            self._leave()
-            raise
-        return self._sse(gen, itertools.chain([first] if first else [], deltas), answer)
-
-    def _sse(self, gen: Generation, deltas: Iterator[str], answer: _Answer) -> Iterator[str]:
-        cid, created, model, tools = schemas.completion_id(), int(time.time()), answer.model, answer.tools
-
-        def chunk(delta: dict, finish_reason: str | None = None) -> str:
-            # Tokens whose text was held back (the start of a stop string or of a tool call) keep their
-            # logprobs until a chunk goes out.
-            logprobs = self._logprobs(gen, answer.logprobs)
-            logprobs = logprobs if logprobs and logprobs["content"] else None
-            return _sse(schemas.chunk_body(cid, model, created, delta, finish_reason, logprobs=logprobs))
-
-        try:
-            yield _sse(schemas.chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
-            for delta in deltas:
-                shown = tools.feed(delta) if tools is not None else delta
-                if shown:
-                    yield chunk({"content": shown})
-            if gen.finish_reason == "cancelled":
-                return
-            finish_reason = gen.finish_reason or "stop"
-            if tools is not None:
-                rest, calls = tools.finish()
-                if rest:
-                    yield chunk({"content": rest})
-                if calls:
-                    finish_reason = "tool_calls"
-                    yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-            yield chunk({}, finish_reason)
-            if answer.include_usage:
-                yield _sse(schemas.chunk_body(cid, model, created, {}, None,
-                                              schemas.usage(answer.prompt_tokens, gen.completion_tokens),
-                                              with_choice=False))
-            yield "data: [DONE]\n\n"
-        except LLMCtlError as exc:
-            # Headers are already sent: report the error in-band, as OpenAI's API does.
-            yield _sse(exc.to_body())
-        finally:
-            gen.close()
-            self._record(gen, answer.prompt_tokens)
-            self._leave()
-
-    def _record(self, gen: Generation, prompt_tokens: int) -> None:
-        seq = gen.seq
-        latency = (gen.timing.last_token or time.monotonic()) - gen.timing.arrived
-        queue_time = seq.admitted - seq.arrived if seq.admitted else None
-        self.metrics.record_generation(prompt_tokens, gen.completion_tokens, latency, gen.ttft, gen.itl, queue_time,
-                                       gen.finish_reason or "error")
-
-
-@dataclass(frozen=True)
-class _Answer:
-    """What shapes one answer besides its text."""
-
-    model: str
-    prompt_tokens: int
-    include_usage: bool = False
-    logprobs: bool = False
-    tools: HermesToolParser | None = None
-
-
-def _sse(body: dict) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    def _ended(self, run: Run) -> None:
+        for i, gen in enumerate(run.gens):
+            seq = gen.seq
+            latency = (gen.timing.last_token or time.monotonic()) - gen.timing.arrived
+            queue_time = seq.admitted - seq.arrived if seq.admitted else None
+            # Each choice is a generation; the prompt, prefilled once per prompt, is counted once.
+            prompt_tokens = len(seq.prompt_ids) if not i or seq.prompt_ids is not run.gens[i - 1].seq.prompt_ids \
+                else 0
+            self.metrics.record_generation(prompt_tokens, gen.completion_tokens, latency, gen.ttft, gen.itl,
+                                           queue_time, gen.finish_reason or "error")
+        self._leave()

@@ -19,7 +19,7 @@ SAMPLE = Path(__file__).resolve().parents[2] / "docs" / "config.sample.yaml"
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     """The developer's own settings and keys must not leak into these tests."""
-    for var in [*ENV_VARS.values(), envvars.CONFIG, envvars.API_KEY_FILE]:
+    for var in [*ENV_VARS.values(), envvars.CONFIG, envvars.API_KEY_FILE, envvars.OPENAI_SDK_BASE_URL]:
         monkeypatch.delenv(var, raising=False)
 
 
@@ -204,3 +204,16 @@ def test_commands_read_LLMCTL_CONFIG(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMCTL_CONFIG", str(tmp_path / "missing.yaml"))
     result = CliRunner().invoke(app, ["metrics"])
     assert result.exit_code == 1 and "Config file not found" in " ".join(result.stderr.split())
+
+
+def test_openai_sdk_base_url_is_used_when_llmctl_names_none(tmp_path):
+    """OPENAI_BASE_URL (the openai SDK's variable) is the openai provider's URL unless llmctl's own setting is given."""
+    env = {"OPENAI_BASE_URL": "http://proxy.local:4000/v1/"}
+    assert load_settings(env=env).openai_base_url == "http://proxy.local:4000/v1"
+    assert load_settings(env={**env, "LLMCTL_OPENAI_BASE_URL": "http://own:1/v1"}).openai_base_url == "http://own:1/v1"
+    path = write(tmp_path, "llm:\n  openai_base_url: http://file:2/v1\n")
+    assert load_settings(path, env=env).openai_base_url == "http://file:2/v1"
+    assert load_settings(env=env, openai_base_url="http://flag:3/v1").openai_base_url == "http://flag:3/v1"
+    assert load_settings(env={}).openai_base_url == "https://api.openai.com/v1"
+    with pytest.raises(ConfigError, match="OPENAI_BASE_URL"):
+        load_settings(env={"OPENAI_BASE_URL": "not a url"})

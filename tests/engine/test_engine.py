@@ -21,38 +21,15 @@ from llmctl.errors import ModelLoadError
 from llmctl.server import responses
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.testing import serve_in_thread
-from tests.conftest import make_service
+from tests.conftest import make_service, slow_down, slow_serving, wait_for
 
 USER = [{"role": "user", "content": "Hello there"}]
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def slow_down(service: Service, seconds: float) -> None:
-    model = service.engine.model
-    real = model.forward
-
-    def forward(*args, **kwargs):
-        time.sleep(seconds)
-        return real(*args, **kwargs)
-
-    model.forward = forward
-
-
 @pytest.fixture()
 def slow_server(tiny_model):
-    service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=4, max_waiting=2, kv_cache_tokens=4096))
-    slow_down(service, 0.01)
-    with serve_in_thread(service) as url:
-        yield service, url
-    service.shutdown()
+    with slow_serving(tiny_model, 0.01, EngineConfig(max_num_seqs=4, max_waiting=2, kv_cache_tokens=4096)) as server:
+        yield server
 
 
 def test_batched_output_equals_single_output(client, base_url, tiny_service):

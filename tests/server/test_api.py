@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 
 import httpx
 import pytest
 
 from llmctl.server.testing import serve_in_thread
-from tests.conftest import make_service
+from tests.conftest import make_service, sse_data
 
 USER = [{"role": "user", "content": "Hello there"}]
 
@@ -21,15 +20,7 @@ def chat(client, **body):
 
 def stream_events(client, **body) -> list:
     body.setdefault("messages", USER)
-    events = []
-    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
-        assert r.status_code == 200, r.read()
-        assert r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                payload = line[len("data: "):]
-                events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
+    return sse_data(client, "/v1/chat/completions", body)
 
 
 def test_health_ready(client, tiny_service):

@@ -150,8 +150,8 @@ def test_logit_bias_outside_vocabulary(client):
     assert_error(post(client, {"messages": USER, "logit_bias": {"999999": 1}}), 400, param="logit_bias")
 
 
-def test_n_greater_than_one(client):
-    assert_error(post(client, {"messages": USER, "n": 3}), 400, param="n")
+def test_n_more_than_the_batch_holds(client):
+    assert_error(post(client, {"messages": USER, "n": 17}), 400, param="n", contains="max-num-seqs")
 
 
 def test_unknown_model(client):

@@ -14,9 +14,7 @@ import httpx
 import pytest
 
 from llmctl.server import responses
-from llmctl.server.testing import serve_in_thread
 from llmctl.server.tools import HermesToolParser
-from tests.conftest import make_service
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -57,33 +55,7 @@ def test_a_block_that_is_not_a_call_stays_text(block):
     assert calls == [] and sent + rest == "x " + block
 
 
-# ---- end to end ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def scripted(tiny_model):
-    """A server whose tiny model writes ``script["text"]`` (then end of sequence) for each request."""
-    service = make_service(tiny_model, tool_call_parser="hermes")
-    model, tokenizer = service.engine.model, service.loaded.tokenizer
-    real = model.forward
-    script = {"ids": [], "step": 0}
-
-    def forward(*args, **kwargs):
-        out = real(*args, **kwargs)
-        if script["step"] < len(script["ids"]) + 1:
-            token = (script["ids"] + [tokenizer.eos_token_id])[script["step"]]
-            out.logits[:, -1, :] = float("-inf")
-            out.logits[:, -1, token] = 0.0
-        script["step"] += 1
-        return out
-
-    def say(text: str) -> None:
-        script["ids"], script["step"] = tokenizer(text, add_special_tokens=False)["input_ids"], 0
-
-    model.forward = forward
-    with serve_in_thread(service) as url:
-        yield url, say
-    service.shutdown()
-
-
+# ---- end to end (the `scripted` server is in conftest.py) ---------------------------------------------
 def test_the_openai_sdk_gets_tool_calls(scripted):
     openai = pytest.importorskip("openai")
     url, say = scripted

@@ -1,0 +1,261 @@
+"""POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API over the shared pipeline.
+
+`system`, text / `tool_use` / `tool_result` blocks and `tools` reach the chat template as the chat
+route's messages, tool calls and tool results do; the model's tool calls (with
+`serve --tool-call-parser`) come back as `tool_use` blocks. Errors use Anthropic's envelope,
+`{"type": "error", "error": {"type", "message"}}`, with Anthropic's type names.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import Field, StrictBool
+
+from llmctl.errors import InvalidRequest, LLMCtlError
+from llmctl.server import schemas
+from llmctl.server.api.common import ChoiceText, TextPieces, check_model, json_arguments, sse_event
+from llmctl.server.generation import chat_prompt
+from llmctl.server.pipeline import Ask, Delta, Run
+from llmctl.server.schemas import MAX_TIMEOUT_S, Number, _Lenient, other_type
+
+if TYPE_CHECKING:
+    from llmctl.server.service import Service
+
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors); 408 is llmctl's timeout.
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+               413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
+               500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+BLOCK_TYPES = ("text", "tool_use", "tool_result")
+IGNORED_BLOCKS = ("thinking", "redacted_thinking")  # a model without extended thinking has nothing to read there
+
+
+def error_body(status: int, message: str) -> dict:
+    """Anthropic's error envelope for an HTTP status."""
+    return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+class TextBlock(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class OtherBlock(_Lenient):
+    type: Annotated[str, other_type(BLOCK_TYPES, "block")]
+
+
+class ToolUseBlock(_Lenient):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict
+
+
+class ToolResultBlock(_Lenient):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlock | OtherBlock] | None = None
+    is_error: StrictBool | None = None
+
+
+Block = TextBlock | ToolUseBlock | ToolResultBlock | OtherBlock
+
+
+class Message(_Lenient):
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class CountTokensRequest(_Lenient):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    model: str | None = None
+    system: str | list[TextBlock] | None = None
+    tools: list[dict] | None = None
+    tool_choice: dict | None = None
+
+
+class MessagesRequest(CountTokensRequest):
+    max_tokens: Annotated[int, Number, Field(ge=1)]
+    temperature: Annotated[float, Number, Field(ge=0.0, le=1.0)] | None = None
+    top_p: Annotated[float, Number, Field(ge=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Number, Field(ge=0)] | None = None
+    stop_sequences: Annotated[list[str], Field(max_length=16)] | None = None
+    stream: StrictBool | None = False
+    metadata: dict | None = None
+    timeout: Annotated[float, Number, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
+    ignore_eos: StrictBool = False  # llmctl extension, as on the chat route (fixed-length benchmarks)
+
+
+def _text(blocks: str | list, param: str) -> str:
+    if isinstance(blocks, str):
+        return blocks
+    parts = []
+    for block in blocks:
+        if isinstance(block, TextBlock):
+            parts.append(block.text)
+        elif block.type not in IGNORED_BLOCKS:
+            raise InvalidRequest(f"Content blocks of type '{block.type}' are not supported here: this model reads "
+                                 "text only.", param=param)
+    return "".join(parts)
+
+
+def chat_messages(req: CountTokensRequest) -> list[dict]:
+    """The system prompt and messages as the chat template reads them, tool use and results included."""
+    messages: list[schemas.ChatMessage] = []
+    if req.system:
+        messages.append(schemas.ChatMessage(role="system", content=_text(req.system, "system")))
+    for i, message in enumerate(req.messages):
+        param = f"messages.{i}.content"
+        blocks = [TextBlock(type="text", text=message.content)] if isinstance(message.content, str) \
+            else message.content
+        text, calls = [], []
+        for block in blocks:
+            if isinstance(block, ToolResultBlock):  # each result is a tool message, before the user's text
+                content = _text(block.content or "", param)
+                messages.append(schemas.ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=content))
+            elif isinstance(block, ToolUseBlock):
+                calls.append({"id": block.id, "type": "function", "function": {
+                    "name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}})
+            else:
+                text.append(_text([block], param))
+        if text or calls or not blocks:
+            messages.append(schemas.ChatMessage(role=message.role, content="".join(text) if text or not calls
+                                                else None, tool_calls=calls or None))
+    return [m.for_template() for m in messages]
+
+
+def chat_tools(tools: list[dict] | None) -> list[dict] | None:
+    """Anthropic's client tools in the chat route's shape; server tools (web search, bash, ...) are a 400."""
+    out = []
+    for i, tool in enumerate(tools or []):
+        if tool.get("type") not in (None, "custom"):
+            raise InvalidRequest(f"Tools of type '{tool.get('type')}' (server tools) are not available on this "
+                                 "server; only client tools with an input_schema are supported.", param=f"tools.{i}")
+        if not isinstance(tool.get("name"), str):
+            raise InvalidRequest("A tool needs a 'name' string.", param=f"tools.{i}.name")
+        function = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
+        if tool.get("description") is not None:
+            function["description"] = tool["description"]
+        out.append({"type": "function", "function": function})
+    return out or None
+
+
+def _prompt(service: Service, req: CountTokensRequest) -> tuple[list[int], list[dict] | None]:
+    loaded = service.loaded
+    tools = chat_tools(req.tools)
+    messages = chat_messages(req)
+    if len(messages) > service.settings.max_messages:
+        raise InvalidRequest(f"{len(messages)} messages is more than this server's limit of "
+                             f"{service.settings.max_messages}.", param="messages")
+    return chat_prompt(loaded, messages, tools, param="messages"), tools
+
+
+def count_tokens(service: Service, body: object) -> dict:
+    """POST /v1/messages/count_tokens: the prompt's size, as the template renders it."""
+    loaded, _ = service.require_ready()
+    req = schemas.parse_body(CountTokensRequest, body)
+    check_model(req.model, loaded.name)
+    prompt, _ = _prompt(service, req)
+    return {"input_tokens": len(prompt)}
+
+
+def handle(service: Service, body: object, disconnected: Callable[[], bool] | None = None) -> dict | Iterator[str]:
+    """Answer one Messages request: a message, or Anthropic's event stream."""
+    arrived = time.monotonic()
+    loaded, _ = service.admit()
+    req = schemas.parse_body(MessagesRequest, body)
+    check_model(req.model, loaded.name)
+    prompt, tools = _prompt(service, req)
+    stops = tuple(req.stop_sequences or ())
+    ask = Ask(prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+              stops=stops, ignore_eos=req.ignore_eos, timeout=req.timeout)
+    run = service.start([ask], arrived, disconnected)
+    choice = _Choice(loaded.name, ChoiceText(bool(service.settings.tool_call_parser and tools
+                                                  and (req.tool_choice or {}).get("type") != "none")), stops)
+    if req.stream:
+        return _events(run, run.stream(), choice)
+    choice.text.feed(run.collect()[0])
+    _, calls = choice.text.finish()
+    content = _blocks(choice.text.answer(calls), calls)
+    reason, sequence = choice.stop(run, calls)
+    return choice.message(content, reason, sequence, run.prompt_tokens, run.completion_tokens)
+
+
+class _Choice:
+    def __init__(self, model: str, text: ChoiceText, stops: tuple[str, ...]) -> None:
+        self.model, self.text, self.stops = model, text, stops
+        self.id = f"msg_{uuid.uuid4().hex[:24]}"
+
+    def stop(self, run: Run, calls: list[dict]) -> tuple[str, str | None]:
+        """Anthropic's stop_reason and stop_sequence."""
+        gen = run.gens[0]
+        if calls:
+            return "tool_use", None
+        if gen.finish_reason == "length":
+            return "max_tokens", None
+        if gen.stop_sequence is not None and gen.stop_sequence in self.stops:
+            return "stop_sequence", gen.stop_sequence
+        return "end_turn", None
+
+    def message(self, content: list[dict], reason: str | None, sequence: str | None, input_tokens: int,
+                output_tokens: int) -> dict:
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                "stop_reason": reason, "stop_sequence": sequence,
+                "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+
+
+def _blocks(text: str, calls: list[dict]) -> list[dict]:
+    blocks = [{"type": "text", "text": text}] if text or not calls else []
+    return blocks + [{"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
+                      "name": call["function"]["name"], "input": json_arguments(call["function"]["arguments"])}
+                     for call in calls]
+
+
+def _events(run: Run, deltas: Iterator[Delta], choice: _Choice) -> Iterator[str]:
+    """Anthropic's event sequence: message_start, content blocks (start, deltas, stop), message_delta, message_stop."""
+
+    def event(name: str, /, **fields) -> str:
+        return sse_event(name, {"type": name, **fields})
+
+    index = 0
+    opened = False
+
+    def text_delta(text: str) -> Iterator[str]:
+        nonlocal opened
+        if not opened:
+            opened = True
+            yield event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        yield event("content_block_delta", index=0, delta={"type": "text_delta", "text": text})
+
+    try:
+        yield event("message_start", message=choice.message([], None, None, run.prompt_tokens, 0))
+        pieces = TextPieces(run, deltas, choice.text)
+        for piece in pieces:
+            yield from text_delta(piece)
+        calls = pieces.calls
+        if calls is None:
+            return
+        if not (opened or calls):
+            yield from text_delta("")  # an empty answer still has its (empty) text block
+        if opened:
+            yield event("content_block_stop", index=0)
+            index = 1
+        for block in _blocks("", calls) if calls else []:  # with calls and no text: tool_use blocks only
+            yield event("content_block_start", index=index, content_block={**block, "input": {}})
+            yield event("content_block_delta", index=index, delta={
+                "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)})
+            yield event("content_block_stop", index=index)
+            index += 1
+        reason, sequence = choice.stop(run, calls)
+        yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
+                    usage={"output_tokens": run.completion_tokens})
+        yield event("message_stop")
+    except LLMCtlError as exc:
+        yield event("error", error=error_body(exc.status, exc.message)["error"])  # headers already sent
+    finally:
+        run.end()

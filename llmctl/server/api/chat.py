@@ -1,0 +1,107 @@
+"""POST /v1/chat/completions: OpenAI's chat completions over the shared pipeline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from llmctl.errors import InvalidRequest, LLMCtlError
+from llmctl.server import schemas
+from llmctl.server.api.common import ChoiceText, check_model, sse
+from llmctl.server.generation import build_prompt
+from llmctl.server.pipeline import Ask, Delta, Run
+
+if TYPE_CHECKING:
+    from llmctl.server.service import Service
+
+
+def check_n(n: int, service: Service) -> None:
+    """n choices run side by side as rows of the batch: no more than it may hold."""
+    slots = service.engine.config.max_num_seqs if service.engine else 1
+    if n > slots:
+        raise InvalidRequest(f"n is {n}, more than this server runs at once ({slots}, its --max-num-seqs).",
+                             param="n")
+
+
+def handle(service: Service, body: object, disconnected: Callable[[], bool] | None = None) -> dict | Iterator[str]:
+    """Answer one chat completion: a response body, or an iterator of SSE lines when streaming."""
+    arrived = time.monotonic()
+    loaded, _ = service.admit()
+    req = schemas.parse_body(schemas.ChatCompletionRequest, body)
+    check_model(req.model, loaded.name)
+    if len(req.messages) > service.settings.max_messages:
+        raise InvalidRequest(f"{len(req.messages)} messages is more than this server's limit of "
+                             f"{service.settings.max_messages}.", param="messages")
+    if req.top_logprobs and not req.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
+    n = req.n or 1
+    check_n(n, service)
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    ask = Ask(build_prompt(loaded, req), max_tokens=asked, temperature=req.temperature, top_p=req.top_p,
+              frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
+              logit_bias=req.logit_bias, seed=req.seed, ignore_eos=req.ignore_eos,
+              logprobs=(req.top_logprobs or 0) if req.logprobs else None, stops=tuple(req.stops()), n=n,
+              timeout=req.timeout,
+              max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
+    run = service.start([ask], arrived, disconnected)
+    parse_tools = bool(service.settings.tool_call_parser and req.tools and req.tool_choice != "none")
+    texts = [ChoiceText(parse_tools) for _ in range(n)]
+    logprobs = bool(req.logprobs)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _events(service, run, run.stream(), texts, loaded.name, logprobs, include_usage)
+    outs = run.collect()
+    choices = []
+    for index, (gen, text) in enumerate(zip(run.gens, texts)):
+        text.feed(outs[index])
+        _, calls = text.finish()
+        content: str | None = text.answer(calls)
+        finish_reason = gen.finish_reason or "stop"
+        if calls:
+            finish_reason, content = "tool_calls", content or None
+        choices.append(schemas.choice(index, content, finish_reason, service.logprobs(gen, logprobs), calls or None))
+    return schemas.completion_body(schemas.completion_id(), loaded.name, choices, run.prompt_tokens,
+                                   run.completion_tokens)
+
+
+def _events(service: Service, run: Run, deltas: Iterator[Delta], texts: list[ChoiceText], model: str, logprobs: bool,
+            include_usage: bool) -> Iterator[str]:
+    cid, created = schemas.completion_id(), int(time.time())
+
+    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> str:
+        # Tokens whose text was held back (the start of a stop string or of a tool call) keep their
+        # logprobs until a chunk goes out.
+        lp = service.logprobs(run.gens[index], logprobs)
+        return sse(schemas.chunk_body(cid, model, created, delta, finish_reason,
+                                      logprobs=lp if lp and lp["content"] else None, index=index))
+
+    try:
+        for index in range(len(texts)):
+            yield sse(schemas.chunk_body(cid, model, created, {"role": "assistant", "content": ""}, index=index))
+        for delta in deltas:
+            text, gen = texts[delta.index], run.gens[delta.index]
+            shown = text.feed(delta.text)
+            if shown:
+                yield chunk(delta.index, {"content": shown})
+            if not delta.done or gen.finish_reason == "cancelled":
+                continue
+            finish_reason = gen.finish_reason or "stop"
+            rest, calls = text.finish()
+            if rest:
+                yield chunk(delta.index, {"content": rest})
+            if calls:
+                finish_reason = "tool_calls"
+                yield chunk(delta.index, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+            yield chunk(delta.index, {}, finish_reason)
+        if run.cancelled:
+            return
+        if include_usage:
+            yield sse(schemas.chunk_body(cid, model, created, {}, None,
+                                         schemas.usage(run.prompt_tokens, run.completion_tokens), with_choice=False))
+        yield "data: [DONE]\n\n"
+    except LLMCtlError as exc:
+        # Headers are already sent: report the error in-band, as OpenAI's API does.
+        yield sse(exc.to_body())
+    finally:
+        run.end()

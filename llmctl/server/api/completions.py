@@ -1,0 +1,168 @@
+"""POST /v1/completions: OpenAI's legacy text completions over the shared pipeline.
+
+The prompt is taken as it is (no chat template): a string, a list of strings, token ids, or lists of
+token ids; each prompt gets n choices, numbered prompt by prompt. `echo` puts the prompt in front
+of each choice's text. `logprobs` (an integer) gives the legacy shape: tokens, token_logprobs,
+top_logprobs (the chosen token and the most likely ones) and text_offset.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import Field, StrictBool, StrictInt
+
+from llmctl.errors import InvalidRequest, LLMCtlError
+from llmctl.server import schemas
+from llmctl.server.api.chat import check_n
+from llmctl.server.api.common import check_model, sse
+from llmctl.server.pipeline import Ask, Delta, Run
+from llmctl.server.schemas import MIN_LOGPROB, Number
+
+if TYPE_CHECKING:
+    from llmctl.engine.sampling import TokenLogprobs
+    from llmctl.server.service import Service
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
+MAX_PROMPTS = 64
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+
+class CompletionRequest(schemas.OpenAISampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    max_tokens: Annotated[int, Number, Field(ge=1)] | None = DEFAULT_MAX_TOKENS
+    logprobs: Annotated[int, Number, Field(ge=0, le=20)] | None = None
+    echo: StrictBool | None = False
+    best_of: Annotated[int, Number, Field(ge=1, le=128)] | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        ids = tokenizer(schemas.valid_unicode(prompt))["input_ids"]
+        if not ids:
+            raise InvalidRequest("The prompt is empty; send at least one token of text.", param="prompt")
+        return ids
+    vocab = len(tokenizer)
+    for token in prompt:
+        if not 0 <= token < vocab:
+            raise InvalidRequest(f"The prompt names token {token}, outside the vocabulary (0..{vocab - 1}).",
+                                 param="prompt")
+    return list(prompt)
+
+
+def handle(service: Service, body: object, disconnected: Callable[[], bool] | None = None) -> dict | Iterator[str]:
+    """Answer one text completion: a response body, or an iterator of SSE lines when streaming."""
+    arrived = time.monotonic()
+    loaded, _ = service.admit()
+    req = schemas.parse_body(CompletionRequest, body)
+    check_model(req.model, loaded.name)
+    if req.suffix:
+        raise InvalidRequest("suffix (insertion after the completion) is not supported by this server.",
+                             param="suffix")
+    n = req.n or 1
+    if req.best_of is not None and req.best_of != n:
+        raise InvalidRequest(f"best_of ({req.best_of}) other than n ({n}) is not supported: every choice "
+                             "generated is returned.", param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise InvalidRequest("echo with logprobs is not supported: this server does not score prompt tokens.",
+                             param="echo")
+    prompts = [_prompt_ids(loaded.tokenizer, p) for p in req.prompts()]
+    check_n(n * len(prompts), service)
+    asks = [Ask(ids, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
+                logit_bias=req.logit_bias, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=req.logprobs,
+                stops=tuple(req.stops()), n=n, timeout=req.timeout, prompt_param="prompt") for ids in prompts]
+    run = service.start(asks, arrived, disconnected)
+    echoes = [loaded.tokenizer.decode(ids) if req.echo else "" for ids in prompts for _ in range(n)]
+    logprobs = _LegacyLogprobs(service, run, echoes) if req.logprobs is not None else None
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _events(run, run.stream(), echoes, loaded.name, logprobs, include_usage)
+    texts = run.collect()
+    choices = [_choice(i, echoes[i] + text, gen.finish_reason or "stop", logprobs.take(i) if logprobs else None)
+               for i, (gen, text) in enumerate(zip(run.gens, texts))]
+    return _body(completion_id(), loaded.name, int(time.time()), choices,
+                 schemas.usage(run.prompt_tokens, run.completion_tokens))
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex[:24]}"
+
+
+def _choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _body(cid: str, model: str, created: int, choices: list[dict], usage: dict | None = None) -> dict:
+    body = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+class _LegacyLogprobs:
+    """Each choice's logprobs in the legacy shape, taken as its tokens arrive."""
+
+    def __init__(self, service: Service, run: Run, echoes: list[str]) -> None:
+        self.token_text = service.token_text
+        self.run = run
+        self.offsets = [len(e) for e in echoes]  # text_offset runs on across a streamed choice's chunks
+
+    def take(self, index: int) -> dict:
+        items: list[TokenLogprobs] = self.run.gens[index].take_logprobs()
+        tokens, offsets = [], []
+        for item in items:
+            tokens.append(self._text(item.token))
+            offsets.append(self.offsets[index])
+            self.offsets[index] += len(tokens[-1])
+        # The chosen token last: it keeps its own entry when an alternative has the same text.
+        top = [{self._text(t): _clip(v) for t, v in item.top} | {self._text(item.token): _clip(item.logprob)}
+               for item in items]
+        return {"tokens": tokens, "token_logprobs": [_clip(i.logprob) for i in items], "top_logprobs": top,
+                "text_offset": offsets}
+
+    def _text(self, token: int) -> str:
+        return self.token_text.text_of(token)
+
+
+def _clip(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
+def _events(run: Run, deltas: Iterator[Delta], echoes: list[str], model: str, logprobs: _LegacyLogprobs | None,
+            include_usage: bool) -> Iterator[str]:
+    cid, created = completion_id(), int(time.time())
+
+    def chunk(index: int, text: str, finish_reason: str | None = None) -> str:
+        lp = logprobs.take(index) if logprobs else None
+        return sse(_body(cid, model, created, [_choice(index, text, finish_reason, lp)]))
+
+    try:
+        for index, echo in enumerate(echoes):
+            if echo:
+                yield sse(_body(cid, model, created, [_choice(index, echo, None, None)]))
+        for delta in deltas:
+            gen = run.gens[delta.index]
+            if delta.text:
+                yield chunk(delta.index, delta.text)
+            if delta.done and gen.finish_reason != "cancelled":
+                yield chunk(delta.index, "", gen.finish_reason or "stop")
+        if run.cancelled:
+            return
+        if include_usage:
+            yield sse(_body(cid, model, created, [], schemas.usage(run.prompt_tokens, run.completion_tokens)))
+        yield "data: [DONE]\n\n"
+    except LLMCtlError as exc:
+        yield sse(exc.to_body())  # headers are already sent: in-band, as OpenAI does
+    finally:
+        run.end()

@@ -1,0 +1,294 @@
+"""POST /v1/responses: OpenAI's Responses API over the shared pipeline, stateless.
+
+The server keeps no responses: `store: true` and `previous_response_id` get a 400 that says so
+(clients send the whole conversation in `input`, as they do with chat completions). `input` is a
+string or a list of items: messages, and `function_call` / `function_call_output` items for an
+agent's tool history; they reach the chat template as the chat route's messages do. Function tools
+work as on the chat route (calls are parsed with `serve --tool-call-parser`); built-in tools
+(web search, file search, ...) get a 400. `text.format` goes through `structured_format`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import Field, StrictBool
+
+from llmctl.errors import InvalidRequest, LLMCtlError
+from llmctl.server import schemas
+from llmctl.server.api.common import ChoiceText, TextPieces, check_model, sse_event
+from llmctl.server.generation import chat_prompt
+from llmctl.server.pipeline import Ask, Delta, Run
+from llmctl.server.schemas import MAX_TIMEOUT_S, Number, _Lenient, other_type
+
+if TYPE_CHECKING:
+    from llmctl.server.service import Service
+
+ITEM_TYPES = ("message", "function_call", "function_call_output")
+
+
+class InputText(_Lenient):
+    type: Literal["input_text", "output_text", "text", "refusal"]
+    text: str | None = None
+    refusal: str | None = None
+
+
+class OtherContent(_Lenient):
+    type: Annotated[str, other_type(("input_text", "output_text", "text", "refusal"), "part")]
+
+
+Content = str | list[InputText | OtherContent]
+
+
+class MessageItem(_Lenient):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Content
+
+
+class FunctionCallItem(_Lenient):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(_Lenient):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: Content
+
+
+class OtherItem(_Lenient):
+    type: Annotated[str, other_type(ITEM_TYPES, "item")]
+
+
+class ResponsesRequest(_Lenient):
+    input: str | list[MessageItem | FunctionCallItem | FunctionCallOutputItem | OtherItem]
+    model: str | None = None
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Number, Field(ge=1)] | None = None
+    temperature: Annotated[float, Number, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Number, Field(ge=0.0, le=1.0)] | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: StrictBool | None = None
+    text: dict | None = None
+    stream: StrictBool | None = False
+    store: StrictBool | None = None
+    previous_response_id: str | None = None
+    metadata: dict | None = None
+    timeout: Annotated[float, Number, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
+    ignore_eos: StrictBool = False  # llmctl extension, as on the chat route (fixed-length benchmarks)
+
+
+def structured_format(text: dict | None) -> object | None:
+    """`text.format` as the constraint the chat route's `response_format` becomes; None for plain text.
+
+    Structured outputs are not available on this server yet, so any other format is a 400, never
+    silently ignored.
+    """
+    fmt = (text or {}).get("format")
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+    raise InvalidRequest(f"text.format of type '{kind}' is not supported: this server has no structured "
+                         "outputs yet. Leave text.format out (or use type 'text').", param="text.format")
+
+
+def _content_text(content: Content, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    for part in content:
+        if not isinstance(part, InputText):
+            raise InvalidRequest(f"Content parts of type '{part.type}' are not supported: this model reads text "
+                                 "only.", param=param)
+    return "".join(part.text or part.refusal or "" for part in content)
+
+
+def chat_messages(req: ResponsesRequest) -> list[schemas.ChatMessage]:
+    """The request's instructions and input as chat messages, function calls and their outputs included."""
+    messages = [schemas.ChatMessage(role="system", content=req.instructions)] if req.instructions else []
+    items = [MessageItem(role="user", content=req.input)] if isinstance(req.input, str) else req.input
+    for i, item in enumerate(items):
+        param = f"input.{i}"
+        if isinstance(item, MessageItem):
+            messages.append(schemas.ChatMessage(role=item.role, content=_content_text(item.content, param)))
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments}}
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant":  # one assistant turn: its text, then its calls
+                last.tool_calls = [*(last.tool_calls or []), call]
+            else:
+                messages.append(schemas.ChatMessage(role="assistant", content=None, tool_calls=[call]))
+        elif isinstance(item, FunctionCallOutputItem):
+            messages.append(schemas.ChatMessage(role="tool", tool_call_id=item.call_id,
+                                                content=_content_text(item.output, param)))
+        elif item.type != "reasoning":  # reasoning items carry nothing this model can read
+            raise InvalidRequest(f"Input items of type '{item.type}' are not supported; send messages, "
+                                 "function_call and function_call_output items.", param=param)
+    if not any(m.role != "system" for m in messages):
+        raise InvalidRequest("'input' must contain at least one message.", param="input")
+    return messages
+
+
+def function_tools(tools: list[dict] | None, tool_choice: str | dict | None) -> list[dict] | None:
+    """Responses function tools in the chat route's shape; built-in tools are a 400."""
+    if isinstance(tool_choice, dict) and tool_choice.get("type") not in ("function", None):
+        raise InvalidRequest(f"tool_choice of type '{tool_choice.get('type')}' names a built-in tool, which this "
+                             "server does not have; only function tools are supported.", param="tool_choice")
+    out = []
+    for i, tool in enumerate(tools or []):
+        kind = tool.get("type")
+        if kind != "function":
+            raise InvalidRequest(f"Tools of type '{kind}' (built-in tools) are not available on this server; only "
+                                 "function tools are supported.", param=f"tools.{i}")
+        if not isinstance(tool.get("name"), str):
+            raise InvalidRequest("A function tool needs a 'name' string.", param=f"tools.{i}.name")
+        function = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
+        out.append({"type": "function", "function": function})
+    return out or None
+
+
+def handle(service: Service, body: object, disconnected: Callable[[], bool] | None = None) -> dict | Iterator[str]:
+    """Answer one Responses request: a response object, or its event stream."""
+    arrived = time.monotonic()
+    loaded, _ = service.admit()
+    req = schemas.parse_body(ResponsesRequest, body)
+    check_model(req.model, loaded.name)
+    if req.previous_response_id is not None or req.store:
+        param = "previous_response_id" if req.previous_response_id is not None else "store"
+        raise InvalidRequest("This server is stateless: it keeps no responses, so store: true and "
+                             "previous_response_id are not supported. Send the whole conversation in 'input' "
+                             "(and store: false).", param=param)
+    structured_format(req.text)
+    tools = function_tools(req.tools, req.tool_choice)
+    messages = chat_messages(req)
+    if len(messages) > service.settings.max_messages:
+        raise InvalidRequest(f"{len(messages)} input items is more than this server's limit of "
+                             f"{service.settings.max_messages}.", param="input")
+    prompt = chat_prompt(loaded, [m.for_template() for m in messages], tools, param="input")
+    ask = Ask(prompt, max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
+              ignore_eos=req.ignore_eos, timeout=req.timeout, prompt_param="input",
+              max_tokens_param="max_output_tokens")
+    run = service.start([ask], arrived, disconnected)
+    answer = _Answer(req, loaded.name, ChoiceText(bool(service.settings.tool_call_parser and tools
+                                                       and req.tool_choice != "none")))
+    if req.stream:
+        return _events(run, run.stream(), answer)
+    text = run.collect()[0]
+    answer.text.feed(text)
+    _, calls = answer.text.finish()
+    return answer.body(run, _output(answer.text.answer(calls), calls, run.gens[0].finish_reason, answer))
+
+
+class _Answer:
+    """The parts of a response that do not change while it is generated."""
+
+    def __init__(self, req: ResponsesRequest, model: str, text: ChoiceText) -> None:
+        self.req, self.model, self.text = req, model, text
+        self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
+        self.message_id = f"msg_{uuid.uuid4().hex}"
+
+    def body(self, run: Run | None, output: list[dict], status: str | None = None) -> dict:
+        req = self.req
+        finish = run.gens[0].finish_reason if run is not None else None
+        status = status or ("incomplete" if finish == "length" else "completed")
+        usage = None
+        if run is not None and status != "in_progress":
+            usage = {"input_tokens": run.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                     "output_tokens": run.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                     "total_tokens": run.prompt_tokens + run.completion_tokens}
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.model,
+            "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": None, "store": False,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "text": {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
+            "tools": req.tools or [], "truncation": "disabled", "metadata": req.metadata or {}, "usage": usage,
+        }
+
+    def message(self, text: str, status: str) -> dict:
+        content = [{"type": "output_text", "text": text, "annotations": []}] if status != "in_progress" else []
+        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
+                "content": content}
+
+
+def _function_call(call: dict) -> dict:
+    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
+            "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
+
+
+def _output(text: str, calls: list[dict], finish_reason: str | None, answer: _Answer) -> list[dict]:
+    status = "incomplete" if finish_reason == "length" else "completed"
+    items = [answer.message(text, status)] if text or not calls else []
+    return items + [_function_call(call) for call in calls]
+
+
+def _events(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Iterator[str]:
+    """Responses' event sequence: created, in_progress, the output items with their deltas, completed."""
+    numbers = itertools.count()
+    mid = answer.message_id
+
+    def event(name: str, /, **fields) -> str:
+        return sse_event(name, {"type": name, "sequence_number": next(numbers), **fields})
+
+    def part(text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": []}
+
+    opened = False
+
+    def open_message() -> Iterator[str]:
+        nonlocal opened
+        if not opened:
+            opened = True
+            yield event("response.output_item.added", output_index=0, item=answer.message("", "in_progress"))
+            yield event("response.content_part.added", item_id=mid, output_index=0, content_index=0, part=part(""))
+
+    def text_delta(text: str) -> Iterator[str]:
+        yield from open_message()
+        yield event("response.output_text.delta", item_id=mid, output_index=0, content_index=0, delta=text,
+                    logprobs=[])
+
+    try:
+        yield event("response.created", response=answer.body(None, [], "in_progress"))
+        yield event("response.in_progress", response=answer.body(None, [], "in_progress"))
+        pieces = TextPieces(run, deltas, answer.text)
+        for piece in pieces:
+            yield from text_delta(piece)
+        calls = pieces.calls
+        if calls is None:
+            return
+        output = _output(answer.text.text, calls, run.gens[0].finish_reason, answer)
+        for index, item in enumerate(output):
+            if item["type"] == "message":
+                yield from open_message()
+                text = answer.text.text
+                yield event("response.output_text.done", item_id=mid, output_index=0, content_index=0, text=text,
+                            logprobs=[])
+                yield event("response.content_part.done", item_id=mid, output_index=0, content_index=0,
+                            part=part(text))
+            else:
+                yield event("response.output_item.added", output_index=index,
+                            item={**item, "arguments": "", "status": "in_progress"})
+                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                            delta=item["arguments"])
+                yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                            name=item["name"], arguments=item["arguments"])
+            yield event("response.output_item.done", output_index=index, item=item)
+        final = answer.body(run, output)
+        yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
+                    response=final)
+    except LLMCtlError as exc:
+        # Headers are already sent: the error goes in the stream, as OpenAI's API does.
+        yield event("error", code=exc.code, message=exc.message, param=exc.param)
+    finally:
+        run.end()

@@ -1,0 +1,187 @@
+"""The shapes of the newer routes' answers, for the OpenAPI document (as `llmctl.server.responses` does for
+chat completions): legacy completions, Responses, Anthropic Messages, tokenize/detokenize.
+
+Tests validate real answers against these models with unknown fields forbidden, so the document
+cannot drift from what the service sends.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from llmctl.server.responses import Usage
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- /v1/completions --------------------------------------------------------------------------
+class LegacyLogprobs(_Strict):
+    """With `logprobs: N`: each token's text and log-probability, the chosen and N most likely tokens at its
+    place, and where the token starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Strict):
+    index: int
+    text: str
+    logprobs: LegacyLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class TextCompletion(_Strict):
+    """The answer to /v1/completions; when streamed, each event has this shape (without usage, except the
+    last one when `stream_options.include_usage` is true, whose choices are empty), then `data: [DONE]`."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# ---- /v1/responses ----------------------------------------------------------------------------
+class OutputText(_Strict):
+    type: Literal["output_text"]
+    text: str
+    annotations: list
+
+
+class OutputMessage(_Strict):
+    type: Literal["message"]
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"]
+    content: list[OutputText]
+
+
+class FunctionCallOutput(_Strict):
+    type: Literal["function_call"]
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed"]
+
+
+class InputTokensDetails(_Strict):
+    cached_tokens: int
+
+
+class OutputTokensDetails(_Strict):
+    reasoning_tokens: int
+
+
+class ResponseUsage(_Strict):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class IncompleteDetails(_Strict):
+    reason: Literal["max_output_tokens"]
+
+
+class Response(_Strict):
+    """The answer to /v1/responses. Streamed, it comes as named events: response.created, response.in_progress,
+    response.output_item.added, response.content_part.added, response.output_text.delta (many),
+    response.output_text.done, response.content_part.done, response.output_item.done, function-call items
+    (response.function_call_arguments.delta/.done), then response.completed (or response.incomplete) with
+    this object; an error after the stream started comes as an `error` event."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete"]
+    error: None
+    incomplete_details: IncompleteDetails | None
+    instructions: str | None
+    max_output_tokens: int | None
+    model: str
+    output: list[OutputMessage | FunctionCallOutput]
+    parallel_tool_calls: bool
+    previous_response_id: None
+    store: Literal[False]
+    temperature: float
+    top_p: float
+    text: dict
+    tool_choice: str | dict
+    tools: list[dict]
+    truncation: Literal["disabled"]
+    metadata: dict
+    usage: ResponseUsage | None
+
+
+# ---- /v1/messages -----------------------------------------------------------------------------
+class AnthropicText(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class AnthropicToolUse(_Strict):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict
+
+
+class AnthropicUsage(_Strict):
+    input_tokens: int
+    output_tokens: int
+
+
+class AnthropicMessage(_Strict):
+    """The answer to /v1/messages. Streamed, it comes as Anthropic's events: message_start, then per content
+    block content_block_start, content_block_delta (text_delta or input_json_delta), content_block_stop,
+    then message_delta (stop_reason, output tokens) and message_stop; an error after the stream started
+    comes as an `error` event."""
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[AnthropicText | AnthropicToolUse]
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
+    stop_sequence: str | None
+    usage: AnthropicUsage
+
+
+class AnthropicTokenCount(_Strict):
+    input_tokens: int
+
+
+class AnthropicErrorDetail(_Strict):
+    type: str
+    message: str
+
+
+class AnthropicError(_Strict):
+    """Errors on /v1/messages routes, in Anthropic's envelope."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+# ---- /tokenize, /detokenize -------------------------------------------------------------------
+class Tokenized(_Strict):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None
+
+
+class Detokenized(_Strict):
+    prompt: str
+
+
+SHAPES = (TextCompletion, Response, AnthropicMessage, AnthropicTokenCount, AnthropicError, Tokenized, Detokenized)

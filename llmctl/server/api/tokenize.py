@@ -1,0 +1,69 @@
+"""POST /tokenize and /detokenize, in vLLM's shapes: count a prompt's tokens before sending it.
+
+/tokenize takes a `prompt` (text, tokenized as /v1/completions does) or chat `messages` (rendered
+with the chat template, as /v1/chat/completions does, `tools` included); /detokenize turns token
+ids back into text.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import Field, StrictBool, StrictInt
+
+from llmctl.errors import InvalidRequest
+from llmctl.server import schemas
+from llmctl.server.api.common import check_model
+from llmctl.server.generation import chat_prompt
+from llmctl.server.schemas import ChatMessage, _Lenient
+
+if TYPE_CHECKING:
+    from llmctl.server.service import Service
+
+
+class TokenizeRequest(_Lenient):
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: list[dict] | None = None
+    add_special_tokens: StrictBool | None = None  # vLLM's defaults: true for a prompt, false for messages
+    add_generation_prompt: StrictBool = True
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
+def tokenize(service: Service, body: object) -> dict:
+    loaded, _ = service.require_ready()
+    req = schemas.parse_body(TokenizeRequest, body)
+    check_model(req.model, loaded.name)
+    if (req.prompt is None) == (req.messages is None):
+        raise InvalidRequest("Send either 'prompt' (text) or 'messages' (chat messages).", param="prompt")
+    tokenizer = loaded.tokenizer
+    if req.prompt is not None:
+        special = req.add_special_tokens is not False
+        tokens = tokenizer(schemas.valid_unicode(req.prompt), add_special_tokens=special)["input_ids"]
+    else:
+        if len(req.messages) > service.settings.max_messages:
+            raise InvalidRequest(f"{len(req.messages)} messages is more than this server's limit of "
+                                 f"{service.settings.max_messages}.", param="messages")
+        tokens = chat_prompt(loaded, [m.for_template() for m in req.messages], req.tools, param="messages",
+                             add_generation_prompt=req.add_generation_prompt,
+                             add_special_tokens=bool(req.add_special_tokens))
+    strs = [service.token_text.text_of(t) for t in tokens] if req.return_token_strs \
+        else None
+    return {"count": len(tokens), "max_model_len": loaded.context_length, "tokens": tokens, "token_strs": strs}
+
+
+def detokenize(service: Service, body: object) -> dict:
+    loaded, _ = service.require_ready()
+    req = schemas.parse_body(DetokenizeRequest, body)
+    check_model(req.model, loaded.name)
+    vocab = len(loaded.tokenizer)
+    for token in req.tokens:
+        if not 0 <= token < vocab:
+            raise InvalidRequest(f"Token {token} is outside the vocabulary (0..{vocab - 1}).", param="tokens")
+    return {"prompt": loaded.tokenizer.decode(req.tokens)}

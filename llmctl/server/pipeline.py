@@ -1,0 +1,221 @@
+"""The one request pipeline every API shares: token limits -> sampling settings -> submit -> text deltas.
+
+Each API module (`llmctl.server.api.*`) parses its own request shape, builds the prompt's token
+ids and fills an `Ask`; `Service.start` checks it against the server's limits, submits it to the
+engine (n choices as one group, prefilled once) and returns a `Run`, whose deltas the API module
+maps back to its own answer or event stream. Timeouts (408), a full queue (429), a client that
+goes away and the metrics are handled here, the same for every API.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from llmctl.core.loader import LoadedModel
+from llmctl.engine import SamplingParams
+from llmctl.errors import ContextLengthExceeded, InvalidRequest
+from llmctl.server.generation import Generation
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What one request asks of the engine, whatever API it came through.
+
+    ``prompt_param`` and ``max_tokens_param`` name the request's own fields in error messages
+    ("messages" or "prompt" or "input"; "max_tokens" or "max_output_tokens").
+    """
+
+    prompt: list[int]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; N: each token's log-probability and its N most likely rivals
+    stops: tuple[str, ...] = ()
+    n: int = 1
+    timeout: float | None = None
+    prompt_param: str = "messages"
+    max_tokens_param: str = "max_tokens"
+
+
+@dataclass(frozen=True)
+class TokenLimits:
+    """The server's limits on a request's tokens."""
+
+    kv_budget: int  # the engine's KV cache budget, in tokens
+    max_tokens_cap: int | None = None  # reject requests asking for more
+    default_max_tokens: int | None = None  # when a request names no max_tokens (None: what fits)
+
+
+def sampling_params(loaded: LoadedModel, ask: Ask, limits: TokenLimits) -> SamplingParams:
+    """Check the request against the context window and the server's limits; turn it into engine settings."""
+    context, cap, budget = loaded.context_length, limits.max_tokens_cap, limits.kv_budget
+    prompt_tokens, asked, param, where = len(ask.prompt), ask.max_tokens, ask.max_tokens_param, ask.prompt_param
+    if cap is not None and asked is not None and asked > cap:
+        raise InvalidRequest(f"{param} is {asked}, above this server's limit of {cap}.", param=param)
+    if prompt_tokens >= context:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens, but the {where} use {prompt_tokens} "
+            f"tokens. Shorten the {where}.", param=where)
+    if asked is not None and prompt_tokens + asked > context:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens, but {prompt_tokens + asked} were requested "
+            f"({prompt_tokens} in the {where}, {asked} in the completion). Lower {param} to at most "
+            f"{context - prompt_tokens}.", param=param)
+    if asked is not None and prompt_tokens + asked > budget:
+        raise InvalidRequest(
+            f"This request needs {prompt_tokens + asked} tokens of KV cache ({prompt_tokens} in the {where}, "
+            f"{asked} in the completion) but the server's budget is {budget}; lower {param} to at most "
+            f"{max(1, budget - prompt_tokens)}.", param=param)
+    if asked is None:
+        # The rest of the context (the engine admits by what a sequence holds, so this costs no
+        # concurrency), unless the operator capped it or set a default.
+        asked = min(context, budget) - prompt_tokens
+        for limit in (cap, limits.default_max_tokens):
+            if limit is not None:
+                asked = min(asked, limit)
+        if asked < 1:
+            raise ContextLengthExceeded(
+                f"The {where} use {prompt_tokens} tokens, which leaves no room to answer within this server's "
+                f"KV budget of {budget} tokens.", param=where)
+    bias: dict[int, float] = {}
+    vocab = len(loaded.tokenizer)
+    for key, value in (ask.logit_bias or {}).items():
+        token = int(key)
+        if not 0 <= token < vocab:
+            raise InvalidRequest(f"logit_bias names token {token}, outside the vocabulary (0..{vocab - 1}).",
+                                 param="logit_bias")
+        bias[token] = value
+    return SamplingParams(
+        max_tokens=asked,
+        temperature=1.0 if ask.temperature is None else ask.temperature,
+        top_p=1.0 if ask.top_p is None else ask.top_p,
+        top_k=ask.top_k or 0,
+        frequency_penalty=ask.frequency_penalty,
+        presence_penalty=ask.presence_penalty,
+        logit_bias=bias,
+        seed=ask.seed,
+        ignore_eos=ask.ignore_eos,
+        logprobs=ask.logprobs,
+    )
+
+
+@dataclass
+class Delta:
+    """A piece of one choice's text; ``done`` marks the choice's end (its finish reason is then set)."""
+
+    index: int
+    text: str
+    done: bool = False
+
+
+@dataclass
+class Run:
+    """The generations of one request (n choices per prompt, prompts in order), as the API modules see them.
+
+    ``on_end`` is called once when the run ends however it ends: it records metrics and lets the
+    service's in-flight count drop.
+    """
+
+    gens: list[Generation]
+    prompt_tokens: int
+    on_end: Callable[[Run], None]
+    _ended: bool = field(default=False, repr=False)
+
+    def deltas(self) -> Iterator[Delta]:
+        """Every choice's text as it is generated, interleaved, each choice ending with a ``done`` delta."""
+        if len(self.gens) == 1:
+            gen = self.gens[0]
+            return itertools.chain((Delta(0, text) for text in gen), iter([Delta(0, "", True)]))
+        return _merged(self.gens)
+
+    def collect(self) -> list[str]:
+        """Wait for every choice; their texts in order. Raises the first choice's error (408, 503, ...)."""
+        texts = [""] * len(self.gens)
+        try:
+            for delta in self.deltas():
+                texts[delta.index] += delta.text
+        finally:
+            self.end()
+        return texts
+
+    def stream(self) -> Iterator[Delta]:
+        """The deltas, with errors before the first one raised here (they still get a proper status code)
+        and the run ended when the consumer finishes or leaves."""
+        deltas = self.deltas()
+        try:
+            first = next(deltas, None)
+        except BaseException:
+            self.end()
+            raise
+        return self._guarded(itertools.chain([first] if first else [], deltas))
+
+    def _guarded(self, deltas: Iterator[Delta]) -> Iterator[Delta]:
+        try:
+            yield from deltas
+        finally:
+            self.end()
+
+    @property
+    def cancelled(self) -> bool:
+        return any(g.finish_reason == "cancelled" for g in self.gens)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(g.completion_tokens for g in self.gens)
+
+    def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        for gen in self.gens:
+            gen.close()
+        self.on_end(self)
+
+
+_DONE = object()
+
+
+def _merged(gens: list[Generation]) -> Iterator[Delta]:
+    """Interleave several generations' deltas as they arrive: one reader thread per choice.
+
+    A choice's error is raised to the consumer; when the consumer leaves, every choice is cancelled
+    and the readers end within one engine step.
+    """
+    out: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read(index: int, gen: Generation) -> None:
+        try:
+            for text in gen:
+                out.put(Delta(index, text))
+            out.put(Delta(index, "", True))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            out.put(exc)
+        out.put(_DONE)
+
+    threads = [threading.Thread(target=read, args=(i, g), name="llmctl-choice", daemon=True)
+               for i, g in enumerate(gens)]
+    for thread in threads:
+        thread.start()
+    running = len(threads)
+    try:
+        while running:
+            item = out.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for gen in gens:
+            gen.close()
