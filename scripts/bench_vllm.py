@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-tokens", type=int, default=16384)
     parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="Both vLLM servers skip torch.compile (start in seconds; generate slower).")
     parser.add_argument("--logs", type=Path, default=Path("bench-vllm-logs"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -77,15 +79,16 @@ def main() -> None:
     args.logs.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     common = ["--max-num-seqs", str(args.max_num_seqs)]
+    eager = ["--enforce-eager"] if args.enforce_eager else []
     ports = {name: free_port() for name in ("vllm-serve", "llmctl-vllm", "llmctl-builtin")}
     argv = {
         "vllm-serve": [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host",
                        "127.0.0.1", "--port", str(ports["vllm-serve"]), "--served-model-name", "smollm2",
-                       "--kv-cache-memory-bytes", str(args.kv_cache_tokens * per_token), *common],
+                       "--kv-cache-memory-bytes", str(args.kv_cache_tokens * per_token), *common, *eager],
         "llmctl-vllm": [py, "-m", "llmctl", "serve", "--engine", "vllm", "--model-path", str(model), "--host",
                         "127.0.0.1", "--port", str(ports["llmctl-vllm"]), "--served-model-name", "smollm2",
                         "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-waiting", "256",
-                        "--log-level", "warning", *common],
+                        "--log-level", "warning", *common, *eager],
         "llmctl-builtin": [py, "-m", "llmctl", "serve", "--model-path", str(model), "--host", "127.0.0.1",
                            "--port", str(ports["llmctl-builtin"]), "--served-model-name", "smollm2",
                            "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-waiting", "256",

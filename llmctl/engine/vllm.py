@@ -240,6 +240,7 @@ class VllmEngine:
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        _tolerate_context_proxies()
         args = EngineArgs(**engine_args(self.model, self.options, self.config))
         try:
             vllm_config = args.create_engine_config()
@@ -339,6 +340,26 @@ def _token_logprobs(token: int, entry: dict, top_n: int) -> TokenLogprobs:
     ranked = sorted(((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank is not None))
     top = [(tid, logprob) for rank, tid, logprob in ranked if rank <= top_n][:top_n]
     return TokenLogprobs(token, chosen.logprob if chosen is not None else float("-inf"), top)
+
+
+def _tolerate_context_proxies() -> None:
+    """vLLM's CPU build rebinds some kernels by scanning the globals of every imported module with
+    hasattr(). Flask's request and app-context proxies, which the server imports, raise RuntimeError
+    there (not AttributeError) outside a request, which would abort the engine build; for that scan,
+    an object that cannot be asked simply has no such attribute. (Worker processes are forked from
+    this one, so they inherit it.)"""
+    try:
+        from vllm.triton_utils import dispatcher
+    except ImportError:
+        return
+
+    def safe_hasattr(obj: object, name: str) -> bool:
+        try:
+            return hasattr(obj, name)
+        except Exception:
+            return False
+
+    dispatcher.hasattr = safe_hasattr
 
 
 def _one_line(exc: BaseException) -> str:
