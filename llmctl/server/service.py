@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmctl import __version__
 from llmctl.core import hardware
@@ -31,6 +32,7 @@ class ServiceSettings:
     load: LoadOptions = field(default_factory=LoadOptions)
     engine: EngineConfig = field(default_factory=EngineConfig)
     engine_kind: str = "builtin"  # a key of llmctl.server.engines.ENGINES
+    engine_options: Any = None  # that engine's own settings (llmctl.engine.vllm.VllmOptions for "vllm")
     request_timeout: float = 60.0
     max_tokens_cap: int | None = None
     default_max_tokens: int | None = None
@@ -60,7 +62,7 @@ class Service:
         """Load the model and start the engine; failures leave the service answering 'error'."""
         try:
             build = ENGINES[self.settings.engine_kind]
-            loaded, engine = build(self.settings.load, self.settings.engine, self.loader)
+            loaded, engine = build(self.settings.load, self.settings.engine, self.loader, self.settings.engine_options)
             engine.start()
         except LLMCtlError as exc:
             log.error("Model failed to load: %s", exc.message)
@@ -170,6 +172,9 @@ class Service:
             "engine_steps": engine.stats.steps if engine else 0,
             "oom_events": engine.stats.oom_events if engine else 0,
             "preemptions": engine.stats.preemptions if engine else 0,
+            "kv_cache_usage": round(engine.stats.kv_cache_usage, 4) if engine else 0.0,
+            "prefix_cache_queries": engine.stats.prefix_cache_queries if engine else 0,
+            "prefix_cache_hits": engine.stats.prefix_cache_hits if engine else 0,
         }
         return body
 
@@ -181,6 +186,9 @@ class Service:
         m.g_gpu_alloc.set(gpu.allocated_gb * hardware.GIB)
         m.g_gpu_reserved.set(gpu.reserved_gb * hardware.GIB)
         m.g_rss.set(hardware.process_rss_gb() * hardware.GIB)
+        if self.engine is not None:
+            m.g_kv_usage.set(self.engine.stats.kv_cache_usage)
+            m.observe_prefix_cache(self.engine.stats.prefix_cache_queries, self.engine.stats.prefix_cache_hits)
 
     def models(self) -> dict:
         loaded, _ = self.require_ready()
