@@ -1,6 +1,6 @@
 """llmctl's CUDA path measured in one run: a Llama-3-8B-shaped model in bf16, 4-bit and 8-bit.
 
-    python scripts/gpu_check.py --out gpu-check                    # on a CUDA machine, under 8 minutes
+    python scripts/gpu_check.py --out gpu-check                    # on a CUDA machine: a 7-minute budget
     python scripts/gpu_check.py --device cpu --small --out dry     # the same steps on a tiny model, on CPU
 
 Steps: (1) build a randomly initialised model of Llama-3-8B's shape (hidden 4096, 32 layers, 32
@@ -20,13 +20,14 @@ padded with tokens <|pad_N|> that no merge produces (encoding is unchanged; ever
 model emits decodes to text, as with Llama 3's own 128,256-token tokenizer).
 
 On a GPU machine without network access that has PyTorch (CUDA), transformers and accelerate but
-not llmctl's other dependencies, run `scripts/gpu_wheels.sh` first where pip works: it downloads
-the missing wheels for Python 3.12 (45 MiB) and the embedded tokenizer (3 MiB) into .whl/ (ignored
-by git). Copy the repository with .whl/ to the GPU machine, and there, in the repository root:
+not all of llmctl's other dependencies (scripts/gpu_wheels.sh lists what it assumes there), run
+`scripts/gpu_wheels.sh` first where pip works: it downloads the missing wheels for Python 3.12
+(45 MiB) and the embedded tokenizer (3 MiB) into .whl/ (ignored by git). Copy the repository with
+.whl/ to the GPU machine, and there, in the repository root:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-    python3 scripts/gpu_check.py --tokenizer .whl/tokenizer --out OUT
+    python3 scripts/gpu_check.py --tokenizer .whl/tokenizer --out gpu-check
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare .whl/ (ignored by git) for scripts/gpu_check.py on a GPU machine without network access
 # that has Python 3.12 with PyTorch (CUDA), transformers, accelerate, safetensors, tokenizers, typer,
-# rich, httpx, psutil, pyyaml, prometheus-client and filelock, but not llmctl's other dependencies.
+# rich, httpx, psutil, pyyaml, prometheus-client, filelock, jinja2, click, markupsafe, numpy,
+# packaging, requests and tqdm, but not llmctl's other dependencies.
 #
 #   scripts/gpu_wheels.sh          # here, where pip works; then copy the repository with .whl/
 #
@@ -12,7 +13,7 @@
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-#   python3 scripts/gpu_check.py --tokenizer .whl/tokenizer --out OUT
+#   python3 scripts/gpu_check.py --tokenizer .whl/tokenizer --out gpu-check
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
