@@ -166,4 +166,6 @@ class Engine(Protocol):
     def submit(self, seq: Sequence) -> Sequence:
         """Queue ``seq``; raise InvalidRequest if it can never fit, Unavailable when shutting down.
 
-        ``seq.forks`` (n > 1) come with it: each gets its own tokens and Finish on its own ``events``."""
+        An engine whose class sets ``forks_after_prefill = True`` takes ``seq.forks`` (n > 1) with it, prefills
+        the prompt once and gives each fork its own tokens and Finish; the server submits each choice on its
+        own to other engines."""

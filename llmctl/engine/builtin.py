@@ -35,6 +35,8 @@ ADMIT_HEADROOM = 128  # tokens of growth each row must have room for when a new 
 class BuiltinEngine:
     """Runs generation for all requests on one background thread (the `Engine` protocol)."""
 
+    forks_after_prefill = True  # a sequence's forks (n > 1) are prefilled with it once: see _fork
+
     def __init__(self, model, eos_token_ids: frozenset[int], config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()

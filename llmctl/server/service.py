@@ -219,8 +219,13 @@ class Service:
             for ask, p in zip(asks, params):
                 seq = Sequence(ask.prompt, p, deadline=arrived + (ask.timeout or self.settings.request_timeout))
                 members = seq.fork(ask.n)
-                engine.submit(seq)
                 stops = list(ask.stops) + list(loaded.default_stops)
+                if getattr(engine, "forks_after_prefill", False):
+                    engine.submit(seq)
+                else:  # an engine that does not fork (vLLM) gets each choice as a sequence of its own
+                    seq.forks = []
+                    for member in members:
+                        engine.submit(member)
                 gens += [Generation(m, loaded.tokenizer, stops, arrived, disconnected) for m in members]
         except BaseException:
             for gen in gens:  # a full queue part-way through a list of prompts: stop what was submitted
