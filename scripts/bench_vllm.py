@@ -87,11 +87,11 @@ def main() -> None:
                        "--kv-cache-memory-bytes", str(args.kv_cache_tokens * per_token), *common, *eager],
         "llmctl-vllm": [py, "-m", "llmctl", "serve", "--engine", "vllm", "--model-path", str(model), "--host",
                         "127.0.0.1", "--port", str(ports["llmctl-vllm"]), "--served-model-name", "smollm2",
-                        "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-waiting", "256",
+                        "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-waiting", "256", "--request-timeout", "300",
                         "--log-level", "warning", *common, *eager],
         "llmctl-builtin": [py, "-m", "llmctl", "serve", "--model-path", str(model), "--host", "127.0.0.1",
                            "--port", str(ports["llmctl-builtin"]), "--served-model-name", "smollm2",
-                           "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-waiting", "256",
+                           "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-waiting", "256", "--request-timeout", "300",
                            "--log-level", "warning", *common],
     }
     levels = [int(c) for c in args.concurrency.split(",")]

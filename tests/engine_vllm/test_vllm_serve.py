@@ -52,7 +52,8 @@ def stream_into(lines: list[str], url: str, max_tokens: int) -> int:
 def test_serves_reports_loading_then_drains_on_sigterm(server_process, vllm_model):
     """/health is 503 'loading' while vLLM builds its engine; SIGTERM lets the stream in flight finish."""
     server = server_process("--model-path", str(vllm_model), "--dtype", "float32", "--enforce-eager",
-                            "--kv-cache-tokens", "4096", "--grace-period", "120", env={"LLMCTL_ENGINE": "vllm"})
+                            "--kv-cache-tokens", "4096", "--grace-period", "200", "--request-timeout", "300",
+                            env={"LLMCTL_ENGINE": "vllm"})
     seen_loading = False
     deadline = time.monotonic() + 60
     while not seen_loading and time.monotonic() < deadline:
@@ -66,7 +67,7 @@ def test_serves_reports_loading_then_drains_on_sigterm(server_process, vllm_mode
     assert health["context_length"] == 1024 and health["dtype"] == "float32"
     lines: list[str] = []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        answered = pool.submit(stream_into, lines, server.url, max_tokens=400)
+        answered = pool.submit(stream_into, lines, server.url, max_tokens=200)
         assert wait_for(lambda: len(lines) >= 5, 60), "no tokens streamed"
         assert httpx.get(server.url + "/health").json()["running"] == 1
         server.proc.send_signal(signal.SIGTERM)
