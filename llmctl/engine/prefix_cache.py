@@ -16,11 +16,16 @@ eviction takes the ends of chains first, and a shared beginning (a system prompt
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from llmctl.engine.batch import Batch
 
 ROOT = 0  # the parent key of a prompt's first block
 
@@ -167,3 +172,43 @@ class PrefixCache:
         for block in reversed(chain):  # the first block ends up most recently used
             if block.key in self._blocks:
                 self._blocks.move_to_end(block.key)
+
+
+class KVLayoutError(ValueError):
+    """The model's cache is not one key and one value tensor of the same shape in every layer."""
+
+
+def store_rows(prefixes: PrefixCache, batch: Batch, rows: list[int], room: int) -> None:
+    """Put the KV of batch rows ``rows`` (every token in their cache so far) into ``prefixes``,
+    keeping it within ``room`` tokens; raises KVLayoutError for a cache it cannot store."""
+    width = batch.mask.shape[1]
+    lengths = batch.positions.tolist()
+    for row in rows:
+        n = lengths[row]  # the row's tokens sit in the last n columns
+        prefixes.insert(batch.seqs[row].context_ids[:n], functools.partial(row_kv, batch.cache, row, width - n),
+                        room)
+
+
+def row_kv(cache: DynamicCache, row: int, offset: int, start: int, end: int) -> torch.Tensor:
+    """KV of one batch row's tokens ``start:end`` (cache columns from ``offset``), all layers in one
+    tensor ``[layers, 2, kv_heads, end - start, head_dim]``."""
+    layers = cache.layers
+    shapes = {(layer.keys.shape[1:2] + layer.keys.shape[3:], layer.values.shape[1:2] + layer.values.shape[3:])
+              for layer in layers}
+    if len(shapes) != 1 or len({shape for pair in shapes for shape in pair}) != 1:
+        raise KVLayoutError("its layers' key and value tensors differ in shape")
+    a, b = offset + start, offset + end
+    return torch.stack([torch.stack((layer.keys[row, :, a:b], layer.values[row, :, a:b])) for layer in layers])
+
+
+def prefix_rows_cache(prefixes: list[torch.Tensor | None]) -> DynamicCache:
+    """A cache of full layers holding each row's prefix KV right-aligned (left-padded with zeros).
+
+    ``prefixes`` are tensors from `row_kv` or `PrefixCache.gather` (None: a row without a prefix).
+    """
+    present = [p for p in prefixes if p is not None]
+    width = max(p.shape[-2] for p in present)
+    empty = present[0].new_zeros(present[0].shape[:-2] + (width, present[0].shape[-1]))
+    rows = [empty if p is None else F.pad(p, (0, 0, width - p.shape[-2], 0)) for p in prefixes]
+    kv = torch.stack(rows, dim=2)  # [layers, 2, rows, kv_heads, width, head_dim]
+    return DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in kv.unbind(0)])
