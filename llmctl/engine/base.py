@@ -73,6 +73,8 @@ class Sequence:
         # The engine's own per-sequence state (the builtin engine's chunked-prefill cache, say).
         self.prefill_cache: Any = None
         self.prefilled = 0
+        self.prefix: Any = None  # the builtin engine's prefix-cache match for the coming prefill
+        self.prefix_tokens = 0  # and how many of its tokens that prefill may take
         # n > 1: the other choices for this prompt, submitted with it; an engine prefills the prompt once
         # and then gives each its own row (the builtin engine's fork after prefill).
         self.forks: list[Sequence] = []
@@ -91,8 +93,6 @@ class Sequence:
             fork.arrived = self.arrived
             self.forks.append(fork)
         return [self, *self.forks]
-        self.prefix: Any = None  # the builtin engine's prefix-cache match for the coming prefill
-        self.prefix_tokens = 0  # and how many of its tokens that prefill may take
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence; it is gone within one decode step."""

@@ -150,8 +150,7 @@ class BuiltinEngine:
                     gone.append(i)
                 else:
                     keep.append(i)
-            if gone:  # a stop string cancels a sequence: what it computed is as reusable as any
-                self._remember(self._batch, gone, leaving=True)
+            self._remember(self._batch, gone, leaving=True)  # a stop string cancels: its KV is as reusable
             self._select(keep)
 
     def _admit(self) -> list[Sequence]:
@@ -199,13 +198,10 @@ class BuiltinEngine:
 
     def _look_up(self, seq: Sequence) -> int:
         """Find the cached prefix of ``seq``'s context; returns the tokens its prefill must compute."""
-        context = seq.context_length
-        if self._prefix is None:
-            return context
-        # The last token is always computed: its logits give the first new token.
-        seq.prefix = self._prefix.match(seq.context_ids, limit=context - 1)
-        seq.prefix_tokens = seq.prefix.tokens
-        return context - seq.prefix_tokens
+        if self._prefix is not None:  # the last token is always computed: its logits give the next token
+            seq.prefix = self._prefix.match(seq.context_ids, limit=seq.context_length - 1)
+            seq.prefix_tokens = seq.prefix.tokens
+        return seq.context_length - seq.prefix_tokens
 
     def _prefill_some(self) -> None:
         if self._prefilling is None:
@@ -335,11 +331,8 @@ class BuiltinEngine:
         return self._prefix.gather(match, tokens) if tokens else None
 
     def _remember(self, batch: Batch, rows: list[int], extra: int = 0, leaving: bool = False) -> None:
-        """Put rows' KV (their context so far) into the prefix cache, within what the KV budget leaves.
-
-        ``extra``: KV slots in use besides the running batch (a prefill's new rows); ``leaving``: the
-        rows leave the running batch now, so their slots do not count.
-        """
+        """Put rows' KV (their context so far) into the prefix cache, within what the KV budget leaves
+        (``extra``: slots used besides the running batch; ``leaving``: the rows' own slots are freed now)."""
         if self._prefix is None or not rows:
             return
         room = self.config.kv_cache_tokens - self._kv_in_use() - extra
@@ -353,8 +346,8 @@ class BuiltinEngine:
 
     def _kv_in_use(self) -> int:
         """KV slots the running batch and a chunked prefill hold now."""
-        batch, prefilling = self._batch, self._prefilling
-        return (len(batch.seqs) * batch.mask.shape[1] if batch else 0) + (prefilling.prefilled if prefilling else 0)
+        return (len(self._batch.seqs) * self._batch.mask.shape[1] if self._batch else 0) + \
+            (self._prefilling.prefilled if self._prefilling else 0)
 
     def _forward(self, cache: DynamicCache, **kwargs):
         return self.model(**kwargs, **{self._cache_kw: cache}, use_cache=True)
