@@ -228,7 +228,7 @@ class BuiltinEngine:
             self._fork(batch)
             self.stats.prefills += 1
             self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs if not s.preemptions)
-            self._remember(batch, list(range(len(seqs))), extra=len(seqs) * batch.mask.shape[1])
+            self._remember(batch, list(range(len(batch.seqs))), extra=len(batch.seqs) * batch.mask.shape[1])
             self._emit(batch, self._sample(batch, batch.last_logits))
             del batch.last_logits
             kept = [i for i, s in enumerate(batch.seqs) if not s.done]
