@@ -70,13 +70,13 @@ class HealthProbe(threading.Thread):
 
 
 @contextlib.contextmanager
-def serve_subprocess(args: argparse.Namespace, high: int) -> Iterator[tuple[str, int]]:
-    """`llmctl serve` in its own process, as it is deployed; yields its URL and pid."""
+def serve_subprocess(args: argparse.Namespace, high: int, extra: tuple[str, ...] = ()) -> Iterator[tuple[str, int]]:
+    """`llmctl serve` in its own process, as it is deployed, with flags ``extra``; yields its URL and pid."""
     port = free_port()
     command = [sys.executable, "-m", "llmctl", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--dtype", args.dtype, "--device", args.device, "--max-num-seqs", str(high),
                "--max-waiting", str(max(64, high)), "--kv-cache-tokens", str(args.kv_cache_tokens),
-               "--log-level", "warning"]
+               "--log-level", "warning", *extra]
     if args.model_path:
         command += ["--model-path", str(args.model_path)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -86,6 +86,7 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, workload: 
                     return result
                 for choice in data.get("choices") or []:
                     delta = choice.get("delta") or {}
+                    result.text += delta.get("content") or ""
                     if delta.get("content") or delta.get("reasoning_content"):
                         if last_content is None:
                             result.ttft = now - start
@@ -97,6 +98,7 @@ async def send_request(client: httpx.AsyncClient, endpoint: Endpoint, workload: 
                 usage = data.get("usage")
                 if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
                     result.prompt_tokens = usage.get("prompt_tokens")
+                    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
                     result.completion_tokens = usage["completion_tokens"]
                     result.usage_from_server = True
                 last_event = now

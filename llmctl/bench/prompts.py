@@ -37,11 +37,15 @@ class BuiltinPrompts(Sequence[Messages]):
     """``count`` single-message prompts of ``tokens`` words (about one token each), made on demand.
 
     Prompt i comes from its own generator seeded with (seed, offset + i), so it is the same in every
-    run and every process however many prompts are asked for, and a long run costs no memory.
+    run and every process however many prompts are asked for, and a long run costs no memory. With
+    ``shared_prefix_tokens``, every prompt starts with the same system message of that many words
+    (seeded by ``seed``), as an agent's instructions do: a server with a prefix cache computes it once.
     """
 
-    def __init__(self, count: int, tokens: int, seed: int = 0, offset: int = 0) -> None:
+    def __init__(self, count: int, tokens: int, seed: int = 0, offset: int = 0, shared_prefix_tokens: int = 0) -> None:
         self.count, self.tokens, self.seed, self.offset = max(1, count), max(1, tokens), seed, offset
+        rng = random.Random(f"llmctl-bench/{seed}/shared-prefix")
+        self.system = " ".join(rng.choice(WORDS) for _ in range(shared_prefix_tokens))
 
     def __len__(self) -> int:
         return self.count
@@ -52,12 +56,15 @@ class BuiltinPrompts(Sequence[Messages]):
         if not -self.count <= index < self.count:
             raise IndexError(index)
         rng = random.Random(f"llmctl-bench/{self.seed}/{self.offset + index % self.count}")
-        return [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(self.tokens))}]
+        user = {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(self.tokens))}
+        return [{"role": "system", "content": self.system}, user] if self.system else [user]
 
 
-def builtin_prompts(count: int, tokens: int, seed: int = 0, offset: int = 0) -> BuiltinPrompts:
-    """The built-in prompt set: prompts ``offset`` to ``offset + count - 1`` of the seeded sequence."""
-    return BuiltinPrompts(count, tokens, seed, offset)
+def builtin_prompts(count: int, tokens: int, seed: int = 0, offset: int = 0,
+                    shared_prefix_tokens: int = 0) -> BuiltinPrompts:
+    """The built-in prompt set: prompts ``offset`` to ``offset + count - 1`` of the seeded sequence,
+    each after a shared system message of ``shared_prefix_tokens`` words when that is not 0."""
+    return BuiltinPrompts(count, tokens, seed, offset, shared_prefix_tokens)
 
 
 def load_prompts(path: Path) -> list[Messages]:

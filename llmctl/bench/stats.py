@@ -17,9 +17,11 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     latency: float | None = None
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server sends it
     completion_tokens: int = 0
     usage_from_server: bool = False
     finish_reason: str | None = None
+    text: str = ""  # the streamed content
 
     @property
     def counted_by(self) -> str:

@@ -54,6 +54,9 @@ def bench(
     max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per request.")] = 128,
     prompt_tokens: Annotated[int, typer.Option(
         min=1, help="Length of the built-in prompts, in tokens (words).")] = 64,
+    shared_prefix_tokens: Annotated[int, typer.Option(
+        min=0, help="Start every built-in prompt with the same system message of this many tokens (words), "
+                    "as an agent's instructions do, to measure a server's prefix caching.")] = 0,
     prompts: Annotated[Path | None, typer.Option(
         help='JSONL prompts instead: {"prompt": ...} or {"messages": [...]} a line.')] = None,
     seed: Annotated[int, typer.Option(help="Seed of the built-in prompt set.")] = 0,
@@ -103,6 +106,9 @@ def bench(
         model_path = configured_model_path(config, model_path)
     if compare and url is None:
         raise BenchError("--compare needs --url for the first server.")
+    if prompts and shared_prefix_tokens:
+        raise BenchError("--shared-prefix-tokens shapes the built-in prompts; with --prompts, put the shared "
+                         "system message in the file.")
     if as_json and csv is not None and str(csv) == "-":
         raise BenchError("--json and --csv - both print to stdout; write the CSV to a file.")
     endpoints = [Endpoint(url, model, api_key, "A")] if url else []
@@ -119,14 +125,18 @@ def bench(
         warmup_messages = spare if len(spare) >= warmup else builtin_prompts(warmup, prompt_tokens, seed,
                                                                              offset=count)
     else:
-        messages = builtin_prompts(count, prompt_tokens, seed)
-        warmup_messages = builtin_prompts(warmup, prompt_tokens, seed, offset=count)
+        messages = builtin_prompts(count, prompt_tokens, seed, shared_prefix_tokens=shared_prefix_tokens)
+        # The warm-up sends the shared prefix too: the measured requests see the steady state of an
+        # agent whose instructions the server has seen before.
+        warmup_messages = builtin_prompts(warmup, prompt_tokens, seed, offset=count,
+                                          shared_prefix_tokens=shared_prefix_tokens)
     plan.workload = Workload(messages, max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos,
                              eos_bias_ids=tuple(eos_token_id or ()) if eos_bias else (),
                              request_timeout=request_timeout, warmup_prompts=warmup_messages)
     config = {
         "concurrency": levels, "requests": requests, "max_tokens": max_tokens,
         "prompt_tokens": None if prompts else prompt_tokens, "prompts_file": str(prompts) if prompts else None,
+        "shared_prefix_tokens": None if prompts else shared_prefix_tokens,
         "seed": seed, "temperature": temperature, "ignore_eos": ignore_eos,
         "eos_bias_ids": list(plan.workload.eos_bias_ids), "warmup": warmup, "time_limit_s": time_limit,
         "request_timeout_s": request_timeout,

@@ -144,6 +144,7 @@ def summary_table(d: dict) -> Table:
         "Tokens": [("Prompt", number(d.get("prompt_tokens_total"))),
                    ("Completion", number(d.get("completion_tokens_total"))),
                    ("Engine throughput", rate(d.get("engine_tokens_per_second")))],
+        "KV cache": kv_cache_rows(d),
         "Memory": [("GPU allocated", gib(d.get("gpu_memory_allocated_gb"))),
                    ("GPU reserved", gib(d.get("gpu_memory_reserved_gb"))),
                    ("Process resident", gib(d.get("process_rss_gb")))],
@@ -153,6 +154,19 @@ def summary_table(d: dict) -> Table:
             table.add_row(group if i == 0 else "", name, escape(value))
         table.add_section()
     return table
+
+
+def kv_cache_rows(d: dict) -> list[tuple[str, str]]:
+    """KV-cache use and the prefix cache's size and hits (servers that do not report them show '-')."""
+    prefix = d.get("prefix_cache") or {}
+    usage = d.get("kv_cache_usage")
+    hit_rate = prefix.get("hit_rate")
+    size, capacity = prefix.get("size_tokens"), prefix.get("capacity_tokens")
+    return [("In use by running requests", "-" if usage is None else f"{usage:.1%}"),
+            ("Prefix cache (tokens held / bound)", f"{number(size)} / {number(capacity)}" if prefix else "-"),
+            ("Prefix cache hits (prompt tokens)", f"{number(prefix.get('hits_tokens_total'))} of "
+             f"{number(prefix.get('queries_tokens_total'))}" + (f" ({hit_rate:.1%})" if hit_rate is not None else "")
+             if prefix else "-")]
 
 
 def latency_table(d: dict) -> Table:

@@ -72,6 +72,10 @@ def serve(
     kv_cache_tokens: Annotated[int, typer.Option(
         envvar=envvars.KV_CACHE_TOKENS, min=16,
         help="KV cache budget in token slots over all running sequences (bounds memory).")] = 65536,
+    prefix_cache_tokens: Annotated[int, typer.Option(
+        envvar=envvars.PREFIX_CACHE_TOKENS, min=0,
+        help="Of the KV budget, token slots that keep computed prompt prefixes for later requests "
+             "(least recently used out first; running sequences take precedence). 0: no prefix caching.")] = 8192,
     request_timeout: Annotated[float, typer.Option(
         envvar=envvars.REQUEST_TIMEOUT, min=1, max=300,
         help="Default per-request timeout in seconds (a request's 'timeout' field overrides it).")] = 60.0,
@@ -155,7 +159,8 @@ def serve(
             raise ModelLoadError(f"{only_vllm[0]} applies to vLLM's engine: add --engine vllm.")
         preflight(load)
     engine = EngineConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
-                          max_waiting=max_waiting, kv_cache_tokens=kv_cache_tokens)
+                          max_waiting=max_waiting, kv_cache_tokens=kv_cache_tokens,
+                          prefix_cache_tokens=prefix_cache_tokens)
     keys = load_api_keys(api_key or [], api_key_file)
     if not keys and host in ("0.0.0.0", "::", ""):
         log.warning("Listening on all interfaces (%s) without an API key: anyone who can reach this port can use "

@@ -31,11 +31,15 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_waiting: int = 256
     kv_cache_tokens: int = 65536
+    # Of kv_cache_tokens, how much the KV of computed prefixes may keep for later requests; 0: no cache.
+    prefix_cache_tokens: int = 8192
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_batched_tokens", "max_waiting", "kv_cache_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError("prefix_cache_tokens must be 0 or more")
 
 
 @dataclass
@@ -65,9 +69,12 @@ class Sequence:
         # Filled by the engine before each token's event when params.logprobs is set: entry i is token i's.
         self.logprobs: list[TokenLogprobs] = []
         self.generator: torch.Generator | None = None
+        self.cached_tokens = 0  # prompt tokens the engine took from its prefix cache (usage's cached_tokens)
         # The engine's own per-sequence state (the builtin engine's chunked-prefill cache, say).
         self.prefill_cache: Any = None
         self.prefilled = 0
+        self.prefix: Any = None  # the builtin engine's prefix-cache match for the coming prefill
+        self.prefix_tokens = 0  # and how many of its tokens that prefill may take
         # n > 1: the other choices for this prompt, submitted with it; an engine prefills the prompt once
         # and then gives each its own row (the builtin engine's fork after prefill).
         self.forks: list[Sequence] = []
@@ -118,6 +125,7 @@ class EngineStats:
     max_batch_size: int = 0
     oom_events: int = 0
     preemptions: int = 0
+    prefill_tokens: int = 0  # tokens computed by prefills (what a prefix cache saved does not count)
     # Filled by engines that have them; 0 otherwise.
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found there (not prefilled again)

@@ -73,3 +73,27 @@ def merge(a: Batch, b: Batch) -> Batch:
         a.counts = torch.cat([ca, cb])
     a.seqs = a.seqs + b.seqs
     return a
+
+
+def prefill_inputs(contexts: list[list[int]], cached: list[int],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Inputs of one left-padded prefill whose row r may start from ``cached[r]`` tokens already computed.
+
+    Every row feeds the same number of tokens, the longest uncached part of any row; a row with more
+    cached tokens than that needs takes fewer from its cache, so that nothing is left between its
+    cached part and the tokens it feeds, and its tokens stay contiguous and right-aligned. Returns
+    the input ids ``[B, fed]``, the attention mask ``[B, used + fed]``, the position ids of the fed
+    tokens, and how many cached tokens each row uses (its cache comes first, left-padded to the most).
+    """
+    lengths = [len(c) for c in contexts]
+    fed = max(n - c for n, c in zip(lengths, cached))
+    used = [max(0, n - fed) for n in lengths]
+    width = max(used)
+    ids = torch.zeros((len(contexts), fed), dtype=torch.long)
+    mask = torch.zeros((len(contexts), width + fed), dtype=torch.long)
+    for row, (context, n, u) in enumerate(zip(contexts, lengths, used)):
+        ids[row, fed - (n - u):] = torch.tensor(context[u:])
+        mask[row, width - u:width] = 1
+        mask[row, width + fed - (n - u):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)[:, width:], used

@@ -21,7 +21,8 @@ from transformers import DynamicCache
 
 from llmctl.core import hardware
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
-from llmctl.engine.batch import Batch, full_cache, merge, select_rows
+from llmctl.engine.batch import Batch, full_cache, merge, prefill_inputs, select_rows
+from llmctl.engine.prefix_cache import KVLayoutError, PrefixCache, prefix_rows_cache, store_rows
 from llmctl.engine.sampling import BatchSampler
 from llmctl.errors import GenerationOutOfMemory, LLMCtlError, QueueFull, Unavailable
 
@@ -44,6 +45,7 @@ class BuiltinEngine:
         self.device = model.get_input_embeddings().weight.device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.stats = EngineStats()
+        self._prefix = PrefixCache(self.config.prefix_cache_tokens) if self.config.prefix_cache_tokens else None
         # transformers renamed `past_key_values` to `cache`; pass whichever this version takes.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._waiting: deque[Sequence] = deque()
@@ -142,13 +144,15 @@ class BuiltinEngine:
             seq.prefill_cache = None
             self._finish(seq, reason)
         if self._batch is not None:
-            keep = []
+            keep, gone = [], []
             for i, seq in enumerate(self._batch.seqs):
                 reason = _abort_reason(seq, now)
                 if reason:
                     self._finish(seq, reason)
+                    gone.append(i)
                 else:
                     keep.append(i)
+            self._remember(self._batch, gone, leaving=True)  # a stop string cancels: its KV is as reusable
             self._select(keep)
 
     def _admit(self) -> list[Sequence]:
@@ -166,6 +170,7 @@ class BuiltinEngine:
         longest = self._batch.mask.shape[1] + min(
             ADMIT_HEADROOM, max(s.params.max_tokens - s.generated for s in running)) if self._batch else 0
         now = time.monotonic()
+        computing: set[int] = set()  # prefix-cache keys of the blocks this prefill computes
         with self._cond:
             for seq in list(self._waiting):
                 if len(running) + len(chosen) >= cfg.max_num_seqs:
@@ -176,25 +181,41 @@ class BuiltinEngine:
                     if now - seq.arrived >= OVERTAKE_S:
                         break
                     continue
-                context = seq.context_length
-                prompt_max = max([s.context_length for s in chosen] + [context])
-                if chosen and (len(chosen) + 1) * prompt_max > cfg.max_batched_tokens:
+                fresh = self._look_up(seq)
+                if seq.prefix is not None and seq.prefix.next_key in computing:
+                    continue  # a row prefilled now computes its next block: it finds it cached next step
+                # A prefill's cost is its rows times the longest part any row computes.
+                if chosen and (len(chosen) + 1) * max([fresh] + [s.context_length - s.prefix_tokens
+                                                                 for s in chosen]) > cfg.max_batched_tokens:
                     break
                 self._waiting.remove(seq)
                 seq.admitted = seq.admitted or now
                 chosen.append(seq)
                 longest = new_longest
-                if context > cfg.max_batched_tokens:
+                if self._prefix is not None:
+                    computing.update(self._prefix.keys(seq.context_ids))
+                if fresh > cfg.max_batched_tokens:
                     break  # a long prompt is prefilled alone, in chunks
         return chosen
+
+    def _look_up(self, seq: Sequence) -> int:
+        """Find the cached prefix of ``seq``'s context; returns the tokens its prefill must compute."""
+        if self._prefix is not None:  # the last token is always computed: its logits give the next token
+            seq.prefix = self._prefix.match(seq.context_ids, limit=seq.context_length - 1)
+            seq.prefix_tokens = seq.prefix.tokens
+        return seq.context_length - seq.prefix_tokens
 
     def _prefill_some(self) -> None:
         if self._prefilling is None:
             chosen = self._admit()
             if not chosen:
                 return
-            if len(chosen) == 1 and chosen[0].context_length > self.config.max_batched_tokens:
-                self._prefilling = chosen[0]
+            seq = chosen[0]
+            if len(chosen) == 1 and seq.context_length - seq.prefix_tokens > self.config.max_batched_tokens:
+                self._prefilling = seq
+                prefix = self._take_prefix(seq, seq.prefix_tokens)
+                if prefix is not None:  # the chunks start where the cached prefix ends
+                    seq.prefill_cache, seq.prefilled = prefix_rows_cache([prefix]), seq.prefix_tokens
             else:
                 self._run_prefill(chosen, self._prefill_batch)
                 return
@@ -209,6 +230,7 @@ class BuiltinEngine:
             self._fork(batch)
             self.stats.prefills += 1
             self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs if not s.preemptions)
+            self._remember(batch, list(range(len(batch.seqs))), extra=len(batch.seqs) * batch.mask.shape[1])
             self._emit(batch, self._sample(batch, batch.last_logits))
             del batch.last_logits
             kept = [i for i, s in enumerate(batch.seqs) if not s.done]
@@ -260,17 +282,13 @@ class BuiltinEngine:
         self._batch.sampler = None  # composition changed
 
     def _prefill_batch(self, seqs: list[Sequence]) -> Batch:
+        """One left-padded forward pass over the new rows; a row's cached prefix is not computed again."""
         contexts = [s.context_ids for s in seqs]
         lengths = [len(c) for c in contexts]
-        width = max(lengths)
-        ids = torch.zeros((len(seqs), width), dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, context in enumerate(contexts):
-            ids[row, width - len(context):] = torch.tensor(context)
-            mask[row, width - len(context):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = full_cache()
+        ids, mask, positions, used = prefill_inputs(contexts, [s.prefix_tokens for s in seqs], self.device)
+        prefixes = [self._take_prefix(s, u) for s, u in zip(seqs, used)]
+        cache = prefix_rows_cache(prefixes) if max(used) else full_cache()
+        self.stats.prefill_tokens += sum(lengths) - sum(used)
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                             logits_to_keep=1)
         batch = Batch(seqs=list(seqs), cache=cache, mask=mask,
@@ -293,6 +311,7 @@ class BuiltinEngine:
             cache=seq.prefill_cache, logits_to_keep=1,
         )
         seq.prefilled = end
+        self.stats.prefill_tokens += end - start
         if end < total:
             return None
         self._prefilling = None
@@ -301,6 +320,36 @@ class BuiltinEngine:
                        positions=torch.tensor([total], device=self.device), last=ids[:, -1].clone())
         batch.last_logits = out.logits[:, -1, :]
         return batch
+
+    def _take_prefix(self, seq: Sequence, tokens: int) -> torch.Tensor | None:
+        """The KV of ``seq``'s first ``tokens`` context tokens from the prefix cache (None for 0), counted."""
+        match, seq.prefix, seq.prefix_tokens = seq.prefix, None, 0
+        if self._prefix is None:
+            return None
+        self.stats.prefix_cache_queries += seq.context_length
+        self.stats.prefix_cache_hits += tokens
+        if not seq.preemptions:
+            seq.cached_tokens = tokens
+        return self._prefix.gather(match, tokens) if tokens else None
+
+    def _remember(self, batch: Batch, rows: list[int], extra: int = 0, leaving: bool = False) -> None:
+        """Put rows' KV (their context so far) into the prefix cache, within what the KV budget leaves
+        (``extra``: slots used besides the running batch; ``leaving``: the rows' own slots are freed now)."""
+        if self._prefix is None or not rows:
+            return
+        room = self.config.kv_cache_tokens - self._kv_in_use() - extra
+        try:
+            store_rows(self._prefix, batch, rows, room + (len(rows) * batch.mask.shape[1] if leaving else 0))
+        except KVLayoutError as exc:
+            log.warning("Prefix caching is off for this model: %s", exc)
+            self._prefix = None
+            return
+        self.stats.prefix_cache_tokens = self._prefix.tokens
+
+    def _kv_in_use(self) -> int:
+        """KV slots the running batch and a chunked prefill hold now."""
+        return (len(self._batch.seqs) * self._batch.mask.shape[1] if self._batch else 0) + \
+            (self._prefilling.prefilled if self._prefilling else 0)
 
     def _forward(self, cache: DynamicCache, **kwargs):
         return self.model(**kwargs, **{self._cache_kw: cache}, use_cache=True)
@@ -315,6 +364,11 @@ class BuiltinEngine:
         """
         batch = self._batch
         pending = self._prefilling.context_length if self._prefilling else 0  # its chunks hold cache too
+        need = len(batch.seqs) * (batch.mask.shape[1] + 1) + pending
+        self.stats.kv_cache_usage = min(1.0, need / self.config.kv_cache_tokens)
+        if self._prefix is not None:  # cached prefixes give way to running rows
+            self._prefix.shrink(self.config.kv_cache_tokens - need)
+            self.stats.prefix_cache_tokens = self._prefix.tokens
         victims = []
         while len(batch.seqs) > 1 and len(batch.seqs) * (batch.mask.shape[1] + 1) + pending > \
                 self.config.kv_cache_tokens:
@@ -350,6 +404,7 @@ class BuiltinEngine:
         self.stats.last_batch_size = rows
         self.stats.max_batch_size = max(self.stats.max_batch_size, rows)
         self._emit(batch, tokens)
+        self._remember(batch, [i for i, s in enumerate(batch.seqs) if s.done], leaving=True)  # for a next turn
         self._select([i for i, s in enumerate(batch.seqs) if not s.done])
 
     def _sample(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
@@ -390,6 +445,7 @@ class BuiltinEngine:
         if not keep:
             self._batch = None
             self.stats.last_batch_size = 0
+            self.stats.kv_cache_usage = 0.0
             return
         select_rows(batch, keep)
 

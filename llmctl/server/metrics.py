@@ -9,8 +9,13 @@ import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from llmctl.engine import Engine
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2, 0.5, 1.0, 2.5)
@@ -85,6 +90,10 @@ class ServiceMetrics:
         self.p_prefix_queries.inc(max(0, queries - seen_queries))
         self.p_prefix_hits.inc(max(0, hits - seen_hits))
 
+    def watch_engine(self, engine: Callable[[], Engine | None]) -> None:
+        """Export the engine's own counters (``engine()``'s stats, read at each scrape) with the rest."""
+        self.registry.register(_EngineCollector(engine))
+
     def count_request(self, route: str, status: int) -> None:
         """Count a request; the JSON counters keep to the API, Prometheus labels every route."""
         key = str(status)
@@ -139,3 +148,29 @@ class ServiceMetrics:
                 "inter_token_latency_s": _summary(self.itl),
                 "tokens_per_second_per_request": _summary(self.tps),
             }
+
+
+def prefix_cache_json(engine: Engine | None) -> dict:
+    """/metrics' ``prefix_cache`` object, from any engine's stats (all zero for an engine without one)."""
+    stats = engine.stats if engine else None
+    queries, hits = (stats.prefix_cache_queries, stats.prefix_cache_hits) if stats else (0, 0)
+    return {
+        "capacity_tokens": engine.config.prefix_cache_tokens if engine else 0,
+        "size_tokens": stats.prefix_cache_tokens if stats else 0,
+        "queries_tokens_total": queries,
+        "hits_tokens_total": hits,
+        "hit_rate": round(hits / queries, 4) if queries else None,
+    }
+
+
+class _EngineCollector(Collector):
+    """The engine's counters as Prometheus metrics, read from its stats when /metrics is scraped."""
+
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator:
+        engine = self.engine()
+        stats = engine.stats if engine else None
+        yield GaugeMetricFamily("llmctl_prefix_cache_tokens", "Tokens the prefix cache holds.",
+                                value=stats.prefix_cache_tokens if stats else 0)

@@ -131,6 +131,12 @@ class Run:
     on_end: Callable[[Run], None]
     _ended: bool = field(default=False, repr=False)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the engine took from its prefix cache, each prompt counted once (as prompt_tokens)."""
+        return sum(gen.seq.cached_tokens for i, gen in enumerate(self.gens)
+                   if not i or gen.seq.prompt_ids is not self.gens[i - 1].seq.prompt_ids)
+
     def deltas(self) -> Iterator[Delta]:
         """Every choice's text as it is generated, interleaved, each choice ending with a ``done`` delta."""
         if len(self.gens) == 1:

@@ -18,10 +18,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PromptTokensDetails(_Strict):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache (not prefilled again)
+
+
 class Usage(_Strict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class FunctionCall(_Strict):

@@ -203,11 +203,13 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens served from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -235,14 +237,14 @@ def choice(index: int, text: str | None, finish_reason: str, logprobs: dict | No
 
 
 def completion_body(cid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int,
-                    created: int | None = None) -> dict:
+                    created: int | None = None, cached_tokens: int = 0) -> dict:
     return {
         "id": cid,
         "object": "chat.completion",
         "created": created or int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 

@@ -18,7 +18,7 @@ from llmctl.errors import LLMCtlError, ModelNotFound, Unavailable
 from llmctl.server import schemas
 from llmctl.server.engines import ENGINES, Loader
 from llmctl.server.generation import Generation
-from llmctl.server.metrics import ServiceMetrics
+from llmctl.server.metrics import ServiceMetrics, prefix_cache_json
 from llmctl.server.pipeline import Ask, Run, TokenLimits, sampling_params
 from llmctl.server.tools import ToolCallParser
 
@@ -47,6 +47,7 @@ class Service:
         self.settings = settings
         self.loader = loader
         self.metrics = ServiceMetrics()
+        self.metrics.watch_engine(lambda: self.engine)
         self.status = "loading"
         self.error: str | None = None
         self.loaded: LoadedModel | None = None
@@ -175,6 +176,7 @@ class Service:
             "kv_cache_usage": round(engine.stats.kv_cache_usage, 4) if engine else 0.0,
             "prefix_cache_queries": engine.stats.prefix_cache_queries if engine else 0,
             "prefix_cache_hits": engine.stats.prefix_cache_hits if engine else 0,
+            "prefix_cache": prefix_cache_json(engine),
         }
         return body
 

@@ -115,6 +115,26 @@ def test_builtin_prompts_are_seeded_and_distinct():
         builtin_prompts(8, 32)[8]
 
 
+def test_builtin_prompts_with_a_shared_prefix_start_with_the_same_system_message():
+    prompts = list(builtin_prompts(4, 8, seed=0, shared_prefix_tokens=50))
+    systems = {p[0]["content"] for p in prompts}
+    assert len(systems) == 1 and len(systems.pop().split()) == 50 and {p[0]["role"] for p in prompts} == {"system"}
+    assert [p[1] for p in prompts] == [p[0] for p in builtin_prompts(4, 8, seed=0)]  # the questions are unchanged
+    assert builtin_prompts(2, 8, seed=0, offset=4, shared_prefix_tokens=50)[0][0] == prompts[0][0]
+
+
+def test_shared_prefix_reaches_the_servers_prefix_cache(base_url):
+    """With --shared-prefix-tokens the server finds every measured request's system message cached."""
+    import httpx
+
+    before = httpx.get(base_url + "/metrics").json()["prefix_cache"]["hits_tokens_total"]
+    result = bench(*small(base_url, "--concurrency", "2", "--shared-prefix-tokens", "20", "--seed", "42", "--json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["config"]["shared_prefix_tokens"] == 20
+    hits = httpx.get(base_url + "/metrics").json()["prefix_cache"]["hits_tokens_total"] - before
+    assert hits >= 4 * 16  # a block or more for each of the 4 measured requests (the warm-up computed it)
+
+
 def test_prompts_file(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "hi"}\n\n{"messages": [{"role": "user", "content": "yo"}]}\n')
@@ -227,6 +247,7 @@ def test_unreachable_server():
     (["--concurrency", "0"], "positive integers"),
     (["--eos-bias"], "--eos-token-id"),
     (["--compare", "http://127.0.0.1:1", "--offline"], "not both"),
+    (["--prompts", "p.jsonl", "--shared-prefix-tokens", "8"], "--shared-prefix-tokens shapes"),
 ])
 def test_bad_flags(args, message):
     result = bench("--url", "http://127.0.0.1:1", *args)

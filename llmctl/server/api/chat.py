@@ -62,7 +62,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
             finish_reason, content = "tool_calls", content or None
         choices.append(schemas.choice(index, content, finish_reason, service.logprobs(gen, logprobs), calls or None))
     return schemas.completion_body(schemas.completion_id(), loaded.name, choices, run.prompt_tokens,
-                                   run.completion_tokens)
+                                   run.completion_tokens, cached_tokens=run.cached_tokens)
 
 
 def _events(service: Service, run: Run, deltas: Iterator[Delta], texts: list[ChoiceText], model: str, logprobs: bool,
@@ -98,7 +98,8 @@ def _events(service: Service, run: Run, deltas: Iterator[Delta], texts: list[Cho
             return
         if include_usage:
             yield sse(schemas.chunk_body(cid, model, created, {}, None,
-                                         schemas.usage(run.prompt_tokens, run.completion_tokens), with_choice=False))
+                                         schemas.usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens),
+                                         with_choice=False))
         yield "data: [DONE]\n\n"
     except LLMCtlError as exc:
         # Headers are already sent: report the error in-band, as OpenAI's API does.

@@ -92,7 +92,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     choices = [_choice(i, echoes[i] + text, gen.finish_reason or "stop", logprobs.take(i) if logprobs else None)
                for i, (gen, text) in enumerate(zip(run.gens, texts))]
     return _body(completion_id(), loaded.name, int(time.time()), choices,
-                 schemas.usage(run.prompt_tokens, run.completion_tokens))
+                 schemas.usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens))
 
 
 def completion_id() -> str:
@@ -160,7 +160,8 @@ def _events(run: Run, deltas: Iterator[Delta], echoes: list[str], model: str, lo
         if run.cancelled:
             return
         if include_usage:
-            yield sse(_body(cid, model, created, [], schemas.usage(run.prompt_tokens, run.completion_tokens)))
+            yield sse(_body(cid, model, created, [], schemas.usage(run.prompt_tokens, run.completion_tokens,
+                                                                     run.cached_tokens)))
         yield "data: [DONE]\n\n"
     except LLMCtlError as exc:
         yield sse(exc.to_body())  # headers are already sent: in-band, as OpenAI does

@@ -1,0 +1,214 @@
+"""Prefix cache: the KV of recently computed token prefixes, so a prompt that starts with one is
+prefilled only from where the cached part ends.
+
+Tokens are cut into blocks of ``block_size``; a block is found by a key chained over every block
+before it (the hash of the parent's key and the block's own token ids), so one dictionary lookup per
+block finds the longest cached prefix, and two prompts share a block only when everything before it
+is the same too. A key is a Python hash, which can collide, so each block also keeps its token ids
+and its parent's key and a lookup checks both: a collision costs a miss, never a wrong answer.
+
+Each block holds its KV as one tensor whose second-to-last dimension is the block's tokens (the
+engine stores every layer's keys and values in it: ``[layers, 2, kv_heads, block_size, head_dim]``).
+Blocks are evicted least recently used first. A lookup or an insertion touches its blocks from the
+last to the first, so a block is always more recently used than the blocks after it in its chain:
+eviction takes the ends of chains first, and a shared beginning (a system prompt) goes last.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from llmctl.engine.batch import Batch
+
+ROOT = 0  # the parent key of a prompt's first block
+
+
+@dataclass(eq=False)
+class Block:
+    """One cached block: its token ids, the key of the block before it, and its KV."""
+
+    key: int
+    parent: int
+    tokens: tuple[int, ...]
+    kv: torch.Tensor  # [..., block_size, head_dim]
+
+
+@dataclass
+class Match:
+    """The cached blocks a token sequence starts with, and the key of its first block not cached."""
+
+    blocks: list[Block]
+    tokens: int  # tokens covered by ``blocks``
+    next_key: int | None  # None: no further full block to look up
+
+
+class PrefixCache:
+    """A bounded, least-recently-used store of KV blocks keyed by their chain of token ids.
+
+    Only the engine thread uses it; it does no locking.
+    """
+
+    def __init__(self, capacity_tokens: int, block_size: int = 16) -> None:
+        if block_size < 1:
+            raise ValueError("block_size must be at least 1")
+        if capacity_tokens < 0:
+            raise ValueError("capacity_tokens must be 0 or more")
+        self.block_size = block_size
+        self.capacity = capacity_tokens
+        self._blocks: OrderedDict[int, Block] = OrderedDict()
+        self.evicted = 0  # blocks evicted so far
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity >= self.block_size
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the cache holds now."""
+        return len(self._blocks) * self.block_size
+
+    def keys(self, tokens: list[int], limit: int | None = None) -> Iterator[int]:
+        """The chained key of each full block of ``tokens`` (of the first ``limit`` tokens), in order."""
+        size = self.block_size
+        end = len(tokens) if limit is None else min(limit, len(tokens))
+        key = ROOT
+        for start in range(0, end - size + 1, size):
+            key = hash((key, tuple(tokens[start:start + size])))
+            yield key
+
+    def match(self, tokens: list[int], limit: int | None = None) -> Match:
+        """The longest run of cached blocks ``tokens`` starts with, within its first ``limit`` tokens.
+
+        Costs one tuple, one hash and one dictionary lookup per matched block (and one for the miss).
+        The matched blocks become the most recently used.
+        """
+        size = self.block_size
+        end = len(tokens) if limit is None else min(limit, len(tokens))
+        blocks: list[Block] = []
+        parent = ROOT
+        next_key = None
+        for start in range(0, end - size + 1, size):
+            chunk = tuple(tokens[start:start + size])
+            key = hash((parent, chunk))
+            block = self._blocks.get(key)
+            if block is None or block.parent != parent or block.tokens != chunk:
+                next_key = key
+                break
+            blocks.append(block)
+            parent = key
+        self._touch(blocks)
+        return Match(blocks, len(blocks) * size, next_key)
+
+    def gather(self, match: Match, length: int | None = None) -> torch.Tensor:
+        """The KV of the first ``length`` matched tokens (all of them by default) as one new tensor."""
+        length = match.tokens if length is None else length
+        if not 0 < length <= match.tokens:
+            raise ValueError(f"cannot gather {length} tokens from a match of {match.tokens}")
+        needed = match.blocks[:-(-length // self.block_size)]
+        kv = torch.cat([b.kv for b in needed], dim=-2) if len(needed) > 1 else needed[0].kv.clone()
+        return kv[..., :length, :] if kv.shape[-2] != length else kv
+
+    def insert(self, tokens: list[int], kv_of: Callable[[int, int], torch.Tensor], room: int | None = None) -> int:
+        """Store the full blocks of ``tokens`` that are not cached yet; returns the tokens added.
+
+        ``kv_of(start, end)`` gives the KV of tokens ``start:end`` (token dimension -2); it is called
+        once, for the span of new blocks, and each block keeps a copy of its slice. Afterwards the
+        cache holds at most ``min(capacity, room)`` tokens (LRU blocks evicted), and no more blocks of
+        ``tokens`` than fit are copied in the first place.
+        """
+        bound = self.capacity if room is None else min(self.capacity, room)
+        size = self.block_size
+        usable = min(len(tokens), bound) // size * size
+        chain: list[Block] = []
+        new: list[tuple[int, int, int, tuple[int, ...]]] = []  # (start, key, parent, tokens)
+        parent = ROOT
+        for start in range(0, usable, size):
+            chunk = tuple(tokens[start:start + size])
+            key = hash((parent, chunk))
+            block = self._blocks.get(key)
+            if block is None:
+                new.append((start, key, parent, chunk))
+            elif block.parent != parent or block.tokens != chunk:
+                break  # a hash collision with another chain: keep what is cached, stop here
+            else:
+                if new:
+                    break  # cached again after a gap: cannot happen in a consistent chain
+                chain.append(block)
+            parent = key
+        if new:
+            first = new[0][0]
+            kv = kv_of(first, new[-1][0] + size)
+            for start, key, parent, chunk in new:
+                block = Block(key, parent, chunk, kv[..., start - first:start - first + size, :].clone())
+                self._blocks[key] = block
+                chain.append(block)
+        self._touch(chain)
+        self.shrink(bound)
+        return len(new) * size
+
+    def shrink(self, max_tokens: int) -> int:
+        """Evict least recently used blocks until at most ``max_tokens`` tokens remain; returns tokens freed."""
+        freed = 0
+        while self._blocks and self.tokens > max(0, max_tokens):
+            self._blocks.popitem(last=False)
+            freed += self.block_size
+            self.evicted += 1
+        return freed
+
+    def clear(self) -> None:
+        self._blocks.clear()
+
+    def _touch(self, chain: list[Block]) -> None:
+        for block in reversed(chain):  # the first block ends up most recently used
+            if block.key in self._blocks:
+                self._blocks.move_to_end(block.key)
+
+
+class KVLayoutError(ValueError):
+    """The model's cache is not one key and one value tensor of the same shape in every layer."""
+
+
+def store_rows(prefixes: PrefixCache, batch: Batch, rows: list[int], room: int) -> None:
+    """Put the KV of batch rows ``rows`` (every token in their cache so far) into ``prefixes``,
+    keeping it within ``room`` tokens; raises KVLayoutError for a cache it cannot store."""
+    width = batch.mask.shape[1]
+    lengths = batch.positions.tolist()
+    for row in rows:
+        n = lengths[row]  # the row's tokens sit in the last n columns
+        prefixes.insert(batch.seqs[row].context_ids[:n], functools.partial(row_kv, batch.cache, row, width - n),
+                        room)
+
+
+def row_kv(cache: DynamicCache, row: int, offset: int, start: int, end: int) -> torch.Tensor:
+    """KV of one batch row's tokens ``start:end`` (cache columns from ``offset``), all layers in one
+    tensor ``[layers, 2, kv_heads, end - start, head_dim]``."""
+    layers = cache.layers
+    shapes = {(layer.keys.shape[1:2] + layer.keys.shape[3:], layer.values.shape[1:2] + layer.values.shape[3:])
+              for layer in layers}
+    if len(shapes) != 1 or len({shape for pair in shapes for shape in pair}) != 1:
+        raise KVLayoutError("its layers' key and value tensors differ in shape")
+    a, b = offset + start, offset + end
+    return torch.stack([torch.stack((layer.keys[row, :, a:b], layer.values[row, :, a:b])) for layer in layers])
+
+
+def prefix_rows_cache(prefixes: list[torch.Tensor | None]) -> DynamicCache:
+    """A cache of full layers holding each row's prefix KV right-aligned (left-padded with zeros).
+
+    ``prefixes`` are tensors from `row_kv` or `PrefixCache.gather` (None: a row without a prefix).
+    """
+    present = [p for p in prefixes if p is not None]
+    width = max(p.shape[-2] for p in present)
+    empty = present[0].new_zeros(present[0].shape[:-2] + (width, present[0].shape[-1]))
+    rows = [empty if p is None else F.pad(p, (0, 0, width - p.shape[-2], 0)) for p in prefixes]
+    kv = torch.stack(rows, dim=2)  # [layers, 2, rows, kv_heads, width, head_dim]
+    return DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in kv.unbind(0)])
