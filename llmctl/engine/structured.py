@@ -1,0 +1,212 @@
+"""Constrained decoding: a request's constraint compiled to a grammar, one matcher per sequence, masks per batch.
+
+The grammar engine is llguidance (the library behind llama.cpp's grammars and vLLM's `guidance`
+backend; docs/engine.md says why it was chosen over xgrammar, with the numbers). A constraint is
+compiled once per server and kept in a bounded LRU cache; every sequence gets a copy of the
+compiled matcher and advances it by the tokens it accepts, so its state lives with the sequence
+(a preempted sequence resumes with it). Before each sampling step, the masks of all constrained
+rows of the batch are filled in one call (llguidance fills them in parallel) and applied to the
+logits in one tensor operation; rows without a constraint are not touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from llmctl.errors import InvalidRequest, LLMCtlError
+
+log = logging.getLogger(__name__)
+
+ConstraintKind = Literal["json", "regex", "choice", "grammar"]
+CACHE_SIZE = 256  # compiled grammars kept per server
+# JSON is written as json.dumps writes it (", " and ": ", no other whitespace): a model allowed
+# whitespace anywhere may produce nothing else until max_tokens. A schema can override this with
+# llguidance's "x-guidance" key, e.g. {"x-guidance": {"whitespace_flexible": true}, ...}.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's output must match, in the terms vLLM's structured outputs also use.
+
+    kind "json": ``spec`` is a JSON schema (as JSON text); "regex": a regular expression; "choice":
+    a JSON list of strings; "grammar": a Lark grammar (llguidance's dialect, which also embeds
+    JSON schemas with ``%json``) or a GBNF grammar as llama.cpp writes them.
+    """
+
+    kind: ConstraintKind
+    spec: str
+    param: str = field(default="response_format", compare=False)  # the request field, for errors
+
+    @classmethod
+    def json_schema(cls, schema: dict | bool, param: str = "response_format") -> Constraint:
+        return cls("json", json.dumps(schema, sort_keys=True, ensure_ascii=False), param)
+
+
+class GrammarError(InvalidRequest):
+    """A constraint the grammar engine cannot compile: a 400 naming the request field."""
+
+
+class Matcher:
+    """One sequence's position in its grammar."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw) -> None:
+        self.raw = raw  # llguidance.LLMatcher
+
+    def accept(self, token: int) -> None:
+        self.raw.consume_token(token)
+
+    @property
+    def stopped(self) -> bool:
+        """The grammar is complete and allows nothing more (or the matcher failed: see ``error``)."""
+        return self.raw.is_stopped()
+
+    @property
+    def error(self) -> str | None:
+        return self.raw.get_error() if self.raw.is_error() else None
+
+
+@dataclass
+class GrammarStats:
+    compiles: int = 0
+    cache_hits: int = 0
+    compile_seconds: float = 0.0
+    last_compile_seconds: float = 0.0
+
+
+class Grammars:
+    """Compiles constraints for one tokenizer and hands out matchers; thread-safe.
+
+    ``vocab_size`` is the width of the model's logits, which may exceed the tokenizer's vocabulary
+    (padded embedding rows): those extra ids are never allowed.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Iterable[int], cache_size: int = CACHE_SIZE) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos = sorted(eos_token_ids)
+        self.cache_size = cache_size
+        self.stats = GrammarStats()
+        self._ll_tokenizer = None
+        self._cache: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self._lock = threading.Lock()
+        self._executor = None
+
+    def matcher(self, constraint: Constraint) -> Matcher:
+        """A fresh matcher for ``constraint``; raises GrammarError when it does not compile."""
+        key = (constraint.kind, constraint.spec)
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                self.stats.cache_hits += 1
+                return Matcher(compiled.deep_copy())
+            started = time.perf_counter()
+            compiled = self._compile(constraint)
+            elapsed = time.perf_counter() - started
+            self.stats.compiles += 1
+            self.stats.compile_seconds += elapsed
+            self.stats.last_compile_seconds = elapsed
+            self._cache[key] = compiled
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            log.info("Compiled a %s constraint in %.1f ms", constraint.kind, elapsed * 1000)
+            return Matcher(compiled.deep_copy())
+
+    def _compile(self, constraint: Constraint):
+        import llguidance
+
+        try:
+            if constraint.kind == "json":
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(constraint.spec, defaults=JSON_OPTIONS)
+            else:
+                grammar = llguidance.grammar_from(constraint.kind, constraint.spec)
+        except ValueError as exc:
+            raise GrammarError(f"Invalid {_describe(constraint)}: {exc}", param=constraint.param) from None
+        matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"Unsupported {_describe(constraint)}: {_first_line(matcher.get_error())}",
+                               param=constraint.param)
+        return matcher
+
+    def _tokenizer(self):
+        if self._ll_tokenizer is None:  # about a second for a 50k vocabulary: once per server
+            import llguidance
+            import llguidance.hf
+
+            started = time.perf_counter()
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
+                                                              eos_token=self.eos)
+            self._executor = llguidance.LLExecutor()
+            log.info("Indexed the vocabulary for constrained decoding in %.2f s", time.perf_counter() - started)
+        return self._ll_tokenizer
+
+    def masks(self, matchers: Sequence[Matcher | None], device) -> BatchMasks | None:
+        """The masking work for one batch composition; None when no row is constrained."""
+        if not any(m is not None for m in matchers):
+            return None
+        return BatchMasks(self._executor, matchers, self.vocab_size, device)
+
+
+class BatchMasks:
+    """Fills the bitmasks of a batch's constrained rows and applies them to the logits."""
+
+    def __init__(self, executor, matchers: Sequence[Matcher | None], vocab_size: int, device) -> None:
+        self.executor = executor
+        self.rows = [i for i, m in enumerate(matchers) if m is not None]
+        self.matchers = [matchers[i] for i in self.rows]
+        self.vocab_size = vocab_size
+        self.index = torch.tensor(self.rows, device=device)
+        self.bitmask = torch.zeros((len(self.rows), (vocab_size + 31) // 32), dtype=torch.int32)
+        self.device = device
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] with every token the rows' grammars forbid at -inf (a new tensor)."""
+        pairs = [(m.raw, j) for j, m in enumerate(self.matchers)]
+        self.executor.unsafe_compute_mask_ptr(pairs, self.bitmask.data_ptr(), self.bitmask.shape[1] * 4,
+                                              len(pairs))
+        width = logits.shape[-1]
+        allowed = ((self.bitmask[:, :, None] >> _SHIFTS) & 1).view(len(pairs), -1)[:, :width].bool()
+        if allowed.shape[1] < width:  # logits wider than the grammar's vocabulary: the rest stays masked
+            allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[1]), value=False)
+        allowed = allowed.to(logits.device, non_blocking=True)
+        rows = logits.index_select(0, self.index).masked_fill(~allowed, float("-inf"))
+        return logits.index_put((self.index,), rows)
+
+    def accept(self, tokens: list[int]) -> None:
+        """Advance each constrained row by the token it sampled."""
+        for row, matcher in zip(self.rows, self.matchers):
+            matcher.accept(tokens[row])
+
+
+def end_reason(matcher: Matcher | None) -> tuple[str, LLMCtlError | None] | None:
+    """After a token: ("stop", None) when the grammar is complete and allows nothing more,
+    ("error", ...) when the grammar engine failed, None while the row goes on."""
+    if matcher is None or not matcher.stopped:
+        return None
+    error = matcher.error
+    if error:
+        log.error("Grammar matcher failed: %s", error)
+        return "error", LLMCtlError("The grammar engine failed on this request; see the server log.")
+    return "stop", None
+
+
+def _describe(constraint: Constraint) -> str:
+    return {"json": "JSON schema", "regex": "regex", "choice": "choice list",
+            "grammar": "grammar"}[constraint.kind] + f" in '{constraint.param}'"
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0][:500] if message.strip() else "the grammar engine rejected it"
