@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmctl.engine.sampling import SamplingParams, TokenLogprobs
+from llmctl.engine.structured import GrammarStats
 from llmctl.errors import LLMCtlError
 
 if TYPE_CHECKING:
@@ -78,6 +79,9 @@ class Sequence:
         # n > 1: the other choices for this prompt, submitted with it; an engine prefills the prompt once
         # and then gives each its own row (the builtin engine's fork after prefill).
         self.forks: list[Sequence] = []
+        # Its place in params.constraint's grammar (a structured.Matcher), advanced by each token it
+        # generates: it goes with the sequence through preemption and resumption.
+        self.matcher: Any = None
 
     def fork(self, n: int) -> list[Sequence]:
         """This sequence and n - 1 more choices for the same prompt, submitted together with it.
@@ -97,6 +101,18 @@ class Sequence:
     def cancel(self) -> None:
         """Ask the engine to drop this sequence; it is gone within one decode step."""
         self.cancelled = True
+
+    def admit_tokens(self, headroom: int) -> int:
+        """The row width admission charges: the context now, plus room to grow for ``headroom`` tokens."""
+        return self.context_length + min(self.params.max_tokens - self.generated, headroom)
+
+    def abort_reason(self, now: float) -> str | None:
+        """"cancelled" or "timeout" when the engine must drop this sequence at time ``now``, else None."""
+        if self.cancelled:
+            return "cancelled"
+        if self.deadline is not None and now >= self.deadline:
+            return "timeout"
+        return None
 
     @property
     def reserved_tokens(self) -> int:
@@ -131,6 +147,7 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of those, tokens found there (not prefilled again)
     prefix_cache_tokens: int = 0  # tokens the prefix cache holds now
     kv_cache_usage: float = 0.0  # share of the KV cache in use, 0..1
+    grammar: GrammarStats = field(default_factory=GrammarStats)  # constraints compiled, cache hits
     recent: deque = field(default_factory=lambda: deque(maxlen=512))  # (time, tokens) per step
 
     def tokens_per_second(self, window: float = 10.0) -> float:

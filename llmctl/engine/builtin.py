@@ -24,6 +24,7 @@ from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
 from llmctl.engine.batch import Batch, full_cache, merge, prefill_inputs, select_rows
 from llmctl.engine.prefix_cache import KVLayoutError, PrefixCache, prefix_rows_cache, store_rows
 from llmctl.engine.sampling import BatchSampler
+from llmctl.engine.structured import Grammars, attach_matchers, end_reason
 from llmctl.errors import GenerationOutOfMemory, LLMCtlError, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ class BuiltinEngine:
 
     forks_after_prefill = True  # a sequence's forks (n > 1) are prefilled with it once: see _fork
 
-    def __init__(self, model, eos_token_ids: frozenset[int], config: EngineConfig | None = None) -> None:
+    def __init__(self, model, eos_token_ids: frozenset[int], config: EngineConfig | None = None,
+                 tokenizer=None) -> None:
         self.model = model
         self.config = config or EngineConfig()
         self.eos = eos_token_ids
@@ -46,6 +48,9 @@ class BuiltinEngine:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.stats = EngineStats()
         self._prefix = PrefixCache(self.config.prefix_cache_tokens) if self.config.prefix_cache_tokens else None
+        # Constrained decoding maps grammars onto token ids: it needs the tokenizer.
+        self.grammars = Grammars(tokenizer, self.vocab_size, eos_token_ids, stats=self.stats.grammar) \
+            if tokenizer is not None else None
         # transformers renamed `past_key_values` to `cache`; pass whichever this version takes.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._waiting: deque[Sequence] = deque()
@@ -94,6 +99,7 @@ class BuiltinEngine:
                 f"server's budget is {self.config.kv_cache_tokens}; lower max_tokens.",
                 param="max_tokens",
             )
+        attach_matchers(self.grammars, (seq, *seq.forks))
         with self._cond:
             if self._stopping:
                 raise Unavailable("The server is shutting down.", retry_after=None, code="shutting_down")
@@ -134,19 +140,19 @@ class BuiltinEngine:
     def _expire(self) -> None:
         now = time.monotonic()
         with self._cond:
-            expired = [(seq, reason) for seq in self._waiting if (reason := _abort_reason(seq, now))]
+            expired = [(seq, reason) for seq in self._waiting if (reason := seq.abort_reason(now))]
             for seq, _ in expired:
                 self._waiting.remove(seq)
         for seq, reason in expired:
             self._finish(seq, reason)
-        if self._prefilling and (reason := _abort_reason(self._prefilling, now)):
+        if self._prefilling and (reason := self._prefilling.abort_reason(now)):
             seq, self._prefilling = self._prefilling, None
             seq.prefill_cache = None
             self._finish(seq, reason)
         if self._batch is not None:
             keep, gone = [], []
             for i, seq in enumerate(self._batch.seqs):
-                reason = _abort_reason(seq, now)
+                reason = seq.abort_reason(now)
                 if reason:
                     self._finish(seq, reason)
                     gone.append(i)
@@ -175,7 +181,7 @@ class BuiltinEngine:
             for seq in list(self._waiting):
                 if len(running) + len(chosen) >= cfg.max_num_seqs:
                     break
-                new_longest = max(longest, _admit_tokens(seq))
+                new_longest = max(longest, seq.admit_tokens(ADMIT_HEADROOM))
                 # Padded layout: every row is as long as the longest one.
                 if (len(running) + len(chosen) + 1) * new_longest > cfg.kv_cache_tokens and (running or chosen):
                     if now - seq.arrived >= OVERTAKE_S:
@@ -416,7 +422,8 @@ class BuiltinEngine:
                         batch.counts[row] = torch.bincount(
                             torch.tensor(seq.output_ids, device=self.device), minlength=logits.shape[-1])
             batch.sampler = BatchSampler(logits.shape[-1], self.device)
-            batch.sampler.refresh([s.params for s in batch.seqs], [s.generator for s in batch.seqs], batch.counts)
+            batch.sampler.refresh([s.params for s in batch.seqs], [s.generator for s in batch.seqs], batch.counts,
+                                  [s.matcher for s in batch.seqs])
         tokens = batch.sampler.sample(logits)
         for row, logprobs in batch.sampler.logprobs(logits, tokens):
             batch.seqs[row].logprobs.append(logprobs)
@@ -428,12 +435,15 @@ class BuiltinEngine:
         now = time.monotonic()
         for seq, token in zip(batch.seqs, tokens.tolist()):
             seq.generated += 1
-            if token in self.eos and not seq.params.ignore_eos:
+            # A grammar allows end of sequence only where it may end: there it ends even with ignore_eos.
+            if token in self.eos and (not seq.params.ignore_eos or seq.matcher is not None):
                 self._finish(seq, "stop")
                 continue
             seq.output_ids.append(token)
             seq.events.put(token)
-            if seq.generated >= seq.params.max_tokens:
+            if ended := end_reason(seq.matcher):  # the grammar is complete: nothing more may follow
+                self._finish(seq, *ended)
+            elif seq.generated >= seq.params.max_tokens:
                 self._finish(seq, "length")
         self.stats.tokens_generated += len(batch.seqs)
         self.stats.recent.append((now, len(batch.seqs)))
@@ -485,18 +495,3 @@ class BuiltinEngine:
         with self._cond:
             while self._waiting:
                 self._finish(self._waiting.popleft(), "error", error)
-
-
-def _admit_tokens(seq: Sequence) -> int:
-    """The row width admission charges: the context now, plus room to grow for a while."""
-    return seq.context_length + min(seq.params.max_tokens - seq.generated, ADMIT_HEADROOM)
-
-
-def _abort_reason(seq: Sequence, now: float) -> str | None:
-    if seq.cancelled:
-        return "cancelled"
-    if seq.deadline is not None and now >= seq.deadline:
-        return "timeout"
-    return None
-
-

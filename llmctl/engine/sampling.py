@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmctl.engine.structured import BatchMasks, Constraint, Matcher
+
 
 @dataclass(frozen=True)
 class TokenLogprobs:
@@ -33,6 +35,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; N >= 0: each token's log-probability and the N most likely
+    constraint: Constraint | None = None  # what the output must match (JSON schema, regex, grammar)
 
     @property
     def greedy(self) -> bool:
@@ -64,10 +67,12 @@ class BatchSampler:
         self.params: list[SamplingParams] = []
         self.generators: list[torch.Generator | None] = []
         self.counts: torch.Tensor | None = None  # [B, V] generated-token counts, only when a row is penalized
+        self.masks: BatchMasks | None = None  # the grammars of the constrained rows, None when there are none
 
     def refresh(self, params: list[SamplingParams], generators: list[torch.Generator | None],
-                counts: torch.Tensor | None) -> None:
+                counts: torch.Tensor | None, matchers: list[Matcher | None] | None = None) -> None:
         self.params, self.generators, self.counts = params, generators, counts
+        self.masks = BatchMasks.of(matchers, self.vocab_size, self.device) if matchers else None
         self.any_penalty = any(p.penalized for p in params)
         self.any_bias = any(p.logit_bias for p in params)
         self.all_greedy = all(p.greedy for p in params)
@@ -92,6 +97,8 @@ class BatchSampler:
             logits = logits - self.freq * self.counts - self.pres * (self.counts > 0).float()
         if self.any_bias:
             logits = logits.index_put(self.bias_index, self.bias_values, accumulate=True)
+        if self.masks is not None:  # after the penalties and biases, so nothing lifts a forbidden token
+            logits = self.masks.apply(logits)
         tokens = torch.argmax(logits, dim=-1)
         if self.all_greedy:
             return tokens
@@ -137,6 +144,8 @@ class BatchSampler:
         return out
 
     def observe(self, tokens: torch.Tensor) -> None:
-        """Count the sampled tokens for the penalties."""
+        """Count the sampled tokens for the penalties, and advance the rows' grammars."""
         if self.counts is not None:
             self.counts[torch.arange(tokens.shape[0], device=self.device), tokens] += 1
+        if self.masks is not None:
+            self.masks.accept(tokens.tolist())

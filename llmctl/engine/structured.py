@@ -93,16 +93,16 @@ class Grammars:
     (padded embedding rows): those extra ids are never allowed.
     """
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Iterable[int], cache_size: int = CACHE_SIZE) -> None:
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Iterable[int], cache_size: int = CACHE_SIZE,
+                 stats: GrammarStats | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos = sorted(eos_token_ids)
         self.cache_size = cache_size
-        self.stats = GrammarStats()
+        self.stats = stats if stats is not None else GrammarStats()
         self._ll_tokenizer = None
         self._cache: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._lock = threading.Lock()
-        self._executor = None
 
     def matcher(self, constraint: Constraint) -> Matcher:
         """A fresh matcher for ``constraint``; raises GrammarError when it does not compile."""
@@ -149,22 +149,37 @@ class Grammars:
             started = time.perf_counter()
             self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
                                                               eos_token=self.eos)
-            self._executor = llguidance.LLExecutor()
             log.info("Indexed the vocabulary for constrained decoding in %.2f s", time.perf_counter() - started)
         return self._ll_tokenizer
 
-    def masks(self, matchers: Sequence[Matcher | None], device) -> BatchMasks | None:
-        """The masking work for one batch composition; None when no row is constrained."""
-        if not any(m is not None for m in matchers):
-            return None
-        return BatchMasks(self._executor, matchers, self.vocab_size, device)
+
+_executor_lock = threading.Lock()
+_executor = None
+
+
+def _shared_executor():
+    """llguidance's thread pool for filling masks in parallel: one per process."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            import llguidance
+
+            _executor = llguidance.LLExecutor()
+        return _executor
 
 
 class BatchMasks:
     """Fills the bitmasks of a batch's constrained rows and applies them to the logits."""
 
-    def __init__(self, executor, matchers: Sequence[Matcher | None], vocab_size: int, device) -> None:
-        self.executor = executor
+    @classmethod
+    def of(cls, matchers: Sequence[Matcher | None], vocab_size: int, device) -> BatchMasks | None:
+        """The masking work for one batch composition; None when no row is constrained."""
+        if all(m is None for m in matchers):
+            return None
+        return cls(matchers, vocab_size, device)
+
+    def __init__(self, matchers: Sequence[Matcher | None], vocab_size: int, device) -> None:
+        self.executor = _shared_executor()
         self.rows = [i for i, m in enumerate(matchers) if m is not None]
         self.matchers = [matchers[i] for i in self.rows]
         self.vocab_size = vocab_size
@@ -189,6 +204,20 @@ class BatchMasks:
         """Advance each constrained row by the token it sampled."""
         for row, matcher in zip(self.rows, self.matchers):
             matcher.accept(tokens[row])
+
+
+def attach_matchers(grammars: Grammars | None, seqs: Iterable) -> None:
+    """Give each constrained sequence its own matcher (n > 1: one per choice, over the one cached grammar).
+
+    Called in the request's thread, so a grammar that does not compile is that request's 400.
+    """
+    for seq in seqs:
+        if seq.params.constraint is None:
+            continue
+        if grammars is None:
+            raise InvalidRequest("This engine was built without a tokenizer: it cannot constrain output.",
+                                 param=seq.params.constraint.param)
+        seq.matcher = grammars.matcher(seq.params.constraint)
 
 
 def end_reason(matcher: Matcher | None) -> tuple[str, LLMCtlError | None] | None:

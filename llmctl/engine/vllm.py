@@ -301,6 +301,10 @@ class VllmEngine:
 
 def check_supported(params: SamplingParams) -> None:
     """400 for a request feature that this engine does not map onto vLLM."""
+    if params.constraint is not None:  # named by the request field that asked for it
+        raise InvalidRequest(f"Constrained output ('{params.constraint.param}': structured outputs, enforced tool "
+                             "calls) is not supported on the vllm engine yet; serve with --engine builtin for it.",
+                             param=params.constraint.param)
     for f in dataclasses.fields(params):
         if f.name in MAPPED_FIELDS:
             continue

@@ -19,7 +19,7 @@ def builtin_engine(load: LoadOptions, config: EngineConfig, loader: Loader,
                    options: None = None) -> tuple[LoadedModel, Engine]:
     """llmctl's own continuous batching over a transformers model loaded in this process."""
     loaded = loader(load)
-    return loaded, BuiltinEngine(loaded.model, loaded.eos_token_ids, config)
+    return loaded, BuiltinEngine(loaded.model, loaded.eos_token_ids, config, tokenizer=loaded.tokenizer)
 
 
 def vllm_engine(load: LoadOptions, config: EngineConfig, loader: Loader,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from llmctl.core.loader import LoadedModel
 from llmctl.engine import SamplingParams
+from llmctl.engine.structured import Constraint
 from llmctl.errors import ContextLengthExceeded, InvalidRequest
 from llmctl.server.generation import Generation
 
@@ -43,6 +44,7 @@ class Ask:
     stops: tuple[str, ...] = ()
     n: int = 1
     timeout: float | None = None
+    constraint: Constraint | None = None  # what the output must match (server.constraints builds it)
     prompt_param: str = "messages"
     max_tokens_param: str = "max_tokens"
 
@@ -106,6 +108,7 @@ def sampling_params(loaded: LoadedModel, ask: Ask, limits: TokenLimits) -> Sampl
         seed=ask.seed,
         ignore_eos=ask.ignore_eos,
         logprobs=ask.logprobs,
+        constraint=ask.constraint,
     )
 
 

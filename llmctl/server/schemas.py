@@ -169,6 +169,10 @@ class ChatCompletionRequest(OpenAISampling):
     top_logprobs: Annotated[int, Number, Field(ge=0, le=20)] | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: dict | None = None  # checked by server.constraints, which names the faulty field
+    # vLLM's extension (top-level, or in the openai SDK's extra_body): regex, choice, json, grammar.
+    structured_outputs: dict | None = None
 
 
 def parse_request(body: object) -> ChatCompletionRequest:

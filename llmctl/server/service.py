@@ -177,6 +177,7 @@ class Service:
             "prefix_cache_queries": engine.stats.prefix_cache_queries if engine else 0,
             "prefix_cache_hits": engine.stats.prefix_cache_hits if engine else 0,
             "prefix_cache": prefix_cache_json(engine),
+            **_grammar_metrics(engine),
         }
         return body
 
@@ -253,3 +254,14 @@ class Service:
             self.metrics.record_generation(prompt_tokens, gen.completion_tokens, latency, gen.ttft, gen.itl,
                                            queue_time, gen.finish_reason or "error")
         self._leave()
+
+
+def _grammar_metrics(engine: Engine | None) -> dict:
+    """Constrained decoding: grammars compiled (each new schema once), cache hits, compile time."""
+    stats = engine.stats.grammar if engine else None
+    return {
+        "grammar_compiles": stats.compiles if stats else 0,
+        "grammar_cache_hits": stats.cache_hits if stats else 0,
+        "grammar_compile_seconds": round(stats.compile_seconds, 4) if stats else 0.0,
+        "grammar_last_compile_seconds": round(stats.last_compile_seconds, 4) if stats else 0.0,
+    }

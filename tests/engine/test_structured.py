@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from llmctl.engine.structured import Constraint, GrammarError, Grammars, end_reason
+from llmctl.engine.structured import BatchMasks, Constraint, GrammarError, Grammars, end_reason
 
 PAD = 40  # the model's logits are wider than the tokenizer's vocabulary, as with padded embeddings
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
@@ -36,7 +36,7 @@ def _run(grammars, tokenizer, matchers, steps: int, seed: int) -> list[list[int]
         if not live:
             break
         rows = [matchers[i] for i in live]
-        masks = grammars.masks(rows, "cpu")
+        masks = BatchMasks.of(rows, grammars.vocab_size, "cpu")
         logits = torch.randn((len(live), grammars.vocab_size), generator=gen)
         tokens = torch.argmax(masks.apply(logits) if masks else logits, dim=-1).tolist()
         if masks:
@@ -65,14 +65,14 @@ def test_constrained_rows_produce_valid_output_beside_a_free_row(grammars, token
 
 def test_masks_leave_free_rows_alone_and_block_padded_ids(grammars, tokenizer):
     matcher = grammars.matcher(Constraint.json_schema({"type": "object"}))
-    masks = grammars.masks([None, matcher], "cpu")
+    masks = BatchMasks.of([None, matcher], grammars.vocab_size, "cpu")
     logits = torch.randn((2, grammars.vocab_size))
     masked = masks.apply(logits)
     assert torch.equal(masked[0], logits[0])  # the free row: untouched
     assert torch.isinf(masked[1, len(tokenizer):]).all()  # ids beyond the tokenizer: never allowed
     allowed = (~torch.isinf(masked[1])).nonzero().flatten().tolist()
     assert allowed and all(tokenizer.decode([t]).lstrip().startswith("{") for t in allowed)
-    assert grammars.masks([None, None], "cpu") is None  # no constrained row: no work at all
+    assert BatchMasks.of([None, None], grammars.vocab_size, "cpu") is None  # no constrained row: no work at all
 
 
 def test_compiled_grammars_are_cached_with_a_bound(tokenizer):

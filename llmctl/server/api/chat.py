@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.api.common import ChoiceText, check_model, sse
+from llmctl.server.constraints import forced_tool, request_constraint
 from llmctl.server.generation import build_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
 
@@ -37,15 +38,18 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
     n = req.n or 1
     check_n(n, service)
+    constraint = request_constraint(req, service.settings.tool_call_parser)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     ask = Ask(build_prompt(loaded, req), max_tokens=asked, temperature=req.temperature, top_p=req.top_p,
               frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
               logit_bias=req.logit_bias, seed=req.seed, ignore_eos=req.ignore_eos,
               logprobs=(req.top_logprobs or 0) if req.logprobs else None, stops=tuple(req.stops()), n=n,
-              timeout=req.timeout,
+              timeout=req.timeout, constraint=constraint,
               max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
     run = service.start([ask], arrived, disconnected)
-    parse_tools = bool(service.settings.tool_call_parser and req.tools and req.tool_choice != "none")
+    # An enforced call is written in the Hermes format, so it is parsed even without --tool-call-parser.
+    parse_tools = bool((service.settings.tool_call_parser or forced_tool(req.tool_choice)) and req.tools
+                       and req.tool_choice != "none")
     texts = [ChoiceText(parse_tools) for _ in range(n)]
     logprobs = bool(req.logprobs)
     if req.stream:

@@ -5,7 +5,8 @@ The server keeps no responses: `store: true` and `previous_response_id` get a 40
 string or a list of items: messages, and `function_call` / `function_call_output` items for an
 agent's tool history; they reach the chat template as the chat route's messages do. Function tools
 work as on the chat route (calls are parsed with `serve --tool-call-parser`); built-in tools
-(web search, file search, ...) get a 400. `text.format` goes through `structured_format`.
+(web search, file search, ...) get a 400. `text.format` (json_object, json_schema) is enforced as the
+chat route's `response_format` is, through `structured_format`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pydantic import Field, StrictBool
 
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
+from llmctl.engine.structured import Constraint
 from llmctl.server.api.common import ChoiceText, TextPieces, check_model, sse_event
+from llmctl.server.constraints import constraint_from_request
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MAX_TIMEOUT_S, Number, _Lenient, other_type
@@ -86,18 +89,13 @@ class ResponsesRequest(_Lenient):
     ignore_eos: StrictBool = False  # llmctl extension, as on the chat route (fixed-length benchmarks)
 
 
-def structured_format(text: dict | None) -> object | None:
+def structured_format(text: dict | None) -> Constraint | None:
     """`text.format` as the constraint the chat route's `response_format` becomes; None for plain text.
 
-    Structured outputs are not available on this server yet, so any other format is a 400, never
-    silently ignored.
+    The Responses API puts name/schema/strict next to "type" (the chat route nests them under
+    "json_schema"); `constraint_from_request` reads both shapes, and names `text.format` in its 400s.
     """
-    fmt = (text or {}).get("format")
-    if fmt is None or fmt == {"type": "text"}:
-        return None
-    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-    raise InvalidRequest(f"text.format of type '{kind}' is not supported: this server has no structured "
-                         "outputs yet. Leave text.format out (or use type 'text').", param="text.format")
+    return constraint_from_request((text or {}).get("format"), format_param="text.format")
 
 
 def _content_text(content: Content, param: str) -> str:
@@ -166,7 +164,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         raise InvalidRequest("This server is stateless: it keeps no responses, so store: true and "
                              "previous_response_id are not supported. Send the whole conversation in 'input' "
                              "(and store: false).", param=param)
-    structured_format(req.text)
+    constraint = structured_format(req.text)
     tools = function_tools(req.tools, req.tool_choice)
     messages = chat_messages(req)
     if len(messages) > service.settings.max_messages:
@@ -174,7 +172,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
                              f"{service.settings.max_messages}.", param="input")
     prompt = chat_prompt(loaded, [m.for_template() for m in messages], tools, param="input")
     ask = Ask(prompt, max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
-              ignore_eos=req.ignore_eos, timeout=req.timeout, prompt_param="input",
+              ignore_eos=req.ignore_eos, timeout=req.timeout, constraint=constraint, prompt_param="input",
               max_tokens_param="max_output_tokens")
     run = service.start([ask], arrived, disconnected)
     answer = _Answer(req, loaded.name, ChoiceText(bool(service.settings.tool_call_parser and tools
