@@ -61,7 +61,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
 
 
 def chat(client: httpx.Client, prompt: str, max_tokens: int, schema: dict | None) -> dict:
-    body: dict = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
+    body: dict = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+                  "timeout": 300}
     if schema is None:
         body["ignore_eos"] = True
     else:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from llmctl.errors import InvalidRequest, LLMCtlError
@@ -32,7 +33,6 @@ CACHE_SIZE = 256  # compiled grammars kept per server
 # whitespace anywhere may produce nothing else until max_tokens. A schema can override this with
 # llguidance's "x-guidance" key, e.g. {"x-guidance": {"whitespace_flexible": true}, ...}.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 @dataclass(frozen=True)
@@ -193,11 +193,15 @@ class BatchMasks:
         self.executor.unsafe_compute_mask_ptr(pairs, self.bitmask.data_ptr(), self.bitmask.shape[1] * 4,
                                               len(pairs))
         width = logits.shape[-1]
-        allowed = ((self.bitmask[:, :, None] >> _SHIFTS) & 1).view(len(pairs), -1)[:, :width].bool()
+        # Token i is bit i % 32 of word i // 32 (little-endian words): numpy unpacks that in one pass.
+        bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        allowed = torch.from_numpy(bits).view(torch.bool)[:, :width]
         if allowed.shape[1] < width:  # logits wider than the grammar's vocabulary: the rest stays masked
             allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[1]), value=False)
         allowed = allowed.to(logits.device, non_blocking=True)
-        rows = logits.index_select(0, self.index).masked_fill(~allowed, float("-inf"))
+        if len(self.rows) == logits.shape[0]:
+            return torch.where(allowed, logits, float("-inf"))
+        rows = torch.where(allowed, logits.index_select(0, self.index), float("-inf"))
         return logits.index_put((self.index,), rows)
 
     def accept(self, tokens: list[int]) -> None:

