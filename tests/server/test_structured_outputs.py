@@ -208,30 +208,33 @@ def test_streamed_required_tool_calls_and_strict_tools_under_auto(hermes_url):
             assert "<tool_call>" not in (choice["message"]["content"] or "") or choice["finish_reason"] == "length"
 
 
-@pytest.fixture(scope="module")
-def nudged(tiny_model):
-    """A hermes server whose model is pushed (not forced) towards writing ``script``: the scripted
-    token's logit is raised before the grammar's mask, so where the grammar forbids it the model's
-    best allowed token is taken instead."""
-    service = make_service(tiny_model, tool_call_parser="hermes")
-    model, tokenizer = service.engine.model, service.loaded.tokenizer
-    real = model.forward
-    script = {"ids": [], "step": 0}
+class Nudge:
+    """Wraps a model's forward pass: the logit of the next token of ``say(text)`` is raised by 1000
+    before the grammar's mask, so the model writes the text where the grammar allows it and its own
+    best allowed token where not."""
 
-    def forward(*args, **kwargs):
-        out = real(*args, **kwargs)
-        if script["step"] < len(script["ids"]):
-            out.logits[:, -1, script["ids"][script["step"]]] += 1000.0
-        script["step"] += 1
+    def __init__(self, model, tokenizer) -> None:
+        self.forward, self.tokenizer, self.ids, self.step = model.forward, tokenizer, [], 0
+        model.forward = self
+
+    def say(self, text: str) -> None:
+        self.ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        self.step = 0
+
+    def __call__(self, *args, **kwargs):
+        out = self.forward(*args, **kwargs)
+        if self.step < len(self.ids):
+            out.logits[:, -1, self.ids[self.step]] += 1000.0
+        self.step += 1
         return out
 
-    def say(text: str) -> None:
-        script["ids"] = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        script["step"] = 0
 
-    model.forward = forward
+@pytest.fixture(scope="module")
+def nudged(tiny_model):
+    service = make_service(tiny_model, tool_call_parser="hermes")
+    nudge = Nudge(service.engine.model, service.loaded.tokenizer)
     with serve_in_thread(service) as url:
-        yield url, say
+        yield url, nudge.say
     service.shutdown()
 
 

