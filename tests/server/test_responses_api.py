@@ -75,9 +75,12 @@ def test_function_tools_map_and_built_in_tools_are_refused():
 
 def test_text_format_hook():
     assert structured_format(None) is None and structured_format({"format": {"type": "text"}}) is None
-    with pytest.raises(InvalidRequest, match="not supported") as info:
-        structured_format({"format": {"type": "json_schema", "name": "x", "schema": {}}})
-    assert info.value.param == "text.format"
+    # The Responses API's flat shape: name/schema next to "type".
+    constraint = structured_format({"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer"}}})
+    assert constraint.kind == "json" and json.loads(constraint.spec) == {"type": "integer"}
+    with pytest.raises(InvalidRequest, match="xml") as info:
+        structured_format({"format": {"type": "xml"}})
+    assert info.value.param == "text.format.type"
 
 
 # ---- the route -------------------------------------------------------------------------------
@@ -123,7 +126,8 @@ def test_sdk_stream_event_sequence(sdk, client):
     ({"input": "x", "store": True}, "store"),
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "x", "tools": [{"type": "web_search_preview"}]}, "tools.0"),
-    ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
+    ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": 3}}}, "text.format"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input.0"),
     ({"input": [{"type": "function_call", "name": "f"}]}, "input"),

@@ -1,0 +1,73 @@
+"""Structured outputs beyond one chat choice: n > 1, the Responses API's text.format, the vllm engine's 400."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from llmctl.engine.sampling import SamplingParams
+from llmctl.engine.structured import Constraint
+from llmctl.errors import InvalidRequest
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "size": {"type": "integer", "minimum": 0,
+                                                                        "maximum": 99}},
+    "required": ["name", "size"], "additionalProperties": False,
+}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_each_follow_the_schema_with_their_own_grammar_state(client, stream):
+    body = {"messages": [{"role": "user", "content": "A thing"}], "n": 3, "seed": 5, "temperature": 1.0,
+            "max_tokens": 120, "response_format": FORMAT, "stream": stream}
+    texts, finishes = ["", "", ""], [None, None, None]
+    if stream:
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choice = json.loads(line[6:])["choices"][0]
+                    texts[choice["index"]] += choice["delta"].get("content") or ""
+                    finishes[choice["index"]] = choice["finish_reason"] or finishes[choice["index"]]
+    else:
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        for choice in r.json()["choices"]:
+            texts[choice["index"]], finishes[choice["index"]] = choice["message"]["content"], choice["finish_reason"]
+    assert finishes == ["stop"] * 3, (finishes, texts)
+    for text in texts:  # a shared matcher would have advanced three times per step and broken these
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_responses_text_format_is_enforced(client):
+    fmt = {"type": "json_schema", "name": "thing", "schema": SCHEMA, "strict": True}
+    body = {"input": "A thing", "max_output_tokens": 120, "temperature": 1.0, "text": {"format": fmt}}
+    r = client.post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["status"] == "completed", out
+    jsonschema.validate(json.loads(out["output"][0]["content"][0]["text"]), SCHEMA)
+    # Any object: a random model may still be inside one when max_output_tokens runs out.
+    r = client.post("/v1/responses", json={**body, "text": {"format": {"type": "json_object"}}})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    text = out["output"][0]["content"][0]["text"]
+    if out["status"] == "completed":
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert out["status"] == "incomplete" and text.startswith("{"), out
+
+
+def test_the_vllm_engine_refuses_a_constraint_with_a_400_naming_the_field():
+    # The check runs before anything reaches vLLM, so it needs no vLLM install.
+    from llmctl.engine.vllm import check_supported
+
+    check_supported(SamplingParams(max_tokens=4))
+    params = SamplingParams(max_tokens=4, constraint=Constraint.json_schema(SCHEMA, "response_format"))
+    with pytest.raises(InvalidRequest, match="vllm engine") as info:
+        check_supported(params)
+    assert info.value.param == "response_format" and info.value.status == 400
