@@ -40,6 +40,8 @@ def _requests() -> list[dict]:
 
 def test_mixed_batch_matches_each_row_alone_with_preemption(tiny_model):
     # A KV budget too small for all eight rows at full length: the newest rows get preempted and resume.
+    # Admission charges each row its context plus 128 tokens of headroom: three rows start together,
+    # mixed constrained and free, and outgrow the budget as they generate.
     service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=8, max_waiting=16, kv_cache_tokens=640))
     model, engine = service.engine.model, service.engine
     real, gate = model.forward, threading.Event()
@@ -51,7 +53,9 @@ def test_mixed_batch_matches_each_row_alone_with_preemption(tiny_model):
     try:
         with serve_in_thread(service) as url:
             def ask(body: dict) -> tuple[str, str]:
-                r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+                # Past the requests' own 300 s timeout (a 408 then says why): the eight rows together took
+                # 13 s to 65 s on a shared 2-core machine; under heavier load 120 s was not enough.
+                r = httpx.post(url + "/v1/chat/completions", json=body, timeout=330)
                 assert r.status_code == 200, r.text
                 choice = r.json()["choices"][0]
                 return choice["message"]["content"], choice["finish_reason"]
@@ -62,13 +66,13 @@ def test_mixed_batch_matches_each_row_alone_with_preemption(tiny_model):
             gate.clear()
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 futures = [pool.submit(ask, body) for body in _requests()]
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + 60
                 while engine.waiting + engine.running < 8 and time.monotonic() < deadline:
                     time.sleep(0.02)
                 gate.set()
                 together = [f.result() for f in futures]
         assert together == alone
-        assert engine.stats.max_batch_size >= 4 and engine.stats.preemptions >= 1
+        assert engine.stats.max_batch_size >= 3 and engine.stats.preemptions >= 1
         for i, (text, finish) in enumerate(alone):
             if i % 4 == 1:
                 assert finish == "stop" and set(json.loads(text)) == {"ok", "tag"}
