@@ -17,6 +17,39 @@ from llmctl.server.tools import CLOSE, OPEN
 
 STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 ANY_OBJECT: dict = {"type": "object"}
+# Keywords whose values are one schema, a list of schemas, or a name -> schema map.
+_ONE_SCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
+               "additionalProperties", "unevaluatedItems")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with every object that lists its ``properties`` closed to other keys.
+
+    JSON Schema allows unlisted keys unless ``additionalProperties`` says otherwise, and a small
+    model given that freedom invents keys until max_tokens (seen with SmolLM2). Like vLLM's default
+    grammar backend (xgrammar) and outlines, an object that names its properties and says nothing
+    about others gets ``additionalProperties: false``. A schema that sets ``additionalProperties``,
+    ``patternProperties`` or ``unevaluatedProperties`` keeps its choice; an object that lists no
+    properties stays open, and so do the members of ``allOf`` (closing each would reject the union).
+    """
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for key in _ONE_SCHEMA:
+        if key in out:
+            out[key] = closed_objects(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(s) for s in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
+    if isinstance(out.get("properties"), Mapping) and not any(
+            k in out for k in ("additionalProperties", "patternProperties", "unevaluatedProperties")):
+        out["additionalProperties"] = False
+    return out
 
 
 def request_constraint(req, tool_call_parser: str | None) -> Constraint | None:
@@ -61,7 +94,7 @@ def _response_format(value: Any, param: str) -> Constraint | None:
         if not isinstance(schema, (Mapping, bool)):
             raise InvalidRequest(f"'{param}.json_schema.schema' must be a JSON schema object.",
                                  param=f"{param}.json_schema.schema")
-        return Constraint.json_schema(schema, f"{param}.json_schema.schema")
+        return Constraint.json_schema(closed_objects(schema), f"{param}.json_schema.schema")
     raise InvalidRequest(f"Invalid value for '{param}.type': {kind!r}; expected 'text', 'json_object' or "
                          "'json_schema'.", param=f"{param}.type")
 
@@ -88,7 +121,7 @@ def _structured_outputs(value: Any) -> Constraint | None:
                 raise InvalidRequest(f"'{param}' is not valid JSON.", param=param) from None
         if not isinstance(spec, (Mapping, bool)):
             raise InvalidRequest(f"'{param}' must be a JSON schema object.", param=param)
-        return Constraint.json_schema(spec, param)
+        return Constraint.json_schema(closed_objects(spec), param)
     if key == "choice":
         if not isinstance(spec, list) or not spec or not all(isinstance(c, str) for c in spec):
             raise InvalidRequest(f"'{param}' must be a non-empty list of strings.", param=param)
@@ -162,7 +195,7 @@ def _calls_grammar(functions: list[dict], *, strict_only: bool, single: bool, fr
     variants = [{
         "type": "object",
         "properties": {"name": {"const": f["name"]},
-                       "arguments": f["parameters"] if f["strict"] or not strict_only else ANY_OBJECT},
+                       "arguments": closed_objects(f["parameters"]) if f["strict"] or not strict_only else ANY_OBJECT},
         "required": ["name", "arguments"], "additionalProperties": False,
     } for f in functions]
     call = variants[0] if len(variants) == 1 else {"anyOf": variants}

@@ -124,6 +124,36 @@ def test_json_and_grammar_extensions_and_the_openai_sdk_extra_body(base_url):
     assert re.fullmatch(r"x=[1-9][0-9]{0,3};", r.choices[0].message.content)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_objects_that_list_their_properties_get_no_other_keys(client, seed):
+    # No "additionalProperties" anywhere: JSON Schema would allow any key, and a model then invents keys
+    # until max_tokens; the server closes such objects as vLLM's default backend does.
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "b": {"type": "object", "properties": {"c": {"type": "boolean"}}}}}
+    choice = _ask(client, seed=seed, response_format={"type": "json_schema",
+                                                      "json_schema": {"name": "closed", "schema": schema}})
+    answer = json.loads(choice["message"]["content"])
+    assert set(answer) <= {"a", "b"} and set(answer.get("b", {})) <= {"c"}
+    jsonschema.validate(answer, schema)
+
+
+def test_closed_objects_keeps_what_a_schema_says():
+    from llmctl.server.constraints import closed_objects
+
+    listed = {"type": "object", "properties": {"x": {"type": "string"}}}
+    assert closed_objects(listed)["additionalProperties"] is False
+    assert "additionalProperties" not in listed  # the caller's schema is not changed
+    assert closed_objects({**listed, "additionalProperties": True})["additionalProperties"] is True
+    assert "additionalProperties" not in closed_objects({**listed, "patternProperties": {"^y": {}}})
+    assert closed_objects({"type": "object"}) == {"type": "object"}  # lists nothing: any object
+    nested = closed_objects({"$defs": {"P": listed}, "anyOf": [listed], "items": listed,
+                             "properties": {"p": listed}, "allOf": [listed]})
+    assert nested["$defs"]["P"]["additionalProperties"] is False
+    assert nested["anyOf"][0]["additionalProperties"] is False and nested["items"]["additionalProperties"] is False
+    assert nested["properties"]["p"]["additionalProperties"] is False
+    assert "additionalProperties" not in nested["allOf"][0]  # closing each part would reject the union
+
+
 def test_a_cut_answer_ends_with_length(client):
     choice = _ask(client, seed=1, max_tokens=3, response_format={
         "type": "json_schema", "json_schema": {"name": "long", "schema": {
