@@ -170,6 +170,9 @@ class Engine(Protocol):
 
     config: EngineConfig
     stats: EngineStats
+    # True: `submit` takes ``seq.forks`` (n > 1) with the sequence, prefills the prompt once and gives each
+    # fork its own tokens and Finish. False: the server submits each choice as a sequence of its own.
+    forks_after_prefill: bool
 
     def start(self) -> None:
         """Start generating; called once, after the model is loaded."""
@@ -189,8 +192,5 @@ class Engine(Protocol):
         """Raise QueueFull when the waiting queue is full, before the request costs anything."""
 
     def submit(self, seq: Sequence) -> Sequence:
-        """Queue ``seq``; raise InvalidRequest if it can never fit, Unavailable when shutting down.
-
-        An engine whose class sets ``forks_after_prefill = True`` takes ``seq.forks`` (n > 1) with it, prefills
-        the prompt once and gives each fork its own tokens and Finish; the server submits each choice on its
-        own to other engines."""
+        """Queue ``seq`` (with its forks, see ``forks_after_prefill``); raise InvalidRequest if it can never
+        fit, Unavailable when shutting down."""

@@ -128,14 +128,7 @@ class Grammars:
     def _compile(self, constraint: Constraint):
         import llguidance
 
-        try:
-            if constraint.kind == "json":
-                grammar = llguidance.LLMatcher.grammar_from_json_schema(constraint.spec, defaults=JSON_OPTIONS)
-            else:
-                grammar = llguidance.grammar_from(constraint.kind, constraint.spec)
-        except ValueError as exc:
-            raise GrammarError(f"Invalid {_describe(constraint)}: {exc}", param=constraint.param) from None
-        matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
+        matcher = llguidance.LLMatcher(self._tokenizer(), serialize(constraint), log_level=0)
         if matcher.is_error():
             raise GrammarError(f"Unsupported {_describe(constraint)}: {_first_line(matcher.get_error())}",
                                param=constraint.param)
@@ -151,6 +144,36 @@ class Grammars:
                                                               eos_token=self.eos)
             log.info("Indexed the vocabulary for constrained decoding in %.2f s", time.perf_counter() - started)
         return self._ll_tokenizer
+
+
+def serialize(constraint: Constraint) -> str:
+    """``constraint`` as llguidance's grammar (JSON text); GrammarError when it does not parse."""
+    import llguidance
+
+    try:
+        if constraint.kind == "json":
+            return llguidance.LLMatcher.grammar_from_json_schema(constraint.spec, defaults=JSON_OPTIONS)
+        return llguidance.grammar_from(constraint.kind, constraint.spec)
+    except ValueError as exc:
+        raise GrammarError(f"Invalid {_describe(constraint)}: {exc}", param=constraint.param) from None
+
+
+def check(constraint: Constraint) -> None:
+    """GrammarError when ``constraint`` does not compile; needs no tokenizer (for engines that compile elsewhere)."""
+    import llguidance
+
+    error = llguidance.LLMatcher.validate_grammar(serialize(constraint), None)
+    if error:
+        raise GrammarError(f"Unsupported {_describe(constraint)}: {_first_line(error)}", param=constraint.param)
+
+
+def json_schema_with_options(constraint: Constraint) -> dict | bool:
+    """A "json" constraint's schema carrying the JSON layout llmctl writes (``JSON_OPTIONS``), for a
+    grammar engine that compiles the schema itself (a schema's own "x-guidance" keys win)."""
+    schema = json.loads(constraint.spec)
+    if not isinstance(schema, dict):
+        return schema
+    return {**schema, "x-guidance": {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}}
 
 
 _executor_lock = threading.Lock()

@@ -10,6 +10,7 @@ Text, stop strings and the HTTP side stay llmctl's, as with the builtin engine.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -18,7 +19,9 @@ import time
 from collections import deque
 
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
+from llmctl.engine import structured
 from llmctl.engine.sampling import SamplingParams, TokenLogprobs
+from llmctl.engine.structured import Constraint
 from llmctl.engine.vllm_setup import VllmModel, VllmOptions, engine_args
 from llmctl.errors import InvalidRequest, LLMCtlError, ModelLoadError, QueueFull, Unavailable
 
@@ -33,6 +36,8 @@ MAPPED_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "frequency_pena
 
 class VllmEngine:
     """Runs generation on vLLM's engine, owned by one background thread."""
+
+    forks_after_prefill = False  # each choice of n > 1 is a request of its own (vLLM's prefix cache shares the prompt)
 
     def __init__(self, model: VllmModel, options: VllmOptions, eos_token_ids: frozenset[int],
                  config: EngineConfig | None = None, build_timeout: float = 3600.0) -> None:
@@ -238,10 +243,13 @@ class VllmEngine:
         # vLLM's log records go through llmctl's logging set-up (one format, one stream).
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         from vllm import EngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.llm_engine import LLMEngine
 
         _tolerate_context_proxies()
-        args = EngineArgs(**engine_args(self.model, self.options, self.config))
+        settings = engine_args(self.model, self.options, self.config)
+        settings["structured_outputs_config"] = StructuredOutputsConfig(**settings["structured_outputs_config"])
+        args = EngineArgs(**settings)
         try:
             vllm_config = args.create_engine_config()
         except (ValueError, TypeError) as exc:
@@ -301,12 +309,10 @@ class VllmEngine:
 
 def check_supported(params: SamplingParams) -> None:
     """400 for a request feature that this engine does not map onto vLLM."""
-    if params.constraint is not None:  # named by the request field that asked for it
-        raise InvalidRequest(f"Constrained output ('{params.constraint.param}': structured outputs, enforced tool "
-                             "calls) is not supported on the vllm engine yet; serve with --engine builtin for it.",
-                             param=params.constraint.param)
+    if params.constraint is not None:  # compiled by vLLM's guidance backend: checked here, before queueing
+        structured.check(params.constraint)
     for f in dataclasses.fields(params):
-        if f.name in MAPPED_FIELDS:
+        if f.name in MAPPED_FIELDS or f.name == "constraint":
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
@@ -336,7 +342,22 @@ def to_vllm_params(params: SamplingParams, eos: frozenset[int]):
         logprobs=params.logprobs,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
+        structured_outputs=_structured_outputs(params.constraint),
     )
+
+
+def _structured_outputs(constraint: Constraint | None):
+    """llmctl's constraint as vLLM's. vLLM runs it with its `guidance` backend (engine_args), which is
+    llguidance, the builtin engine's grammar engine: the same grammar dialects and the same JSON layout."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if constraint.kind == "json":
+        return StructuredOutputsParams(json=structured.json_schema_with_options(constraint))
+    if constraint.kind == "choice":
+        return StructuredOutputsParams(choice=json.loads(constraint.spec))
+    return StructuredOutputsParams(**{constraint.kind: constraint.spec})  # regex, grammar
 
 
 def _token_logprobs(token: int, entry: dict, top_n: int) -> TokenLogprobs:

@@ -174,8 +174,6 @@ class Service:
             "oom_events": engine.stats.oom_events if engine else 0,
             "preemptions": engine.stats.preemptions if engine else 0,
             "kv_cache_usage": round(engine.stats.kv_cache_usage, 4) if engine else 0.0,
-            "prefix_cache_queries": engine.stats.prefix_cache_queries if engine else 0,
-            "prefix_cache_hits": engine.stats.prefix_cache_hits if engine else 0,
             "prefix_cache": prefix_cache_json(engine),
             **_grammar_metrics(engine),
         }
@@ -223,7 +221,7 @@ class Service:
                 seq = Sequence(ask.prompt, p, deadline=arrived + (ask.timeout or self.settings.request_timeout))
                 members = seq.fork(ask.n)
                 stops = list(ask.stops) + list(loaded.default_stops)
-                if getattr(engine, "forks_after_prefill", False):
+                if engine.forks_after_prefill:
                     engine.submit(seq)
                 else:  # an engine that does not fork (vLLM) gets each choice as a sequence of its own
                     seq.forks = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import threading
 import time
 
@@ -80,3 +81,44 @@ def test_mixed_batch_matches_each_row_alone(tiny_model):
                 assert finish == "length" and text.startswith('{"values": [')
     finally:
         service.shutdown()
+
+
+def test_preempted_constrained_rows_resume_with_their_grammar_state(tiny_model, monkeypatch):
+    """Deterministic, at the engine: a KV budget too small for four rows at their full length preempts the
+    newest; each resumes from its prompt plus its tokens with its matcher where it was, and every row's
+    answer (constrained or free) is the one it gets alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmctl.engine import BuiltinEngine, SamplingParams, Sequence
+    from llmctl.engine import builtin as engine_module
+    from llmctl.engine.structured import Constraint
+    from tests.engine.test_engine_architectures import drain, run_in_steps
+
+    monkeypatch.setattr(engine_module, "ADMIT_HEADROOM", 8)  # admit more rows than fit at full length
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    eos = frozenset({tokenizer.eos_token_id})
+    constraints = [Constraint.json_schema(LONG), None, Constraint("regex", "[a-z ]{30,60}"),
+                   Constraint.json_schema({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                                           "minItems": 20, "maxItems": 20})]
+    prompts = [tokenizer.encode(f"Question {i}: {'why ' * (2 * i)}?") for i in range(4)]
+
+    def sequences():
+        return [Sequence(list(p), SamplingParams(max_tokens=40, temperature=0, ignore_eos=c is None, constraint=c))
+                for p, c in zip(prompts, constraints)]
+
+    alone = []
+    for seq in sequences():
+        run_in_steps(BuiltinEngine(model, eos, EngineConfig(), tokenizer=tokenizer), {0: [seq]}, max_steps=300)
+        alone.append(drain(seq))
+    engine = BuiltinEngine(model, eos, EngineConfig(kv_cache_tokens=150, prefix_cache_tokens=0), tokenizer=tokenizer)
+    together = sequences()
+    run_in_steps(engine, {0: together}, max_steps=1000)
+    assert engine.stats.preemptions >= 1
+    assert [drain(seq) for seq in together] == alone
+    texts = [tokenizer.decode(tokens) for tokens, _ in alone]
+    assert alone[1][1].reason == "length" and len(alone[1][0]) == 40  # the free row
+    assert texts[0].startswith('{"values": [') and alone[0][1].reason == "length"
+    assert re.fullmatch("[a-z ]{30,60}", texts[2]) or (alone[2][1].reason == "length" and re.fullmatch("[a-z ]*",
+                                                                                                       texts[2]))
+    assert alone[3][1].reason == "length" or len(json.loads(texts[3])) == 20

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import time
 from contextlib import contextmanager
 
 import httpx
+import jsonschema
 import pytest
 
 from llmctl.engine import EngineConfig
@@ -21,6 +23,7 @@ from llmctl.server.service import Service
 from llmctl.server.testing import serve_in_thread
 from tests.conftest import make_service
 from tests.engine.test_engine import wait_for
+from tests.server.test_structured_outputs import SCHEMAS, TOOLS
 
 pytestmark = pytest.mark.vllm
 USER = [{"role": "user", "content": "Hello there"}]
@@ -226,7 +229,7 @@ def test_metrics_report_vllm_counts(client, vllm_service):
     body = client.get("/metrics").json()
     assert body["model_loaded"] is True and body["requests_total"] >= 1
     assert body["engine_steps"] >= 3 and body["max_batch_size_seen"] >= 1
-    for key in ("running", "waiting", "kv_cache_usage", "prefix_cache_hits", "prefix_cache_queries"):
+    for key in ("running", "waiting", "kv_cache_usage", "prefix_cache"):
         assert key in body, key
     # The same prompt again: vLLM's prefix cache finds its blocks.
     long_prompt = [{"role": "user", "content": "count " * 300}]
@@ -234,7 +237,9 @@ def test_metrics_report_vllm_counts(client, vllm_service):
     hits = vllm_service.engine.stats.prefix_cache_hits
     chat(client, messages=long_prompt, max_tokens=2)
     assert vllm_service.engine.stats.prefix_cache_hits > hits
-    assert client.get("/metrics").json()["prefix_cache_hits"] == vllm_service.engine.stats.prefix_cache_hits
+    cache = client.get("/metrics").json()["prefix_cache"]
+    assert cache["hits_tokens_total"] == vllm_service.engine.stats.prefix_cache_hits > 0
+    assert 0 < cache["hit_rate"] <= 1
     text = client.get("/metrics", params={"format": "prometheus"}).text
     assert "llmctl_requests_total" in text and "llmctl_generation_tokens_total" in text
 
@@ -251,3 +256,50 @@ def test_openai_sdk_unchanged(base_url):
     with pytest.raises(openai.BadRequestError) as info:
         sdk.chat.completions.create(model=name, messages=USER, temperature=5)
     assert info.value.body["param"] == "temperature"
+
+
+# ---- structured outputs: vLLM's guidance backend (llguidance, as on the builtin engine) -------------------------
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_json_schema_answers_validate_plain_and_streamed(client, name):
+    schema = SCHEMAS[name]
+    fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+    for seed in range(3):
+        r = chat(client, max_tokens=200, temperature=1.0, seed=seed, response_format=fmt, n=2)
+        assert r.status_code == 200, r.text
+        for choice in r.json()["choices"]:  # n > 1: each choice follows the schema on its own
+            assert choice["finish_reason"] == "stop"
+            jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    events = stream_events(client, max_tokens=200, temperature=1.0, seed=5, response_format=fmt)
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
+    jsonschema.validate(json.loads(text), schema)
+    # llmctl's JSON layout (json.dumps' separators, no other whitespace) on both engines.
+    assert json.dumps(json.loads(text), ensure_ascii=False) == text
+
+
+def test_regex_choice_and_json_object(client):
+    pattern = r"[a-z]{2,5}@[a-z]{2,5}\.(com|org)"
+    assert re.fullmatch(pattern, content(chat(client, max_tokens=30, temperature=1.0, seed=1,
+                                              structured_outputs={"regex": pattern})))
+    options = ["yes", "no", "it depends"]
+    assert content(chat(client, max_tokens=10, temperature=1.0, seed=2, structured_outputs={"choice": options})) \
+        in options
+    assert isinstance(json.loads(content(chat(client, max_tokens=200, temperature=1.0, seed=3,
+                                              response_format={"type": "json_object"}))), dict)
+
+
+def test_enforced_tool_choice_gives_a_valid_call(client):
+    r = chat(client, max_tokens=200, temperature=1.0, seed=4, tools=TOOLS,
+             tool_choice={"type": "function", "function": {"name": "add"}})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "add"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), TOOLS[1]["function"]["parameters"])
+
+
+def test_an_uncompilable_schema_is_a_400_naming_the_field(client, vllm_service):
+    steps = vllm_service.engine.stats.steps
+    r = chat(client, max_tokens=5, structured_outputs={"regex": "[a-"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.regex", r.text
+    assert vllm_service.engine.stats.steps == steps  # refused before reaching vLLM

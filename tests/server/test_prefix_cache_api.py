@@ -85,3 +85,22 @@ def test_metrics_report_prefix_cache_queries_hits_and_size(base_url, cache_off_u
     off = httpx.get(cache_off_url + "/metrics").json()["prefix_cache"]
     assert off == {"capacity_tokens": 0, "size_tokens": 0, "queries_tokens_total": 0, "hits_tokens_total": 0,
                    "hit_rate": None}
+
+
+def test_n_choices_from_a_cached_prefix_are_the_choices_without_the_cache(base_url, cache_off_url):
+    """n > 1: the prompt (partly from the cache) is prefilled once and forked; each seeded choice is what
+    the server without the cache gives, and the cached tokens are counted once, like the prompt."""
+    messages = long_system_prompt()
+    body = {"messages": messages, "max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 3, "ignore_eos": True}
+
+    def choices(url: str) -> tuple[list[str], dict]:
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return [c["message"]["content"] for c in r.json()["choices"]], r.json()["usage"]
+
+    first, usage = choices(base_url)
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0} and len(set(first)) > 1
+    again, usage = choices(base_url)
+    expected = (usage["prompt_tokens"] - 1) // BLOCK * BLOCK
+    assert expected > 0 and usage["prompt_tokens_details"] == {"cached_tokens": expected}
+    assert again == first == choices(cache_off_url)[0]

@@ -62,12 +62,13 @@ def test_responses_text_format_is_enforced(client):
         assert out["status"] == "incomplete" and text.startswith("{"), out
 
 
-def test_the_vllm_engine_refuses_a_constraint_with_a_400_naming_the_field():
-    # The check runs before anything reaches vLLM, so it needs no vLLM install.
+def test_the_vllm_engine_checks_a_constraint_before_queueing_it():
+    # vLLM compiles constraints itself (its guidance backend); llmctl checks them first, so a bad one is
+    # a 400 naming the field. The check needs no vLLM install (tests/engine_vllm runs the constraints).
     from llmctl.engine.vllm import check_supported
 
-    check_supported(SamplingParams(max_tokens=4))
-    params = SamplingParams(max_tokens=4, constraint=Constraint.json_schema(SCHEMA, "response_format"))
-    with pytest.raises(InvalidRequest, match="vllm engine") as info:
+    check_supported(SamplingParams(max_tokens=4, constraint=Constraint.json_schema(SCHEMA, "response_format")))
+    params = SamplingParams(max_tokens=4, constraint=Constraint("regex", "[a-", "structured_outputs.regex"))
+    with pytest.raises(InvalidRequest, match="regex") as info:
         check_supported(params)
-    assert info.value.param == "response_format" and info.value.status == 400
+    assert info.value.param == "structured_outputs.regex" and info.value.status == 400
