@@ -110,6 +110,10 @@ def check_vllm_parallel(found: tuple[str, str] | None, machine: Machine, plan: V
     if plan.world_size == 1:
         return Check(name, "ok", "One worker (no tensor or pipeline parallelism asked for).")
     if cpu_build:
+        if plan.pipeline_parallel_size > 1:
+            return Check(name, "failure", "vLLM's CPU build fails at the first request with pipeline parallelism.",
+                         "Use --tensor-parallel-size to split the model over CPU workers, or GPUs for "
+                         "--pipeline-parallel-size.")
         if os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":
             return Check(name, "warning", f"{plan.world_size} CPU workers: vLLM binds each to a NUMA node, and "
                          "fails where there are fewer nodes than workers.",

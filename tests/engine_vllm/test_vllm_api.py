@@ -303,3 +303,21 @@ def test_an_uncompilable_schema_is_a_400_naming_the_field(client, vllm_service):
     r = chat(client, max_tokens=5, structured_outputs={"regex": "[a-"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.regex", r.text
     assert vllm_service.engine.stats.steps == steps  # refused before reaching vLLM
+
+
+def test_the_other_apis_run_on_vllm_with_the_same_text(client, base_url):
+    """Legacy completions, the Responses API and Anthropic's messages share the pipeline: on vLLM they
+    give the chat route's greedy text for the same prompt."""
+    expected = content(chat(client, max_tokens=6, temperature=0, ignore_eos=True))
+    r = client.post("/v1/responses", json={"input": USER[0]["content"], "max_output_tokens": 6, "temperature": 0,
+                                           "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["output"][0]["content"][0]["text"] == expected
+    r = client.post("/v1/messages", json={"messages": USER, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                                          "model": client.get("/v1/models").json()["data"][0]["id"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["content"][0]["text"] == expected
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "n": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    texts = [c["text"] for c in r.json()["choices"]]
+    assert len(texts) == 2 and texts[0] == texts[1]

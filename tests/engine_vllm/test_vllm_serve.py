@@ -22,6 +22,7 @@ USER = [{"role": "user", "content": "Hello there"}]
     (["--engine", "vllm", "--load-in-8bit"], "--load-in-8bit is not available on the vllm engine"),
     (["--engine", "vllm", "--load-in-4bit"], "which vLLM runs on CUDA GPUs only"),
     (["--engine", "vllm", "--distributed-executor-backend", "ray"], "CPU build cannot run its workers on Ray"),
+    (["--engine", "vllm", "--pipeline-parallel-size", "2"], "fails at the first request"),
     (["--engine", "vllm", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
 ])
 def test_bad_vllm_start_fails_fast_with_one_line(args, message):
