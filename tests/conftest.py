@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,12 @@ from llmctl.engine import EngineConfig
 from llmctl.errors import ModelLoadError
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.testing import build_tiny_model, free_port, serve_in_thread
+
+# A run started in the background by a non-interactive shell inherits SIGINT ignored, and a process
+# keeps "ignored" across exec: the Ctrl-C tests would then deliver nothing. Restore Python's handler
+# (the subprocesses these tests start then get the default disposition).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 try:
     SMOLLM2_GGUF = embedded_gguf_path()
