@@ -8,6 +8,11 @@ prefill and decode step. This script times one forward pass of the model (defaul
 SmolLM2, bf16) over ``--new-tokens`` new tokens for 1 and for ``--rows`` rows whose cache already
 holds ``--prefix-tokens`` tokens, and the same without the prefix, to show how much of a row's time
 is the long context. No server: the model itself, in this process.
+
+Then the attention alone, at one layer's shapes for the same rows (the model's query and KV heads,
+bf16): transformers' SDPA path on CPU (KV heads repeated to the query heads, a boolean mask) against
+torch's SDPA with `enable_gqa` and against a grouped matmul (each KV head's query heads in one
+batched matmul, softmax in float32), to show where a CPU kernel for long contexts could come from.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from llmctl.core.embedded import ensure_embedded_model
@@ -43,6 +49,44 @@ def timed_forward(model, base: DynamicCache | None, prefix: int, rows: int, new:
     return statistics.median(times)
 
 
+def attention_kernels(heads: int, kv_heads: int, head_dim: int, rows: int, prefix: int, new: int,
+                      dtype: torch.dtype, repeat: int = 20) -> dict[str, float]:
+    """Median ms of one layer's attention, three ways, for ``rows`` rows of ``new`` queries over prefix + new keys."""
+    keys = prefix + new
+    q = torch.randn(rows, heads, new, head_dim, dtype=dtype)
+    k = torch.randn(rows, kv_heads, keys, head_dim, dtype=dtype)
+    v = torch.randn(rows, kv_heads, keys, head_dim, dtype=dtype)
+    mask = torch.ones(rows, 1, new, keys, dtype=torch.bool).tril(diagonal=prefix)
+    group = heads // kv_heads
+
+    def transformers_sdpa():  # what transformers does on CPU when a mask is given: repeat_kv, then SDPA
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
+                                              attn_mask=mask)
+
+    def sdpa_gqa():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def grouped_matmul():
+        scores = torch.matmul(q.reshape(rows, kv_heads, group * new, head_dim), k.transpose(-1, -2)) * head_dim ** -0.5
+        scores = scores.view(rows, kv_heads, group, new, keys).float().masked_fill(
+            ~mask.view(rows, 1, 1, new, keys), float("-inf"))
+        probs = scores.softmax(-1).to(dtype).view(rows, kv_heads, group * new, keys)
+        return torch.matmul(probs, v).view(rows, heads, new, head_dim)
+
+    reference = transformers_sdpa().float()
+    out = {}
+    for name, fn in (("transformers_sdpa", transformers_sdpa), ("sdpa_enable_gqa", sdpa_gqa),
+                     ("grouped_matmul", grouped_matmul)):
+        assert (fn().float() - reference).abs().max() < 0.05, name  # the same attention, to bf16 rounding
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        out[name] = statistics.median(times) * 1000
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", type=Path, default=None)
@@ -64,6 +108,17 @@ def main() -> None:
                     seconds = timed_forward(model, cache, prefix, rows, new, args.repeat)
                     print(f"{rows:4d} {new:10d} {prefix:13d} {seconds * 1000:10.0f} {seconds * 1000 / rows:10.1f}",
                           flush=True)
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    print(f"\none layer's attention ({heads} query heads, {kv_heads} KV heads, head dim {head_dim}, "
+          f"{args.dtype}), {args.rows} rows, ms:")
+    print(f"{'new tokens':>10} {'cached prefix':>13} {'transformers SDPA':>17} {'SDPA enable_gqa':>15} "
+          f"{'grouped matmul':>14}")
+    for new in (1, args.new_tokens):
+        ms = attention_kernels(heads, kv_heads, head_dim, args.rows, args.prefix_tokens, new, getattr(torch, args.dtype))
+        print(f"{new:10d} {args.prefix_tokens:13d} {ms['transformers_sdpa']:17.2f} {ms['sdpa_enable_gqa']:15.2f} "
+              f"{ms['grouped_matmul']:14.2f}", flush=True)
 
 
 if __name__ == "__main__":
