@@ -11,6 +11,7 @@ logits in one tensor operation; rows without a constraint are not touched.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -148,23 +149,39 @@ class Grammars:
 
 def serialize(constraint: Constraint) -> str:
     """``constraint`` as llguidance's grammar (JSON text); GrammarError when it does not parse."""
-    import llguidance
-
     try:
-        if constraint.kind == "json":
-            return llguidance.LLMatcher.grammar_from_json_schema(constraint.spec, defaults=JSON_OPTIONS)
-        return llguidance.grammar_from(constraint.kind, constraint.spec)
+        return _serialize(constraint.kind, constraint.spec)
     except ValueError as exc:
         raise GrammarError(f"Invalid {_describe(constraint)}: {exc}", param=constraint.param) from None
 
 
-def check(constraint: Constraint) -> None:
-    """GrammarError when ``constraint`` does not compile; needs no tokenizer (for engines that compile elsewhere)."""
+def _serialize(kind: ConstraintKind, spec: str) -> str:
     import llguidance
 
-    error = llguidance.LLMatcher.validate_grammar(serialize(constraint), None)
+    if kind == "json":
+        return llguidance.LLMatcher.grammar_from_json_schema(spec, defaults=JSON_OPTIONS)
+    return llguidance.grammar_from(kind, spec)
+
+
+def check(constraint: Constraint) -> None:
+    """GrammarError when ``constraint`` does not compile; needs no tokenizer (for engines that compile elsewhere).
+    Each (kind, spec) is validated once per process, like the builtin engine's compiled-grammar cache."""
+    error = _validation_error(constraint.kind, constraint.spec)
     if error:
-        raise GrammarError(f"Unsupported {_describe(constraint)}: {_first_line(error)}", param=constraint.param)
+        raise GrammarError(f"{error[0]} {_describe(constraint)}: {error[1]}", param=constraint.param)
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _validation_error(kind: ConstraintKind, spec: str) -> tuple[str, str] | None:
+    """("Invalid" or "Unsupported", why) for a constraint llguidance rejects; None when it is fine."""
+    import llguidance
+
+    try:
+        grammar = _serialize(kind, spec)
+    except ValueError as exc:
+        return "Invalid", str(exc)
+    error = llguidance.LLMatcher.validate_grammar(grammar, None)
+    return ("Unsupported", _first_line(error)) if error else None
 
 
 def json_schema_with_options(constraint: Constraint) -> dict | bool:

@@ -18,10 +18,9 @@ import threading
 import time
 from collections import deque
 
-from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
 from llmctl.engine import structured
+from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
 from llmctl.engine.sampling import SamplingParams, TokenLogprobs
-from llmctl.engine.structured import Constraint
 from llmctl.engine.vllm_setup import VllmModel, VllmOptions, engine_args
 from llmctl.errors import InvalidRequest, LLMCtlError, ModelLoadError, QueueFull, Unavailable
 
@@ -31,7 +30,7 @@ IDLE_WAIT_S = 0.05  # how long the engine thread sleeps when nothing runs, betwe
 # The SamplingParams fields this engine maps onto vLLM's; any other field set to a non-default
 # value is a feature the builtin engine has and this one does not (yet): a 400, not a silent ignore.
 MAPPED_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty",
-                           "logit_bias", "seed", "ignore_eos", "logprobs"})
+                           "logit_bias", "seed", "ignore_eos", "logprobs", "constraint"})
 
 
 class VllmEngine:
@@ -247,9 +246,9 @@ class VllmEngine:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         _tolerate_context_proxies()
-        settings = engine_args(self.model, self.options, self.config)
-        settings["structured_outputs_config"] = StructuredOutputsConfig(**settings["structured_outputs_config"])
-        args = EngineArgs(**settings)
+        # Constraints run on llguidance, the builtin engine's grammar engine (see _structured_outputs).
+        args = EngineArgs(**engine_args(self.model, self.options, self.config),
+                          structured_outputs_config=StructuredOutputsConfig(backend="guidance"))
         try:
             vllm_config = args.create_engine_config()
         except (ValueError, TypeError) as exc:
@@ -312,7 +311,7 @@ def check_supported(params: SamplingParams) -> None:
     if params.constraint is not None:  # compiled by vLLM's guidance backend: checked here, before queueing
         structured.check(params.constraint)
     for f in dataclasses.fields(params):
-        if f.name in MAPPED_FIELDS or f.name == "constraint":
+        if f.name in MAPPED_FIELDS:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
@@ -346,7 +345,7 @@ def to_vllm_params(params: SamplingParams, eos: frozenset[int]):
     )
 
 
-def _structured_outputs(constraint: Constraint | None):
+def _structured_outputs(constraint: structured.Constraint | None):
     """llmctl's constraint as vLLM's. vLLM runs it with its `guidance` backend (engine_args), which is
     llguidance, the builtin engine's grammar engine: the same grammar dialects and the same JSON layout."""
     if constraint is None:

@@ -64,8 +64,8 @@ def engine_args(model: VllmModel, options: VllmOptions, config: EngineConfig) ->
         enable_prefix_caching=options.enable_prefix_caching, enforce_eager=options.enforce_eager,
         max_logprobs=MAX_LOGPROBS,
         # llmctl tokenizes and detokenizes itself (requests carry token ids, detokenize=False); vLLM loads
-        # the tokenizer only for constrained decoding, which it runs with llguidance, as the builtin engine does.
-        structured_outputs_config={"backend": "guidance"}, disable_log_stats=False,
+        # the tokenizer only for constrained decoding (its backend is set where the engine is built).
+        disable_log_stats=False,
     )
     return {k: v for k, v in args.items() if v is not None}
 
