@@ -5,14 +5,14 @@
 A prefix cache removes the prefill of a shared prompt, not the attention of the new tokens over
 it: every row that continues a 1,500-token prefix attends to 1,500 keys in each layer, at each
 prefill and decode step. This script times one forward pass of the model (default: the embedded
-SmolLM2, bf16) over ``--new-tokens`` new tokens for 1 and for ``--rows`` rows whose cache already
-holds ``--prefix-tokens`` tokens, and the same without the prefix, to show how much of a row's time
-is the long context. No server: the model itself, in this process.
+SmolLM2, bf16) over ``--new-tokens`` new tokens and over one token (a decode step), for 1 and for
+``--rows`` rows whose cache already holds ``--prefix-tokens`` tokens, and the same without the
+prefix, once with transformers' own attention (SDPA) and once with the builtin engine's CPU
+attention (llmctl.engine.attention), in the same process. No server: the model itself.
 
 Then the attention alone, at one layer's shapes for the same rows (the model's query and KV heads,
-bf16): transformers' SDPA path on CPU (KV heads repeated to the query heads, a boolean mask) against
-torch's SDPA with `enable_gqa` and against a grouped matmul (each KV head's query heads in one
-batched matmul, softmax in float32), to show where a CPU kernel for long contexts could come from.
+bf16): transformers' SDPA function (on CPU with a mask: KV heads repeated to the query heads, then
+SDPA), torch's SDPA with `enable_gqa`, and llmctl's grouped function.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from llmctl.core.embedded import ensure_embedded_model
+from llmctl.engine import attention
 
 
 def timed_forward(model, base: DynamicCache | None, prefix: int, rows: int, new: int, repeat: int) -> float:
@@ -57,26 +60,21 @@ def attention_kernels(heads: int, kv_heads: int, head_dim: int, rows: int, prefi
     k = torch.randn(rows, kv_heads, keys, head_dim, dtype=dtype)
     v = torch.randn(rows, kv_heads, keys, head_dim, dtype=dtype)
     mask = torch.ones(rows, 1, new, keys, dtype=torch.bool).tril(diagonal=prefix)
-    group = heads // kv_heads
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)  # attention.grouped_mask's
+    layer = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False, is_causal=True)
 
-    def transformers_sdpa():  # what transformers does on CPU when a mask is given: repeat_kv, then SDPA
-        return F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
-                                              attn_mask=mask)
+    def transformers_sdpa():
+        return sdpa_attention_forward(layer, q, k, v, mask)[0]
 
     def sdpa_gqa():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
 
-    def grouped_matmul():
-        scores = torch.matmul(q.reshape(rows, kv_heads, group * new, head_dim), k.transpose(-1, -2)) * head_dim ** -0.5
-        scores = scores.view(rows, kv_heads, group, new, keys).float().masked_fill(
-            ~mask.view(rows, 1, 1, new, keys), float("-inf"))
-        probs = scores.softmax(-1).to(dtype).view(rows, kv_heads, group * new, keys)
-        return torch.matmul(probs, v).view(rows, heads, new, head_dim)
+    def grouped():
+        return attention.grouped_attention_forward(layer, q, k, v, bias)[0]
 
     reference = transformers_sdpa().float()
     out = {}
-    for name, fn in (("transformers_sdpa", transformers_sdpa), ("sdpa_enable_gqa", sdpa_gqa),
-                     ("grouped_matmul", grouped_matmul)):
+    for name, fn in (("transformers_sdpa", transformers_sdpa), ("sdpa_enable_gqa", sdpa_gqa), ("grouped", grouped)):
         assert (fn().float() - reference).abs().max() < 0.05, name  # the same attention, to bf16 rounding
         times = []
         for _ in range(repeat):
@@ -94,7 +92,7 @@ def main() -> None:
     parser.add_argument("--prefix-tokens", type=int, default=1527)
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--rows", type=int, default=15)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     model = AutoModelForCausalLM.from_pretrained(args.model_path or ensure_embedded_model(),
                                                  dtype=getattr(torch, args.dtype)).eval()
@@ -104,24 +102,30 @@ def main() -> None:
         model(input_ids=torch.randint(100, 1000, (1, args.prefix_tokens)), past_key_values=base, use_cache=True)
         print(f"prefill of the {args.prefix_tokens}-token prefix itself, one row: "
               f"{(time.perf_counter() - started) * 1000:.0f} ms")
-        print(f"{'rows':>4} {'new tokens':>10} {'cached prefix':>13} {'forward ms':>10} {'ms per row':>10}")
-        for rows in (1, args.rows):
-            for new in (args.new_tokens, 1):
-                for prefix, cache in ((args.prefix_tokens, base), (0, None)):
-                    seconds = timed_forward(model, cache, prefix, rows, new, args.repeat)
-                    print(f"{rows:4d} {new:10d} {prefix:13d} {seconds * 1000:10.0f} {seconds * 1000 / rows:10.1f}",
-                          flush=True)
+        cases = [(rows, new, prefix) for rows in (1, args.rows) for new in (args.new_tokens, 1)
+                 for prefix in (args.prefix_tokens, 0)]
+        ms = {}
+        for n, (rows, new, prefix) in enumerate(cases):  # both attentions on each case, the order flipping
+            for choice in ("transformers", "grouped")[::1 if n % 2 else -1]:
+                attention.select(model, choice)
+                ms[choice, rows, new, prefix] = timed_forward(model, base if prefix else None, prefix, rows, new,
+                                                              args.repeat) * 1000
+        print(f"{'rows':>4} {'new tokens':>10} {'cached prefix':>13} {'transformers ms':>15} {'llmctl ms':>9} "
+              f"{'ratio':>6}")
+        for rows, new, prefix in cases:
+            before, after = ms["transformers", rows, new, prefix], ms["grouped", rows, new, prefix]
+            print(f"{rows:4d} {new:10d} {prefix:13d} {before:15.0f} {after:9.0f} {after / before:6.2f}", flush=True)
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     print(f"\none layer's attention ({heads} query heads, {kv_heads} KV heads, head dim {head_dim}, "
           f"{args.dtype}), {args.rows} rows, ms:")
     print(f"{'new tokens':>10} {'cached prefix':>13} {'transformers SDPA':>17} {'SDPA enable_gqa':>15} "
-          f"{'grouped matmul':>14}")
+          f"{'llmctl grouped':>14}")
     for new in (1, args.new_tokens):
         ms = attention_kernels(heads, kv_heads, head_dim, args.rows, args.prefix_tokens, new, getattr(torch, args.dtype))
         print(f"{new:10d} {args.prefix_tokens:13d} {ms['transformers_sdpa']:17.2f} {ms['sdpa_enable_gqa']:15.2f} "
-              f"{ms['grouped_matmul']:14.2f}", flush=True)
+              f"{ms['grouped']:14.2f}", flush=True)
 
 
 if __name__ == "__main__":

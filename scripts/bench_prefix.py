@@ -10,10 +10,16 @@ both; figures are medians over the rounds. Every round has prompts of its own (i
 prompt, its own conversations), so the server with the cache gains nothing from an earlier round.
 
 - agent: a shared system prompt of --system-tokens, --agent-clients concurrent clients sending short
-  questions (--agent-requests in all), 64 output tokens each: TTFT p50 and output tokens/s.
+  questions (--agent-requests in all), 64 output tokens each: TTFT p50 and output tokens/s. The
+  round's system prompt is first sent --agent-warmup times (other questions), as an agent backend
+  sends it all day: the measured requests are the steady state, not the server's first sight of it
+  (`--agent-warmup 0` measures that cold start, where half the requests wait for the first prefill).
 - multi-turn: --conversations conversations of --turns turns at once, each turn resending the whole
   history with the model's earlier answers: total time, and TTFT p50 of each turn.
 - no sharing: distinct prompts of --plain-tokens, --plain-clients at a time: output tokens/s.
+
+Every request bans the model's end-of-sequence token (logit_bias), so each of its tokens is text and
+the first one is what TTFT measures (see `end_of_sequence_ids`).
 """
 
 from __future__ import annotations
@@ -40,11 +46,11 @@ SERVERS = ("off", "on")
 
 
 def on_each(urls: dict[str, str], workload: Workload, clients: int, requests: int, order: list[str],
-            what: str) -> dict:
+            what: str, warmup: int = 0) -> dict:
     """One level of ``workload`` on each server in ``order``; the level summaries by server."""
     levels = {}
     for name in order:
-        plan = BenchPlan([Endpoint(urls[name], label=name)], workload, [clients], requests, warmup=0)
+        plan = BenchPlan([Endpoint(urls[name], label=name)], workload, [clients], requests, warmup=warmup)
         (run,), _ = run_benchmark(plan)
         levels[name] = level = run.levels[0]
         if level.failed:
@@ -56,8 +62,11 @@ def agent_round(urls: dict[str, str], args: argparse.Namespace, n: int, order: l
     """One round of the agent workload on both servers; per server: TTFT p50 (ms) and output tokens/s."""
     prompts = builtin_prompts(args.agent_requests, args.question_tokens, seed=args.seed + n,
                               shared_prefix_tokens=args.system_tokens)
-    levels = on_each(urls, Workload(prompts, max_tokens=args.max_tokens), args.agent_clients, args.agent_requests,
-                     order, "agent")
+    # The warm-up: other questions after the same system prompt, as an agent backend running for a while has sent.
+    warmup = builtin_prompts(args.agent_warmup, args.question_tokens, seed=args.seed + n, offset=args.agent_requests,
+                             shared_prefix_tokens=args.system_tokens)
+    workload = Workload(prompts, max_tokens=args.max_tokens, eos_bias_ids=args.eos_ids, warmup_prompts=warmup)
+    levels = on_each(urls, workload, args.agent_clients, args.agent_requests, order, "agent", args.agent_warmup)
     return {name: {"ttft_p50_ms": lv.ttft_ms.median, "output_throughput": lv.output_throughput,
                    "duration_s": lv.duration_s} for name, lv in levels.items()}
 
@@ -65,7 +74,7 @@ def agent_round(urls: dict[str, str], args: argparse.Namespace, n: int, order: l
 async def conversation(client: httpx.AsyncClient, endpoint: Endpoint, args: argparse.Namespace,
                        first: int) -> list[float]:
     """One conversation of args.turns turns, each resending the history; returns each turn's TTFT (s)."""
-    workload = Workload([], max_tokens=args.max_tokens)
+    workload = Workload([], max_tokens=args.max_tokens, eos_bias_ids=args.eos_ids)
     questions = builtin_prompts(args.turns, args.turn_tokens, seed=args.seed, offset=first)
     history: list[dict] = []
     ttfts = []
@@ -93,9 +102,21 @@ async def multi_turn(endpoint: Endpoint, args: argparse.Namespace, n: int) -> di
 
 def plain_round(urls: dict[str, str], args: argparse.Namespace, n: int, order: list[str]) -> dict[str, dict]:
     prompts = builtin_prompts(args.plain_requests, args.plain_tokens, seed=args.seed + 1000 + n)
-    levels = on_each(urls, Workload(prompts, max_tokens=args.plain_max_tokens), args.plain_clients,
-                     args.plain_requests, order, "no-sharing")
+    levels = on_each(urls, Workload(prompts, max_tokens=args.plain_max_tokens, eos_bias_ids=args.eos_ids),
+                     args.plain_clients, args.plain_requests, order, "no-sharing")
     return {name: {"output_throughput": lv.output_throughput} for name, lv in levels.items()}
+
+
+def end_of_sequence_ids(model_path: Path | None) -> tuple[int, ...]:
+    """The model's end-of-sequence token, which every request bans (logit_bias -100, as `llmctl bench
+    --eos-bias` does): with ignore_eos alone, a model that wants to stop emits it again and again, and
+    as it is no text the client's first token, and its TTFT, would come whole decode steps late."""
+    from transformers import AutoTokenizer
+
+    from llmctl.core.embedded import ensure_embedded_model
+
+    eos = AutoTokenizer.from_pretrained(model_path or ensure_embedded_model()).eos_token_id
+    return () if eos is None else (eos,)
 
 
 def medians(rounds: list[dict[str, dict]], key: str) -> dict[str, float]:
@@ -117,6 +138,8 @@ def main() -> None:
     parser.add_argument("--question-tokens", type=int, default=12)
     parser.add_argument("--agent-clients", type=int, default=16)
     parser.add_argument("--agent-requests", type=int, default=32)
+    parser.add_argument("--agent-warmup", type=int, default=1,
+                        help="Requests with the round's system prompt before it is measured (0: a cold start).")
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--turn-tokens", type=int, default=48)
@@ -127,6 +150,7 @@ def main() -> None:
     parser.add_argument("--workloads", default="agent,multi-turn,plain")
     parser.add_argument("--out", type=Path, default=Path("bench-prefix.json"))
     args = parser.parse_args()
+    args.eos_ids = end_of_sequence_ids(args.model_path)
     workloads = args.workloads.split(",")
     high = max(args.agent_clients, args.conversations, args.plain_clients)
     rounds: dict[str, list] = {w: [] for w in workloads}

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 _ids = itertools.count(1)
+ATTENTION_CHOICES = ("auto", "grouped", "transformers")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class EngineConfig:
     kv_cache_tokens: int = 65536
     # Of kv_cache_tokens, how much the KV of computed prefixes may keep for later requests; 0: no cache.
     prefix_cache_tokens: int = 8192
+    # The builtin engine's attention function: see llmctl.engine.attention.select.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_batched_tokens", "max_waiting", "kv_cache_tokens"):
@@ -41,6 +44,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.prefix_cache_tokens < 0:
             raise ValueError("prefix_cache_tokens must be 0 or more")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}")
 
 
 @dataclass

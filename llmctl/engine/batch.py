@@ -61,8 +61,8 @@ def merge(a: Batch, b: Batch) -> Batch:
     width = max(a.mask.shape[1], b.mask.shape[1])
     pad_a, pad_b = width - a.mask.shape[1], width - b.mask.shape[1]
     for la, lb in zip(a.cache.layers, b.cache.layers):
-        la.keys = torch.cat([F.pad(la.keys, (0, 0, pad_a, 0)), F.pad(lb.keys, (0, 0, pad_b, 0))], dim=0)
-        la.values = torch.cat([F.pad(la.values, (0, 0, pad_a, 0)), F.pad(lb.values, (0, 0, pad_b, 0))], dim=0)
+        la.keys = stack_right_aligned(la.keys, lb.keys, width)
+        la.values = stack_right_aligned(la.values, lb.values, width)
     a.mask = torch.cat([F.pad(a.mask, (pad_a, 0)), F.pad(b.mask, (pad_b, 0))], dim=0)
     a.positions = torch.cat([a.positions, b.positions])
     a.last = torch.cat([a.last, b.last])
@@ -73,6 +73,19 @@ def merge(a: Batch, b: Batch) -> Batch:
         a.counts = torch.cat([ca, cb])
     a.seqs = a.seqs + b.seqs
     return a
+
+
+def stack_right_aligned(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of ``a`` then of ``b`` ([rows, heads, tokens, dim]) in one new tensor ``width`` tokens wide,
+    each right-aligned, zeros on the left: one copy of each, nothing in between."""
+    ra, rb = a.shape[0], b.shape[0]
+    out = a.new_empty((ra + rb,) + a.shape[1:2] + (width,) + a.shape[3:])
+    for rows, part in ((slice(0, ra), a), (slice(ra, ra + rb), b)):
+        pad = width - part.shape[2]
+        out[rows, :, pad:].copy_(part)
+        if pad:
+            out[rows, :, :pad].zero_()
+    return out
 
 
 def prefill_inputs(contexts: list[list[int]], cached: list[int],
@@ -97,3 +110,24 @@ def prefill_inputs(contexts: list[list[int]], cached: list[int],
         mask[row, width + fed - (n - u):] = 1
     ids, mask = ids.to(device), mask.to(device)
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)[:, width:], used
+
+
+def sample(batch: Batch, logits: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Each row's next token from ``logits`` [B, V] with its own settings (sampled on ``device``, the
+    model's input device); records logprobs and penalty counts; the tokens become the next input."""
+    if batch.sampler is None:
+        if any(s.params.penalized for s in batch.seqs) and batch.counts is None:
+            batch.counts = torch.zeros((len(batch.seqs), logits.shape[-1]), device=device)
+            for row, seq in enumerate(batch.seqs):  # a resumed sequence counts what it generated before
+                if seq.output_ids and seq.params.penalized:
+                    batch.counts[row] = torch.bincount(
+                        torch.tensor(seq.output_ids, device=device), minlength=logits.shape[-1])
+        batch.sampler = BatchSampler(logits.shape[-1], device)
+        batch.sampler.refresh([s.params for s in batch.seqs], [s.generator for s in batch.seqs], batch.counts,
+                              [s.matcher for s in batch.seqs])
+    tokens = batch.sampler.sample(logits)
+    for row, logprobs in batch.sampler.logprobs(logits, tokens):
+        batch.seqs[row].logprobs.append(logprobs)
+    batch.sampler.observe(tokens)
+    batch.last = tokens
+    return tokens

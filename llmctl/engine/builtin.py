@@ -20,10 +20,10 @@ import torch
 from transformers import DynamicCache
 
 from llmctl.core import hardware
+from llmctl.engine import attention
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
-from llmctl.engine.batch import Batch, full_cache, merge, prefill_inputs, select_rows
+from llmctl.engine.batch import Batch, full_cache, merge, prefill_inputs, sample, select_rows
 from llmctl.engine.prefix_cache import KVLayoutError, PrefixCache, prefix_rows_cache, store_rows
-from llmctl.engine.sampling import BatchSampler
 from llmctl.engine.structured import Grammars, attach_matchers, end_reason
 from llmctl.errors import GenerationOutOfMemory, LLMCtlError, QueueFull, Unavailable
 
@@ -47,6 +47,8 @@ class BuiltinEngine:
         self.device = model.get_input_embeddings().weight.device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.stats = EngineStats()
+        self.attention = attention.select(model, self.config.attention)
+        log.info("Attention: %s", self.attention)
         self._prefix = PrefixCache(self.config.prefix_cache_tokens) if self.config.prefix_cache_tokens else None
         # Constrained decoding maps grammars onto token ids: it needs the tokenizer.
         self.grammars = Grammars(tokenizer, self.vocab_size, eos_token_ids, stats=self.stats.grammar) \
@@ -129,7 +131,12 @@ class BuiltinEngine:
 
     def _step(self) -> None:
         self._expire()
-        self._prefill_some()
+        # Prefills share one step's budget of max_batched_tokens, as in vLLM's scheduler: requests that
+        # arrive while one is prefilled (an agent's next calls, the rest of a burst) are prefilled in the
+        # same step instead of after a decode step of their own.
+        budget = self.config.max_batched_tokens
+        while budget > 0 and (spent := self._prefill_some(budget)):
+            budget -= spent
         if self._batch is not None:
             self._decode()
         now = time.monotonic()
@@ -161,8 +168,9 @@ class BuiltinEngine:
             self._remember(self._batch, gone, leaving=True)  # a stop string cancels: its KV is as reusable
             self._select(keep)
 
-    def _admit(self) -> list[Sequence]:
-        """New sequences for one prefill: as many as the slot, KV and token budgets allow.
+    def _admit(self, budget: int) -> list[Sequence]:
+        """New sequences for one prefill: as many as the slot, KV and token budgets allow (``budget``:
+        prompt tokens this step may still prefill).
 
         KV admission is optimistic, as in paged servers: a row is charged its context now plus
         ADMIT_HEADROOM tokens, not its whole max_tokens, and when the rows outgrow the budget the
@@ -192,8 +200,10 @@ class BuiltinEngine:
                     continue  # a row prefilled now computes its next block: it finds it cached next step
                 # A prefill's cost is its rows times the longest part any row computes.
                 if chosen and (len(chosen) + 1) * max([fresh] + [s.context_length - s.prefix_tokens
-                                                                 for s in chosen]) > cfg.max_batched_tokens:
+                                                                 for s in chosen]) > budget:
                     break
+                if not chosen and budget < cfg.max_batched_tokens and fresh > budget:
+                    break  # what is left of this step's budget is too little: it goes first next step
                 self._waiting.remove(seq)
                 seq.admitted = seq.admitted or now
                 chosen.append(seq)
@@ -211,21 +221,27 @@ class BuiltinEngine:
             seq.prefix_tokens = seq.prefix.tokens
         return seq.context_length - seq.prefix_tokens
 
-    def _prefill_some(self) -> None:
+    def _prefill_some(self, budget: int) -> int:
+        """One prefill (of new rows, or the next chunk of a long prompt) within ``budget`` prompt
+        tokens; returns the tokens it charged to the step (0: nothing to prefill)."""
+        full = self.config.max_batched_tokens
         if self._prefilling is None:
-            chosen = self._admit()
+            chosen = self._admit(budget)
             if not chosen:
-                return
+                return 0
             seq = chosen[0]
-            if len(chosen) == 1 and seq.context_length - seq.prefix_tokens > self.config.max_batched_tokens:
-                self._prefilling = seq
-                prefix = self._take_prefix(seq, seq.prefix_tokens)
-                if prefix is not None:  # the chunks start where the cached prefix ends
-                    seq.prefill_cache, seq.prefilled = prefix_rows_cache([prefix]), seq.prefix_tokens
-            else:
+            fed = max(s.context_length - s.prefix_tokens for s in chosen)
+            if len(chosen) > 1 or fed <= full:
                 self._run_prefill(chosen, self._prefill_batch)
-                return
+                return max(1, len(chosen) * fed)
+            self._prefilling = seq
+            prefix = self._take_prefix(seq, seq.prefix_tokens)
+            if prefix is not None:  # the chunks start where the cached prefix ends
+                seq.prefill_cache, seq.prefilled = prefix_rows_cache([prefix]), seq.prefix_tokens
+        elif budget < full:
+            return 0  # a chunk takes a whole step's budget
         self._run_prefill([self._prefilling], self._prefill_chunk)
+        return full
 
     def _run_prefill(self, seqs: list[Sequence], fn) -> None:
         self._admitting = list(seqs)
@@ -237,11 +253,12 @@ class BuiltinEngine:
             self.stats.prefills += 1
             self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs if not s.preemptions)
             self._remember(batch, list(range(len(batch.seqs))), extra=len(batch.seqs) * batch.mask.shape[1])
-            self._emit(batch, self._sample(batch, batch.last_logits))
+            self._emit(batch, sample(batch, batch.last_logits, self.device))
             del batch.last_logits
             kept = [i for i, s in enumerate(batch.seqs) if not s.done]
             if kept:
-                select_rows(batch, kept)
+                if len(kept) < len(batch.seqs):
+                    select_rows(batch, kept)
                 self._join(batch)
         except torch.OutOfMemoryError:
             self._on_oom(self._admitting)
@@ -292,9 +309,12 @@ class BuiltinEngine:
         contexts = [s.context_ids for s in seqs]
         lengths = [len(c) for c in contexts]
         ids, mask, positions, used = prefill_inputs(contexts, [s.prefix_tokens for s in seqs], self.device)
-        prefixes = [self._take_prefix(s, u) for s, u in zip(seqs, used)]
-        cache = prefix_rows_cache(prefixes) if max(used) else full_cache()
+        gathered: dict = {}  # rows continuing the same cached blocks share one copy of them
+        prefixes = [self._take_prefix(s, u, gathered) for s, u in zip(seqs, used)]
+        cache = prefix_rows_cache(prefixes, room=ids.shape[1]) if max(used) else full_cache()
         self.stats.prefill_tokens += sum(lengths) - sum(used)
+        log.debug("Prefill: %d row(s) of %d token(s) each, %d token(s) in all from the prefix cache",
+                  len(seqs), ids.shape[1], sum(used))
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                             logits_to_keep=1)
         batch = Batch(seqs=list(seqs), cache=cache, mask=mask,
@@ -327,8 +347,9 @@ class BuiltinEngine:
         batch.last_logits = out.logits[:, -1, :]
         return batch
 
-    def _take_prefix(self, seq: Sequence, tokens: int) -> torch.Tensor | None:
-        """The KV of ``seq``'s first ``tokens`` context tokens from the prefix cache (None for 0), counted."""
+    def _take_prefix(self, seq: Sequence, tokens: int, gathered: dict | None = None) -> torch.Tensor | None:
+        """The KV of ``seq``'s first ``tokens`` context tokens from the prefix cache (None for 0), counted
+        (``gathered``: see `PrefixCache.gather`)."""
         match, seq.prefix, seq.prefix_tokens = seq.prefix, None, 0
         if self._prefix is None:
             return None
@@ -336,7 +357,7 @@ class BuiltinEngine:
         self.stats.prefix_cache_hits += tokens
         if not seq.preemptions:
             seq.cached_tokens = tokens
-        return self._prefix.gather(match, tokens) if tokens else None
+        return self._prefix.gather(match, tokens, gathered) if tokens else None
 
     def _remember(self, batch: Batch, rows: list[int], extra: int = 0, leaving: bool = False) -> None:
         """Put rows' KV (their context so far) into the prefix cache, within what the KV budget leaves
@@ -401,7 +422,7 @@ class BuiltinEngine:
                                 position_ids=batch.positions[:, None], cache=batch.cache)
             batch.mask = mask
             batch.positions = batch.positions + 1
-            tokens = self._sample(batch, out.logits[:, -1, :])
+            tokens = sample(batch, out.logits[:, -1, :], self.device)
         except torch.OutOfMemoryError:
             self._batch = None
             self._on_oom(batch.seqs)
@@ -412,24 +433,6 @@ class BuiltinEngine:
         self._emit(batch, tokens)
         self._remember(batch, [i for i, s in enumerate(batch.seqs) if s.done], leaving=True)  # for a next turn
         self._select([i for i, s in enumerate(batch.seqs) if not s.done])
-
-    def _sample(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
-        if batch.sampler is None:
-            if any(s.params.penalized for s in batch.seqs) and batch.counts is None:
-                batch.counts = torch.zeros((len(batch.seqs), logits.shape[-1]), device=self.device)
-                for row, seq in enumerate(batch.seqs):  # a resumed sequence counts what it generated before
-                    if seq.output_ids and seq.params.penalized:
-                        batch.counts[row] = torch.bincount(
-                            torch.tensor(seq.output_ids, device=self.device), minlength=logits.shape[-1])
-            batch.sampler = BatchSampler(logits.shape[-1], self.device)
-            batch.sampler.refresh([s.params for s in batch.seqs], [s.generator for s in batch.seqs], batch.counts,
-                                  [s.matcher for s in batch.seqs])
-        tokens = batch.sampler.sample(logits)
-        for row, logprobs in batch.sampler.logprobs(logits, tokens):
-            batch.seqs[row].logprobs.append(logprobs)
-        batch.sampler.observe(tokens)
-        batch.last = tokens
-        return tokens
 
     def _emit(self, batch: Batch, tokens: torch.Tensor) -> None:
         now = time.monotonic()

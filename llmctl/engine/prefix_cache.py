@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from llmctl.engine.batch import Batch
 
@@ -109,9 +109,18 @@ class PrefixCache:
         self._touch(blocks)
         return Match(blocks, len(blocks) * size, next_key)
 
-    def gather(self, match: Match, length: int | None = None) -> torch.Tensor:
-        """The KV of the first ``length`` matched tokens (all of them by default) as one new tensor."""
+    def gather(self, match: Match, length: int | None = None, gathered: dict | None = None) -> torch.Tensor:
+        """The KV of the first ``length`` matched tokens (all of them by default) as one new tensor.
+
+        ``gathered`` keeps what was gathered by (last block, length), a block standing for its whole
+        chain: rows of one prefill that continue the same blocks then share one tensor.
+        """
         length = match.tokens if length is None else length
+        if gathered is not None:
+            key = (match.blocks[(length - 1) // self.block_size], length)
+            if key not in gathered:
+                gathered[key] = self.gather(match, length)
+            return gathered[key]
         if not 0 < length <= match.tokens:
             raise ValueError(f"cannot gather {length} tokens from a match of {match.tokens}")
         needed = match.blocks[:-(-length // self.block_size)]
@@ -201,14 +210,51 @@ def row_kv(cache: DynamicCache, row: int, offset: int, start: int, end: int) -> 
     return torch.stack([torch.stack((layer.keys[row, :, a:b], layer.values[row, :, a:b])) for layer in layers])
 
 
-def prefix_rows_cache(prefixes: list[torch.Tensor | None]) -> DynamicCache:
-    """A cache of full layers holding each row's prefix KV right-aligned (left-padded with zeros).
+def prefix_rows_cache(prefixes: list[torch.Tensor | None], room: int = 0) -> DynamicCache:
+    """A cache of full layers holding each row's prefix KV right-aligned (left-padded with zeros),
+    with ``room`` columns after it for the tokens the prefill adds.
 
     ``prefixes`` are tensors from `row_kv` or `PrefixCache.gather` (None: a row without a prefix).
+    The prefill writes its tokens into the room (`PrefilledLayer`) instead of concatenating them to
+    the cache, so each row's prefix is copied once, straight into its final place, whether rows
+    share one prefix (an agent's requests after one system prompt) or not.
     """
     present = [p for p in prefixes if p is not None]
+    first = present[0]
+    layers, _, kv_heads, _, head_dim = first.shape
     width = max(p.shape[-2] for p in present)
-    empty = present[0].new_zeros(present[0].shape[:-2] + (width, present[0].shape[-1]))
-    rows = [empty if p is None else F.pad(p, (0, 0, width - p.shape[-2], 0)) for p in prefixes]
-    kv = torch.stack(rows, dim=2)  # [layers, 2, rows, kv_heads, width, head_dim]
-    return DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in kv.unbind(0)])
+    kv = first.new_empty((layers, 2, len(prefixes), kv_heads, width + room, head_dim))
+    for row, prefix in enumerate(prefixes):
+        start = width - (0 if prefix is None else prefix.shape[-2])
+        if start:
+            kv[:, :, row, :, :start].zero_()
+        if prefix is not None:
+            kv[:, :, row, :, start:width].copy_(prefix)
+    cache = DynamicCache()
+    for layer_kv in kv.unbind(0):
+        cache.layers.append(PrefilledLayer(layer_kv[0], layer_kv[1], room))
+    return cache
+
+
+class PrefilledLayer(DynamicLayer):
+    """A cache layer that already holds a prefix and has ``room`` columns after it for the next
+    update, which it writes in place (DynamicLayer would concatenate: one more copy of the prefix).
+    Later updates concatenate as usual."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values, self.room = keys, values, room
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.room:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if key_states.shape[-2] != self.room:
+            raise ValueError(f"this layer has room for {self.room} new tokens, not {key_states.shape[-2]}")
+        self.keys[:, :, -self.room:].copy_(key_states)
+        self.values[:, :, -self.room:].copy_(value_states)
+        self.room = 0
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return super().get_seq_length() - self.room

@@ -123,3 +123,23 @@ def test_zero_disables_the_cache():
     stats = engine.stats
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits, stats.prefix_cache_tokens) == (0, 0, 0)
     assert stats.prefill_tokens == 80
+
+
+def test_requests_waiting_for_a_shared_prefix_are_prefilled_in_the_same_step_within_its_budget():
+    """The first request computes the prefix; what is left of the step's prefill budget goes to the
+    others, which now find it cached: all get their first token before any decode step. A budget
+    the first prefill uses up leaves them for the next step."""
+    model = build("llama")
+    prefix = random_tokens(200, seed=5)
+    for budget, first_step in ((1024, 1), (205, 2)):
+        seqs = [Sequence(prefix + random_tokens(5, seed=200 + i), greedy(4)) for i in range(4)]
+        engine = BuiltinEngine(model, frozenset(),
+                               EngineConfig(prefix_cache_tokens=4096, max_batched_tokens=budget))
+        with torch.inference_mode():
+            for seq in seqs:
+                engine.submit(seq)
+            engine._step()  # prefill(s), then one decode step for every row in the batch
+            assert [s.generated for s in seqs] == ([2, 2, 2, 2] if first_step == 1 else [2, 0, 0, 0])
+            assert engine.stats.prefill_tokens == (205 + 3 * 13 if first_step == 1 else 205)
+            engine._step()
+        assert all(s.generated >= 2 for s in seqs) and seqs[1].cached_tokens == 192

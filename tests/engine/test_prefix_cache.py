@@ -133,3 +133,29 @@ def test_a_lookup_costs_microseconds():
     miss = list(range(5000, 7000))
     seconds = min(timeit.repeat(lambda: cache.match(miss), number=1000, repeat=3)) / 1000
     assert seconds < 200e-6
+
+
+def layer_kv(tokens: list[int], layers: int = 2) -> torch.Tensor:
+    """A [layers, 2, kv_heads, tokens, head_dim] KV whose value at token i is the token id (layer l: id + 1000 l)."""
+    ids = torch.tensor(tokens, dtype=torch.float32)
+    return torch.stack([torch.stack([ids + 1000 * layer, -(ids + 1000 * layer)]) for layer in range(layers)]
+                       )[:, :, None, :, None].expand(layers, 2, 3, len(tokens), 4).contiguous()
+
+
+def test_rows_cache_right_aligns_each_prefix_and_the_prefill_writes_into_its_room():
+    a, b = layer_kv([1, 2, 3, 4]), layer_kv([7, 8])
+    cache = prefix_cache.prefix_rows_cache([a, None, b], room=2)
+    layer = cache.layers[1]
+    assert layer.get_seq_length() == 4 and cache.get_seq_length() == 4  # the room is not counted yet
+    new = torch.full((3, 3, 2, 4), 9.0)
+    before = layer.keys.data_ptr()
+    keys, values = layer.update(new, -new)
+    assert keys.data_ptr() == before  # written in place, not concatenated
+    assert keys[:, 0, :, 0].tolist() == [[1001, 1002, 1003, 1004, 9, 9], [0, 0, 0, 0, 9, 9],
+                                         [0, 0, 1007, 1008, 9, 9]]
+    assert values[2, 0, :, 0].tolist() == [0, 0, -1007, -1008, -9, -9]
+    assert layer.get_seq_length() == 6
+    keys, _ = layer.update(new[:, :, :1], -new[:, :, :1])  # later steps append as usual
+    assert keys.shape == (3, 3, 7, 4)
+    shared = prefix_cache.prefix_rows_cache([a, a])
+    assert shared.layers[0].keys[:, 0, :, 0].tolist() == [[1, 2, 3, 4], [1, 2, 3, 4]]
