@@ -197,7 +197,7 @@ class BuiltinEngine:
                     continue
                 fresh = self._look_up(seq)
                 if seq.prefix is not None and seq.prefix.next_key in computing:
-                    continue  # a row prefilled now computes its next block: it finds it cached next step
+                    continue  # a row prefilled now computes its next block: it finds it cached after that
                 # A prefill's cost is its rows times the longest part any row computes.
                 if chosen and (len(chosen) + 1) * max([fresh] + [s.context_length - s.prefix_tokens
                                                                  for s in chosen]) > budget:
