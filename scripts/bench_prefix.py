@@ -108,15 +108,21 @@ def plain_round(urls: dict[str, str], args: argparse.Namespace, n: int, order: l
 
 
 def end_of_sequence_ids(model_path: Path | None) -> tuple[int, ...]:
-    """The model's end-of-sequence token, which every request bans (logit_bias -100, as `llmctl bench
-    --eos-bias` does): with ignore_eos alone, a model that wants to stop emits it again and again, and
-    as it is no text the client's first token, and its TTFT, would come whole decode steps late."""
-    from transformers import AutoTokenizer
+    """The ids the server stops on (`llmctl.core.loader.eos_ids`), which every request bans (logit_bias
+    -100, as `llmctl bench --eos-bias` does): with ignore_eos alone, a model that wants to stop emits
+    one again and again, and as it is no text the client's first token, and its TTFT, would come whole
+    decode steps late."""
+    from transformers import AutoTokenizer, GenerationConfig
 
     from llmctl.core.embedded import ensure_embedded_model
+    from llmctl.core.loader import eos_ids
 
-    eos = AutoTokenizer.from_pretrained(model_path or ensure_embedded_model()).eos_token_id
-    return () if eos is None else (eos,)
+    path = model_path or ensure_embedded_model()
+    try:
+        configured = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json
+        configured = None
+    return tuple(sorted(eos_ids(configured, AutoTokenizer.from_pretrained(path))))
 
 
 def medians(rounds: list[dict[str, dict]], key: str) -> dict[str, float]:

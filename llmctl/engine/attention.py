@@ -45,7 +45,8 @@ def grouped_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     """
     rows, heads, queries, dim = query.shape
     keys = key.shape[2]
-    if (attention_mask is None and queries > 1) or heads * queries * keys > SCORE_BLOCK \
+    per_row = heads * queries * keys  # scores
+    if (attention_mask is None and queries > 1) or per_row > SCORE_BLOCK \
             or _unsupported(module, query, key, value, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -55,7 +56,7 @@ def grouped_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     # Query heads i*group .. (i+1)*group-1 use KV head i (transformers' repeat_kv order).
     stacked = query.reshape(rows, kv_heads, group * queries, dim)
     out = torch.empty((rows, kv_heads, group * queries, dim), dtype=value.dtype, device=value.device)
-    step = max(1, SCORE_BLOCK // (heads * queries * keys))
+    step = SCORE_BLOCK // per_row
     for start in range(0, rows, step):  # a few rows at a time, so their scores stay in cache
         end = min(rows, start + step)
         scores = torch.matmul(stacked[start:end], key[start:end].transpose(-1, -2)).float().mul_(scale)
@@ -66,7 +67,7 @@ def grouped_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     return out.view(rows, heads, queries, dim).transpose(1, 2).contiguous(), None
 
 
-def grouped_mask(*args, dtype: torch.dtype | None = None, **kwargs) -> torch.Tensor | None:
+def grouped_mask(*args, **kwargs) -> torch.Tensor | None:
     """SDPA's mask (None where causal is all there is) as an additive float32 mask, built once per forward.
 
     Adding a float mask costs a fifth of filling a boolean one across the grouped heads; masked

@@ -80,12 +80,19 @@ def stack_right_aligned(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.T
     each right-aligned, zeros on the left: one copy of each, nothing in between."""
     ra, rb = a.shape[0], b.shape[0]
     out = a.new_empty((ra + rb,) + a.shape[1:2] + (width,) + a.shape[3:])
-    for rows, part in ((slice(0, ra), a), (slice(ra, ra + rb), b)):
-        pad = width - part.shape[2]
-        out[rows, :, pad:].copy_(part)
-        if pad:
-            out[rows, :, :pad].zero_()
+    fill_right_aligned(out[:ra], a)
+    fill_right_aligned(out[ra:], b)
     return out
+
+
+def fill_right_aligned(dest: torch.Tensor, tokens: torch.Tensor | None) -> None:
+    """Write ``tokens`` into the last columns of ``dest`` (the token dimension is -2 in both) and zeros
+    before them (all zeros for None): one row's, or rows', place in the left-padded layout."""
+    pad = dest.shape[-2] - (0 if tokens is None else tokens.shape[-2])
+    if pad:
+        dest[..., :pad, :].zero_()
+    if tokens is not None:
+        dest[..., pad:, :].copy_(tokens)
 
 
 def prefill_inputs(contexts: list[list[int]], cached: list[int],

@@ -233,7 +233,7 @@ class BuiltinEngine:
             fed = max(s.context_length - s.prefix_tokens for s in chosen)
             if len(chosen) > 1 or fed <= full:
                 self._run_prefill(chosen, self._prefill_batch)
-                return max(1, len(chosen) * fed)
+                return len(chosen) * fed  # at least 1: a row's last token is always computed
             self._prefilling = seq
             prefix = self._take_prefix(seq, seq.prefix_tokens)
             if prefix is not None:  # the chunks start where the cached prefix ends

@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from llmctl.engine.batch import Batch
+from llmctl.engine.batch import Batch, fill_right_aligned
 
 ROOT = 0  # the parent key of a prompt's first block
 
@@ -225,11 +225,7 @@ def prefix_rows_cache(prefixes: list[torch.Tensor | None], room: int = 0) -> Dyn
     width = max(p.shape[-2] for p in present)
     kv = first.new_empty((layers, 2, len(prefixes), kv_heads, width + room, head_dim))
     for row, prefix in enumerate(prefixes):
-        start = width - (0 if prefix is None else prefix.shape[-2])
-        if start:
-            kv[:, :, row, :, :start].zero_()
-        if prefix is not None:
-            kv[:, :, row, :, start:width].copy_(prefix)
+        fill_right_aligned(kv[:, :, row, :, :width], prefix)
     cache = DynamicCache()
     for layer_kv in kv.unbind(0):
         cache.layers.append(PrefilledLayer(layer_kv[0], layer_kv[1], room))
