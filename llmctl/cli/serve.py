@@ -68,6 +68,12 @@ def serve(
     max_batched_tokens: Annotated[int, typer.Option(
         envvar=envvars.MAX_BATCHED_TOKENS, min=16,
         help="Most prompt tokens prefilled in one step; longer prompts are prefilled in chunks.")] = 2048,
+    max_prefill_tokens: Annotated[int | None, typer.Option(
+        envvar=envvars.MAX_PREFILL_TOKENS, min=1,
+        help="Builtin engine: most prompt tokens in one prefill pass over new requests; a step runs passes up to "
+        "--max-batched-tokens, and each pass's requests get their first token when it ends. A prompt longer than "
+        "this gets a pass of its own. Default: 256 on CPU (first tokens sooner for a few percent of throughput), "
+        "--max-batched-tokens on GPUs.")] = None,
     max_waiting: Annotated[int, typer.Option(
         envvar=envvars.MAX_WAITING, min=1, help="Requests that may wait for a batch slot; beyond it: 429.")] = 64,
     kv_cache_tokens: Annotated[int, typer.Option(
@@ -156,6 +162,9 @@ def serve(
             enforce_eager=enforce_eager)
         if attention != "auto":
             raise ModelLoadError("--attention applies to the builtin engine; vLLM chooses its own attention backend.")
+        if max_prefill_tokens is not None:
+            raise ModelLoadError("--max-prefill-tokens applies to the builtin engine; vLLM schedules prefills by "
+                                 "--max-batched-tokens.")
         vllm_preflight(load, engine_options)
     else:
         only_vllm = [flag for flag, given in (
@@ -167,6 +176,7 @@ def serve(
             raise ModelLoadError(f"{only_vllm[0]} applies to vLLM's engine: add --engine vllm.")
         preflight(load)
     engine = EngineConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+                          max_prefill_tokens=max_prefill_tokens,
                           max_waiting=max_waiting, kv_cache_tokens=kv_cache_tokens,
                           prefix_cache_tokens=prefix_cache_tokens, attention=attention)
     keys = load_api_keys(api_key or [], api_key_file)

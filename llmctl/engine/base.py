@@ -31,6 +31,9 @@ class EngineConfig:
 
     max_num_seqs: int = 32
     max_batched_tokens: int = 2048
+    # The builtin engine's most prompt tokens in one prefill pass (a step may run several, up to
+    # max_batched_tokens); None: its choice for the device (see BuiltinEngine.prefill_pass_tokens).
+    max_prefill_tokens: int | None = None
     max_waiting: int = 256
     kv_cache_tokens: int = 65536
     # Of kv_cache_tokens, how much the KV of computed prefixes may keep for later requests; 0: no cache.
@@ -42,6 +45,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_batched_tokens", "max_waiting", "kv_cache_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be at least 1")
         if self.prefix_cache_tokens < 0:
             raise ValueError("prefix_cache_tokens must be 0 or more")
         if self.attention not in ATTENTION_CHOICES:

@@ -7,6 +7,7 @@ decode step is then one forward pass of [B, 1] tokens with per-row positions and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,9 @@ from transformers import DynamicCache
 
 from llmctl.engine.base import Sequence
 from llmctl.engine.sampling import BatchSampler
+
+if TYPE_CHECKING:
+    from llmctl.engine.shared import SharedPrefix
 
 
 @dataclass
@@ -27,6 +31,19 @@ class Batch:
     last: torch.Tensor  # [B] the token to feed at the next step
     counts: torch.Tensor | None = None  # [B, V] generated-token counts when any row has penalties
     sampler: BatchSampler | None = field(default=None, repr=False)
+    # A prefix whose KV the rows share (`llmctl.engine.shared`), and how many of its tokens each row
+    # reads before the tokens of its own cache row (0: none); both None when no row reads one.
+    shared: SharedPrefix | None = None
+    shared_lengths: torch.Tensor | None = None  # [B]
+
+    def own_lengths(self) -> torch.Tensor:
+        """[B] tokens each row holds in its own cache row (its last columns)."""
+        return self.positions if self.shared is None else self.positions - self.shared_lengths
+
+    @property
+    def kv_slots(self) -> int:
+        """KV slots the batch holds: every row as wide as the widest, and the shared prefix once."""
+        return len(self.seqs) * self.mask.shape[1] + (self.shared.tokens if self.shared is not None else 0)
 
 
 def full_cache() -> DynamicCache:
@@ -49,7 +66,11 @@ def select_rows(batch: Batch, keep: list[int]) -> None:
     batch.counts = batch.counts[index] if batch.counts is not None else None
     # The sampler holds per-row settings and the counts tensor just replaced: rebuild it next step.
     batch.sampler = None
-    trim = batch.mask.shape[1] - int(batch.positions.max())
+    if batch.shared is not None:
+        batch.shared_lengths = batch.shared_lengths[index]
+        if not bool(batch.shared_lengths.any()):  # its last reader left
+            batch.shared = batch.shared_lengths = None
+    trim = batch.mask.shape[1] - int(batch.own_lengths().max())
     batch.mask = batch.mask[index, trim:]
     for layer in batch.cache.layers:
         layer.keys = layer.keys[index, :, trim:, :]
@@ -71,6 +92,14 @@ def merge(a: Batch, b: Batch) -> Batch:
         ca = a.counts if a.counts is not None else torch.zeros((len(a.seqs), vocab), device=a.mask.device)
         cb = b.counts if b.counts is not None else torch.zeros((len(b.seqs), vocab), device=a.mask.device)
         a.counts = torch.cat([ca, cb])
+    if a.shared is not None or b.shared is not None:
+        if a.shared is not None and b.shared is not None and a.shared is not b.shared:
+            raise ValueError("cannot merge batches that read different shared prefixes")
+        zeros = torch.zeros(len(a.seqs) if a.shared is None else len(b.seqs), dtype=torch.long,
+                            device=a.mask.device)
+        a.shared_lengths = torch.cat([a.shared_lengths if a.shared is not None else zeros,
+                                      b.shared_lengths if b.shared is not None else zeros])
+        a.shared = a.shared or b.shared
     a.seqs = a.seqs + b.seqs
     return a
 
@@ -95,28 +124,33 @@ def fill_right_aligned(dest: torch.Tensor, tokens: torch.Tensor | None) -> None:
         dest[..., pad:, :].copy_(tokens)
 
 
-def prefill_inputs(contexts: list[list[int]], cached: list[int],
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """Inputs of one left-padded prefill whose row r may start from ``cached[r]`` tokens already computed.
-
-    Every row feeds the same number of tokens, the longest uncached part of any row; a row with more
-    cached tokens than that needs takes fewer from its cache, so that nothing is left between its
-    cached part and the tokens it feeds, and its tokens stay contiguous and right-aligned. Returns
-    the input ids ``[B, fed]``, the attention mask ``[B, used + fed]``, the position ids of the fed
-    tokens, and how many cached tokens each row uses (its cache comes first, left-padded to the most).
-    """
-    lengths = [len(c) for c in contexts]
+def prefill_plan(lengths: list[int], cached: list[int]) -> tuple[int, list[int]]:
+    """How many tokens a left-padded prefill feeds (the same for every row: the longest uncached part of
+    any row) and how many cached tokens each row then uses: a row with more cached tokens than that
+    needs takes fewer from its cache, so that nothing is left between its cached part and the tokens
+    it feeds, and its tokens stay contiguous and right-aligned."""
     fed = max(n - c for n, c in zip(lengths, cached))
-    used = [max(0, n - fed) for n in lengths]
-    width = max(used)
+    return fed, [max(0, n - fed) for n in lengths]
+
+
+def prefill_inputs(contexts: list[list[int]], used: list[int], fed: int, device: torch.device,
+                   shared: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs of one left-padded prefill (``fed``, ``used``: `prefill_plan`) in which row r reads its first
+    ``shared[r]`` tokens from a shared prefix and the rest of its ``used[r]`` cached tokens from its own
+    cache row (left-padded to the most). Returns the input ids ``[B, fed]``, the attention mask over the
+    own cache and the fed tokens ``[B, own + fed]``, and the fed tokens' position ids."""
+    shared = shared or [0] * len(contexts)
+    own = [u - s for u, s in zip(used, shared)]
+    width = max(own)
     ids = torch.zeros((len(contexts), fed), dtype=torch.long)
     mask = torch.zeros((len(contexts), width + fed), dtype=torch.long)
-    for row, (context, n, u) in enumerate(zip(contexts, lengths, used)):
+    for row, (context, u, o) in enumerate(zip(contexts, used, own)):
+        n = len(context)
         ids[row, fed - (n - u):] = torch.tensor(context[u:])
-        mask[row, width - u:width] = 1
+        mask[row, width - o:width] = 1
         mask[row, width + fed - (n - u):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)[:, width:], used
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, width:] + torch.tensor(shared)[:, None]
+    return ids.to(device), mask.to(device), positions.to(device)
 
 
 def sample(batch: Batch, logits: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -22,19 +22,19 @@ from transformers import DynamicCache
 from llmctl.core import hardware
 from llmctl.engine import attention
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
-from llmctl.engine.batch import Batch, full_cache, merge, prefill_inputs, sample, select_rows
-from llmctl.engine.prefix_cache import KVLayoutError, PrefixCache, prefix_rows_cache, store_rows
+from llmctl.engine.batch import Batch, merge, sample, select_rows
+from llmctl.engine.prefill import Prefills
+from llmctl.engine.prefix_cache import KVLayoutError, PrefixCache, store_rows
+from llmctl.engine.shared import SharedView, sharing_works
 from llmctl.engine.structured import Grammars, attach_matchers, end_reason
 from llmctl.errors import GenerationOutOfMemory, LLMCtlError, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
 
 TRIM_EVERY_S = 10.0  # how often freed heap memory is handed back to the OS
-OVERTAKE_S = 5.0  # how long smaller requests may pass one that does not fit yet
-ADMIT_HEADROOM = 128  # tokens of growth each row must have room for when a new row is admitted
 
 
-class BuiltinEngine:
+class BuiltinEngine(Prefills):
     """Runs generation for all requests on one background thread (the `Engine` protocol)."""
 
     forks_after_prefill = True  # a sequence's forks (n > 1) are prefilled with it once: see _fork
@@ -55,6 +55,10 @@ class BuiltinEngine:
             if tokenizer is not None else None
         # transformers renamed `past_key_values` to `cache`; pass whichever this version takes.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        with torch.inference_mode():
+            self._share = self._prefix is not None and sharing_works(model, self.attention, self._forward)
+        if self._prefix is not None:
+            log.info("Shared prefixes: %s", "on" if self._share else "off (each row holds its own copy)")
         self._waiting: deque[Sequence] = deque()
         self._prefilling: Sequence | None = None
         self._admitting: list[Sequence] = []  # taken from the queue, not yet in the batch
@@ -168,126 +172,6 @@ class BuiltinEngine:
             self._remember(self._batch, gone, leaving=True)  # a stop string cancels: its KV is as reusable
             self._select(keep)
 
-    def _admit(self, budget: int) -> list[Sequence]:
-        """New sequences for one prefill: as many as the slot, KV and token budgets allow (``budget``:
-        prompt tokens this step may still prefill).
-
-        KV admission is optimistic, as in paged servers: a row is charged its context now plus
-        ADMIT_HEADROOM tokens, not its whole max_tokens, and when the rows outgrow the budget the
-        newest ones are preempted (`_make_room`). A request that does not fit yet may be overtaken
-        by smaller ones behind it, but only for OVERTAKE_S: after that nothing passes it.
-        """
-        cfg = self.config
-        running = self._batch.seqs if self._batch else []
-        chosen: list[Sequence] = []
-        # The running rows' width in a while: now, plus what they may still generate (up to the headroom).
-        longest = self._batch.mask.shape[1] + min(
-            ADMIT_HEADROOM, max(s.params.max_tokens - s.generated for s in running)) if self._batch else 0
-        now = time.monotonic()
-        computing: set[int] = set()  # prefix-cache keys of the blocks this prefill computes
-        with self._cond:
-            for seq in list(self._waiting):
-                if len(running) + len(chosen) >= cfg.max_num_seqs:
-                    break
-                new_longest = max(longest, seq.admit_tokens(ADMIT_HEADROOM))
-                # Padded layout: every row is as long as the longest one.
-                if (len(running) + len(chosen) + 1) * new_longest > cfg.kv_cache_tokens and (running or chosen):
-                    if now - seq.arrived >= OVERTAKE_S:
-                        break
-                    continue
-                fresh = self._look_up(seq)
-                if seq.prefix is not None and seq.prefix.next_key in computing:
-                    continue  # a row prefilled now computes its next block: it finds it cached after that
-                # A prefill's cost is its rows times the longest part any row computes.
-                if chosen and (len(chosen) + 1) * max([fresh] + [s.context_length - s.prefix_tokens
-                                                                 for s in chosen]) > budget:
-                    break
-                if not chosen and budget < cfg.max_batched_tokens and fresh > budget:
-                    break  # what is left of this step's budget is too little: it goes first next step
-                self._waiting.remove(seq)
-                seq.admitted = seq.admitted or now
-                chosen.append(seq)
-                longest = new_longest
-                if self._prefix is not None:
-                    computing.update(self._prefix.keys(seq.context_ids))
-                if fresh > cfg.max_batched_tokens:
-                    break  # a long prompt is prefilled alone, in chunks
-        return chosen
-
-    def _look_up(self, seq: Sequence) -> int:
-        """Find the cached prefix of ``seq``'s context; returns the tokens its prefill must compute."""
-        if self._prefix is not None:  # the last token is always computed: its logits give the next token
-            seq.prefix = self._prefix.match(seq.context_ids, limit=seq.context_length - 1)
-            seq.prefix_tokens = seq.prefix.tokens
-        return seq.context_length - seq.prefix_tokens
-
-    def _prefill_some(self, budget: int) -> int:
-        """One prefill (of new rows, or the next chunk of a long prompt) within ``budget`` prompt
-        tokens; returns the tokens it charged to the step (0: nothing to prefill)."""
-        full = self.config.max_batched_tokens
-        if self._prefilling is None:
-            chosen = self._admit(budget)
-            if not chosen:
-                return 0
-            seq = chosen[0]
-            fed = max(s.context_length - s.prefix_tokens for s in chosen)
-            if len(chosen) > 1 or fed <= full:
-                self._run_prefill(chosen, self._prefill_batch)
-                return len(chosen) * fed  # at least 1: a row's last token is always computed
-            self._prefilling = seq
-            prefix = self._take_prefix(seq, seq.prefix_tokens)
-            if prefix is not None:  # the chunks start where the cached prefix ends
-                seq.prefill_cache, seq.prefilled = prefix_rows_cache([prefix]), seq.prefix_tokens
-        elif budget < full:
-            return 0  # a chunk takes a whole step's budget
-        self._run_prefill([self._prefilling], self._prefill_chunk)
-        return full
-
-    def _run_prefill(self, seqs: list[Sequence], fn) -> None:
-        self._admitting = list(seqs)
-        try:
-            batch = fn(seqs)
-            if batch is None:
-                return  # more chunks to go
-            self._fork(batch)
-            self.stats.prefills += 1
-            self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs if not s.preemptions)
-            self._remember(batch, list(range(len(batch.seqs))), extra=len(batch.seqs) * batch.mask.shape[1])
-            self._emit(batch, sample(batch, batch.last_logits, self.device))
-            del batch.last_logits
-            kept = [i for i, s in enumerate(batch.seqs) if not s.done]
-            if kept:
-                if len(kept) < len(batch.seqs):
-                    select_rows(batch, kept)
-                self._join(batch)
-        except torch.OutOfMemoryError:
-            self._on_oom(self._admitting)
-        except Exception:
-            log.exception("Prefill failed")
-            self._prefilling = None
-            for seq in self._admitting:
-                seq.prefill_cache = None
-                self._finish(seq, "error", LLMCtlError("Internal error during prefill; see the server log."))
-        finally:
-            self._admitting = []
-
-    def _fork(self, batch: Batch) -> None:
-        """n > 1: the prompt was prefilled once; each other choice gets a copy of its row (KV cache included)
-        and samples on its own from the first token on."""
-        if not any(seq.forks for seq in batch.seqs):
-            return
-        rows, seqs = [], []
-        for row, seq in enumerate(batch.seqs):
-            for member in (seq, *seq.forks):
-                member.admitted = seq.admitted
-                rows.append(row)
-                seqs.append(member)
-            seq.forks = []
-        logits = batch.last_logits[torch.tensor(rows, device=batch.last_logits.device)]
-        select_rows(batch, rows)
-        batch.seqs, batch.last_logits = seqs, logits
-        self._admitting += [s for s in seqs if s not in self._admitting]  # an OOM from here on fails them too
-
     def _join(self, batch: Batch) -> None:
         """Add freshly prefilled rows to the running batch."""
         running = self._batch
@@ -303,61 +187,6 @@ class BuiltinEngine:
             self._admitting += running.seqs
             raise
         self._batch.sampler = None  # composition changed
-
-    def _prefill_batch(self, seqs: list[Sequence]) -> Batch:
-        """One left-padded forward pass over the new rows; a row's cached prefix is not computed again."""
-        contexts = [s.context_ids for s in seqs]
-        lengths = [len(c) for c in contexts]
-        ids, mask, positions, used = prefill_inputs(contexts, [s.prefix_tokens for s in seqs], self.device)
-        gathered: dict = {}  # rows continuing the same cached blocks share one copy of them
-        prefixes = [self._take_prefix(s, u, gathered) for s, u in zip(seqs, used)]
-        cache = prefix_rows_cache(prefixes, room=ids.shape[1]) if max(used) else full_cache()
-        self.stats.prefill_tokens += sum(lengths) - sum(used)
-        log.debug("Prefill: %d row(s) of %d token(s) each, %d token(s) in all from the prefix cache",
-                  len(seqs), ids.shape[1], sum(used))
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                            logits_to_keep=1)
-        batch = Batch(seqs=list(seqs), cache=cache, mask=mask,
-                       positions=torch.tensor(lengths, device=self.device), last=ids[:, -1].clone())
-        batch.last_logits = out.logits[:, -1, :]
-        return batch
-
-    def _prefill_chunk(self, seqs: list[Sequence]) -> Batch | None:
-        (seq,) = seqs
-        context = seq.context_ids
-        start, total = seq.prefilled, len(context)
-        end = min(total, start + self.config.max_batched_tokens)
-        if seq.prefill_cache is None:
-            seq.prefill_cache = full_cache()
-        ids = torch.tensor([context[start:end]], device=self.device)
-        out = self._forward(
-            input_ids=ids,
-            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
-            position_ids=torch.arange(start, end, device=self.device)[None],
-            cache=seq.prefill_cache, logits_to_keep=1,
-        )
-        seq.prefilled = end
-        self.stats.prefill_tokens += end - start
-        if end < total:
-            return None
-        self._prefilling = None
-        cache, seq.prefill_cache = seq.prefill_cache, None
-        batch = Batch(seqs=[seq], cache=cache, mask=torch.ones((1, total), dtype=torch.long, device=self.device),
-                       positions=torch.tensor([total], device=self.device), last=ids[:, -1].clone())
-        batch.last_logits = out.logits[:, -1, :]
-        return batch
-
-    def _take_prefix(self, seq: Sequence, tokens: int, gathered: dict | None = None) -> torch.Tensor | None:
-        """The KV of ``seq``'s first ``tokens`` context tokens from the prefix cache (None for 0), counted
-        (``gathered``: see `PrefixCache.gather`)."""
-        match, seq.prefix, seq.prefix_tokens = seq.prefix, None, 0
-        if self._prefix is None:
-            return None
-        self.stats.prefix_cache_queries += seq.context_length
-        self.stats.prefix_cache_hits += tokens
-        if not seq.preemptions:
-            seq.cached_tokens = tokens
-        return self._prefix.gather(match, tokens, gathered) if tokens else None
 
     def _remember(self, batch: Batch, rows: list[int], extra: int = 0, leaving: bool = False) -> None:
         """Put rows' KV (their context so far) into the prefix cache, within what the KV budget leaves
@@ -375,11 +204,16 @@ class BuiltinEngine:
 
     def _kv_in_use(self) -> int:
         """KV slots the running batch and a chunked prefill hold now."""
-        return (len(self._batch.seqs) * self._batch.mask.shape[1] if self._batch else 0) + \
+        return (self._batch.kv_slots if self._batch else 0) + \
             (self._prefilling.prefilled if self._prefilling else 0)
 
-    def _forward(self, cache: DynamicCache, **kwargs):
-        return self.model(**kwargs, **{self._cache_kw: cache}, use_cache=True)
+    def _forward(self, cache: DynamicCache, shared: SharedView | None = None, **kwargs):
+        if shared is not None:
+            kwargs["shared_prefix"] = shared
+        out = self.model(**kwargs, **{self._cache_kw: cache}, use_cache=True)
+        if shared is not None and len(shared.layers) != len(cache.layers):  # `sharing_works` makes sure it is not
+            raise RuntimeError(f"{len(cache.layers) - len(shared.layers)} layer(s) did not read the shared prefix")
+        return out
 
     def _make_room(self) -> None:
         """Preempt the newest rows while the next decode step would take the cache over the KV budget.
@@ -391,14 +225,13 @@ class BuiltinEngine:
         """
         batch = self._batch
         pending = self._prefilling.context_length if self._prefilling else 0  # its chunks hold cache too
-        need = len(batch.seqs) * (batch.mask.shape[1] + 1) + pending
+        need = batch.kv_slots + len(batch.seqs) + pending
         self.stats.kv_cache_usage = min(1.0, need / self.config.kv_cache_tokens)
         if self._prefix is not None:  # cached prefixes give way to running rows
             self._prefix.shrink(self.config.kv_cache_tokens - need)
             self.stats.prefix_cache_tokens = self._prefix.tokens
         victims = []
-        while len(batch.seqs) > 1 and len(batch.seqs) * (batch.mask.shape[1] + 1) + pending > \
-                self.config.kv_cache_tokens:
+        while len(batch.seqs) > 1 and batch.kv_slots + len(batch.seqs) + pending > self.config.kv_cache_tokens:
             victims.append(batch.seqs[-1])  # rows are in admission order: the last is the newest
             select_rows(batch, list(range(len(batch.seqs) - 1)))
         if not victims:
@@ -418,8 +251,8 @@ class BuiltinEngine:
         rows = len(batch.seqs)
         try:
             mask = torch.cat([batch.mask, torch.ones((rows, 1), dtype=batch.mask.dtype, device=self.device)], dim=1)
-            out = self._forward(input_ids=batch.last[:, None], attention_mask=mask,
-                                position_ids=batch.positions[:, None], cache=batch.cache)
+            out = self._forward(input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.positions[:, None],
+                                cache=batch.cache, shared=SharedView.of(batch.shared, batch.shared_lengths))
             batch.mask = mask
             batch.positions = batch.positions + 1
             tokens = sample(batch, out.logits[:, -1, :], self.device)

@@ -20,12 +20,16 @@ import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from llmctl.engine.batch import Batch, fill_right_aligned
+
+if TYPE_CHECKING:
+    from llmctl.engine.shared import SharedPrefix
 
 ROOT = 0  # the parent key of a prompt's first block
 
@@ -109,23 +113,26 @@ class PrefixCache:
         self._touch(blocks)
         return Match(blocks, len(blocks) * size, next_key)
 
-    def gather(self, match: Match, length: int | None = None, gathered: dict | None = None) -> torch.Tensor:
-        """The KV of the first ``length`` matched tokens (all of them by default) as one new tensor.
+    def gather(self, match: Match, length: int | None = None, gathered: dict | None = None,
+               start: int = 0) -> torch.Tensor:
+        """The KV of matched tokens ``start:length`` (all of them by default; ``start`` whole blocks) as
+        one new tensor.
 
-        ``gathered`` keeps what was gathered by (last block, length), a block standing for its whole
-        chain: rows of one prefill that continue the same blocks then share one tensor.
+        ``gathered`` keeps what was gathered by (last block, start, length), a block standing for its
+        whole chain: rows of one prefill that continue the same blocks then share one tensor.
         """
         length = match.tokens if length is None else length
         if gathered is not None:
-            key = (match.blocks[(length - 1) // self.block_size], length)
+            key = (match.blocks[(length - 1) // self.block_size], start, length)
             if key not in gathered:
-                gathered[key] = self.gather(match, length)
+                gathered[key] = self.gather(match, length, start=start)
             return gathered[key]
-        if not 0 < length <= match.tokens:
-            raise ValueError(f"cannot gather {length} tokens from a match of {match.tokens}")
-        needed = match.blocks[:-(-length // self.block_size)]
+        if not 0 <= start < length <= match.tokens or start % self.block_size:
+            raise ValueError(f"cannot gather tokens {start}:{length} from a match of {match.tokens}")
+        needed = match.blocks[start // self.block_size:-(-length // self.block_size)]
         kv = torch.cat([b.kv for b in needed], dim=-2) if len(needed) > 1 else needed[0].kv.clone()
-        return kv[..., :length, :] if kv.shape[-2] != length else kv
+        span = length - start
+        return kv[..., :span, :] if kv.shape[-2] != span else kv
 
     def insert(self, tokens: list[int], kv_of: Callable[[int, int], torch.Tensor], room: int | None = None) -> int:
         """Store the full blocks of ``tokens`` that are not cached yet; returns the tokens added.
@@ -188,26 +195,32 @@ class KVLayoutError(ValueError):
 
 
 def store_rows(prefixes: PrefixCache, batch: Batch, rows: list[int], room: int) -> None:
-    """Put the KV of batch rows ``rows`` (every token in their cache so far) into ``prefixes``,
-    keeping it within ``room`` tokens; raises KVLayoutError for a cache it cannot store."""
+    """Put the KV of batch rows ``rows`` (every token in their cache so far, a shared prefix's included)
+    into ``prefixes``, keeping it within ``room`` tokens; raises KVLayoutError for a cache it cannot store."""
     width = batch.mask.shape[1]
-    lengths = batch.positions.tolist()
+    own = batch.own_lengths().tolist()
+    shared = batch.shared_lengths.tolist() if batch.shared is not None else [0] * len(batch.seqs)
     for row in rows:
-        n = lengths[row]  # the row's tokens sit in the last n columns
-        prefixes.insert(batch.seqs[row].context_ids[:n], functools.partial(row_kv, batch.cache, row, width - n),
-                        room)
+        n, s = own[row], shared[row]  # the row's own tokens sit in the last n columns
+        kv_of = functools.partial(row_kv, batch.cache, row, width - n, shared=batch.shared, shared_tokens=s)
+        prefixes.insert(batch.seqs[row].context_ids[:s + n], kv_of, room)
 
 
-def row_kv(cache: DynamicCache, row: int, offset: int, start: int, end: int) -> torch.Tensor:
-    """KV of one batch row's tokens ``start:end`` (cache columns from ``offset``), all layers in one
-    tensor ``[layers, 2, kv_heads, end - start, head_dim]``."""
+def row_kv(cache: DynamicCache, row: int, offset: int, start: int, end: int, shared: SharedPrefix | None = None,
+           shared_tokens: int = 0) -> torch.Tensor:
+    """KV of one batch row's tokens ``start:end``, all layers in one tensor
+    ``[layers, 2, kv_heads, end - start, head_dim]``: the first ``shared_tokens`` from ``shared``, the
+    rest from the row's cache columns from ``offset`` on."""
     layers = cache.layers
     shapes = {(layer.keys.shape[1:2] + layer.keys.shape[3:], layer.values.shape[1:2] + layer.values.shape[3:])
               for layer in layers}
     if len(shapes) != 1 or len({shape for pair in shapes for shape in pair}) != 1:
         raise KVLayoutError("its layers' key and value tensors differ in shape")
-    a, b = offset + start, offset + end
-    return torch.stack([torch.stack((layer.keys[row, :, a:b], layer.values[row, :, a:b])) for layer in layers])
+    a, b = offset + max(0, start - shared_tokens), offset + max(0, end - shared_tokens)
+    own = torch.stack([torch.stack((layer.keys[row, :, a:b], layer.values[row, :, a:b])) for layer in layers])
+    if start >= shared_tokens:
+        return own
+    return torch.cat([shared.kv[..., start:min(end, shared_tokens), :], own], dim=-2)
 
 
 def prefix_rows_cache(prefixes: list[torch.Tensor | None], room: int = 0) -> DynamicCache:

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from llmctl.engine import BuiltinEngine, EngineConfig, Finish, SamplingParams, Sequence, sampling
-from llmctl.engine import builtin as engine_module
+from llmctl.engine import prefill as engine_module
 
 VOCAB, NEW_TOKENS = 300, 30
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

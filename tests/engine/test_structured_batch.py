@@ -90,7 +90,7 @@ def test_preempted_constrained_rows_resume_with_their_grammar_state(tiny_model, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmctl.engine import BuiltinEngine, SamplingParams, Sequence
-    from llmctl.engine import builtin as engine_module
+    from llmctl.engine import prefill as engine_module
     from llmctl.engine.structured import Constraint
     from tests.engine.test_engine_architectures import drain, run_in_steps
 

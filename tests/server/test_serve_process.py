@@ -42,6 +42,9 @@ def test_underscore_flags_and_env(server_process, tiny_model):
     # A long path: still one line of stderr (log collectors split records at newlines).
     (["--model-path", "/nonexistent/" + "a-rather-long-folder-name/" * 6 + "model"], "does not exist"),
     (["--device", "cuda"], "no CUDA device"),
+    # Builtin-engine flags on vLLM's engine are refused before vLLM is imported (it need not be installed).
+    (["--engine", "vllm", "--attention", "grouped"], "--attention applies to the builtin engine"),
+    (["--engine", "vllm", "--max-prefill-tokens", "64"], "--max-prefill-tokens applies to the builtin engine"),
 ])
 def test_bad_start_fails_fast_with_one_line(args, message):
     started = time.monotonic()

@@ -1,0 +1,230 @@
+"""The builtin engine's prefills: which waiting requests join the running batch, and their first pass.
+
+A step prefills new requests in passes of at most `prefill_pass_tokens` tokens (all rows together,
+counting what their cached prefixes spare them) until the step's budget, ``max_batched_tokens``, is
+spent. A pass's requests get their first token when it ends, so on a CPU, where a pass costs in
+proportion to its tokens, several small passes give most requests their first token sooner than one
+large pass, for a few percent of throughput (each pass and merge has a fixed cost). A prompt longer than the step's budget is prefilled alone, in
+chunks, one per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from llmctl.engine.base import Sequence
+from llmctl.engine.batch import Batch, full_cache, prefill_inputs, prefill_plan, sample, select_rows
+from llmctl.engine.prefix_cache import prefix_rows_cache
+from llmctl.engine.shared import SharedView, choose
+from llmctl.errors import LLMCtlError
+
+log = logging.getLogger(__name__)
+
+OVERTAKE_S = 5.0  # how long smaller requests may pass one that does not fit yet
+ADMIT_HEADROOM = 128  # tokens of growth each row must have room for when a new row is admitted
+CPU_PASS_TOKENS = 256  # prefill pass size on a CPU unless the operator sets one (--max-prefill-tokens)
+
+
+class Prefills:
+    """The prefill half of `llmctl.engine.builtin.BuiltinEngine` (whose state it uses), run on its thread."""
+
+    share_min_tokens = 256  # a row reads a shared prefix (llmctl.engine.shared) of at least this many tokens
+
+    @property
+    def prefill_pass_tokens(self) -> int:
+        """Most tokens one prefill pass computes: the operator's choice, else 256 on a CPU and the step's
+        whole budget on an accelerator (where a larger pass costs little more than a small one)."""
+        cfg = self.config
+        if cfg.max_prefill_tokens is not None:
+            return min(cfg.max_prefill_tokens, cfg.max_batched_tokens)
+        return min(CPU_PASS_TOKENS, cfg.max_batched_tokens) if self.device.type == "cpu" else cfg.max_batched_tokens
+
+    def _admit(self, budget: int) -> list[Sequence]:
+        """New sequences for one prefill: as many as the slot, KV and token budgets allow (``budget``:
+        prompt tokens this step may still prefill).
+
+        KV admission is optimistic, as in paged servers: a row is charged its context now plus
+        ADMIT_HEADROOM tokens, not its whole max_tokens, and when the rows outgrow the budget the
+        newest ones are preempted (`_make_room`). A request that does not fit yet may be overtaken
+        by smaller ones behind it, but only for OVERTAKE_S: after that nothing passes it.
+        """
+        cfg = self.config
+        running = self._batch.seqs if self._batch else []
+        chosen: list[Sequence] = []
+        # The running rows' width in a while: now, plus what they may still generate (up to the headroom).
+        longest = self._batch.mask.shape[1] + min(
+            ADMIT_HEADROOM, max(s.params.max_tokens - s.generated for s in running)) if self._batch else 0
+        shared = self._batch.shared.tokens if self._batch and self._batch.shared else 0
+        now = time.monotonic()
+        computing: set[int] = set()  # prefix-cache keys of the blocks this prefill computes
+        with self._cond:
+            for seq in list(self._waiting):
+                if len(running) + len(chosen) >= cfg.max_num_seqs:
+                    break
+                new_longest = max(longest, seq.admit_tokens(ADMIT_HEADROOM))
+                # Padded layout: every row is as long as the longest one.
+                if (len(running) + len(chosen) + 1) * new_longest + shared > cfg.kv_cache_tokens and \
+                        (running or chosen):
+                    if now - seq.arrived >= OVERTAKE_S:
+                        break
+                    continue
+                fresh = self._look_up(seq)
+                if seq.prefix is not None and seq.prefix.next_key in computing:
+                    continue  # a row prefilled now computes its next block: it finds it cached after that
+                # A prefill's cost is its rows times the longest part any row computes.
+                if chosen and (len(chosen) + 1) * max([fresh] + [s.context_length - s.prefix_tokens
+                                                                 for s in chosen]) > min(budget, self.prefill_pass_tokens):
+                    break
+                if not chosen and budget < cfg.max_batched_tokens and fresh > budget:
+                    break  # what is left of this step's budget is too little: it goes first next step
+                self._waiting.remove(seq)
+                seq.admitted = seq.admitted or now
+                chosen.append(seq)
+                longest = new_longest
+                if self._prefix is not None:
+                    computing.update(self._prefix.keys(seq.context_ids))
+                if fresh > cfg.max_batched_tokens:
+                    break  # a long prompt is prefilled alone, in chunks
+        return chosen
+
+    def _look_up(self, seq: Sequence) -> int:
+        """Find the cached prefix of ``seq``'s context; returns the tokens its prefill must compute."""
+        if self._prefix is not None:  # the last token is always computed: its logits give the next token
+            seq.prefix = self._prefix.match(seq.context_ids, limit=seq.context_length - 1)
+            seq.prefix_tokens = seq.prefix.tokens
+        return seq.context_length - seq.prefix_tokens
+
+    def _prefill_some(self, budget: int) -> int:
+        """One prefill (of new rows, or the next chunk of a long prompt) within ``budget`` prompt
+        tokens; returns the tokens it charged to the step (0: nothing to prefill)."""
+        full = self.config.max_batched_tokens
+        if self._prefilling is None:
+            chosen = self._admit(budget)
+            if not chosen:
+                return 0
+            seq = chosen[0]
+            fed = max(s.context_length - s.prefix_tokens for s in chosen)
+            if len(chosen) > 1 or fed <= full:
+                self._run_prefill(chosen, self._prefill_batch)
+                return len(chosen) * fed  # at least 1: a row's last token is always computed
+            self._prefilling = seq
+            prefix = self._take_prefix(seq, seq.prefix_tokens)
+            if prefix is not None:  # the chunks start where the cached prefix ends
+                seq.prefill_cache, seq.prefilled = prefix_rows_cache([prefix]), seq.prefix_tokens
+        elif budget < full:
+            return 0  # a chunk takes a whole step's budget
+        self._run_prefill([self._prefilling], self._prefill_chunk)
+        return full
+
+    def _run_prefill(self, seqs: list[Sequence], fn) -> None:
+        self._admitting = list(seqs)
+        try:
+            batch = fn(seqs)
+            if batch is None:
+                return  # more chunks to go
+            self._fork(batch)
+            self.stats.prefills += 1
+            self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs if not s.preemptions)
+            self._remember(batch, list(range(len(batch.seqs))), extra=batch.kv_slots)
+            self._emit(batch, sample(batch, batch.last_logits, self.device))
+            del batch.last_logits
+            kept = [i for i, s in enumerate(batch.seqs) if not s.done]
+            if kept:
+                if len(kept) < len(batch.seqs):
+                    select_rows(batch, kept)
+                self._join(batch)
+        except torch.OutOfMemoryError:
+            self._on_oom(self._admitting)
+        except Exception:
+            log.exception("Prefill failed")
+            self._prefilling = None
+            for seq in self._admitting:
+                seq.prefill_cache = None
+                self._finish(seq, "error", LLMCtlError("Internal error during prefill; see the server log."))
+        finally:
+            self._admitting = []
+
+    def _fork(self, batch: Batch) -> None:
+        """n > 1: the prompt was prefilled once; each other choice gets a copy of its row (KV cache included)
+        and samples on its own from the first token on."""
+        if not any(seq.forks for seq in batch.seqs):
+            return
+        rows, seqs = [], []
+        for row, seq in enumerate(batch.seqs):
+            for member in (seq, *seq.forks):
+                member.admitted = seq.admitted
+                rows.append(row)
+                seqs.append(member)
+            seq.forks = []
+        logits = batch.last_logits[torch.tensor(rows, device=batch.last_logits.device)]
+        select_rows(batch, rows)
+        batch.seqs, batch.last_logits = seqs, logits
+        self._admitting += [s for s in seqs if s not in self._admitting]  # an OOM from here on fails them too
+
+    def _prefill_batch(self, seqs: list[Sequence]) -> Batch:
+        """One left-padded forward pass over the new rows; a row's cached prefix is not computed again, and
+        the part of it the running batch's shared prefix holds (or a new one) is not copied either."""
+        contexts = [s.context_ids for s in seqs]
+        lengths = [len(c) for c in contexts]
+        fed, used = prefill_plan(lengths, [s.prefix_tokens for s in seqs])
+        shared, reads = choose([s.prefix for s in seqs], used, self._batch.shared if self._batch else None,
+                               self._prefix, self.share_min_tokens) if self._share else (None, [0] * len(seqs))
+        ids, mask, positions = prefill_inputs(contexts, used, fed, self.device, reads)
+        gathered: dict = {}  # rows continuing the same cached blocks share one copy of them
+        prefixes = [self._take_prefix(s, u, gathered, start=r) for s, u, r in zip(seqs, used, reads)]
+        cache = prefix_rows_cache(prefixes, room=fed) if any(p is not None for p in prefixes) else full_cache()
+        self.stats.prefill_tokens += sum(lengths) - sum(used)
+        log.debug("Prefill: %d row(s) of %d token(s) each, %d token(s) in all from the prefix cache, %d of them "
+                  "read from a shared prefix", len(seqs), fed, sum(used), sum(reads))
+        reads_t = torch.tensor(reads, device=self.device) if shared is not None else None
+        view = SharedView.of(shared, reads_t)
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                            logits_to_keep=1, shared=view)
+        batch = Batch(seqs=list(seqs), cache=cache, mask=mask,
+                       positions=torch.tensor(lengths, device=self.device), last=ids[:, -1].clone())
+        if view is not None:
+            batch.shared, batch.shared_lengths = shared, reads_t
+        batch.last_logits = out.logits[:, -1, :]
+        return batch
+
+    def _prefill_chunk(self, seqs: list[Sequence]) -> Batch | None:
+        (seq,) = seqs
+        context = seq.context_ids
+        start, total = seq.prefilled, len(context)
+        end = min(total, start + self.config.max_batched_tokens)
+        if seq.prefill_cache is None:
+            seq.prefill_cache = full_cache()
+        ids = torch.tensor([context[start:end]], device=self.device)
+        out = self._forward(
+            input_ids=ids,
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(start, end, device=self.device)[None],
+            cache=seq.prefill_cache, logits_to_keep=1,
+        )
+        seq.prefilled = end
+        self.stats.prefill_tokens += end - start
+        if end < total:
+            return None
+        self._prefilling = None
+        cache, seq.prefill_cache = seq.prefill_cache, None
+        batch = Batch(seqs=[seq], cache=cache, mask=torch.ones((1, total), dtype=torch.long, device=self.device),
+                       positions=torch.tensor([total], device=self.device), last=ids[:, -1].clone())
+        batch.last_logits = out.logits[:, -1, :]
+        return batch
+
+    def _take_prefix(self, seq: Sequence, tokens: int, gathered: dict | None = None,
+                     start: int = 0) -> torch.Tensor | None:
+        """The KV of ``seq``'s context tokens ``start:tokens`` from the prefix cache (None if none), all
+        ``tokens`` counted as cache hits (``gathered``: see `PrefixCache.gather`)."""
+        match, seq.prefix, seq.prefix_tokens = seq.prefix, None, 0
+        if self._prefix is None:
+            return None
+        self.stats.prefix_cache_queries += seq.context_length
+        self.stats.prefix_cache_hits += tokens
+        if not seq.preemptions:
+            seq.cached_tokens = tokens
+        return self._prefix.gather(match, tokens, gathered, start) if tokens > start else None
+
