@@ -6,8 +6,9 @@
 Two `llmctl serve` processes on 127.0.0.1 serve the same model, one with `--prefix-cache-tokens 0`
 (off) and one with the default bound (on). Round after round, each workload runs on one server and
 then on the other, the order flipping every round, so a slow spell of a shared machine weighs on
-both; figures are medians over the rounds. Every round has prompts of its own (its own system
-prompt, its own conversations), so the server with the cache gains nothing from an earlier round.
+both; figures are medians over the rounds, and a ratio is the median of the rounds' own ratios.
+Every round has prompts of its own (its own system prompt, its own conversations), so the server
+with the cache gains nothing from an earlier round.
 
 - agent: a shared system prompt of --system-tokens, --agent-clients concurrent clients sending short
   questions (--agent-requests in all), 64 output tokens each: TTFT p50 and output tokens/s. The
@@ -129,6 +130,12 @@ def medians(rounds: list[dict[str, dict]], key: str) -> dict[str, float]:
     return {name: statistics.median(r[name][key] for r in rounds) for name in SERVERS}
 
 
+def ratio(rounds: list[dict[str, dict]], key: str) -> float:
+    """The median over rounds of on / off: each round runs both servers back to back, so its ratio is
+    what a slow spell of the machine, which medians taken apart can pair with either side, leaves alone."""
+    return statistics.median(r["on"][key] / r["off"][key] for r in rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", type=Path, default=None, help="Default: the embedded SmolLM2-135M-Instruct.")
@@ -205,21 +212,23 @@ def summarize(rounds: dict[str, list], args: argparse.Namespace) -> dict:
     if rounds.get("agent"):
         ttft, tput = medians(rounds["agent"], "ttft_p50_ms"), medians(rounds["agent"], "output_throughput")
         summary["agent"] = {"ttft_p50_ms": ttft, "output_throughput": tput,
-                            "ttft_ratio": ttft["on"] / ttft["off"], "throughput_ratio": tput["on"] / tput["off"]}
+                            "ttft_ratio": ratio(rounds["agent"], "ttft_p50_ms"),
+                            "throughput_ratio": ratio(rounds["agent"], "output_throughput")}
     if rounds.get("multi-turn"):
         total = medians(rounds["multi-turn"], "total_s")
         by_turn = {name: [statistics.median(r[name]["ttft_p50_ms_by_turn"][t] for r in rounds["multi-turn"])
                           for t in range(args.turns)] for name in SERVERS}
         summary["multi-turn"] = {"total_s": total, "ttft_p50_ms_by_turn": by_turn,
-                                 "total_ratio": total["on"] / total["off"]}
+                                 "total_ratio": ratio(rounds["multi-turn"], "total_s")}
     if rounds.get("plain"):
         tput = medians(rounds["plain"], "output_throughput")
-        summary["plain"] = {"output_throughput": tput, "throughput_ratio": tput["on"] / tput["off"]}
+        summary["plain"] = {"output_throughput": tput, "throughput_ratio": ratio(rounds["plain"], "output_throughput")}
     return summary
 
 
 def report(summary: dict, args: argparse.Namespace) -> None:
-    table = Table(title=f"prefix cache off vs on, medians of {args.rounds} round(s)", title_justify="left")
+    table = Table(title=f"prefix cache off vs on, medians of {args.rounds} round(s); on / off: the median of the "
+                        "rounds' ratios (per turn: of the medians)", title_justify="left")
     for column in ("workload", "metric", "off", "on", "on / off", "target"):
         table.add_column(column, justify="left" if column in ("workload", "metric") else "right")
     if "agent" in summary:

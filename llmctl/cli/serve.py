@@ -74,6 +74,11 @@ def serve(
         "--max-batched-tokens, and each pass's requests get their first token when it ends. A prompt longer than "
         "this gets a pass of its own. Default: 256 on CPU (first tokens sooner for a few percent of throughput), "
         "--max-batched-tokens on GPUs.")] = None,
+    prefill_wait_ms: Annotated[float | None, typer.Option(
+        envvar=envvars.PREFILL_WAIT_MS, min=0, max=1000,
+        help="Builtin engine: when idle, how long to wait for the rest of a burst of requests before prefilling "
+        "(it starts once none arrived for this long, at most 4x this after the first), so the burst is prefilled "
+        "in full passes. Default: 10 on CPU, 0 on GPUs.")] = None,
     max_waiting: Annotated[int, typer.Option(
         envvar=envvars.MAX_WAITING, min=1, help="Requests that may wait for a batch slot; beyond it: 429.")] = 64,
     kv_cache_tokens: Annotated[int, typer.Option(
@@ -165,6 +170,8 @@ def serve(
         if max_prefill_tokens is not None:
             raise ModelLoadError("--max-prefill-tokens applies to the builtin engine; vLLM schedules prefills by "
                                  "--max-batched-tokens.")
+        if prefill_wait_ms is not None:
+            raise ModelLoadError("--prefill-wait-ms applies to the builtin engine; vLLM schedules prefills itself.")
         vllm_preflight(load, engine_options)
     else:
         only_vllm = [flag for flag, given in (
@@ -176,7 +183,7 @@ def serve(
             raise ModelLoadError(f"{only_vllm[0]} applies to vLLM's engine: add --engine vllm.")
         preflight(load)
     engine = EngineConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
-                          max_prefill_tokens=max_prefill_tokens,
+                          max_prefill_tokens=max_prefill_tokens, prefill_wait_ms=prefill_wait_ms,
                           max_waiting=max_waiting, kv_cache_tokens=kv_cache_tokens,
                           prefix_cache_tokens=prefix_cache_tokens, attention=attention)
     keys = load_api_keys(api_key or [], api_key_file)

@@ -35,6 +35,9 @@ ORIGINAL = "_llmctl_original_attention"  # set on a model whose attention `selec
 # 8 MiB, which stays in a CPU's cache. A row with more (a long prefill) goes to SDPA, whose fused
 # kernel tiles them and is then faster (`scripts/bench_long_context.py`).
 SCORE_BLOCK = 1 << 21
+# Rows reading a shared prefix: their scores over prefix and own keys, in the model's dtype, at most this
+# many per block (2 MiB in bfloat16; larger blocks fell out of cache and ran twice as slow).
+SHARED_BLOCK = 1 << 20
 
 
 def grouped_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -77,74 +80,64 @@ def grouped_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
 def attend_with_shared(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                        scale: float, shared: SharedView, layer: int) -> torch.Tensor:
     """`grouped_attention_forward` for a batch whose rows in ``shared.groups`` also attend to a shared
-    prefix that precedes every key of their own: each part's softmax is computed apart (float32, with
-    its maximum and sum) and the two are merged exactly. Returns [B, Q, H, D]."""
+    prefix that precedes every key of their own. Returns [B, Q, H, D].
+
+    A few reader rows at a time (`SHARED_BLOCK` scores), the scores of all their queries over the
+    prefix are one matrix product against the one copy of its keys; each row's scores over its own
+    keys (masked) are placed after them, one softmax runs over both, and the probabilities multiply
+    the prefix's values (again one product for the block) and the row's own. Scores and
+    probabilities are in the model's dtype with the softmax accumulated in float32, as transformers'
+    eager attention computes them; a fused kernel per part and an exact merge of the two softmaxes
+    (cascade attention) measured 1.7x slower on CPU. Rows that read no prefix attend as usual.
+    """
     rows, heads, queries, dim = query.shape
     kv_heads, own = key.shape[1], key.shape[2]
-    group = heads // kv_heads
+    width = heads // kv_heads * queries
     if mask is None and queries > 1:  # causal and nothing else: the last query sees every key
         causal = torch.ones((queries, own), dtype=torch.bool, device=query.device).tril_(own - queries)
         mask = torch.zeros(causal.shape, dtype=torch.float32, device=query.device)
-        mask = mask.masked_fill_(~causal, torch.finfo(torch.float32).min)[None, None]
+        mask = mask.masked_fill_(~causal, torch.finfo(torch.float32).min)[None, None].expand(rows, 1, -1, -1)
     # [B, KVH, group * Q, D]: query heads i*group .. (i+1)*group-1 use KV head i (transformers' repeat_kv order).
-    stacked = query.reshape(rows, kv_heads, group * queries, dim)
-    out = torch.empty((rows, kv_heads, group * queries, dim), dtype=torch.float32, device=query.device)
-    top = torch.empty((rows, kv_heads, group * queries, 1), dtype=torch.float32, device=query.device)
-    total = torch.empty_like(top)
-    per_row = heads * queries * own
-    step = max(1, SCORE_BLOCK // max(1, per_row))
-    for start in range(0, rows, step):  # each row's own keys, a few rows at a time
-        end = min(rows, start + step)
-        scores = torch.matmul(stacked[start:end], key[start:end].transpose(-1, -2)).float().mul_(scale)
-        if mask is not None:
-            scores.view(end - start, kv_heads, group, queries, own).add_(mask[start:end, :, None])
-        _softmax_parts(scores, value[start:end], out[start:end], top[start:end], total[start:end])
-    for members, tokens in shared.groups:  # the prefix: one pass per KV head over all its readers' queries
-        width = group * queries
-        q = stacked[members].transpose(0, 1).reshape(kv_heads, len(members) * width, dim)
-        p_out, p_top, p_total = _prefix_part(q, shared.keys(layer)[:, :tokens], shared.values(layer)[:, :tokens],
-                                             scale)
-        p_out, p_top, p_total = (t.view(kv_heads, len(members), width, -1).transpose(0, 1)
-                                 for t in (p_out, p_top, p_total))
-        o_top = top[members]
-        new_top = torch.maximum(o_top, p_top)
-        own_weight, prefix_weight = (o_top - new_top).exp_(), (p_top - new_top).exp_()
-        out[members] = out[members] * own_weight + p_out * prefix_weight
-        total[members] = total[members] * own_weight + p_total * prefix_weight
+    stacked = query.reshape(rows, kv_heads, width, dim)
+    out = torch.empty((rows, kv_heads, width, dim), dtype=value.dtype, device=value.device)
+    readers = torch.zeros(rows, dtype=torch.bool, device=query.device)
+    for members, tokens in shared.groups:
+        readers[members] = True
+        step = max(1, SHARED_BLOCK // (kv_heads * width * (tokens + own)))
+        for start in range(0, len(members), step):
+            block = members[start:start + step]
+            out[block] = _with_prefix(stacked[block] * scale, key[block], value[block],
+                                      None if mask is None else mask[block], shared.keys(layer)[:, :tokens],
+                                      shared.values(layer)[:, :tokens])
+    if not bool(readers.all()):  # rows that read no prefix: their own keys only
+        alone, step = (~readers).nonzero().squeeze(1), max(1, SCORE_BLOCK // (heads * queries * own))
+        for start in range(0, len(alone), step):
+            block = alone[start:start + step]
+            scores = torch.matmul(stacked[block], key[block].transpose(-1, -2)).float().mul_(scale)
+            if mask is not None:
+                scores.view(len(block), kv_heads, -1, queries, own).add_(mask[block][:, :, None])
+            out[block] = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value[block])
     shared.layers.add(layer)
-    result = out.div_(total).to(value.dtype).view(rows, heads, queries, dim)
-    return result.transpose(1, 2).contiguous()
+    return out.view(rows, heads, queries, dim).transpose(1, 2).contiguous()
 
 
-def _prefix_part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention of ``query`` [KVH, N, D] over a prefix's ``key``/``value`` [KVH, P, D], unmasked, as
-    `_softmax_parts`' three parts (float32). On CPU, SDPA's fused kernel, which also gives the
-    log-sum-exp (the maximum then, with a sum of 1); elsewhere a few query rows at a time."""
-    heads, n, dim = query.shape
-    if query.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query[None], key[None], value[None], 0.0, False, scale=scale)
-        return out[0].float(), lse[0, ..., None], torch.ones((heads, n, 1), device=query.device)
-    out = torch.empty((heads, n, dim), dtype=torch.float32, device=query.device)
-    top = torch.empty((heads, n, 1), dtype=torch.float32, device=query.device)
-    total = torch.empty_like(top)
-    step = max(1, SCORE_BLOCK // (heads * key.shape[-2]))
-    for start in range(0, n, step):
-        end = min(n, start + step)
-        scores = torch.matmul(query[:, start:end], key.transpose(-1, -2)).float().mul_(scale)
-        _softmax_parts(scores, value, out[:, start:end], top[:, start:end], total[:, start:end])
-    return out, top, total
-
-
-def _softmax_parts(scores: torch.Tensor, value: torch.Tensor, out: torch.Tensor, top: torch.Tensor,
-                   total: torch.Tensor) -> None:
-    """Unnormalized softmax(``scores``) @ ``value`` into ``out`` (float32), with each row's maximum score
-    in ``top`` and its sum of exponentials in ``total``: the parts two softmaxes merge from."""
-    torch.amax(scores, dim=-1, keepdim=True, out=top)
-    weights = scores.sub_(top).exp_()
-    torch.sum(weights, dim=-1, keepdim=True, out=total)
-    out.copy_(torch.matmul(weights.to(value.dtype), value))
+def _with_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                 prefix_keys: torch.Tensor, prefix_values: torch.Tensor) -> torch.Tensor:
+    """Attention of the scaled ``query`` [R, KVH, W, D] of R rows over a prefix's keys and values
+    [KVH, P, D], then each row's own ``key``/``value`` [R, KVH, K, D] under additive ``mask`` [R, 1, Q, K]
+    (W = group * Q); returns [R, KVH, W, D]."""
+    count, kv_heads, width, dim = query.shape
+    prefix, own = prefix_keys.shape[1], key.shape[2]
+    scores = torch.empty((kv_heads, count * width, prefix + own), dtype=query.dtype, device=query.device)
+    together = query.transpose(0, 1).reshape(kv_heads, count * width, dim)
+    torch.bmm(together, prefix_keys.transpose(1, 2), out=scores[:, :, :prefix])
+    mine = torch.matmul(query, key.transpose(-1, -2))  # [R, KVH, W, K]
+    if mask is not None:
+        mine.view(count, kv_heads, -1, mask.shape[2], own).add_(mask[:, :, None])
+    scores.view(kv_heads, count, width, prefix + own)[..., prefix:] = mine.transpose(0, 1)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.bmm(probs[:, :, :prefix], prefix_values).view(kv_heads, count, width, dim).transpose(0, 1)
+    return out + torch.matmul(probs.view(kv_heads, count, width, -1)[..., prefix:].transpose(0, 1), value)
 
 
 def grouped_mask(*args, **kwargs) -> torch.Tensor | None:

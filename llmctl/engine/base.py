@@ -34,6 +34,9 @@ class EngineConfig:
     # The builtin engine's most prompt tokens in one prefill pass (a step may run several, up to
     # max_batched_tokens); None: its choice for the device (see BuiltinEngine.prefill_pass_tokens).
     max_prefill_tokens: int | None = None
+    # How long the builtin engine, when idle, waits for the rest of a burst of requests before it
+    # prefills (ms); None: its choice for the device (see BuiltinEngine.prefill_wait_s).
+    prefill_wait_ms: float | None = None
     max_waiting: int = 256
     kv_cache_tokens: int = 65536
     # Of kv_cache_tokens, how much the KV of computed prefixes may keep for later requests; 0: no cache.
@@ -47,6 +50,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be at least 1")
+        if self.prefill_wait_ms is not None and not 0 <= self.prefill_wait_ms <= 1000:
+            raise ValueError("prefill_wait_ms must be between 0 and 1000")
         if self.prefix_cache_tokens < 0:
             raise ValueError("prefix_cache_tokens must be 0 or more")
         if self.attention not in ATTENTION_CHOICES:

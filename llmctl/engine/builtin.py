@@ -65,6 +65,7 @@ class BuiltinEngine(Prefills):
         self._batch: Batch | None = None
         self._cond = threading.Condition()
         self._stopping = False
+        self._last_submit = 0.0  # when the newest request arrived (time.monotonic)
         self._last_trim = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="llmctl-engine", daemon=True)
 
@@ -114,6 +115,7 @@ class BuiltinEngine(Prefills):
                 if member.params.seed is not None:
                     member.generator = member.params.make_generator(self.device)
             self._waiting.append(seq)
+            self._last_submit = time.monotonic()
             self._cond.notify()
         return seq
 
@@ -134,6 +136,7 @@ class BuiltinEngine(Prefills):
         self._shutdown()
 
     def _step(self) -> None:
+        self._await_burst()
         self._expire()
         # Prefills share one step's budget of max_batched_tokens, as in vLLM's scheduler: requests that
         # arrive while one is prefilled (an agent's next calls, the rest of a burst) are prefilled in the

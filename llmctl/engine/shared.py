@@ -5,8 +5,8 @@ each row of the running batch still holds its own copy of that prompt's KV (the 
 dense tensor per layer, a row per sequence), so 16 requests mean 16 copies to write when they join
 and to read at every decode step. With a shared prefix, the batch keeps the prompt's KV once; each
 member row's own cache holds only what follows it, and attention (`attention.attend_with_shared`)
-combines the two parts exactly, as cascade attention does on GPUs: softmax over the prefix's scores
-and over the row's own, merged through their maxima and sums.
+runs one softmax over the row's scores for the prefix's keys (one matrix product for several rows)
+and for its own.
 
 One shared prefix per running batch, a chain of prefix-cache blocks. A row reads as many of its
 first tokens as it has in common with that chain (at least `BuiltinEngine.share_min_tokens`);

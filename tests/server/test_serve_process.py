@@ -45,6 +45,7 @@ def test_underscore_flags_and_env(server_process, tiny_model):
     # Builtin-engine flags on vLLM's engine are refused before vLLM is imported (it need not be installed).
     (["--engine", "vllm", "--attention", "grouped"], "--attention applies to the builtin engine"),
     (["--engine", "vllm", "--max-prefill-tokens", "64"], "--max-prefill-tokens applies to the builtin engine"),
+    (["--engine", "vllm", "--prefill-wait-ms", "5"], "--prefill-wait-ms applies to the builtin engine"),
 ])
 def test_bad_start_fails_fast_with_one_line(args, message):
     started = time.monotonic()
