@@ -12,7 +12,9 @@ attention (llmctl.engine.attention), in the same process. No server: the model i
 
 Then the attention alone, at one layer's shapes for the same rows (the model's query and KV heads,
 bf16): transformers' SDPA function (on CPU with a mask: KV heads repeated to the query heads, then
-SDPA), torch's SDPA with `enable_gqa`, and llmctl's grouped function.
+SDPA), torch's SDPA with `enable_gqa`, llmctl's grouped function, and llmctl's function with the
+prefix read from one shared copy (`attend_with_shared`: every row has the same prefix, as an
+agent's requests after one system prompt have).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from llmctl.core.embedded import ensure_embedded_model
 from llmctl.engine import attention
+from llmctl.engine.shared import SharedPrefix, SharedView
 
 
 def timed_forward(model, base: DynamicCache | None, prefix: int, rows: int, new: int, repeat: int) -> float:
@@ -54,11 +57,14 @@ def timed_forward(model, base: DynamicCache | None, prefix: int, rows: int, new:
 
 def attention_kernels(heads: int, kv_heads: int, head_dim: int, rows: int, prefix: int, new: int,
                       dtype: torch.dtype, repeat: int = 20) -> dict[str, float]:
-    """Median ms of one layer's attention, three ways, for ``rows`` rows of ``new`` queries over prefix + new keys."""
+    """Median ms of one layer's attention, four ways, for ``rows`` rows of ``new`` queries over prefix + new
+    keys (the prefix the same in every row)."""
     keys = prefix + new
     q = torch.randn(rows, heads, new, head_dim, dtype=dtype)
-    k = torch.randn(rows, kv_heads, keys, head_dim, dtype=dtype)
-    v = torch.randn(rows, kv_heads, keys, head_dim, dtype=dtype)
+    shared_kv = torch.randn(1, 2, kv_heads, prefix, head_dim, dtype=dtype)  # [layers, K/V, ...]
+    k = torch.cat([shared_kv[0, 0].expand(rows, -1, -1, -1), torch.randn(rows, kv_heads, new, head_dim, dtype=dtype)], 2)
+    v = torch.cat([shared_kv[0, 1].expand(rows, -1, -1, -1), torch.randn(rows, kv_heads, new, head_dim, dtype=dtype)], 2)
+    view = SharedView.of(SharedPrefix([], shared_kv), torch.full((rows,), prefix))
     mask = torch.ones(rows, 1, new, keys, dtype=torch.bool).tril(diagonal=prefix)
     bias = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)  # attention.grouped_mask's
     layer = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False, is_causal=True)
@@ -72,9 +78,14 @@ def attention_kernels(heads: int, kv_heads: int, head_dim: int, rows: int, prefi
     def grouped():
         return attention.grouped_attention_forward(layer, q, k, v, bias)[0]
 
+    def shared():
+        return attention.attend_with_shared(q, k[:, :, prefix:], v[:, :, prefix:], bias[..., prefix:],
+                                            head_dim ** -0.5, view, 0)
+
     reference = transformers_sdpa().float()
     out = {}
-    for name, fn in (("transformers_sdpa", transformers_sdpa), ("sdpa_enable_gqa", sdpa_gqa), ("grouped", grouped)):
+    for name, fn in (("transformers_sdpa", transformers_sdpa), ("sdpa_enable_gqa", sdpa_gqa), ("grouped", grouped),
+                     ("shared", shared)):
         assert (fn().float() - reference).abs().max() < 0.05, name  # the same attention, to bf16 rounding
         times = []
         for _ in range(repeat):
@@ -121,11 +132,11 @@ def main() -> None:
     print(f"\none layer's attention ({heads} query heads, {kv_heads} KV heads, head dim {head_dim}, "
           f"{args.dtype}), {args.rows} rows, ms:")
     print(f"{'new tokens':>10} {'cached prefix':>13} {'transformers SDPA':>17} {'SDPA enable_gqa':>15} "
-          f"{'llmctl grouped':>14}")
+          f"{'llmctl grouped':>14} {'llmctl shared':>13}")
     for new in (1, args.new_tokens):
         ms = attention_kernels(heads, kv_heads, head_dim, args.rows, args.prefix_tokens, new, getattr(torch, args.dtype))
         print(f"{new:10d} {args.prefix_tokens:13d} {ms['transformers_sdpa']:17.2f} {ms['sdpa_enable_gqa']:15.2f} "
-              f"{ms['grouped']:14.2f}", flush=True)
+              f"{ms['grouped']:14.2f} {ms['shared']:13.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -68,13 +68,21 @@ def grouped_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     out = torch.empty((rows, kv_heads, group * queries, dim), dtype=value.dtype, device=value.device)
     step = SCORE_BLOCK // per_row
     for start in range(0, rows, step):  # a few rows at a time, so their scores stay in cache
-        end = min(rows, start + step)
-        scores = torch.matmul(stacked[start:end], key[start:end].transpose(-1, -2)).float().mul_(scale)
-        if attention_mask is not None:
-            scores.view(end - start, kv_heads, group, queries, keys).add_(attention_mask[start:end, :, None])
-        probs = scores.softmax(dim=-1).to(value.dtype)
-        torch.matmul(probs, value[start:end], out=out[start:end])
+        block = slice(start, start + step)
+        _attend_own(stacked[block], key[block], value[block],
+                    None if attention_mask is None else attention_mask[block], scale, out[block])
     return out.view(rows, heads, queries, dim).transpose(1, 2).contiguous(), None
+
+
+def _attend_own(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                scale: float, out: torch.Tensor) -> None:
+    """Attention of rows' stacked ``query`` [R, KVH, group * Q, D] over their own ``key``/``value``
+    [R, KVH, K, D] under additive ``mask`` [R, 1, Q, K], into ``out``; scores and softmax in float32."""
+    count, kv_heads, _, _ = query.shape
+    scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)
+    if mask is not None:
+        scores.view(count, kv_heads, -1, mask.shape[2], key.shape[2]).add_(mask[:, :, None])
+    torch.matmul(scores.softmax(dim=-1).to(value.dtype), value, out=out)
 
 
 def attend_with_shared(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -88,7 +96,7 @@ def attend_with_shared(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     the prefix's values (again one product for the block) and the row's own. Scores and
     probabilities are in the model's dtype with the softmax accumulated in float32, as transformers'
     eager attention computes them; a fused kernel per part and an exact merge of the two softmaxes
-    (cascade attention) measured 1.7x slower on CPU. Rows that read no prefix attend as usual.
+    (cascade attention) measured 1.3-1.7x slower on CPU. Rows that read no prefix attend as usual.
     """
     rows, heads, queries, dim = query.shape
     kv_heads, own = key.shape[1], key.shape[2]
@@ -113,10 +121,9 @@ def attend_with_shared(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         alone, step = (~readers).nonzero().squeeze(1), max(1, SCORE_BLOCK // (heads * queries * own))
         for start in range(0, len(alone), step):
             block = alone[start:start + step]
-            scores = torch.matmul(stacked[block], key[block].transpose(-1, -2)).float().mul_(scale)
-            if mask is not None:
-                scores.view(len(block), kv_heads, -1, queries, own).add_(mask[block][:, :, None])
-            out[block] = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value[block])
+            part = torch.empty((len(block), kv_heads, width, dim), dtype=value.dtype, device=value.device)
+            _attend_own(stacked[block], key[block], value[block], None if mask is None else mask[block], scale, part)
+            out[block] = part
     shared.layers.add(layer)
     return out.view(rows, heads, queries, dim).transpose(1, 2).contiguous()
 

@@ -65,7 +65,6 @@ class BuiltinEngine(Prefills):
         self._batch: Batch | None = None
         self._cond = threading.Condition()
         self._stopping = False
-        self._last_submit = 0.0  # when the newest request arrived (time.monotonic)
         self._last_trim = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="llmctl-engine", daemon=True)
 
@@ -115,7 +114,6 @@ class BuiltinEngine(Prefills):
                 if member.params.seed is not None:
                     member.generator = member.params.make_generator(self.device)
             self._waiting.append(seq)
-            self._last_submit = time.monotonic()
             self._cond.notify()
         return seq
 

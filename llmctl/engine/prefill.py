@@ -73,7 +73,7 @@ class Prefills:
                 return
             end = min(s.arrived for s in self._waiting) + BURST_WINDOWS * window
             while not self._stopping and len(self._waiting) < self.config.max_num_seqs:
-                wait = min(self._last_submit + window, end) - time.monotonic()
+                wait = min(max(s.arrived for s in self._waiting) + window, end) - time.monotonic()
                 if wait <= 0:
                     break
                 self._cond.wait(wait)
