@@ -12,7 +12,17 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+)
+from pydantic_core import PydanticCustomError
 
 from llmctl.errors import InvalidRequest
 
@@ -22,18 +32,8 @@ if TYPE_CHECKING:
 
 MAX_TIMEOUT_S = 300.0
 TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: str.isdigit() also accepts '²'
-
-
-def _a_number(value: object) -> object:
-    # pydantic's lax mode reads true as 1 and "10" as 10; OpenAI's API rejects both, and so do we.
-    if isinstance(value, bool):
-        raise ValueError("expected a number, got a boolean")
-    if isinstance(value, str):
-        raise ValueError(f"expected a number, got a string ({value[:20]!r})")
-    return value
-
-
-Number = BeforeValidator(_a_number)
+# Numbers are strict (StrictInt, StrictFloat): pydantic's lax mode reads true as 1, "10" as 10 and 4.0 as 4;
+# OpenAI's API rejects all three, and so do we. Bounds go in Field() so the JSON schema says minimum/maximum.
 
 
 def _token_ids(value: dict[str, float]) -> dict[str, float]:
@@ -43,7 +43,7 @@ def _token_ids(value: dict[str, float]) -> dict[str, float]:
     return value
 
 
-LogitBias = Annotated[dict[str, Annotated[float, Number, Field(ge=-100.0, le=100.0)]], AfterValidator(_token_ids)]
+LogitBias = Annotated[dict[str, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]], AfterValidator(_token_ids)]
 Stop = str | Annotated[list[str], Field(max_length=16)]
 
 
@@ -62,13 +62,17 @@ class TextPart(_Lenient):
     text: str
 
 
+CATCH_ALL = "known_type_in_catch_all"
+
+
 def other_type(known: tuple[str, ...], what: str) -> AfterValidator:
     """For the catch-all member of a union of typed parts: a known type that reaches it is a known part
     with a bad field, and must fail as one (not pass as 'some other type')."""
 
     def check(value: str) -> str:
         if value in known:
-            raise ValueError(f"a '{value}' {what} is missing a field or has one of the wrong type")
+            # Its own error type, so that parse_body prefers the known part's error (which names the field).
+            raise PydanticCustomError(CATCH_ALL, f"a '{value}' {what} is missing a field or has one of the wrong type")
         return value
 
     return AfterValidator(check)
@@ -142,18 +146,18 @@ class OpenAISampling(_Lenient):
     """The fields OpenAI's chat and legacy completions share."""
 
     model: str | None = None
-    temperature: Annotated[float, Number, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Number, Field(ge=0.0, le=1.0)] | None = None
-    frequency_penalty: Annotated[float, Number, Field(ge=-2.0, le=2.0)] | None = None
-    presence_penalty: Annotated[float, Number, Field(ge=-2.0, le=2.0)] | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
+    frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
+    presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
     stop: Stop | None = None
     # torch seeds are 64-bit; OpenAI documents an integer, so take the signed and unsigned range.
-    seed: Annotated[int, Number, Field(ge=-(2**63), lt=2**64)] | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), lt=2**64)] | None = None
     logit_bias: LogitBias | None = None
-    n: Annotated[int, Number, Field(ge=1, le=128)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    timeout: Annotated[float, Number, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
+    timeout: Annotated[StrictFloat, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
     # llmctl extension: keep generating past end-of-sequence (fixed-length benchmarks).
     ignore_eos: StrictBool = False
 
@@ -163,10 +167,10 @@ class OpenAISampling(_Lenient):
 
 class ChatCompletionRequest(OpenAISampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Number, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Number, Field(ge=1)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: Annotated[int, Number, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: StrictBool | None = None
@@ -187,13 +191,21 @@ def parse_body(model: type[RequestT], body: object) -> RequestT:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        # In a union (stop: str | list), the branch that matched the input's type explains best.
-        errors = sorted(exc.errors(), key=lambda e: e["type"].endswith("_type"))
-        error = errors[0]
-        loc = error["loc"]
-        # Drop the union-branch names pydantic adds ("str", "list[...]") from the path.
-        parts = [str(p) for p in loc if isinstance(p, int) or not ("[" in str(p) or p in ("str", "int", "float"))]
-        param = ".".join(parts) or None
+        errors = exc.errors()
+        # In a union (stop: str | list[str], or typed parts) pydantic reports each branch it tried. A part
+        # whose "type" is another part's is the wrong branch; of the rest, the one that got furthest into
+        # the body explains best, a bad field beats a wrong type, and a known type that fell through to the
+        # catch-all part comes last.
+        wrong = [e["loc"][:-1] for e in errors if e["type"] == "literal_error" and e["loc"][-1] == "type"]
+
+        def rank(error: dict) -> tuple:
+            loc = error["loc"]
+            found = _walk(loc, body, missing=error["type"] == "missing")
+            mismatch = error["type"].endswith("_type") or error["type"] == "literal_error"
+            return (error["type"] == CATCH_ALL, any(loc[:len(w)] == w for w in wrong), -len(found), mismatch)
+
+        error = min(errors, key=rank)
+        param = field_path(error["loc"], body, missing=error["type"] == "missing")
         if error["type"] == "missing":
             message = f"Missing required parameter: '{param}'."
         elif param in ("messages", "prompt", "input") and error["type"] == "too_short":
@@ -201,6 +213,33 @@ def parse_body(model: type[RequestT], body: object) -> RequestT:
         else:
             message = f"Invalid value for '{param}': {error['msg']}."
         raise InvalidRequest(message, param=param) from None
+
+
+def field_path(loc: tuple[int | str, ...], body: object, *, missing: bool = False) -> str | None:
+    """pydantic's error location as the API spells the field: ``messages[0].content[0].text``."""
+    path = ""
+    for part in _walk(loc, body, missing=missing):
+        path = f"{path}[{part}]" if isinstance(part, int) else f"{path}.{part}" if path else part
+    return path or None
+
+
+def _walk(loc: tuple[int | str, ...], body: object, *, missing: bool) -> list[int | str]:
+    """The keys and indexes of ``loc`` found along ``body`` (a missing field's own name ends it).
+
+    pydantic puts the union branch it tried in the location (``str``, ``list[...]``, ``TextPart``); those
+    are not fields of the request, and are left out.
+    """
+    found: list[int | str] = []
+    value = body
+    for depth, part in enumerate(loc):
+        if isinstance(part, int) and isinstance(value, list) and -len(value) <= part < len(value):
+            found.append(part)
+            value = value[part]
+        elif isinstance(part, str) and isinstance(value, dict) and (
+                part in value or missing and depth == len(loc) - 1):
+            found.append(part)
+            value = value.get(part)
+    return found
 
 
 def completion_id() -> str:

@@ -75,10 +75,12 @@ def test_huge_body_is_cut_off_before_it_is_buffered(client):
     ({"messages": USER, "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"messages": USER, "logit_bias": {"1": 500}}, "logit_bias.1"),
     ({"messages": "hello"}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-    ({"messages": [{"content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"content": "hi"}]}, "messages[0].role"),
     # Booleans are not numbers, and strings are not booleans (pydantic's lax mode would take both).
     ({"messages": USER, "max_tokens": True}, "max_tokens"),
+    ({"messages": USER, "max_tokens": 4.0}, "max_tokens"),  # integers are integers, as OpenAI has it
+    ({"messages": USER, "n": 2.0}, "n"),
     ({"messages": USER, "temperature": True}, "temperature"),
     ({"messages": USER, "stream": "yes"}, "stream"),
     ({"messages": USER, "stream": 1}, "stream"),
@@ -116,7 +118,7 @@ def test_lone_surrogate_in_model_name_is_a_clean_404(client):
 def test_text_part_without_text_says_so(client):
     body = {"messages": [{"role": "user", "content": [{"type": "text"}]}]}
     error = assert_error(post(client, body), 400)
-    assert error["param"].startswith("messages.0.content") and "not supported" not in error["message"]
+    assert error["param"] == "messages[0].content[0].text" and "not supported" not in error["message"]
 
 
 def test_too_many_stop_strings_says_how_many(client):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import openai
 import pytest
 
@@ -108,7 +110,7 @@ def test_bad_fields_are_400_in_openai_envelope(client, body, param):
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["param"].split(".")[0] == param and error["message"]
+    assert error["type"] == "invalid_request_error" and re.split(r"[.\[]", error["param"])[0] == param and error["message"]
 
 
 def test_sdk_raises_bad_request(sdk):

@@ -125,11 +125,11 @@ def test_sdk_stream_event_sequence(sdk, client):
 @pytest.mark.parametrize("body, param", [
     ({"input": "x", "store": True}, "store"),
     ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"input": "x", "tools": [{"type": "web_search_preview"}]}, "tools.0"),
+    ({"input": "x", "tools": [{"type": "web_search_preview"}]}, "tools[0]"),
     ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": 3}}}, "text.format"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0"),
-    ({"input": [{"type": "item_reference", "id": "x"}]}, "input.0"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0]"),
+    ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0]"),
     ({"input": [{"type": "function_call", "name": "f"}]}, "input"),
     ({"input": []}, "input"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
@@ -140,7 +140,7 @@ def test_bad_fields_are_400_in_openai_envelope(client, body, param):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
-    assert error["param"] == param or error["param"].startswith(param + "."), error
+    assert error["param"] == param or error["param"].startswith((param + ".", param + "[")), error
 
 
 def test_sdk_raises_bad_request_for_stateful_use(sdk):

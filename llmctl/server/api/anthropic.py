@@ -14,14 +14,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, StrictBool
+from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.api.common import ChoiceText, TextPieces, check_model, json_arguments, sse_event
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
-from llmctl.server.schemas import MAX_TIMEOUT_S, Number, _Lenient, other_type
+from llmctl.server.schemas import MAX_TIMEOUT_S, _Lenient, other_type
 
 if TYPE_CHECKING:
     from llmctl.server.service import Service
@@ -80,14 +80,14 @@ class CountTokensRequest(_Lenient):
 
 
 class MessagesRequest(CountTokensRequest):
-    max_tokens: Annotated[int, Number, Field(ge=1)]
-    temperature: Annotated[float, Number, Field(ge=0.0, le=1.0)] | None = None
-    top_p: Annotated[float, Number, Field(ge=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Number, Field(ge=0)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)]
+    temperature: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
+    top_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=0)] | None = None
     stop_sequences: Annotated[list[str], Field(max_length=16)] | None = None
     stream: StrictBool | None = False
     metadata: dict | None = None
-    timeout: Annotated[float, Number, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
+    timeout: Annotated[StrictFloat, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
     ignore_eos: StrictBool = False  # llmctl extension, as on the chat route (fixed-length benchmarks)
 
 
@@ -110,7 +110,7 @@ def chat_messages(req: CountTokensRequest) -> list[dict]:
     if req.system:
         messages.append(schemas.ChatMessage(role="system", content=_text(req.system, "system")))
     for i, message in enumerate(req.messages):
-        param = f"messages.{i}.content"
+        param = f"messages[{i}].content"
         blocks = [TextBlock(type="text", text=message.content)] if isinstance(message.content, str) \
             else message.content
         text, calls = [], []
@@ -135,9 +135,9 @@ def chat_tools(tools: list[dict] | None) -> list[dict] | None:
     for i, tool in enumerate(tools or []):
         if tool.get("type") not in (None, "custom"):
             raise InvalidRequest(f"Tools of type '{tool.get('type')}' (server tools) are not available on this "
-                                 "server; only client tools with an input_schema are supported.", param=f"tools.{i}")
+                                 "server; only client tools with an input_schema are supported.", param=f"tools[{i}]")
         if not isinstance(tool.get("name"), str):
-            raise InvalidRequest("A tool needs a 'name' string.", param=f"tools.{i}.name")
+            raise InvalidRequest(f"Missing required parameter: 'tools[{i}].name' (a string).", param=f"tools[{i}].name")
         function = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
         if tool.get("description") is not None:
             function["description"] = tool["description"]

@@ -20,7 +20,7 @@ from llmctl.server import schemas
 from llmctl.server.api.chat import check_n
 from llmctl.server.api.common import check_model, sse
 from llmctl.server.pipeline import Ask, Delta, Run
-from llmctl.server.schemas import MIN_LOGPROB, Number
+from llmctl.server.schemas import MIN_LOGPROB
 
 if TYPE_CHECKING:
     from llmctl.engine.sampling import TokenLogprobs
@@ -34,10 +34,10 @@ TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 class CompletionRequest(schemas.OpenAISampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
-    max_tokens: Annotated[int, Number, Field(ge=1)] | None = DEFAULT_MAX_TOKENS
-    logprobs: Annotated[int, Number, Field(ge=0, le=20)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = DEFAULT_MAX_TOKENS
+    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     echo: StrictBool | None = False
-    best_of: Annotated[int, Number, Field(ge=1, le=128)] | None = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
     suffix: str | None = None
 
     def prompts(self) -> list[str | list[int]]:

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, StrictBool
+from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
@@ -26,7 +26,7 @@ from llmctl.server.api.common import ChoiceText, TextPieces, check_model, sse_ev
 from llmctl.server.constraints import constraint_from_request
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
-from llmctl.server.schemas import MAX_TIMEOUT_S, Number, _Lenient, other_type
+from llmctl.server.schemas import MAX_TIMEOUT_S, _Lenient, other_type
 
 if TYPE_CHECKING:
     from llmctl.server.service import Service
@@ -74,9 +74,9 @@ class ResponsesRequest(_Lenient):
     input: str | list[MessageItem | FunctionCallItem | FunctionCallOutputItem | OtherItem]
     model: str | None = None
     instructions: str | None = None
-    max_output_tokens: Annotated[int, Number, Field(ge=1)] | None = None
-    temperature: Annotated[float, Number, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Number, Field(ge=0.0, le=1.0)] | None = None
+    max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: StrictBool | None = None
@@ -85,7 +85,7 @@ class ResponsesRequest(_Lenient):
     store: StrictBool | None = None
     previous_response_id: str | None = None
     metadata: dict | None = None
-    timeout: Annotated[float, Number, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
+    timeout: Annotated[StrictFloat, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
     ignore_eos: StrictBool = False  # llmctl extension, as on the chat route (fixed-length benchmarks)
 
 
@@ -113,7 +113,7 @@ def chat_messages(req: ResponsesRequest) -> list[schemas.ChatMessage]:
     messages = [schemas.ChatMessage(role="system", content=req.instructions)] if req.instructions else []
     items = [MessageItem(role="user", content=req.input)] if isinstance(req.input, str) else req.input
     for i, item in enumerate(items):
-        param = f"input.{i}"
+        param = f"input[{i}]"
         if isinstance(item, MessageItem):
             messages.append(schemas.ChatMessage(role=item.role, content=_content_text(item.content, param)))
         elif isinstance(item, FunctionCallItem):
@@ -145,9 +145,9 @@ def function_tools(tools: list[dict] | None, tool_choice: str | dict | None) -> 
         kind = tool.get("type")
         if kind != "function":
             raise InvalidRequest(f"Tools of type '{kind}' (built-in tools) are not available on this server; only "
-                                 "function tools are supported.", param=f"tools.{i}")
+                                 "function tools are supported.", param=f"tools[{i}]")
         if not isinstance(tool.get("name"), str):
-            raise InvalidRequest("A function tool needs a 'name' string.", param=f"tools.{i}.name")
+            raise InvalidRequest(f"Missing required parameter: 'tools[{i}].name' (a string).", param=f"tools[{i}].name")
         function = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
         out.append({"type": "function", "function": function})
     return out or None
