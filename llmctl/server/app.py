@@ -126,6 +126,15 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
         headers = {"Retry-After": "5"} if body["status"] == "loading" else None
         return json_response(body, status, headers)
 
+    # What request routers in front of several replicas ask of each (docs/scaling.md).
+    @app.get("/get_load")
+    def get_load():
+        return json_response(service.load_report())
+
+    @app.get("/get_model_info")
+    def get_model_info():
+        return json_response(service.model_info())
+
     @app.get("/metrics")
     def metrics():
         if wants_prometheus():

@@ -103,6 +103,12 @@ def openapi_document() -> dict:
                 "200": {"description": "Ready", "content": {"application/json": {"schema": _ref("Health")}}},
                 "503": {"description": "Loading, failed or shutting down",
                         "content": {"application/json": {"schema": _ref("Health")}}}}}},
+            "/get_load": {"get": {"operationId": "getLoad", "responses": {
+                "200": {"description": "Sequences running and waiting on this replica",
+                        "content": {"application/json": {"schema": _ref("WorkerLoad")}}}}}},
+            "/get_model_info": {"get": {"operationId": "getModelInfo", "security": KEY, "responses": {
+                "200": {"description": "The served model", "content": {"application/json": {
+                    "schema": _ref("ModelInfo")}}}, **_error_responses(401, 503)}}},
             "/metrics": {"get": {"operationId": "metrics", "security": KEY, "responses": {
                 "200": {"description": "JSON metrics, or Prometheus text with ?format=prometheus",
                         "content": {"application/json": {"schema": {"type": "object"}},

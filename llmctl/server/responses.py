@@ -144,4 +144,22 @@ class Health(_Strict):
     error: str | None = None
 
 
-RESPONSE_MODELS = (ChatCompletion, ChatCompletionChunk, Model, ModelList, Health)
+class WorkerLoad(_Strict):
+    """GET /get_load: the sequences this replica holds, as request routers (vLLM's, SGLang's) poll it."""
+
+    load: int
+    running: int
+    waiting: int
+
+
+class ModelInfo(_Strict):
+    """GET /get_model_info: the served model in SGLang's shape, which request routers pass through."""
+
+    model_path: str
+    tokenizer_path: str
+    is_generation: bool
+    served_model_name: str
+    context_length: int
+
+
+RESPONSE_MODELS = (ChatCompletion, ChatCompletionChunk, Model, ModelList, Health, WorkerLoad, ModelInfo)

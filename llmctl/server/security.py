@@ -1,8 +1,8 @@
 """API keys and CORS for the service.
 
 Keys are compared in constant time; a key comes as 'Authorization: Bearer <key>' or, as Anthropic's
-clients send it, 'x-api-key: <key>'. /health stays open so load balancers can probe it; /metrics
-needs a key unless the operator makes it public (Prometheus can send a bearer token).
+clients send it, 'x-api-key: <key>'. /health and /get_load stay open so load balancers can probe them;
+/metrics needs a key unless the operator makes it public (Prometheus can send a bearer token).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from flask import Flask, request
 from llmctl.errors import ConfigError, Unauthorized
 from llmctl.keyfile import api_key_file_keys
 
-OPEN_PATHS = ("/health",)
-PROTECTED_PATHS = ("/metrics", "/openapi.json", "/tokenize", "/detokenize")
+# A router polls /get_load without the clients' key, as it does /health; it is a count and names nothing.
+OPEN_PATHS = ("/health", "/get_load")
+PROTECTED_PATHS = ("/metrics", "/openapi.json", "/tokenize", "/detokenize", "/get_model_info")
 
 
 def load_api_keys(keys: Iterable[str], key_file: Path | None) -> tuple[str, ...]:

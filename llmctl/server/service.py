@@ -149,6 +149,18 @@ class Service:
             body["error"] = self.error
         return body, 200 if status == "ready" else 503
 
+    def load_report(self) -> dict:
+        """Running plus waiting sequences: what a router's load-aware policies compare across replicas."""
+        running = self.engine.running if self.engine else 0
+        waiting = self.engine.waiting if self.engine else 0
+        return {"load": running + waiting, "running": running, "waiting": waiting}
+
+    def model_info(self) -> dict:
+        loaded, _ = self.require_ready()
+        # The name clients send as "model" (never a local file path): what a router groups replicas by.
+        return {"model_path": loaded.name, "tokenizer_path": loaded.name, "is_generation": True,
+                "served_model_name": loaded.name, "context_length": loaded.context_length}
+
     def metrics_json(self) -> dict:
         gpu = hardware.gpu_memory()
         engine = self.engine
