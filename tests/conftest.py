@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -180,10 +180,14 @@ def server_process():
         proc.stop()
 
 
-@pytest.fixture(scope="module")
-def scripted(tiny_model):
-    """A server whose tiny model writes ``script["text"]`` (then end of sequence) for each request."""
-    service = make_service(tiny_model, tool_call_parser="hermes")
+@contextlib.contextmanager
+def scripted_server(model: Path, **settings) -> Iterator[tuple[str, Callable[[str | None], None]]]:
+    """A server whose model writes the text given to ``say`` (then end of sequence) for each request
+    (``say(None)``: its own output).
+
+    The real forward pass runs; then the logits are set so that the next token of the script wins.
+    """
+    service = make_service(model, **settings)
     model, tokenizer = service.engine.model, service.loaded.tokenizer
     real = model.forward
     script = {"ids": [], "step": 0}
@@ -197,10 +201,20 @@ def scripted(tiny_model):
         script["step"] += 1
         return out
 
-    def say(text: str) -> None:
+    def say(text: str | None) -> None:
+        if text is None:  # the model's own output from now on
+            script["ids"], script["step"] = [], 1
+            return
         script["ids"], script["step"] = tokenizer(text, add_special_tokens=False)["input_ids"], 0
 
     model.forward = forward
     with serve_in_thread(service) as url:
         yield url, say
     service.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_model):
+    """A server whose tiny model writes ``say(text)`` for each request, parsing Hermes tool calls."""
+    with scripted_server(tiny_model, tool_call_parser="hermes") as server:
+        yield server

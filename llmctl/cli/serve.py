@@ -118,11 +118,17 @@ def serve(
         help="Comma-separated origins allowed by CORS (browser apps), e.g. https://app.example.com. Default: none.")] = "",
     max_messages: Annotated[int, typer.Option(
         envvar=envvars.MAX_MESSAGES, min=1, help="Most messages accepted in one request.")] = 1024,
-    tool_call_parser: Annotated[ToolCallParser | None, typer.Option(
+    tool_call_parser: Annotated[ToolCallParser, typer.Option(
         envvar=envvars.TOOL_CALL_PARSER,
-        help="Turn the model's tool calls into OpenAI tool_calls, for requests that send tools. 'hermes': "
-        "<tool_call>{...}</tool_call>, as Qwen 2/2.5/3, Hermes and SmolLM3 write them. Default: answers stay text.",
-    )] = None,
+        help="How the model writes tool calls, with vLLM's names: hermes (Qwen 2/2.5/3, Hermes, SmolLM3), "
+        "llama3_json (Llama 3.1/3.3), pythonic (Llama 3.2/4), mistral, qwen3_coder, openai (gpt-oss harmony); "
+        "they come back as tool_calls / function_call items / tool_use blocks. auto: read it from the chat "
+        "template and tokenizer (logged); none: answers stay text.",
+    )] = "auto",
+    enable_auto_tool_choice: Annotated[bool, typer.Option(
+        "--enable-auto-tool-choice", envvar=envvars.ENABLE_AUTO_TOOL_CHOICE,
+        help="Accepted for vLLM's command lines: llmctl always parses tool calls under tool_choice 'auto' "
+        "when it has a parser.")] = False,
     threads: Annotated[int | None, typer.Option(
         envvar=envvars.THREADS, min=4, help="HTTP worker threads. Default: max-num-seqs + max-waiting + 16.")] = None,
     engine_kind: Annotated[EngineKind, typer.Option(

@@ -10,19 +10,25 @@ class IncrementalDetokenizer:
     everything each time is quadratic. Like other servers we decode a small window: the text of
     ``ids[prefix:]`` minus the text of ``ids[prefix:read]``, holding back a delta while it ends in
     an incomplete UTF-8 character.
+
+    Special tokens are left out of the text, unless ``hidden`` is given: then only those ids are
+    (the others, such as the tokens that mark a tool call, are part of the text a parser reads).
     """
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, hidden: frozenset[int] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.hidden = hidden
         self.ids: list[int] = []
         self.prefix = 0
         self.read = 0
 
     def add(self, token: int) -> str:
+        if self.hidden is not None and token in self.hidden:
+            return ""
         self.ids.append(token)
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        decode, skip = self.tokenizer.decode, self.hidden is None
+        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=skip)
+        after = decode(self.ids[self.prefix:], skip_special_tokens=skip)
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before):]

@@ -11,9 +11,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from llmctl.engine.structured import JSON_OPTIONS, Constraint
+from llmctl.engine.structured import Constraint
 from llmctl.errors import InvalidRequest
-from llmctl.server.tools import CLOSE, OPEN
+from llmctl.server.tools import Function, HermesParser, ToolParser
 
 STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 ANY_OBJECT: dict = {"type": "object"}
@@ -52,7 +52,7 @@ def closed_objects(schema: Any) -> Any:
     return out
 
 
-def request_constraint(req, tool_call_parser: str | None) -> Constraint | None:
+def request_constraint(req, tool_call_parser: type[ToolParser] | None) -> Constraint | None:
     """A chat request's constraint. An enforced tool call comes first (the answer is the call);
     then response_format / structured_outputs; then calls to strict tools under tool_choice "auto"."""
     from_format = constraint_from_request(req.response_format, req.structured_outputs)
@@ -138,16 +138,16 @@ def forced_tool(tool_choice: Any) -> bool:
 
 
 def tool_constraint(tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: bool | None,
-                    parser: str | None) -> Constraint | None:
-    """The grammar of the tool calls a request must (or, with strict tools, may) make, in the Hermes format.
+                    parser: type[ToolParser] | None) -> Constraint | None:
+    """The grammar of the tool calls a request must (or, with strict tools, may) make, in ``parser``'s format.
 
     - "required" or a named function: the answer is one or more calls (one for a named function,
-      or when parallel_tool_calls is false), each `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`
-      with arguments valid against the tool's `parameters`. This needs no --tool-call-parser: an
-      enforced call is always written, and parsed, in the Hermes format.
-    - "auto" (the default with tools) when some tool is `strict: true` and the server parses Hermes
-      calls: free text, but a call the model starts must name a tool and, for a strict tool, have
-      valid arguments (a non-strict tool's arguments are any JSON object).
+      or when parallel_tool_calls is false) in the format of the server's parser, with arguments
+      valid against the tool's `parameters`. Without a parser, the call is written (and parsed) in
+      the Hermes format, `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`.
+    - "auto" (the default with tools) when some tool is `strict: true` and the server has a parser:
+      free text, but a call the model starts must name a tool and, for a strict tool, have valid
+      arguments (a non-strict tool's arguments are any JSON object).
     - "none", or "auto" without strict tools: nothing is enforced.
     """
     if tool_choice == "none":
@@ -155,8 +155,9 @@ def tool_constraint(tools: list[dict] | None, tool_choice: Any, parallel_tool_ca
     if forced_tool(tool_choice) and not tools:
         raise InvalidRequest("tool_choice asks for a tool call but the request has no 'tools'.", param="tool_choice")
     functions = _functions(tools or [])
+    forced = parser or HermesParser
     if tool_choice == "required":
-        return _calls_grammar(functions, strict_only=False, single=parallel_tool_calls is False)
+        return _calls_grammar(forced, functions, strict_only=False, single=parallel_tool_calls is False)
     if isinstance(tool_choice, Mapping):
         name = (tool_choice.get("function") or {}).get("name") if tool_choice.get("type") == "function" else None
         if not isinstance(name, str):
@@ -166,12 +167,12 @@ def tool_constraint(tools: list[dict] | None, tool_choice: Any, parallel_tool_ca
         if not chosen:
             raise InvalidRequest(f"tool_choice names the function '{name}', which is not in 'tools'.",
                                  param="tool_choice")
-        return _calls_grammar(chosen, strict_only=False, single=True)
+        return _calls_grammar(forced, chosen, strict_only=False, single=True)
     if tool_choice not in (None, "auto"):
         raise InvalidRequest(f"Invalid value for 'tool_choice': {tool_choice!r}.", param="tool_choice")
-    if parser != "hermes" or not any(f.get("strict") for f in functions):
+    if parser is None or not any(f.get("strict") for f in functions):
         return None
-    return _calls_grammar(functions, strict_only=True, single=parallel_tool_calls is False, free_text=True)
+    return _calls_grammar(parser, functions, strict_only=True, single=parallel_tool_calls is False, free_text=True)
 
 
 def _functions(tools: list[dict]) -> list[dict]:
@@ -190,30 +191,13 @@ def _functions(tools: list[dict]) -> list[dict]:
     return functions
 
 
-def _calls_grammar(functions: list[dict], *, strict_only: bool, single: bool, free_text: bool = False) -> Constraint:
-    """A Lark grammar (llguidance's dialect: %json embeds a JSON schema) for Hermes tool-call blocks."""
-    variants = [{
-        "type": "object",
-        "properties": {"name": {"const": f["name"]},
-                       "arguments": closed_objects(f["parameters"]) if f["strict"] or not strict_only else ANY_OBJECT},
-        "required": ["name", "arguments"], "additionalProperties": False,
-    } for f in functions]
-    call = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    lines = [
-        f"body: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}",
-        "call: %json " + json.dumps({"x-guidance": JSON_OPTIONS, **call}),
-    ]
-    if free_text:
-        # Text that holds no call, or text up to the first "<tool_call>" and then calls only.
-        rest = "" if single else ' ("\\n" "<tool_call>" call_rest)*'
-        lines = [
-            "start: TEXT | PREFIX call_rest" + rest,
-            "TEXT: /(?s:.*)/ & ~/(?s:.*<tool_call>.*)/",
-            "PREFIX: /(?s:.*<tool_call>)/ & ~/(?s:.*<tool_call>.+)/",
-            f"call_rest: \"\\n\" call {json.dumps(chr(10) + CLOSE)}",
-            lines[1],
-        ]
-    else:
-        lines.insert(0, "start: body" if single else 'start: body ("\\n" body)*')
+def _calls_grammar(parser: type[ToolParser], functions: list[dict], *, strict_only: bool, single: bool,
+                  free_text: bool = False) -> Constraint | None:
+    """The parser's grammar of calls to ``functions``; a non-strict tool under "auto" takes any JSON object."""
+    chosen = [Function(f["name"], closed_objects(f["parameters"]) if f["strict"] or not strict_only else ANY_OBJECT)
+              for f in functions]
+    grammar = parser.grammar(chosen, single=single, free_text=free_text)
+    if grammar is None:
+        return None
     param = f"tools[{functions[0]['index']}].function.parameters" if len(functions) == 1 else "tools"
-    return Constraint("grammar", "\n".join(lines), param)
+    return Constraint("grammar", grammar, param)

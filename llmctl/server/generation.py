@@ -58,9 +58,9 @@ class Generation:
     """
 
     def __init__(self, seq: Sequence, tokenizer, stops: list[str], arrived: float,
-                 disconnected: Callable[[], bool] | None = None) -> None:
+                 disconnected: Callable[[], bool] | None = None, hidden: frozenset[int] | None = None) -> None:
         self.seq = seq
-        self.detok = IncrementalDetokenizer(tokenizer)
+        self.detok = IncrementalDetokenizer(tokenizer, hidden)
         self.stops = StopMatcher(stops)
         self.disconnected = disconnected
         self.timing = Timing(arrived)

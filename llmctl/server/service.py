@@ -20,7 +20,7 @@ from llmctl.server.engines import ENGINES, Loader
 from llmctl.server.generation import Generation
 from llmctl.server.metrics import ServiceMetrics, prefix_cache_json
 from llmctl.server.pipeline import Ask, Run, TokenLimits, sampling_params
-from llmctl.server.tools import ToolCallParser
+from llmctl.server.tools import HermesParser, ToolCallParser, ToolParser, hidden_specials, resolve_parser
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class ServiceSettings:
     max_tokens_cap: int | None = None
     default_max_tokens: int | None = None
     max_messages: int = 1024
-    tool_call_parser: ToolCallParser | None = None  # "hermes": turn <tool_call> blocks into tool_calls
+    tool_call_parser: ToolCallParser | None = "auto"  # a key of llmctl.server.tools.PARSERS, "auto" or "none"
 
 
 class Service:
@@ -53,6 +53,8 @@ class Service:
         self.loaded: LoadedModel | None = None
         self.engine: Engine | None = None
         self.token_text: TokenText | None = None  # token ids to bytes, for logprobs
+        self.tool_format: type[ToolParser] | None = None  # the family whose tool calls are parsed
+        self.hidden_specials: frozenset[int] | None = None  # special tokens left out of the text (None: all)
         self.draining = False
         self.created = int(time.time())
         self._inflight = 0
@@ -75,6 +77,9 @@ class Service:
             return
         self.loaded, self.engine = loaded, engine
         self.token_text = TokenText(loaded.tokenizer)
+        self.tool_format, why = resolve_parser(self.settings.tool_call_parser, loaded.tokenizer)
+        self.hidden_specials = hidden_specials(loaded.tokenizer, self.tool_format)
+        log.info("Tool calls: %s (%s)", self.tool_format.name if self.tool_format else "not parsed", why)
         self.status = "ready"
         log.info("Ready: serving %s", loaded.name)
 
@@ -215,6 +220,15 @@ class Service:
         return schemas.model_card(loaded.name, self.created)
 
     # ---- the request pipeline every API shares (see llmctl.server.pipeline) -----------------
+    def tool_parser(self, tools: list[dict] | None, enabled: bool = True, forced: bool = False) -> ToolParser | None:
+        """A parser for one choice's answer: when the request sends tools (and does not turn them off with
+        tool_choice "none"), or always for a format whose channels must be read (harmony). A forced call
+        on a server without a parser is written, and so parsed, in the Hermes format."""
+        family = self.tool_format or (HermesParser if forced else None)
+        if family is None or not (tools and enabled or family.always):
+            return None
+        return family(tools)
+
     def admit(self) -> tuple[LoadedModel, Engine]:
         """The model and engine, when the service is ready and its queue has room (else 503 or 429)."""
         loaded, engine = self.require_ready()
@@ -239,7 +253,8 @@ class Service:
                     seq.forks = []
                     for member in members:
                         engine.submit(member)
-                gens += [Generation(m, loaded.tokenizer, stops, arrived, disconnected) for m in members]
+                gens += [Generation(m, loaded.tokenizer, stops, arrived, disconnected, self.hidden_specials)
+                         for m in members]
         except BaseException:
             for gen in gens:  # a full queue part-way through a list of prompts: stop what was submitted
                 gen.close()

@@ -175,8 +175,8 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     ask = Ask(prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
               stops=stops, ignore_eos=req.ignore_eos, timeout=req.timeout)
     run = service.start([ask], arrived, disconnected)
-    choice = _Choice(loaded.name, ChoiceText(bool(service.settings.tool_call_parser and tools
-                                                  and (req.tool_choice or {}).get("type") != "none")), stops)
+    choice = _Choice(loaded.name, ChoiceText(service.tool_parser(tools, (req.tool_choice or {}).get("type") != "none")),
+                     stops)
     if req.stream:
         return _events(run, run.stream(), choice)
     choice.text.feed(run.collect()[0])

@@ -38,7 +38,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
     n = req.n or 1
     check_n(n, service)
-    constraint = request_constraint(req, service.settings.tool_call_parser)
+    constraint = request_constraint(req, service.tool_format)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     ask = Ask(build_prompt(loaded, req), max_tokens=asked, temperature=req.temperature, top_p=req.top_p,
               frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
@@ -47,10 +47,9 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
               timeout=req.timeout, constraint=constraint,
               max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
     run = service.start([ask], arrived, disconnected)
-    # An enforced call is written in the Hermes format, so it is parsed even without --tool-call-parser.
-    parse_tools = bool((service.settings.tool_call_parser or forced_tool(req.tool_choice)) and req.tools
-                       and req.tool_choice != "none")
-    texts = [ChoiceText(parse_tools) for _ in range(n)]
+    # Without a parser an enforced call is written in the Hermes format, and parsed as such.
+    texts = [ChoiceText(service.tool_parser(req.tools, req.tool_choice != "none", forced_tool(req.tool_choice)))
+             for _ in range(n)]
     logprobs = bool(req.logprobs)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

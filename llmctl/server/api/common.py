@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from llmctl.errors import ModelNotFound
-from llmctl.server.tools import HermesToolParser
+from llmctl.server.tools import ToolParser
 
 if TYPE_CHECKING:
     from llmctl.server.pipeline import Delta, Run
@@ -41,8 +41,8 @@ def json_arguments(text: str) -> dict:
 class ChoiceText:
     """One choice's text as it streams, with tool calls split out when the server parses them."""
 
-    def __init__(self, parse_tools: bool) -> None:
-        self.tools = HermesToolParser() if parse_tools else None
+    def __init__(self, parser: ToolParser | None) -> None:
+        self.tools = parser
         self.text = ""
 
     def feed(self, delta: str) -> str:

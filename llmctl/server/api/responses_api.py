@@ -175,8 +175,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
               ignore_eos=req.ignore_eos, timeout=req.timeout, constraint=constraint, prompt_param="input",
               max_tokens_param="max_output_tokens")
     run = service.start([ask], arrived, disconnected)
-    answer = _Answer(req, loaded.name, ChoiceText(bool(service.settings.tool_call_parser and tools
-                                                       and req.tool_choice != "none")))
+    answer = _Answer(req, loaded.name, ChoiceText(service.tool_parser(tools, req.tool_choice != "none")))
     if req.stream:
         return _events(run, run.stream(), answer)
     text = run.collect()[0]

@@ -1,0 +1,124 @@
+"""Every tool-call parser end to end: the calls a model writes in its family's format come back on all three APIs.
+
+The tiny model is scripted (its real forward pass runs, then its logits are set so that it writes a
+family's answer, see conftest.scripted_server); the engine, detokenizer, parser, API layers and the
+openai / anthropic SDKs are the real code. An enforced call (tool_choice "required") is left to the
+model itself: the grammar writes it in the family's format, and the same parser must read it back.
+"""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import openai
+import pytest
+
+from llmctl.server.testing import build_tiny_model
+from tests.conftest import scripted_server
+from tests.server.test_tool_parsers import CASES, TOOLS, as_pairs
+
+FAMILIES = ["hermes", "llama3_json", "pythonic", "mistral", "qwen3_coder", "openai"]
+# One answer per family: the one with most calls.
+ANSWERS = {name: max((c for c in CASES if c[0] == name), key=lambda c: len(c[3]))[1:] for name in FAMILIES}
+USER = [{"role": "user", "content": "Weather in Paris, and the time?"}]
+MARKUP = ("<tool_call>", "<function=", "[TOOL_CALLS]", "<|python_tag|>", "<|channel|>", "get_weather(")
+RESPONSES_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]
+
+
+@pytest.fixture(scope="module")
+def roomy_model(tmp_path_factory):
+    """The tiny model with room for a few calls in the byte-level tokens of its small vocabulary."""
+    return build_tiny_model(tmp_path_factory.mktemp("roomy") / "tiny-llama", context=1024)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, roomy_model):
+    with scripted_server(roomy_model, tool_call_parser=request.param) as (url, say):
+        yield request.param, url, say
+
+
+def clean(text: str | None) -> str:
+    assert not any(mark in (text or "") for mark in MARKUP), text
+    return (text or "").strip()
+
+
+def test_chat_tool_calls_plain_and_streamed(family):
+    name, url, say = family
+    text, content, calls = ANSWERS[name]
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    say(text)
+    out = sdk.chat.completions.create(model="tiny-llama", messages=USER, tools=TOOLS)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert clean(choice.message.content) == content
+    assert as_pairs([c.model_dump() for c in choice.message.tool_calls]) == calls
+    say(text)
+    streamed, got, finish = "", {}, None
+    for chunk in sdk.chat.completions.create(model="tiny-llama", messages=USER, tools=TOOLS, stream=True):
+        delta = chunk.choices[0].delta
+        streamed += delta.content or ""
+        for call in delta.tool_calls or []:
+            got.setdefault(call.index, {"function": {"name": "", "arguments": ""}})
+            got[call.index]["function"]["name"] += call.function.name or ""
+            got[call.index]["function"]["arguments"] += call.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and clean(streamed) == content
+    assert as_pairs([got[i] for i in sorted(got)]) == calls
+
+
+def test_responses_function_calls_plain_and_streamed(family):
+    name, url, say = family
+    text, content, calls = ANSWERS[name]
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    say(text)
+    out = sdk.responses.create(model="tiny-llama", input=USER[0]["content"], tools=RESPONSES_TOOLS)
+    items = [i for i in out.output if i.type == "function_call"]
+    assert [(i.name, json.loads(i.arguments)) for i in items] == calls
+    assert clean(out.output_text) == content
+    say(text)
+    events = list(sdk.responses.create(model="tiny-llama", input=USER[0]["content"], tools=RESPONSES_TOOLS,
+                                       stream=True))
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    assert clean(streamed) == content
+    assert [(i.name, json.loads(i.arguments)) for i in final.output if i.type == "function_call"] == calls
+
+
+def test_anthropic_tool_use_plain_and_streamed(family):
+    name, url, say = family
+    text, content, calls = ANSWERS[name]
+    sdk = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    say(text)
+    out = sdk.messages.create(model="tiny-llama", max_tokens=600, messages=USER, tools=ANTHROPIC_TOOLS)
+    assert out.stop_reason == "tool_use"
+    assert [(b.name, b.input) for b in out.content if b.type == "tool_use"] == calls
+    assert clean("".join(b.text for b in out.content if b.type == "text")) == content
+    say(text)
+    with sdk.messages.stream(model="tiny-llama", max_tokens=600, messages=USER, tools=ANTHROPIC_TOOLS) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    partial = "".join(e.delta.partial_json for e in events
+                      if e.type == "content_block_delta" and e.delta.type == "input_json_delta")
+    assert final.stop_reason == "tool_use"
+    assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == calls
+    assert partial and all(json.loads(json.dumps(b.input)) for b in final.content if b.type == "tool_use")
+    assert clean("".join(b.text for b in final.content if b.type == "text")) == content
+
+
+def test_an_enforced_call_is_written_in_the_family_format_and_parsed(family):
+    name, url, say = family
+    say(None)  # the tiny model writes what the grammar of the family's call allows
+    tools = [{"type": "function", "function": {"name": "set_unit", "parameters": {
+        "type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "fast": {"type": "boolean"}},
+        "required": ["unit", "fast"]}}}]
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    out = sdk.chat.completions.create(model="tiny-llama", messages=USER, tools=tools, tool_choice="required",
+                                      parallel_tool_calls=False, max_tokens=120, seed=1)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message.content
+    for call in choice.message.tool_calls:
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "set_unit" and args["unit"] in ("c", "f") and isinstance(args["fast"], bool)
+    assert clean(choice.message.content) == ""
