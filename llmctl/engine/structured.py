@@ -24,7 +24,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from llmctl.errors import InvalidRequest, LLMCtlError
+from llmctl.engine.grammar_limits import LimitExceeded, check_constraint
+from llmctl.engine.grammar_sandbox import sandbox
+from llmctl.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ CACHE_SIZE = 256  # compiled grammars kept per server
 # whitespace anywhere may produce nothing else until max_tokens. A schema can override this with
 # llguidance's "x-guidance" key, e.g. {"x-guidance": {"whitespace_flexible": true}, ...}.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+EXCERPT_CHARS = 300  # of a grammar or an engine error, in logs and messages: never the whole thing
 
 
 @dataclass(frozen=True)
@@ -58,13 +61,30 @@ class GrammarError(InvalidRequest):
     """A constraint the grammar engine cannot compile: a 400 naming the request field."""
 
 
+class GrammarFailed(InvalidRequest):
+    """The grammar engine gave up on a constraint during generation (a limit of llguidance's parser): the
+    request ends with this error, in-band when its stream has started; the server and other requests go on."""
+
+    code = "grammar_failed"
+
+
+def parser_limits():
+    """llguidance's ParserLimits for every matcher: its defaults (max_items_in_row 2,000, step_lexer_fuel
+    200,000, step_max_items 50,000, max_lexer_states 250,000, max_grammar_size 500,000) bound each mask
+    computation; verbose_errors=False keeps the grammar and parser state out of error messages."""
+    import llguidance
+
+    return llguidance.LLParserLimits(verbose_errors=False)
+
+
 class Matcher:
     """One sequence's position in its grammar."""
 
-    __slots__ = ("raw",)
+    __slots__ = ("raw", "param")
 
-    def __init__(self, raw) -> None:
+    def __init__(self, raw, param: str = "response_format") -> None:
         self.raw = raw  # llguidance.LLMatcher
+        self.param = param  # the request field the grammar came from
 
     def accept(self, token: int) -> None:
         self.raw.consume_token(token)
@@ -113,10 +133,12 @@ class Grammars:
             if compiled is not None:
                 self._cache.move_to_end(key)
                 self.stats.cache_hits += 1
-                return Matcher(compiled.deep_copy())
-            started = time.perf_counter()
-            compiled = self._compile(constraint)
-            elapsed = time.perf_counter() - started
+                return Matcher(compiled.deep_copy(), constraint.param)
+        # Outside the lock: a slow compile holds up no other request's grammar.
+        started = time.perf_counter()
+        compiled = self._compile(constraint)
+        elapsed = time.perf_counter() - started
+        with self._lock:
             self.stats.compiles += 1
             self.stats.compile_seconds += elapsed
             self.stats.last_compile_seconds = elapsed
@@ -124,12 +146,14 @@ class Grammars:
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
             log.info("Compiled a %s constraint in %.1f ms", constraint.kind, elapsed * 1000)
-            return Matcher(compiled.deep_copy())
+            return Matcher(compiled.deep_copy(), constraint.param)
 
     def _compile(self, constraint: Constraint):
         import llguidance
 
-        matcher = llguidance.LLMatcher(self._tokenizer(), serialize(constraint), log_level=0)
+        grammar = serialize(constraint)
+        _check_in_sandbox(constraint, grammar)
+        matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0, limits=parser_limits())
         if matcher.is_error():
             raise GrammarError(f"Unsupported {_describe(constraint)}: {_first_line(matcher.get_error())}",
                                param=constraint.param)
@@ -148,11 +172,28 @@ class Grammars:
 
 
 def serialize(constraint: Constraint) -> str:
-    """``constraint`` as llguidance's grammar (JSON text); GrammarError when it does not parse."""
+    """``constraint`` as llguidance's grammar (JSON text); GrammarError when it does not parse or asks for more
+    than the server's limits (`grammar_limits`)."""
+    try:
+        check_constraint(constraint.kind, constraint.spec)
+    except LimitExceeded as exc:
+        raise GrammarError(f"The {_describe(constraint)} is over the server's limits: {exc}.",
+                           param=constraint.param, code="grammar_too_large") from None
     try:
         return _serialize(constraint.kind, constraint.spec)
     except ValueError as exc:
-        raise GrammarError(f"Invalid {_describe(constraint)}: {exc}", param=constraint.param) from None
+        raise GrammarError(f"Invalid {_describe(constraint)}: {excerpt(str(exc))}", param=constraint.param) from None
+
+
+def _check_in_sandbox(constraint: Constraint, grammar: str) -> None:
+    """Validate ``grammar`` in a capped worker process first: what would exhaust the server's memory ends there."""
+    try:
+        error = sandbox().validate(grammar)
+    except LimitExceeded as exc:
+        raise GrammarError(f"The {_describe(constraint)} is over the server's limits: {exc}.",
+                           param=constraint.param, code="grammar_too_large") from None
+    if error:
+        raise GrammarError(f"Unsupported {_describe(constraint)}: {_first_line(error)}", param=constraint.param)
 
 
 def _serialize(kind: ConstraintKind, spec: str) -> str:
@@ -166,22 +207,14 @@ def _serialize(kind: ConstraintKind, spec: str) -> str:
 def check(constraint: Constraint) -> None:
     """GrammarError when ``constraint`` does not compile; needs no tokenizer (for engines that compile elsewhere).
     Each (kind, spec) is validated once per process, like the builtin engine's compiled-grammar cache."""
-    error = _validation_error(constraint.kind, constraint.spec)
-    if error:
-        raise GrammarError(f"{error[0]} {_describe(constraint)}: {error[1]}", param=constraint.param)
+    _validated(constraint)
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def _validation_error(kind: ConstraintKind, spec: str) -> tuple[str, str] | None:
-    """("Invalid" or "Unsupported", why) for a constraint llguidance rejects; None when it is fine."""
-    import llguidance
-
-    try:
-        grammar = _serialize(kind, spec)
-    except ValueError as exc:
-        return "Invalid", str(exc)
-    error = llguidance.LLMatcher.validate_grammar(grammar, None)
-    return ("Unsupported", _first_line(error)) if error else None
+def _validated(constraint: Constraint) -> None:
+    """Raises GrammarError, uncached, for a constraint that does not compile (Constraint hashes by kind and spec:
+    the error names the first request's field, as every request of that spec gives the same one)."""
+    _check_in_sandbox(constraint, serialize(constraint))
 
 
 def json_schema_with_options(constraint: Constraint) -> dict | bool:
@@ -264,15 +297,18 @@ def attach_matchers(grammars: Grammars | None, seqs: Iterable) -> None:
         seq.matcher = grammars.matcher(seq.params.constraint)
 
 
-def end_reason(matcher: Matcher | None) -> tuple[str, LLMCtlError | None] | None:
+def end_reason(matcher: Matcher | None) -> tuple[str, GrammarFailed | None] | None:
     """After a token: ("stop", None) when the grammar is complete and allows nothing more,
-    ("error", ...) when the grammar engine failed, None while the row goes on."""
+    ("error", ...) when the grammar engine gave up on it (a limit of its parser), None while the row goes on."""
     if matcher is None or not matcher.stopped:
         return None
     error = matcher.error
     if error:
-        log.error("Grammar matcher failed: %s", error)
-        return "error", LLMCtlError("The grammar engine failed on this request; see the server log.")
+        log.warning("The grammar of '%s' failed during generation: %s", matcher.param, excerpt(error))
+        return "error", GrammarFailed(
+            f"The constraint in '{matcher.param}' failed during generation: {_first_line(error)}. Simplify it "
+            "(fewer alternatives, smaller repetition counts, no required property that leads back to itself).",
+            param=matcher.param)
     return "stop", None
 
 
@@ -282,4 +318,9 @@ def _describe(constraint: Constraint) -> str:
 
 
 def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0][:500] if message.strip() else "the grammar engine rejected it"
+    return excerpt(message.strip().splitlines()[0]) if message.strip() else "the grammar engine rejected it"
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """At most ``limit`` characters of ``text``, saying how long it was when cut."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

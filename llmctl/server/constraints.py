@@ -86,15 +86,16 @@ def _response_format(value: Any, param: str) -> Constraint | None:
     if kind == "json_schema":
         spec = value.get("json_schema")
         # The Responses API puts name/schema/strict next to "type"; Chat Completions nests them.
-        spec = value if spec is None and "schema" in value else spec
+        flat = spec is None and "schema" in value
+        spec = value if flat else spec
+        where = param if flat else f"{param}.json_schema"
         if not isinstance(spec, Mapping):
             raise InvalidRequest(f"'{param}.json_schema' must be an object with a 'name' and a 'schema'.",
                                  param=f"{param}.json_schema")
         schema = spec.get("schema", ANY_OBJECT)
         if not isinstance(schema, (Mapping, bool)):
-            raise InvalidRequest(f"'{param}.json_schema.schema' must be a JSON schema object.",
-                                 param=f"{param}.json_schema.schema")
-        return Constraint.json_schema(closed_objects(schema), f"{param}.json_schema.schema")
+            raise InvalidRequest(f"'{where}.schema' must be a JSON schema object.", param=f"{where}.schema")
+        return Constraint.json_schema(closed_objects(schema), f"{where}.schema")
     raise InvalidRequest(f"Invalid value for '{param}.type': {kind!r}; expected 'text', 'json_object' or "
                          "'json_schema'.", param=f"{param}.type")
 
