@@ -83,9 +83,12 @@ def sse_data(client: httpx.Client, path: str, body: dict) -> list:
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Point llmctl's cache (converted embedded model) at a session temp dir unless CI shares one."""
+    """Point llmctl's cache (converted embedded model) at a session temp dir unless CI shares one, and its data
+    folder at another."""
     if "LLMCTL_CACHE_DIR" not in os.environ:
         os.environ["LLMCTL_CACHE_DIR"] = str(tmp_path_factory.mktemp("llmctl-cache"))
+    # `llmctl serve` keeps stored responses in the user data folder by default: never the real one in tests.
+    os.environ["LLMCTL_DATA_DIR"] = str(tmp_path_factory.mktemp("llmctl-data"))
     yield
 
 
@@ -218,3 +221,27 @@ def scripted(tiny_model):
     """A server whose tiny model writes ``say(text)`` for each request, parsing Hermes tool calls."""
     with scripted_server(tiny_model, tool_call_parser="hermes") as server:
         yield server
+
+
+@contextlib.contextmanager
+def stored_serving(model: Path, store_url: str, *, slow: float = 0.0, lease_s: float = 0.2,
+                   **http_options) -> Iterator[tuple[Service, str]]:
+    """A real server on 127.0.0.1 that keeps responses in the store at ``store_url`` (leases renewed every
+    ``lease_s``, so a test sees an orphan failed quickly)."""
+    from llmctl.server.store import ResponseState, open_store
+
+    service = make_service(model)
+    service.responses = ResponseState(open_store(store_url), lease_s=lease_s)
+    if slow:
+        slow_down(service, slow)
+    with serve_in_thread(service, **http_options) as url:
+        yield service, url
+    service.shutdown()
+
+
+def postgres_url() -> str:
+    """The PostgreSQL server the tests may use (.ci/run starts one); the tests skip without it."""
+    url = os.environ.get("LLMCTL_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("No PostgreSQL server: set LLMCTL_TEST_POSTGRES_URL (.ci/run installs and starts one)")
+    return url

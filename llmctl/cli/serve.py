@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -21,6 +22,8 @@ from llmctl.server.app import DEFAULT_MAX_BODY_BYTES, HTTPOptions, create_app
 from llmctl.server.runner import run_server
 from llmctl.server.security import load_api_keys
 from llmctl.server.service import Service, ServiceSettings
+from llmctl.server.store import ResponseState, default_store_url, open_store
+from llmctl.server.store.state import DEFAULT_LEASE_S, DEFAULT_TTL_S
 from llmctl.server.tools import ToolCallParser
 
 log = logging.getLogger("llmctl.serve")
@@ -41,6 +44,17 @@ def setup_logging(level: str) -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def open_responses(url: str | None, ttl: float, max_mb: float) -> ResponseState | None:
+    """The response store the flags name, opened (and migrated) before the port opens: a bad URL or an
+    unreachable database stops the start with one clear line."""
+    store = open_store(url or default_store_url())
+    if store is None:
+        return None
+    lease = float(os.environ.get(envvars.RESPONSES_LEASE) or DEFAULT_LEASE_S)
+    log.info("Stored responses: %s", store.describe())
+    return ResponseState(store, ttl=ttl, max_bytes=int(max_mb * 1024 * 1024), lease_s=lease)
 
 
 def serve(
@@ -129,6 +143,19 @@ def serve(
         "--enable-auto-tool-choice", envvar=envvars.ENABLE_AUTO_TOOL_CHOICE,
         help="Accepted for vLLM's command lines: llmctl always parses tool calls under tool_choice 'auto' "
         "when it has a parser.")] = False,
+    responses_store: Annotated[str | None, typer.Option(
+        envvar=envvars.RESPONSES_STORE,
+        help="Where /v1/responses keeps responses and conversations: sqlite:///PATH (relative; sqlite:////PATH "
+        "absolute), postgresql://USER:PASSWORD@HOST/DB (replicas sharing it see each other's responses; needs "
+        "llmctl[postgres]), or none (stateless: store, previous_response_id, background and conversations are "
+        "refused). Default: responses.db in the user data folder.")] = None,
+    responses_ttl: Annotated[float, typer.Option(
+        envvar=envvars.RESPONSES_TTL, min=60,
+        help="Seconds a stored response (or a conversation, since its last use) is kept; the server deletes "
+        "expired ones.")] = DEFAULT_TTL_S,
+    responses_max_mb: Annotated[float, typer.Option(
+        envvar=envvars.RESPONSES_MAX_MB, min=1,
+        help="Size bound of the stored responses (their JSON, in MB): beyond it the oldest are deleted.")] = 1024,
     threads: Annotated[int | None, typer.Option(
         envvar=envvars.THREADS, min=4, help="HTTP worker threads. Default: max-num-seqs + max-waiting + 16.")] = None,
     engine_kind: Annotated[EngineKind, typer.Option(
@@ -196,10 +223,12 @@ def serve(
     if not keys and host in ("0.0.0.0", "::", ""):
         log.warning("Listening on all interfaces (%s) without an API key: anyone who can reach this port can use "
                     "the model. Pass --api-key, or --host 127.0.0.1 for local use only.", host or "*")
+    responses = open_responses(responses_store, responses_ttl, responses_max_mb)
     service = Service(ServiceSettings(load=load, engine=engine, engine_kind=engine_kind, engine_options=engine_options,
                                       request_timeout=request_timeout,
                                       max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
-                                      max_messages=max_messages, tool_call_parser=tool_call_parser))
+                                      max_messages=max_messages, tool_call_parser=tool_call_parser),
+                      responses=responses)
     origins = tuple(o.strip() for o in allowed_origins.split(",") if o.strip())
     app = create_app(service, HTTPOptions(max_body_bytes=max_body_bytes, api_keys=keys,
                                           public_metrics=public_metrics, allowed_origins=origins))

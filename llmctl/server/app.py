@@ -12,7 +12,7 @@ from prometheus_client.exposition import choose_encoder
 from werkzeug.exceptions import HTTPException
 
 from llmctl.errors import InvalidRequest, LLMCtlError, UnsupportedMediaType
-from llmctl.server.api import anthropic, chat, completions, responses_api, tokenize
+from llmctl.server.api import anthropic, chat, completions, conversations, responses_api, stored, tokenize
 from llmctl.server.openapi import openapi_document
 from llmctl.server.security import install_auth, install_cors
 from llmctl.server.service import Service
@@ -107,6 +107,10 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
         app.add_url_rule(path, path, _generation_view(service, handle), methods=["POST"])
     for path, handle in JSON_ROUTES.items():
         app.add_url_rule(path, path, _json_view(service, handle), methods=["POST"])
+    for path, methods in STATE_ROUTES.items():
+        for method, handle in methods.items():
+            reads_body = method == "POST" and handle is not stored.cancel
+            app.add_url_rule(path, f"{method} {path}", _state_view(service, handle, reads_body), methods=[method])
 
     @app.get("/v1/models")
     def models():
@@ -153,13 +157,36 @@ JSON_ROUTES = {"/v1/messages/count_tokens": anthropic.count_tokens, "/tokenize":
                "/detokenize": tokenize.detokenize}
 
 
+# Stored responses and conversations: rule -> method -> handler. A handler takes the JSON body (POSTs but
+# cancel, which has none) or None, the query string and the rule's parts.
+STATE_ROUTES = {
+    "/v1/responses/<response_id>": {"GET": stored.retrieve, "DELETE": stored.delete},
+    "/v1/responses/<response_id>/cancel": {"POST": stored.cancel},
+    "/v1/responses/<response_id>/input_items": {"GET": stored.input_items},
+    "/v1/conversations": {"POST": conversations.create},
+    "/v1/conversations/<conversation_id>": {
+        "GET": conversations.retrieve, "POST": conversations.update, "DELETE": conversations.delete},
+    "/v1/conversations/<conversation_id>/items": {"GET": conversations.list_items, "POST": conversations.add_items},
+    "/v1/conversations/<conversation_id>/items/<item_id>": {
+        "GET": conversations.retrieve_item, "DELETE": conversations.delete_item},
+}
+
+
+def _answer(result) -> Response:
+    """A handler's answer: a JSON body, or server-sent events."""
+    if isinstance(result, dict):
+        return json_response(result)
+    return Response(result, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def _generation_view(service: Service, handle):
-    def view():
-        result = handle(service, read_json_body(), request.environ.get("waitress.client_disconnected"))
-        if isinstance(result, dict):
-            return json_response(result)
-        return Response(result, mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return lambda: _answer(handle(service, read_json_body(), request.environ.get("waitress.client_disconnected")))
+
+
+def _state_view(service: Service, handle, reads_body: bool):
+    def view(**parts: str):
+        return _answer(handle(service, read_json_body() if reads_body else None, request.args, **parts))
 
     return view
 

@@ -7,6 +7,7 @@ clients send it, 'x-api-key: <key>'. /health and /get_load stay open so load bal
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,7 @@ from llmctl.keyfile import api_key_file_keys
 # A router polls /get_load without the clients' key, as it does /health; it is a count and names nothing.
 OPEN_PATHS = ("/health", "/get_load")
 PROTECTED_PATHS = ("/metrics", "/openapi.json", "/tokenize", "/detokenize", "/get_model_info")
+OWNER_ENV = "llmctl.owner"
 
 
 def load_api_keys(keys: Iterable[str], key_file: Path | None) -> tuple[str, ...]:
@@ -61,6 +63,8 @@ def install_auth(app: Flask, keys: tuple[str, ...], public_metrics: bool) -> Non
             raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>').")
         if not key_matches(token, keys):
             raise Unauthorized("Invalid API key.")
+        # Stored responses belong to the key that created them (llmctl.server.api.stored).
+        request.environ[OWNER_ENV] = hashlib.sha256(token.encode()).hexdigest()
         return None
 
 
@@ -79,7 +83,7 @@ def install_cors(app: Flask, origins: tuple[str, ...]) -> None:
 
     # Any request header is allowed: the OpenAI JS SDK sends its own (x-stainless-*), and the
     # origin list, not the header list, is what guards the service.
-    CORS(app, origins=list(origins), methods=["GET", "POST", "OPTIONS"], expose_headers=["Retry-After"],
+    CORS(app, origins=list(origins), methods=["GET", "POST", "DELETE", "OPTIONS"], expose_headers=["Retry-After"],
          max_age=600)
 
     @app.after_request

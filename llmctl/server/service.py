@@ -20,6 +20,7 @@ from llmctl.server.engines import ENGINES, Loader
 from llmctl.server.generation import Generation
 from llmctl.server.metrics import ServiceMetrics, prefix_cache_json
 from llmctl.server.pipeline import Ask, Run, TokenLimits, sampling_params
+from llmctl.server.store import ResponseState
 from llmctl.server.tools import HermesParser, ToolCallParser, ToolParser, hidden_specials, resolve_parser
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,10 @@ class ServiceSettings:
 class Service:
     """Owns the model and the engine; every route calls into one of its methods."""
 
-    def __init__(self, settings: ServiceSettings, loader: Loader = load_model) -> None:
+    def __init__(self, settings: ServiceSettings, loader: Loader = load_model,
+                 responses: ResponseState | None = None) -> None:
         self.settings = settings
+        self.responses = responses  # stored responses and conversations; None with --responses-store none
         self.loader = loader
         self.metrics = ServiceMetrics()
         self.metrics.watch_engine(lambda: self.engine)
@@ -103,6 +106,9 @@ class Service:
         return True
 
     def shutdown(self) -> None:
+        if self.responses is not None:  # first: its unfinished background responses end failed, not stuck
+            self.responses.close()
+            self.responses = None
         if self.engine is not None:
             self.engine.stop()
         if self.loaded is not None:

@@ -144,5 +144,5 @@ def test_bad_fields_are_400_in_openai_envelope(client, body, param):
 
 
 def test_sdk_raises_bad_request_for_stateful_use(sdk):
-    with pytest.raises(openai.BadRequestError, match="stateless"):
+    with pytest.raises(openai.BadRequestError, match="keeps no responses"):
         sdk.responses.create(model="tiny-llama", input="x", previous_response_id="resp_123")

@@ -1,7 +1,8 @@
-"""POST /v1/responses: OpenAI's Responses API over the shared pipeline, stateless.
+"""POST /v1/responses: OpenAI's Responses API over the shared pipeline.
 
-The server keeps no responses: `store: true` and `previous_response_id` get a 400 that says so
-(clients send the whole conversation in `input`, as they do with chat completions). `input` is a
+Responses are stored unless the request says `store: false` (or the server runs with
+`--responses-store none`); `previous_response_id`, `conversation` and `background` are read and
+written by `llmctl.server.api.stored`, which the handler asks what a request continues. `input` is a
 string or a list of items: messages, and `function_call` / `function_call_output` items for an
 agent's tool history; they reach the chat template as the chat route's messages do. Function tools
 work as on the chat route (calls are parsed with `serve --tool-call-parser`); built-in tools
@@ -22,6 +23,7 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.engine.structured import Constraint
+from llmctl.server.api import stored
 from llmctl.server.api.common import ChoiceText, TextPieces, check_model, sse_event
 from llmctl.server.constraints import constraint_from_request
 from llmctl.server.generation import chat_prompt
@@ -84,6 +86,8 @@ class ResponsesRequest(_Lenient):
     stream: StrictBool | None = False
     store: StrictBool | None = None
     previous_response_id: str | None = None
+    conversation: str | dict | None = None
+    background: StrictBool | None = None
     metadata: dict | None = None
     timeout: Annotated[StrictFloat, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
     ignore_eos: StrictBool = False  # llmctl extension, as on the chat route (fixed-length benchmarks)
@@ -159,36 +163,40 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     loaded, _ = service.admit()
     req = schemas.parse_body(ResponsesRequest, body)
     check_model(req.model, loaded.name)
-    if req.previous_response_id is not None or req.store:
-        param = "previous_response_id" if req.previous_response_id is not None else "store"
-        raise InvalidRequest("This server is stateless: it keeps no responses, so store: true and "
-                             "previous_response_id are not supported. Send the whole conversation in 'input' "
-                             "(and store: false).", param=param)
+    turn = stored.prepare(service, req)
     constraint = structured_format(req.text)
     tools = function_tools(req.tools, req.tool_choice)
-    messages = chat_messages(req)
+    # The model reads what the request continues (stored as it saw it), then the new input.
+    messages = chat_messages(req.model_copy(update={"input": ResponsesRequest.model_validate(
+        {"input": turn.prior + turn.input_items}).input}) if turn.prior else req)
     if len(messages) > service.settings.max_messages:
         raise InvalidRequest(f"{len(messages)} input items is more than this server's limit of "
                              f"{service.settings.max_messages}.", param="input")
     prompt = chat_prompt(loaded, [m.for_template() for m in messages], tools, param="input")
     ask = Ask(prompt, max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
-              ignore_eos=req.ignore_eos, timeout=req.timeout, constraint=constraint, prompt_param="input",
-              max_tokens_param="max_output_tokens")
-    run = service.start([ask], arrived, disconnected)
-    answer = _Answer(req, loaded.name, ChoiceText(service.tool_parser(tools, req.tool_choice != "none")))
+              ignore_eos=req.ignore_eos, timeout=req.timeout or (MAX_TIMEOUT_S if turn.background else None),
+              constraint=constraint, prompt_param="input", max_tokens_param="max_output_tokens")
+    run = service.start([ask], arrived, turn.disconnected(disconnected))
+    answer = _Answer(req, loaded.name, ChoiceText(service.tool_parser(tools, req.tool_choice != "none")),
+                     turn.fields())
+    if turn.background:
+        return stored.run_in_background(service, turn, answer.body(None, [], "queued"), run,
+                                        lambda: _event_dicts(run, run.stream(), answer), bool(req.stream))
     if req.stream:
-        return _events(run, run.stream(), answer)
+        return _sse(stored.saving(service, turn, _event_dicts(run, run.stream(), answer)))
     text = run.collect()[0]
     answer.text.feed(text)
     _, calls = answer.text.finish()
-    return answer.body(run, _output(answer.text.answer(calls), calls, run.gens[0].finish_reason, answer))
+    body = answer.body(run, _output(answer.text.answer(calls), calls, run.gens[0].finish_reason, answer))
+    stored.save(service, turn, body)
+    return body
 
 
 class _Answer:
     """The parts of a response that do not change while it is generated."""
 
-    def __init__(self, req: ResponsesRequest, model: str, text: ChoiceText) -> None:
-        self.req, self.model, self.text = req, model, text
+    def __init__(self, req: ResponsesRequest, model: str, text: ChoiceText, fields: dict) -> None:
+        self.req, self.model, self.text, self.fields = req, model, text, fields
         self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
         self.message_id = f"msg_{uuid.uuid4().hex}"
 
@@ -206,11 +214,11 @@ class _Answer:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.model,
             "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "previous_response_id": None, "store": False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "text": {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [], "truncation": "disabled", "metadata": req.metadata or {}, "usage": usage,
+            **self.fields,
         }
 
     def message(self, text: str, status: str) -> dict:
@@ -230,27 +238,35 @@ def _output(text: str, calls: list[dict], finish_reason: str | None, answer: _An
     return items + [_function_call(call) for call in calls]
 
 
-def _events(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Iterator[str]:
+def _sse(events: Iterator[dict]) -> Iterator[str]:
+    try:
+        for event in events:
+            yield sse_event(event["type"], event)
+    finally:
+        events.close()  # the client left: end the run now
+
+
+def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Iterator[dict]:
     """Responses' event sequence: created, in_progress, the output items with their deltas, completed."""
     numbers = itertools.count()
     mid = answer.message_id
 
-    def event(name: str, /, **fields) -> str:
-        return sse_event(name, {"type": name, "sequence_number": next(numbers), **fields})
+    def event(name: str, /, **fields) -> dict:
+        return {"type": name, "sequence_number": next(numbers), **fields}
 
     def part(text: str) -> dict:
         return {"type": "output_text", "text": text, "annotations": []}
 
     opened = False
 
-    def open_message() -> Iterator[str]:
+    def open_message() -> Iterator[dict]:
         nonlocal opened
         if not opened:
             opened = True
             yield event("response.output_item.added", output_index=0, item=answer.message("", "in_progress"))
             yield event("response.content_part.added", item_id=mid, output_index=0, content_index=0, part=part(""))
 
-    def text_delta(text: str) -> Iterator[str]:
+    def text_delta(text: str) -> Iterator[dict]:
         yield from open_message()
         yield event("response.output_text.delta", item_id=mid, output_index=0, content_index=0, delta=text,
                     logprobs=[])

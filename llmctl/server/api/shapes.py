@@ -92,6 +92,15 @@ class IncompleteDetails(_Strict):
     reason: Literal["max_output_tokens"]
 
 
+class ResponseError(_Strict):
+    code: str
+    message: str
+
+
+class ConversationRef(_Strict):
+    id: str
+
+
 class Response(_Strict):
     """The answer to /v1/responses. Streamed, it comes as named events: response.created, response.in_progress,
     response.output_item.added, response.content_part.added, response.output_text.delta (many),
@@ -102,16 +111,18 @@ class Response(_Strict):
     id: str
     object: Literal["response"]
     created_at: int
-    status: Literal["in_progress", "completed", "incomplete"]
-    error: None
+    status: Literal["queued", "in_progress", "completed", "incomplete", "cancelled", "failed"]
+    error: ResponseError | None
     incomplete_details: IncompleteDetails | None
     instructions: str | None
     max_output_tokens: int | None
     model: str
     output: list[OutputMessage | FunctionCallOutput]
     parallel_tool_calls: bool
-    previous_response_id: None
-    store: Literal[False]
+    previous_response_id: str | None
+    store: bool  # kept by the server (unless store: false, or --responses-store none): GET /v1/responses/{id}
+    background: bool  # generated after the answer (queued), read back by polling GET /v1/responses/{id}
+    conversation: ConversationRef | None
     temperature: float
     top_p: float
     text: dict
