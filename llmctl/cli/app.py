@@ -14,7 +14,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from llmctl import __version__, envvars
-from llmctl.cli import chat, health, metrics
+from llmctl.cli import chat, health, metrics, router
 from llmctl.cli.output import err_console
 from llmctl.errors import LLMCtlError
 
@@ -83,6 +83,9 @@ app = typer.Typer(
 app.command("chat")(command(chat.chat))
 app.command("health")(command(health.health))
 app.command("metrics")(command(metrics.metrics))
+# Arguments after `--` go to the router unchanged.
+app.command("router", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})(
+    command(router.router))
 
 
 def _version(value: bool) -> None:
