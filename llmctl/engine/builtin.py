@@ -89,8 +89,12 @@ class BuiltinEngine(Prefills):
         return (len(batch.seqs) if batch else 0) + len(admitting or ([self._prefilling] if self._prefilling else []))
 
     def check_capacity(self) -> None:
-        """Raise QueueFull at once when the waiting queue is full (before any tokenization)."""
-        if len(self._waiting) >= self.config.max_waiting:
+        """Raise QueueFull at once when the waiting queue is full (before any tokenization).
+
+        A new request waits only for a slot that no one else will take: arrivals that free batch slots
+        will admit at the next step are not waiting (a burst fills the free slots before the queue)."""
+        free_slots = max(0, self.config.max_num_seqs - self.running)
+        if len(self._waiting) - free_slots >= self.config.max_waiting:
             raise QueueFull(
                 f"The server is at capacity ({self.config.max_waiting} requests waiting); retry shortly.",
                 retry_after=1,

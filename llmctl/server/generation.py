@@ -133,9 +133,14 @@ class Generation:
         return items
 
     def close(self) -> None:
-        """Stop the sequence if the consumer leaves before the end."""
+        """Stop the sequence if the consumer leaves before the end (a client gone: counted as "cancelled").
+
+        A client that disconnects is noticed either here (the server's write fails and the stream is
+        closed) or by the polling in ``__iter__``, whichever comes first: both count it the same."""
         if not self.seq.done:
             self.seq.cancel()
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
 
     @property
     def stop_sequence(self) -> str | None:

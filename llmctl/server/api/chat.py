@@ -105,7 +105,9 @@ def _events(service: Service, run: Run, deltas: Iterator[Delta], texts: list[Cho
                                          with_choice=False))
         yield "data: [DONE]\n\n"
     except LLMCtlError as exc:
-        # Headers are already sent: report the error in-band, as OpenAI's API does.
+        # Headers are already sent: report the error in-band, as OpenAI's API does, and end the stream
+        # as every stream ends (vLLM does the same), so clients waiting for [DONE] stop waiting.
         yield sse(exc.to_body())
+        yield "data: [DONE]\n\n"
     finally:
         run.end()

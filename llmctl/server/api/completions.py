@@ -164,6 +164,7 @@ def _events(run: Run, deltas: Iterator[Delta], echoes: list[str], model: str, lo
                                                                      run.cached_tokens)))
         yield "data: [DONE]\n\n"
     except LLMCtlError as exc:
-        yield sse(exc.to_body())  # headers are already sent: in-band, as OpenAI does
+        yield sse(exc.to_body())  # headers are already sent: in-band, as OpenAI does, then the stream's end
+        yield "data: [DONE]\n\n"
     finally:
         run.end()
