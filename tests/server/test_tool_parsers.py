@@ -21,32 +21,32 @@ CET = ("get_time", {"zone": "CET"})
 
 # (parser, answer, the content a client sees, the calls)
 CASES = [
-    ("hermes", 'Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
-               '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>',
+    ("hermes", ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'),
      "Let me check.", [PARIS, CET]),
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}', "", [PARIS]),
-    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}; '
-                    '{"name": "get_time", "parameters": {"zone": "CET"}}', "", [PARIS, CET]),
+    ("llama3_json", ('{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+                    '{"name": "get_time", "parameters": {"zone": "CET"}}'), "", [PARIS, CET]),
     ("llama3_json", 'Sure. <|python_tag|>{"name": "get_time", "parameters": {"zone": "CET"}}', "Sure.", [CET]),
     ("pythonic", '[get_weather(city="Paris"), get_time(zone=\'CET\')]', "", [PARIS, CET]),
     ("pythonic", '[get_weather(city="Paris", days=3, metric=true)]', "",
      [("get_weather", {"city": "Paris", "days": 3, "metric": True})]),
     ("pythonic", "Sure.<|python_start|>[get_time(zone='CET')]<|python_end|>", "Sure.", [CET]),
-    ("mistral", 'Sure. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
-                '{"name": "get_time", "arguments": {"zone": "CET"}}]', "Sure.", [PARIS, CET]),
+    ("mistral", ('Sure. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                '{"name": "get_time", "arguments": {"zone": "CET"}}]'), "Sure.", [PARIS, CET]),
     ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{"zone": "CET"}', "",
      [PARIS, CET]),
-    ("qwen3_coder", "I will look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+    ("qwen3_coder", ("I will look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
                     "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=get_time>\n"
-                    "<parameter=zone>\nCET\n</parameter>\n</function>\n</tool_call>",
+                    "<parameter=zone>\nCET\n</parameter>\n</function>\n</tool_call>"),
      "I will look.", [("get_weather", {"city": "Paris", "days": 3}), CET]),
-    ("openai", "<|channel|>analysis<|message|>The user wants the weather.<|end|><|start|>assistant<|channel|>"
-               'commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}', "", [PARIS]),
-    ("openai", "<|channel|>analysis<|message|>Two tools.<|end|><|start|>assistant<|channel|>commentary "
+    ("openai", ("<|channel|>analysis<|message|>The user wants the weather.<|end|><|start|>assistant<|channel|>"
+               'commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'), "", [PARIS]),
+    ("openai", ("<|channel|>analysis<|message|>Two tools.<|end|><|start|>assistant<|channel|>commentary "
                'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|><|start|>assistant '
-               'to=functions.get_time<|channel|>commentary json<|message|>{"zone": "CET"}<|call|>', "", [PARIS, CET]),
-    ("openai", "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>"
-               "It is sunny in Paris.", "It is sunny in Paris.", []),
+               'to=functions.get_time<|channel|>commentary json<|message|>{"zone": "CET"}<|call|>'), "", [PARIS, CET]),
+    ("openai", ("<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>"
+               "It is sunny in Paris."), "It is sunny in Paris.", []),
 ]
 # Answers that are not calls (or are cut off): the text comes back as written.
 NOT_CALLS = [
@@ -58,6 +58,7 @@ NOT_CALLS = [
     ("mistral", "Arrays look like [1, 2], and that is all."),
     ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"ci'),
     ("qwen3_coder", "A <function> tag in prose, with no call."),
+    ("qwen3_coder", "<tool_call>\n<function=get_weather>\n<parameter=city>\nPar"),
     ("openai", "A model that writes no harmony at all."),
 ]
 
@@ -109,6 +110,11 @@ def test_text_before_a_call_streams_before_the_answer_ends():
     assert harmony.feed("<|channel|>final<|message|>Sun") == "Sun"
     assert harmony.feed("ny<|") == "ny"
     assert harmony.feed("return|>") == ""
+
+
+def test_a_harmony_call_cut_short_is_no_call():
+    for pieces in splits("<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Pa"):
+        assert run("openai", pieces) == ("", "", [])
 
 
 def test_qwen3_coder_types_parameters_by_the_tool_schema():

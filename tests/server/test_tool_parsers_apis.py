@@ -108,7 +108,7 @@ def test_anthropic_tool_use_plain_and_streamed(family):
 
 
 def test_an_enforced_call_is_written_in_the_family_format_and_parsed(family):
-    name, url, say = family
+    _, url, say = family
     say(None)  # the tiny model writes what the grammar of the family's call allows
     tools = [{"type": "function", "function": {"name": "set_unit", "parameters": {
         "type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "fast": {"type": "boolean"}},

@@ -9,6 +9,7 @@ model's reasoning, which is not shown; a message to `functions.NAME` is a call w
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 
@@ -60,8 +61,8 @@ class HarmonyParser(ToolParser):
         return "".join(out)
 
     def _open(self, header: str) -> None:
-        channel = header.split(CHANNEL, 1)[1].split()[0] if CHANNEL in header and header.split(CHANNEL, 1)[1].split() \
-            else "final"
+        after = header.split(CHANNEL, 1)[1].split() if CHANNEL in header else []
+        channel = after[0] if after else "final"
         recipient = RECIPIENT.search(header)
         self.recipient = recipient.group(1) if recipient else None
         self.shown = self.recipient is None and channel.split(CONSTRAIN)[0] in SHOWN
@@ -75,7 +76,12 @@ class HarmonyParser(ToolParser):
 
     def _close(self) -> None:
         if not self.reading_header and self.recipient is not None and self.recipient.startswith("functions."):
-            self.calls.append(openai_call(self.recipient[len("functions."):], self.body.strip()))
+            try:  # arguments cut short (max_tokens) make no call
+                arguments = json.loads(self.body)
+            except (ValueError, RecursionError):
+                arguments = None
+            if isinstance(arguments, dict):
+                self.calls.append(openai_call(self.recipient[len("functions."):], arguments))
         self.reading_header, self.body, self.shown = True, "", False
 
     def finish(self) -> tuple[str, list[dict]]:
