@@ -22,7 +22,8 @@ from typing import Any
 class GrammarLimits:
     """The bounds; docs/api.md ("Limits on constraints") lists them for users."""
 
-    max_bytes: int = 64 * 1024  # a regex, grammar, JSON schema or choice list, as text
+    max_bytes: int = 512 * 1024  # a JSON schema, grammar or choice list, as text (tool sets can be large)
+    max_regex_bytes: int = 64 * 1024  # a regex (its lexer's work grows with its size, descriptions' does not)
     max_repeat: int = 10_000  # minItems/maxItems/minLength/..., a regex's nested {m,n} counts multiplied
     max_alternatives: int = 1_000  # choice strings, enum values, anyOf/oneOf/allOf members (llguidance: 2,000 a row)
     max_depth: int = 64  # nesting of the schema's JSON
@@ -86,13 +87,19 @@ def check_grammar(text: str, limits: GrammarLimits | None = None) -> None:
     body = "".join(rest)
     for match in _LARK_RANGE.finditer(body):
         _check_count(max(int(match.group(1)), int(match.group(2) or 0)), "a repetition", limits)
-    check_regex(body, limits)
+    _check_product(_repeat_product(body), limits)
 
 
 def check_regex(pattern: str, limits: GrammarLimits | None = None) -> None:
-    """Counted repetitions multiply when nested (``(a{100}){100}`` is 10,000 ``a``): the product is bounded."""
+    """Its size, and its counted repetitions, which multiply when nested (``(a{100}){100}`` is 10,000 ``a``)."""
     limits = limits or LIMITS
-    worst = _repeat_product(pattern)
+    size = len(pattern.encode())
+    if size > limits.max_regex_bytes:
+        raise LimitExceeded(f"it is {size:,} bytes long; the limit for a regex is {limits.max_regex_bytes:,}")
+    _check_product(_repeat_product(pattern), limits)
+
+
+def _check_product(worst: int, limits: GrammarLimits) -> None:
     if worst > limits.max_repeat:
         raise LimitExceeded(f"its nested repetition counts multiply to {worst:,}; the limit is {limits.max_repeat:,}")
 

@@ -28,9 +28,12 @@ LINKED = {"$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "
     ("json", {"type": "array", "items": {"$ref": "#"}, "minItems": 1}, "no finite JSON value"),
     ("regex", "a{1000}{1000}", "multiply to 1,000,000"),
     ("regex", "(x{100}){101}", "10,100"),
-    ("regex", "a" * 100_000, "100,000 bytes"),
+    ("regex", "a" * 100_000, "100,000 bytes long; the limit for a regex is 65,536"),
+    ("json", {"type": "string", "pattern": "a" * 70_000}, "the limit for a regex"),
+    ("grammar", "start: %json " + json.dumps({"description": "x" * 600_000}), "the limit is 524,288"),
     ("choice", [str(i) for i in range(2_000)], "2,000 strings"),
-    ("choice", ["option%d" % i for i in range(10_000)], "138,890 bytes"),
+    ("choice", ["option%d" % i for i in range(10_000)], "10,000 strings"),
+    ("choice", ["x" * 1000 for i in range(600)], "602,400 bytes long"),
     ("grammar", "start: %json " + json.dumps(SELF), "no finite JSON value"),
     ("grammar", 'start: item ~ 100000\nitem: "a"', "repetition is 100,000"),
     ("grammar", "start: /a{200}{200}/", "40,000"),
@@ -57,6 +60,12 @@ def test_over_a_limit(kind, spec, words):
 ])
 def test_within_the_limits(kind, spec):
     check_constraint(kind, spec if isinstance(spec, str) else json.dumps(spec))
+
+
+def test_a_large_tool_set_is_within_the_limits():
+    """Agents send dozens of tools with long descriptions: a 300 KB schema compiles in a fraction of a second."""
+    properties = {f"field_{i}": {"type": "string", "description": "x" * 300, "maxLength": 100} for i in range(800)}
+    check_constraint("json", json.dumps({"type": "object", "properties": properties}))
 
 
 def test_depth_and_size():
