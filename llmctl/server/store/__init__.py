@@ -28,6 +28,6 @@ def open_store(url: str) -> SQLStore | None:
     """The store a `--responses-store` URL names (migrated to the current schema), or None for 'none'."""
     if url == "none":
         return None
-    if url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+    if url.startswith(("sqlite:", "postgresql://", "postgres://")):
         return SQLStore(url)
     raise ConfigError(f"Unknown --responses-store {url!r}: give sqlite:///PATH, postgresql://USER@HOST/DB or none.")
