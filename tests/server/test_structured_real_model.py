@@ -57,3 +57,30 @@ def test_langchain_with_structured_output(url, method):
                          if method == "json_mode" else "")
     city = structured.invoke(prompt)
     assert isinstance(city, City) and city.name and city.population >= 0
+
+
+def test_grammar_bombs_are_400s_and_the_real_model_goes_on(url):
+    """The openai SDK sends what took the server down before: each is a 400 naming its field, /health answers
+    in under a second meanwhile, and a normal constrained request is served afterwards."""
+    openai = pytest.importorskip("openai")
+    from tests.server.test_grammar_bombs import MIN_ITEMS, SELF_REF, while_health_answers
+
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": QUESTION}]
+    bombs = [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": MIN_ITEMS}}},
+         "response_format.json_schema.schema"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": SELF_REF}}],
+          "tool_choice": "required"}, "tools[0].function.parameters"),
+        ({"extra_body": {"structured_outputs": {"regex": "a{1000}{1000}"}}}, "structured_outputs.regex"),
+    ]
+    for fields, param in bombs:
+        def send():
+            with pytest.raises(openai.BadRequestError) as caught:
+                sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, **fields)
+            return caught.value
+        error = while_health_answers(url, send)
+        assert error.body["param"] == param and error.body["code"] == "grammar_too_large", error.body
+    completion = sdk.chat.completions.parse(model=MODEL, messages=messages, response_format=City, temperature=0,
+                                            max_tokens=120)
+    assert isinstance(completion.choices[0].message.parsed, City)
