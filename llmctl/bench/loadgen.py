@@ -242,7 +242,8 @@ class _RunState:
     interrupted: bool = False
 
 
-async def _run_plan(plan: BenchPlan, state: _RunState, progress: ProgressFn | None) -> None:
+async def _run_plan(plan: BenchPlan, state: _RunState, progress: ProgressFn | None,
+                    warmed: Callable[[], None] | None = None) -> None:
     workload = plan.workload
     timeout = httpx.Timeout(workload.request_timeout, connect=10.0)
     connections = max(plan.concurrency) + 8
@@ -252,6 +253,8 @@ async def _run_plan(plan: BenchPlan, state: _RunState, progress: ProgressFn | No
     try:
         for endpoint, client in zip(plan.endpoints, clients):
             await _warm_up(client, endpoint, workload, plan.warmup)
+        if warmed is not None:
+            warmed()
         for i, concurrency in enumerate(plan.concurrency):
             # ABBA order, so a drift of the machine over time weighs on both endpoints alike.
             order = list(range(len(plan.endpoints)))
@@ -276,8 +279,11 @@ async def _warm_up(client: httpx.AsyncClient, endpoint: Endpoint, workload: Work
         raise BenchError(f"Every warm-up request to {endpoint.base} failed: {results[0].error}")
 
 
-def run_benchmark(plan: BenchPlan, progress: ProgressFn | None = None) -> tuple[list[EndpointRun], bool]:
+def run_benchmark(plan: BenchPlan, progress: ProgressFn | None = None,
+                  warmed: Callable[[], None] | None = None) -> tuple[list[EndpointRun], bool]:
     """Run ``plan``; on Ctrl-C (KeyboardInterrupt) return what finished, with the level in progress.
+
+    ``warmed`` is called once the warm-up requests are answered, before the first measured level.
 
     Returns the runs, one per endpoint, and whether the run was interrupted.
     """
@@ -287,7 +293,7 @@ def run_benchmark(plan: BenchPlan, progress: ProgressFn | None = None) -> tuple[
     plan = BenchPlan(endpoints, plan.workload, plan.concurrency, plan.requests, plan.warmup, plan.time_limit)
     state = _RunState([EndpointRun(e.label, e.base, e.model) for e in endpoints])
     try:
-        asyncio.run(_run_plan(plan, state, progress))
+        asyncio.run(_run_plan(plan, state, progress, warmed))
     except KeyboardInterrupt:
         state.interrupted = True
         if state.current is not None:

@@ -37,6 +37,7 @@ class BenchReport:
     runs: list[EndpointRun]
     offline: OfflineRun | None = None
     interrupted: bool = False
+    workers: list[dict] | None = None  # per replica behind a router (--worker-url): llmctl.bench.workers
     created: str = dataclasses.field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"))
 
@@ -69,6 +70,7 @@ class BenchReport:
                       "levels": [dataclasses.asdict(lv) for lv in r.levels]} for r in self.runs],
             "offline": dataclasses.asdict(self.offline) if self.offline else None,
             "ratios": self.ratios(),
+            "workers": self.workers,
         })
 
     def csv_rows(self) -> list[dict]:

@@ -17,6 +17,7 @@ from llmctl.bench.offline import OfflineRun
 from llmctl.bench.prompts import BenchError, builtin_prompts, load_prompts
 from llmctl.bench.report import BenchReport, check_plot_available, write_plot
 from llmctl.bench.stats import LevelSummary, RequestResult
+from llmctl.bench.workers import WorkerCounts, read_counts, worker_shares
 from llmctl.cli.options import ConfigOpt, ModelPathOpt
 from llmctl.cli.output import console, err_console
 from llmctl.client.config import configured_model_path, load_settings
@@ -82,6 +83,10 @@ def bench(
     csv: Annotated[Path | None, typer.Option(help="Write one CSV row per endpoint and level ('-': stdout).")] = None,
     plot: Annotated[Path | None, typer.Option(
         help="Write a PNG of throughput and latency against concurrency (needs matplotlib).")] = None,
+    worker_url: Annotated[list[str] | None, typer.Option(
+        "--worker-url", help="With --url a router: an llmctl replica behind it (repeat for each). The report adds "
+        "each replica's share of the measured requests and its prefix-cache hit rate, from its /metrics "
+        "(read with --api-key).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Benchmark chat completions: TTFT, TPOT, ITL, E2E latency and throughput per concurrency level.
@@ -109,6 +114,9 @@ def bench(
     if prompts and shared_prefix_tokens:
         raise BenchError("--shared-prefix-tokens shapes the built-in prompts; with --prompts, put the shared "
                          "system message in the file.")
+    if worker_url and (compare or not url):
+        raise BenchError("--worker-url names the replicas behind the one --url server; it cannot go with "
+                         "--compare or --offline alone.")
     if as_json and csv is not None and str(csv) == "-":
         raise BenchError("--json and --csv - both print to stdout; write the CSV to a file.")
     endpoints = [Endpoint(url, model, api_key, "A")] if url else []
@@ -144,13 +152,22 @@ def bench(
 
     runs: list[EndpointRun] = []
     interrupted = False
+    replicas = [u.rstrip("/") for u in worker_url or []]
+    before: list[WorkerCounts] = []
+    if replicas:
+        read_counts(replicas, api_key)  # unreadable replicas fail before the run, not after it
+
+    def warmed() -> None:
+        before.extend(read_counts(replicas, api_key))
+
     with _progress_bar() as bar:
         if endpoints:
-            runs, interrupted = run_benchmark(plan, progress=bar.server_result)
+            runs, interrupted = run_benchmark(plan, progress=bar.server_result, warmed=warmed if replicas else None)
         offline_run = None
         if offline and not interrupted:
             offline_run, interrupted = _run_offline(model_path, dtype, device, plan, bar)
-    report = BenchReport(config, runs, offline_run, interrupted)
+    shares = worker_shares(before, read_counts(replicas, api_key)) if before else None
+    report = BenchReport(config, runs, offline_run, interrupted, workers=shares)
 
     _write_outputs(report, output, csv, plot)
     if as_json:
@@ -259,6 +276,8 @@ def render(report: BenchReport, out: Console = console) -> None:
     ratios = report.ratios()
     if ratios:
         out.print(_ratio_table(ratios))
+    if report.workers:
+        out.print(_workers_table(report.workers))
 
 
 def _throughput_table(run: EndpointRun) -> Table:
@@ -320,6 +339,17 @@ def _ratio_table(ratios: list[dict]) -> Table:
     for row in ratios:
         table.add_row(str(row["concurrency"]), *(_num(row[key], 2) + ("x" if row[key] is not None else "")
                                                  for _, key in columns))
+    return table
+
+
+def _workers_table(workers: list[dict]) -> Table:
+    table = Table(title="replicas behind the router: measured requests (warm-up excluded)", title_justify="left")
+    for column in ("replica", "requests", "share", "prefix-cache hit rate"):
+        table.add_column(column, justify="left" if column == "replica" else "right")
+    for w in workers:
+        share = "-" if w["share"] is None else f"{w['share']:.0%}"
+        rate = "-" if w["prefix_cache_hit_rate"] is None else f"{w['prefix_cache_hit_rate']:.1%}"
+        table.add_row(w["url"], str(w["requests"]), share, rate)
     return table
 
 

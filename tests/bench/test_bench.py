@@ -27,7 +27,8 @@ from llmctl.server.testing import free_port, serve_in_thread
 from tests.conftest import make_service
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "bench.md"
-TOP_KEYS = {"schema_version", "llmctl_version", "created", "interrupted", "config", "runs", "offline", "ratios"}
+TOP_KEYS = {"schema_version", "llmctl_version", "created", "interrupted", "config", "runs", "offline", "ratios",
+            "workers"}
 LEVEL_KEYS = {
     "concurrency", "requests", "completed", "failed", "cancelled", "duration_s", "request_throughput",
     "output_throughput", "total_token_throughput", "prompt_tokens", "prompt_tokens_mean", "completion_tokens",

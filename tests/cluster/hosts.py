@@ -168,7 +168,9 @@ def cluster(model: Path, logs: Path, api_key: str, count: int = 3) -> Iterator[C
         yield made
     finally:
         for proc in made.routers:
-            _stop(proc)
+            # The router keeps no state worth a graceful stop.
+            proc.kill()
+            proc.wait(timeout=10)
         for host in hosts:
             _stop(host.proc)
             # Deleting the namespace removes its end of the link, and so the pair.

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from llmctl.cli import router as router_cli
-from llmctl.core.loader import LoadOptions
 from llmctl.cli.app import app
+from llmctl.core.loader import LoadOptions
 from llmctl.errors import ConfigError
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.testing import serve_in_thread

@@ -6,13 +6,16 @@ Needs root and iproute2 (CI has both); elsewhere it skips and says why.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import random
 
 import httpx
 import openai
 import pytest
+from typer.testing import CliRunner
 
+from llmctl.cli.app import app
 from llmctl.server.testing import build_tiny_model
 from tests.cluster import hosts as cluster_hosts
 from tests.conftest import wait_for
@@ -108,6 +111,9 @@ def test_openai_sdk_through_the_router(cluster):
     loads = httpx.get(f"{url}/get_loads", timeout=10).json()["workers"]
     assert sorted(w["worker"] for w in loads) == sorted(h.url for h in cluster.hosts)
     assert all(w["load"] == 0 for w in loads)
+    # What deploy/k8s/router.yaml probes.
+    assert httpx.get(f"{url}/readiness", timeout=10).json()["healthy_workers"] == 3
+    assert httpx.get(f"{url}/liveness", timeout=10).status_code == 200
     info = httpx.get(f"{url}/get_model_info", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
     assert info["served_model_name"] == "tiny-agent"
 
@@ -125,6 +131,21 @@ def test_cache_aware_keeps_one_replicas_prefix_hits_and_round_robin_loses_them(c
     assert cache_aware >= single - 0.05
     assert round_robin <= cache_aware - 0.15
     assert sum(spread) == 20
+
+
+def test_bench_through_the_router_reports_each_replicas_share(cluster):
+    url, _ = cluster.start_router("cache_aware")
+    args = ["bench", "--url", url, "--api-key", KEY, "--concurrency", "4", "--requests", "8", "--max-tokens", "4",
+            "--prompt-tokens", "8", "--shared-prefix-tokens", "60", "--warmup", "2", "--json"]
+    for host in cluster.hosts:
+        args += ["--worker-url", host.url]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    workers = json.loads(result.stdout)["workers"]
+    assert [w["url"] for w in workers] == [h.url for h in cluster.hosts]
+    assert sum(w["requests"] for w in workers) == 8
+    assert sum(w["share"] for w in workers) == pytest.approx(1.0)
+    print(f"\nbench through the router (cache_aware): requests per replica {[w['requests'] for w in workers]}")
 
 
 def test_a_killed_replica_is_taken_out_and_used_again_when_back(cluster):
