@@ -172,11 +172,11 @@ def check_schema(schema: Any, limits: GrammarLimits | None = None) -> None:
         for key in REPEAT_KEYWORDS:
             value = node.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                _check_count(value, f"'{key}' at {path}", limits)
+                _check_count(value, f"'{key}' at {_render(path)}", limits)
         for key in _ALTERNATIVES:
             value = node.get(key)
             if isinstance(value, list) and len(value) > limits.max_alternatives:
-                raise LimitExceeded(f"'{key}' at {path} has {len(value):,} members; the limit is "
+                raise LimitExceeded(f"'{key}' at {_render(path)} has {len(value):,} members; the limit is "
                                     f"{limits.max_alternatives:,}")
         patterns = [node.get("pattern")]
         if isinstance(node.get("patternProperties"), Mapping):
@@ -186,7 +186,7 @@ def check_schema(schema: Any, limits: GrammarLimits | None = None) -> None:
                 try:
                     check_regex(pattern, limits)
                 except LimitExceeded as exc:
-                    raise LimitExceeded(f"the pattern at {path}: {exc}") from None
+                    raise LimitExceeded(f"the pattern at {_render(path)}: {exc}") from None
     if not _Instances(schema).exists(schema):
         raise LimitExceeded("no finite JSON value matches it: a required property refers back to an object "
                             "that contains it ($ref)")
@@ -197,10 +197,11 @@ def _check_count(value: float, what: str, limits: GrammarLimits) -> None:
         raise LimitExceeded(f"{what} is {value:,}; the limit is {limits.max_repeat:,}")
 
 
-def _schemas(schema: Any, limits: GrammarLimits) -> Iterator[tuple[str, Mapping]]:
-    """Every object in ``schema`` that may be a schema, with its path; bounds depth and node count on the way."""
+def _schemas(schema: Any, limits: GrammarLimits) -> Iterator[tuple[tuple, Mapping]]:
+    """Every object in ``schema`` that may be a schema, with its path; bounds depth and node count on the way.
+    A path is (parent's path, key), made into text only for a message: keys may be long, and deep."""
     nodes = 0
-    todo: list[tuple[Any, str, int, bool]] = [(schema, "#", 0, True)]
+    todo: list[tuple[Any, tuple, int, bool]] = [(schema, (), 0, True)]
     while todo:
         value, path, depth, is_schema = todo.pop()
         if not isinstance(value, (Mapping, list)):
@@ -209,14 +210,24 @@ def _schemas(schema: Any, limits: GrammarLimits) -> Iterator[tuple[str, Mapping]
         if nodes > limits.max_nodes:
             raise LimitExceeded(f"it has more than {limits.max_nodes:,} objects and arrays")
         if depth > limits.max_depth:
-            raise LimitExceeded(f"it nests deeper than {limits.max_depth} levels (at {path})")
+            raise LimitExceeded(f"it nests deeper than {limits.max_depth} levels (at {_render(path)})")
         if isinstance(value, list):
-            todo.extend((v, f"{path}/{i}", depth + 1, is_schema) for i, v in enumerate(value))
+            todo.extend((v, (path, i), depth + 1, is_schema) for i, v in enumerate(value))
             continue
         if is_schema:
             yield path, value
         for key, child in value.items():
-            todo.append((child, f"{path}/{key}", depth + 1, is_schema and key not in _DATA_KEYWORDS))
+            todo.append((child, (path, key), depth + 1, is_schema and key not in _DATA_KEYWORDS))
+
+
+def _render(path: tuple, limit: int = 120) -> str:
+    """A JSON pointer to ``path`` of at most about ``limit`` characters (its end kept: it says where)."""
+    keys = []
+    while path:
+        path, key = path
+        keys.append(str(key)[:40])
+    text = "/".join(["#", *reversed(keys)])
+    return text if len(text) <= limit else "#/.../" + text[-limit:]
 
 
 class _Instances:
@@ -243,7 +254,7 @@ class _Instances:
 
     def _check(self, schema: Any) -> bool:
         if not isinstance(schema, Mapping):
-            return schema is not False
+            return True  # `false` has no instance either, but llguidance says so itself
         key = id(schema)
         if key in self.known:
             return True

@@ -5,7 +5,7 @@ fails (a Rust abort, which no Python code can catch). `grammar_limits` rejects t
 ask for too much before this; whatever slips through is validated here first, in a worker whose
 address space is capped (`resource.setrlimit(RLIMIT_AS)`): a worker that dies or overruns its
 time is replaced, and the request gets a 400. Workers are kept between requests (one starts in
-about 0.2 s), at most ``workers`` at once.
+a fraction of a second), at most ``workers`` at once.
 """
 
 from __future__ import annotations
