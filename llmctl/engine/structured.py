@@ -54,7 +54,7 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: dict | bool, param: str = "response_format") -> Constraint:
-        return cls("json", json.dumps(schema, sort_keys=True, ensure_ascii=False), param)
+        return cls("json", json.dumps(schema, ensure_ascii=False), param)
 
 
 class GrammarError(InvalidRequest):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from llmctl.engine.structured import Constraint
 from llmctl.errors import InvalidRequest
@@ -52,13 +53,14 @@ def closed_objects(schema: Any) -> Any:
     return out
 
 
-def request_constraint(req, tool_call_parser: type[ToolParser] | None) -> Constraint | None:
-    """A chat request's constraint. An enforced tool call comes first (the answer is the call);
-    then response_format / structured_outputs; then calls to strict tools under tool_choice "auto"."""
-    from_format = constraint_from_request(req.response_format, req.structured_outputs)
-    tools = tool_constraint(req.tools, req.tool_choice, req.parallel_tool_calls, tool_call_parser)
-    if forced_tool(req.tool_choice) or from_format is None:
-        return tools or from_format
+def output_constraint(from_format: Constraint | None, tools: ToolUse,
+                      parser: type[ToolParser] | None) -> Constraint | None:
+    """A request's constraint. An enforced tool call comes first (the answer is the call); then the
+    requested format (response_format, structured_outputs, text.format); then calls to strict tools
+    under tool_choice "auto"."""
+    from_tools = tool_constraint(tools, parser)
+    if tools.forced or from_format is None:
+        return from_tools or from_format
     return from_format
 
 
@@ -133,72 +135,104 @@ def _structured_outputs(value: Any) -> Constraint | None:
 
 
 # ---- tool calls ------------------------------------------------------------------------------------
-def forced_tool(tool_choice: Any) -> bool:
-    """tool_choice asks for a call: "required", or a named function."""
-    return tool_choice == "required" or isinstance(tool_choice, Mapping)
+@dataclass(frozen=True)
+class FunctionTool:
+    """A function the model may call, whatever API's shape it came in; ``param`` locates it in the request."""
+
+    name: str
+    parameters: Mapping
+    strict: bool = False
+    param: str = "tools"
 
 
-def tool_constraint(tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: bool | None,
-                    parser: type[ToolParser] | None) -> Constraint | None:
+@dataclass(frozen=True)
+class ToolUse:
+    """A request's tools and what its tool_choice asks of them, in one shape for every API.
+
+    ``mode`` "required" with a ``name`` is a call to that function; ``parallel`` false allows one
+    call per answer (chat's parallel_tool_calls, Anthropic's disable_parallel_tool_use).
+    """
+
+    functions: tuple[FunctionTool, ...] = ()
+    mode: Literal["none", "auto", "required"] = "auto"
+    name: str | None = None
+    parallel: bool = True
+
+    @property
+    def forced(self) -> bool:
+        """The answer must be a call (tool_choice "required", a named function, Anthropic's "any" or "tool")."""
+        return self.mode == "required" and bool(self.functions)
+
+
+def function_tool(name: str, parameters: Any, strict: Any, param: str) -> FunctionTool:
+    """One function tool; ``param`` names its parameters' place in the request (a 400 when not a schema)."""
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, Mapping):
+        raise InvalidRequest(f"'{param}' must be a JSON schema object.", param=param)
+    return FunctionTool(name, parameters, strict is True, param)
+
+
+def tool_use(functions: list[FunctionTool], mode: str, name: str | None = None, parallel: bool = True, *,
+             param: str = "tool_choice") -> ToolUse:
+    """``functions`` and a tool_choice already mapped to a mode (and a name), checked against each other."""
+    if mode == "required" and not functions:
+        raise InvalidRequest("tool_choice asks for a tool call but the request has no 'tools'.", param=param)
+    if name is not None and not any(f.name == name for f in functions):
+        raise InvalidRequest(f"tool_choice names the function '{name}', which is not in 'tools'.", param=param)
+    return ToolUse(tuple(functions), mode, name, parallel)  # type: ignore[arg-type]
+
+
+def chat_tool_use(tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> ToolUse:
+    """Chat Completions' tools and tool_choice ("none", "auto", "required", or
+    {"type": "function", "function": {"name": ...}})."""
+    functions = []
+    for i, tool in enumerate(tools or []):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}.",
+                                 param=f"tools[{i}]")
+        functions.append(function_tool(function["name"], function.get("parameters"), function.get("strict"),
+                                       f"tools[{i}].function.parameters"))
+    parallel = parallel_tool_calls is not False
+    if tool_choice in (None, "auto", "none", "required"):
+        return tool_use(functions, tool_choice or "auto", parallel=parallel)
+    name = None
+    if isinstance(tool_choice, Mapping) and tool_choice.get("type") == "function":
+        name = (tool_choice.get("function") or {}).get("name")
+    if not isinstance(name, str):
+        raise InvalidRequest("tool_choice must be 'none', 'auto', 'required' or "
+                             "{\"type\": \"function\", \"function\": {\"name\": ...}}.", param="tool_choice")
+    return tool_use(functions, "required", name, parallel)
+
+
+def tool_constraint(tools: ToolUse, parser: type[ToolParser] | None) -> Constraint | None:
     """The grammar of the tool calls a request must (or, with strict tools, may) make, in ``parser``'s format.
 
-    - "required" or a named function: the answer is one or more calls (one for a named function,
-      or when parallel_tool_calls is false) in the format of the server's parser, with arguments
-      valid against the tool's `parameters`. Without a parser, the call is written (and parsed) in
-      the Hermes format, `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`.
+    - A forced call ("required", a named function, Anthropic's "any" or "tool"): the answer is one
+      or more calls (one for a named function, or when parallel calls are off) in the format of the
+      server's parser, with arguments valid against the tool's `parameters`. Without a parser, the
+      call is written (and parsed) in the Hermes format, `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`.
     - "auto" (the default with tools) when some tool is `strict: true` and the server has a parser:
       free text, but a call the model starts must name a tool and, for a strict tool, have valid
       arguments (a non-strict tool's arguments are any JSON object).
     - "none", or "auto" without strict tools: nothing is enforced.
     """
-    if tool_choice == "none":
+    if tools.forced:
+        chosen = [f for f in tools.functions if tools.name in (None, f.name)]
+        return _calls_grammar(parser or HermesParser, chosen, strict_only=False,
+                              single=tools.name is not None or not tools.parallel)
+    if tools.mode != "auto" or parser is None or not any(f.strict for f in tools.functions):
         return None
-    if forced_tool(tool_choice) and not tools:
-        raise InvalidRequest("tool_choice asks for a tool call but the request has no 'tools'.", param="tool_choice")
-    functions = _functions(tools or [])
-    forced = parser or HermesParser
-    if tool_choice == "required":
-        return _calls_grammar(forced, functions, strict_only=False, single=parallel_tool_calls is False)
-    if isinstance(tool_choice, Mapping):
-        name = (tool_choice.get("function") or {}).get("name") if tool_choice.get("type") == "function" else None
-        if not isinstance(name, str):
-            raise InvalidRequest("tool_choice must be 'none', 'auto', 'required' or "
-                                 "{\"type\": \"function\", \"function\": {\"name\": ...}}.", param="tool_choice")
-        chosen = [f for f in functions if f["name"] == name]
-        if not chosen:
-            raise InvalidRequest(f"tool_choice names the function '{name}', which is not in 'tools'.",
-                                 param="tool_choice")
-        return _calls_grammar(forced, chosen, strict_only=False, single=True)
-    if tool_choice not in (None, "auto"):
-        raise InvalidRequest(f"Invalid value for 'tool_choice': {tool_choice!r}.", param="tool_choice")
-    if parser is None or not any(f.get("strict") for f in functions):
-        return None
-    return _calls_grammar(parser, functions, strict_only=True, single=parallel_tool_calls is False, free_text=True)
+    return _calls_grammar(parser, list(tools.functions), strict_only=True, single=not tools.parallel, free_text=True)
 
 
-def _functions(tools: list[dict]) -> list[dict]:
-    functions = []
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, Mapping) else None
-        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-            raise InvalidRequest(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}.",
-                                 param=f"tools[{i}]")
-        parameters = function.get("parameters", {"type": "object", "properties": {}})
-        if not isinstance(parameters, Mapping):
-            raise InvalidRequest(f"tools[{i}].function.parameters must be a JSON schema object.",
-                                 param=f"tools[{i}].function.parameters")
-        functions.append({"name": function["name"], "parameters": parameters, "strict": function.get("strict") is True,
-                          "index": i})
-    return functions
-
-
-def _calls_grammar(parser: type[ToolParser], functions: list[dict], *, strict_only: bool, single: bool,
-                  free_text: bool = False) -> Constraint | None:
+def _calls_grammar(parser: type[ToolParser], functions: list[FunctionTool], *, strict_only: bool, single: bool,
+                   free_text: bool = False) -> Constraint | None:
     """The parser's grammar of calls to ``functions``; a non-strict tool under "auto" takes any JSON object."""
-    chosen = [Function(f["name"], closed_objects(f["parameters"]) if f["strict"] or not strict_only else ANY_OBJECT)
+    chosen = [Function(f.name, closed_objects(f.parameters) if f.strict or not strict_only else ANY_OBJECT)
               for f in functions]
     grammar = parser.grammar(chosen, single=single, free_text=free_text)
     if grammar is None:
         return None
-    param = f"tools[{functions[0]['index']}].function.parameters" if len(functions) == 1 else "tools"
-    return Constraint("grammar", grammar, param)
+    return Constraint("grammar", grammar, functions[0].param if len(functions) == 1 else "tools")

@@ -43,11 +43,41 @@ def test_blocks_become_chat_messages():
     assert messages[4]["content"] == "And tomorrow?"
 
 
+def _tools(**body) -> tuple:
+    return chat_tools(schemas.parse_body(MessagesRequest, {"max_tokens": 5, "messages": USER, **body}))
+
+
 def test_tools_map_and_server_tools_are_refused():
-    assert chat_tools([{"name": "f", "description": "d", "input_schema": {"type": "object"}}]) == [
+    tools, choice = _tools(tools=[{"name": "f", "description": "d", "input_schema": {"type": "object"}}])
+    assert tools == [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "description": "d"}}]
+    assert (choice.mode, choice.forced, choice.parallel) == ("auto", False, True)
     with pytest.raises(InvalidRequest, match="server tools"):
-        chat_tools([{"type": "web_search_20250305", "name": "web_search"}])
+        _tools(tools=[{"type": "web_search_20250305", "name": "web_search"}])
+
+
+@pytest.mark.parametrize(("tool_choice", "mode", "name", "parallel"), [
+    ({"type": "any"}, "required", None, True),
+    ({"type": "tool", "name": "g", "disable_parallel_tool_use": True}, "required", "g", False),
+    ({"type": "auto", "disable_parallel_tool_use": True}, "auto", None, False),
+    ({"type": "none"}, "none", None, True),
+])
+def test_tool_choice_maps_onto_the_shared_tool_use(tool_choice, mode, name, parallel):
+    tools = [{"name": n, "input_schema": {"type": "object"}} for n in ("f", "g")]
+    _, choice = _tools(tools=tools, tool_choice=tool_choice)
+    assert (choice.mode, choice.name, choice.parallel) == (mode, name, parallel)
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ({"tool_choice": {"type": "any"}}, "no 'tools'"),
+    ({"tools": [{"name": "f"}], "tool_choice": {"type": "tool", "name": "g"}}, "'g'"),
+    ({"tools": [{"name": "f"}], "tool_choice": {"type": "sometimes"}}, "tool_choice must be"),
+    ({"tools": [{"name": "f", "input_schema": [1]}]}, r"tools\[0\].input_schema"),
+])
+def test_unusable_tool_choice_is_a_400(body, words):
+    with pytest.raises(InvalidRequest, match=words) as info:
+        _tools(**body)
+    assert info.value.status == 400
 
 
 # ---- the routes ------------------------------------------------------------------------------

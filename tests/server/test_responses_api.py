@@ -62,15 +62,46 @@ def test_a_call_without_text_before_it_opens_an_assistant_turn():
     assert messages[1]["tool_calls"][0]["id"] == "c1"
 
 
+def _tools(**body) -> tuple:
+    return function_tools(schemas.parse_body(ResponsesRequest, {"input": "hi", **body}))
+
+
 def test_function_tools_map_and_built_in_tools_are_refused():
-    tools = function_tools([{"type": "function", "name": "f", "description": "d", "parameters": {"type": "object"},
-                             "strict": True}], "auto")
+    tools, choice = _tools(tools=[{"type": "function", "name": "f", "description": "d",
+                                   "parameters": {"type": "object"}, "strict": True}], tool_choice="auto")
     assert tools == [{"type": "function", "function": {"name": "f", "description": "d",
                                                        "parameters": {"type": "object"}}}]
+    assert choice.mode == "auto" and choice.functions[0].strict
     with pytest.raises(InvalidRequest, match="built-in"):
-        function_tools([{"type": "web_search"}], None)
+        _tools(tools=[{"type": "web_search"}])
     with pytest.raises(InvalidRequest, match="built-in"):
-        function_tools(None, {"type": "file_search"})
+        _tools(tool_choice={"type": "file_search"})
+
+
+@pytest.mark.parametrize(("tool_choice", "mode", "name", "allowed"), [
+    ("required", "required", None, ["f", "g"]),
+    ({"type": "function", "name": "g"}, "required", "g", ["f", "g"]),
+    ({"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "g"}]},
+     "required", None, ["g"]),
+    ("none", "none", None, ["f", "g"]),
+])
+def test_tool_choice_maps_onto_the_shared_tool_use(tool_choice, mode, name, allowed):
+    tools = [{"type": "function", "name": n, "parameters": {"type": "object"}} for n in ("f", "g")]
+    _, choice = _tools(tools=tools, tool_choice=tool_choice, parallel_tool_calls=False)
+    assert (choice.mode, choice.name, choice.parallel) == (mode, name, False)
+    assert [f.name for f in choice.functions] == allowed
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ({"tool_choice": "required"}, "no 'tools'"),
+    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}}, "'g'"),
+    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function"}}, "tool_choice must be"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": "x"}]}, r"tools\[0\].parameters"),
+])
+def test_unusable_tool_choice_is_a_400(body, words):
+    with pytest.raises(InvalidRequest, match=words) as info:
+        _tools(**body)
+    assert info.value.status == 400
 
 
 def test_text_format_hook():

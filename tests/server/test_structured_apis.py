@@ -72,3 +72,27 @@ def test_the_vllm_engine_checks_a_constraint_before_queueing_it():
     with pytest.raises(InvalidRequest, match="regex") as info:
         check_supported(params)
     assert info.value.param == "structured_outputs.regex" and info.value.status == 400
+
+
+def test_responses_echo_the_requested_text_format(client):
+    fmt = {"type": "json_schema", "name": "thing", "schema": SCHEMA, "strict": True}
+    for text in ({"format": fmt}, {"format": {"type": "json_object"}}, None):
+        body = {"input": "A thing", "max_output_tokens": 5, **({"text": text} if text else {})}
+        out = client.post("/v1/responses", json=body).json()
+        assert out["text"] == (text or {"format": {"type": "text"}}), out["text"]
+
+
+def test_json_keys_follow_the_schema_order_not_sorted(client):
+    # "reasoning" before "answer" on purpose: the order is the point (sorted, "answer" would come first).
+    schema = {"type": "object", "properties": {"reasoning": {"type": "string", "maxLength": 10},
+                                               "answer": {"enum": ["yes", "no"]},
+                                               "confidence": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["reasoning", "answer", "confidence"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
+    for seed in range(3):
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Yes?"}], "seed": seed,
+                                                      "max_tokens": 60, "response_format": fmt})
+        assert list(json.loads(r.json()["choices"][0]["message"]["content"])) == ["reasoning", "answer", "confidence"]
+    r = client.post("/v1/responses", json={"input": "Yes?", "max_output_tokens": 60, "text": {"format": {
+        "type": "json_schema", "name": "verdict", "schema": schema}}})
+    assert list(json.loads(r.json()["output"][0]["content"][0]["text"])) == ["reasoning", "answer", "confidence"]

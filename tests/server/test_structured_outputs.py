@@ -217,15 +217,19 @@ def test_streamed_required_tool_calls_and_strict_tools_under_auto(hermes_url):
         for seed in SEEDS:
             body = {"messages": USER, "temperature": 1.0, "max_tokens": 200, "seed": seed, "stream": True,
                     "tools": TOOLS, "tool_choice": "required"}
-            calls, finish = {}, None
+            calls, finish, content = {}, None, ""
             with client.stream("POST", "/v1/chat/completions", json=body) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
                         choice = json.loads(line[6:])["choices"][0]
                         for call in choice["delta"].get("tool_calls") or []:
                             calls[call["index"]] = call["function"]
+                        content += choice["delta"].get("content") or ""
                         finish = choice["finish_reason"] or finish
-            assert finish == "tool_calls" and calls
+            # Parallel calls are allowed: a random model may keep calling until max_tokens cuts a call,
+            # which is then dropped (finish "length"); the calls before it are whole.
+            assert (finish == "tool_calls" and calls) or finish == "length", (finish, calls)
+            assert "<tool_call>" not in content
             for function in calls.values():
                 tool = next(t for t in TOOLS if t["function"]["name"] == function["name"])
                 jsonschema.validate(json.loads(function["arguments"]), tool["function"]["parameters"])

@@ -2,7 +2,8 @@
 
 `system`, text / `tool_use` / `tool_result` blocks and `tools` reach the chat template as the chat
 route's messages, tool calls and tool results do; the model's tool calls (with
-`serve --tool-call-parser`) come back as `tool_use` blocks. Errors use Anthropic's envelope,
+`serve --tool-call-parser`, or forced by `tool_choice` any / tool, enforced as chat's) come back as
+`tool_use` blocks. Errors use Anthropic's envelope,
 `{"type": "error", "error": {"type", "message"}}`, with Anthropic's type names.
 """
 
@@ -19,6 +20,7 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.api.common import ChoiceText, TextPieces, check_model, json_arguments, sse_event
+from llmctl.server.constraints import ToolUse, function_tool, output_constraint, tool_use
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MAX_TIMEOUT_S, _Lenient, other_type
@@ -129,30 +131,42 @@ def chat_messages(req: CountTokensRequest) -> list[dict]:
     return [m.for_template() for m in messages]
 
 
-def chat_tools(tools: list[dict] | None) -> list[dict] | None:
-    """Anthropic's client tools in the chat route's shape; server tools (web search, bash, ...) are a 400."""
-    out = []
-    for i, tool in enumerate(tools or []):
+def chat_tools(req: CountTokensRequest) -> tuple[list[dict] | None, ToolUse]:
+    """Anthropic's client tools in the chat template's shape, and what `tool_choice` asks of them:
+    {"type": "auto" | "any" | "tool" | "none", "name": ..., "disable_parallel_tool_use": ...}.
+    Server tools (web search, bash, ...) are a 400."""
+    out, functions = [], []
+    for i, tool in enumerate(req.tools or []):
         if tool.get("type") not in (None, "custom"):
             raise InvalidRequest(f"Tools of type '{tool.get('type')}' (server tools) are not available on this "
                                  "server; only client tools with an input_schema are supported.", param=f"tools[{i}]")
         if not isinstance(tool.get("name"), str):
             raise InvalidRequest(f"Missing required parameter: 'tools[{i}].name' (a string).", param=f"tools[{i}].name")
-        function = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
+        schema = tool.get("input_schema") or {"type": "object"}
+        functions.append(function_tool(tool["name"], schema, tool.get("strict"), f"tools[{i}].input_schema"))
+        function = {"name": tool["name"], "parameters": schema}
         if tool.get("description") is not None:
             function["description"] = tool["description"]
         out.append({"type": "function", "function": function})
-    return out or None
+    choice = req.tool_choice or {"type": "auto"}
+    kind, name = choice.get("type"), choice.get("name")
+    parallel = choice.get("disable_parallel_tool_use") is not True
+    if kind == "tool" and isinstance(name, str):
+        return out or None, tool_use(functions, "required", name, parallel)
+    if kind not in ("auto", "any", "none"):
+        raise InvalidRequest("tool_choice must be {\"type\": \"auto\"}, {\"type\": \"any\"}, {\"type\": \"none\"} or "
+                             "{\"type\": \"tool\", \"name\": ...}.", param="tool_choice")
+    return out or None, tool_use(functions, "required" if kind == "any" else kind, parallel=parallel)
 
 
-def _prompt(service: Service, req: CountTokensRequest) -> tuple[list[int], list[dict] | None]:
+def _prompt(service: Service, req: CountTokensRequest) -> tuple[list[int], list[dict] | None, ToolUse]:
     loaded = service.loaded
-    tools = chat_tools(req.tools)
+    tools, choice = chat_tools(req)
     messages = chat_messages(req)
     if len(messages) > service.settings.max_messages:
         raise InvalidRequest(f"{len(messages)} messages is more than this server's limit of "
                              f"{service.settings.max_messages}.", param="messages")
-    return chat_prompt(loaded, messages, tools, param="messages"), tools
+    return chat_prompt(loaded, messages, tools, param="messages"), tools, choice
 
 
 def count_tokens(service: Service, body: object) -> dict:
@@ -160,7 +174,7 @@ def count_tokens(service: Service, body: object) -> dict:
     loaded, _ = service.require_ready()
     req = schemas.parse_body(CountTokensRequest, body)
     check_model(req.model, loaded.name)
-    prompt, _ = _prompt(service, req)
+    prompt, _, _ = _prompt(service, req)
     return {"input_tokens": len(prompt)}
 
 
@@ -170,17 +184,18 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     loaded, _ = service.admit()
     req = schemas.parse_body(MessagesRequest, body)
     check_model(req.model, loaded.name)
-    prompt, tools = _prompt(service, req)
+    prompt, template_tools, tools = _prompt(service, req)
     stops = tuple(req.stop_sequences or ())
     ask = Ask(prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-              stops=stops, ignore_eos=req.ignore_eos, timeout=req.timeout)
+              stops=stops, ignore_eos=req.ignore_eos, timeout=req.timeout,
+              constraint=output_constraint(None, tools, service.tool_format))
     run = service.start([ask], arrived, disconnected)
-    choice = _Choice(loaded.name, ChoiceText(service.tool_parser(tools, (req.tool_choice or {}).get("type") != "none")),
-                     stops)
+    parser = service.tool_parser(template_tools, tools.mode != "none", tools.forced)
+    choice = _Choice(loaded.name, ChoiceText(parser), stops)
     if req.stream:
         return _events(run, run.stream(), choice)
     choice.text.feed(run.collect()[0])
-    _, calls = choice.text.finish()
+    _, calls = choice.text.finish(cut=run.gens[0].finish_reason == "length")
     content = _blocks(choice.text.answer(calls), calls)
     reason, sequence = choice.stop(run, calls)
     return choice.message(content, reason, sequence, run.prompt_tokens, run.completion_tokens)
@@ -194,10 +209,10 @@ class _Choice:
     def stop(self, run: Run, calls: list[dict]) -> tuple[str, str | None]:
         """Anthropic's stop_reason and stop_sequence."""
         gen = run.gens[0]
+        if gen.finish_reason == "length":  # even with whole calls before the cut: the answer is not whole
+            return "max_tokens", None
         if calls:
             return "tool_use", None
-        if gen.finish_reason == "length":
-            return "max_tokens", None
         if gen.stop_sequence is not None and gen.stop_sequence in self.stops:
             return "stop_sequence", gen.stop_sequence
         return "end_turn", None

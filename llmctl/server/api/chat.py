@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.api.common import ChoiceText, check_model, sse
-from llmctl.server.constraints import forced_tool, request_constraint
+from llmctl.server.constraints import chat_tool_use, constraint_from_request, output_constraint
 from llmctl.server.generation import build_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
 
@@ -38,7 +38,9 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
     n = req.n or 1
     check_n(n, service)
-    constraint = request_constraint(req, service.tool_format)
+    tools = chat_tool_use(req.tools, req.tool_choice, req.parallel_tool_calls)
+    constraint = output_constraint(constraint_from_request(req.response_format, req.structured_outputs), tools,
+                                   service.tool_format)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     ask = Ask(build_prompt(loaded, req), max_tokens=asked, temperature=req.temperature, top_p=req.top_p,
               frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
@@ -48,8 +50,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
               max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
     run = service.start([ask], arrived, disconnected)
     # Without a parser an enforced call is written in the Hermes format, and parsed as such.
-    texts = [ChoiceText(service.tool_parser(req.tools, req.tool_choice != "none", forced_tool(req.tool_choice)))
-             for _ in range(n)]
+    texts = [ChoiceText(service.tool_parser(req.tools, tools.mode != "none", tools.forced)) for _ in range(n)]
     logprobs = bool(req.logprobs)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -58,14 +59,22 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     choices = []
     for index, (gen, text) in enumerate(zip(run.gens, texts)):
         text.feed(outs[index])
-        _, calls = text.finish()
+        _, calls = text.finish(cut=gen.finish_reason == "length")
         content: str | None = text.answer(calls)
-        finish_reason = gen.finish_reason or "stop"
+        finish_reason = _finish_reason(gen.finish_reason, calls)
         if calls:
-            finish_reason, content = "tool_calls", content or None
+            content = content or None
         choices.append(schemas.choice(index, content, finish_reason, service.logprobs(gen, logprobs), calls or None))
     return schemas.completion_body(schemas.completion_id(), loaded.name, choices, run.prompt_tokens,
                                    run.completion_tokens, cached_tokens=run.cached_tokens)
+
+
+def _finish_reason(reason: str | None, calls: list[dict]) -> str:
+    """"length" for an answer max_tokens cut, even one with complete calls before the cut (a half-written
+    call is dropped, and the client must know the answer is not whole); else "tool_calls" when it calls."""
+    if reason == "length":
+        return reason
+    return "tool_calls" if calls else reason or "stop"
 
 
 def _events(service: Service, run: Run, deltas: Iterator[Delta], texts: list[ChoiceText], model: str, logprobs: bool,
@@ -89,14 +98,12 @@ def _events(service: Service, run: Run, deltas: Iterator[Delta], texts: list[Cho
                 yield chunk(delta.index, {"content": shown})
             if not delta.done or gen.finish_reason == "cancelled":
                 continue
-            finish_reason = gen.finish_reason or "stop"
-            rest, calls = text.finish()
+            rest, calls = text.finish(cut=gen.finish_reason == "length")
             if rest:
                 yield chunk(delta.index, {"content": rest})
             if calls:
-                finish_reason = "tool_calls"
                 yield chunk(delta.index, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-            yield chunk(delta.index, {}, finish_reason)
+            yield chunk(delta.index, {}, _finish_reason(gen.finish_reason, calls))
         if run.cancelled:
             return
         if include_usage:

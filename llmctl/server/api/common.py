@@ -55,11 +55,17 @@ class ChoiceText:
         """The whole text as a plain (not streamed) answer gives it: trimmed when tool calls follow it."""
         return self.text.strip() if calls else self.text
 
-    def finish(self) -> tuple[str, list[dict]]:
-        """At the end: the text not shown yet, and the tool calls (OpenAI-shaped)."""
+    def finish(self, cut: bool = False) -> tuple[str, list[dict]]:
+        """At the end: the text not shown yet, and the tool calls (OpenAI-shaped).
+
+        When max_tokens ``cut`` the answer, what the parser still holds back is a call (or the start of
+        one) that was never finished: it is dropped, so its markup never reaches the content.
+        """
         if self.tools is None:
             return "", []
         rest, calls = self.tools.finish()
+        if cut:
+            rest = ""
         self.text += rest
         return rest, calls
 
@@ -81,6 +87,6 @@ class TextPieces:
                 yield shown
         if self.run.cancelled:
             return
-        rest, self.calls = self.text.finish()
+        rest, self.calls = self.text.finish(cut=self.run.gens[0].finish_reason == "length")
         if rest:
             yield rest

@@ -5,7 +5,8 @@ Responses are stored unless the request says `store: false` (or the server runs 
 written by `llmctl.server.api.stored`, which the handler asks what a request continues. `input` is a
 string or a list of items: messages, and `function_call` / `function_call_output` items for an
 agent's tool history; they reach the chat template as the chat route's messages do. Function tools
-work as on the chat route (calls are parsed with `serve --tool-call-parser`); built-in tools
+work as on the chat route (calls are parsed with `serve --tool-call-parser`, and an enforced
+`tool_choice` maps onto the same `ToolUse` as chat's, in `function_tools`); built-in tools
 (web search, file search, ...) get a 400. `text.format` (json_object, json_schema) is enforced as the
 chat route's `response_format` is, through `structured_format`.
 """
@@ -20,12 +21,13 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
+from llmctl.engine.structured import Constraint
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
-from llmctl.engine.structured import Constraint
 from llmctl.server.api import stored
 from llmctl.server.api.common import ChoiceText, TextPieces, check_model, sse_event
-from llmctl.server.constraints import constraint_from_request
+from llmctl.server.constraints import (FunctionTool, ToolUse, constraint_from_request, function_tool,
+                                       output_constraint, tool_use)
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MAX_TIMEOUT_S, _Lenient, other_type
@@ -139,22 +141,44 @@ def chat_messages(req: ResponsesRequest) -> list[schemas.ChatMessage]:
     return messages
 
 
-def function_tools(tools: list[dict] | None, tool_choice: str | dict | None) -> list[dict] | None:
-    """Responses function tools in the chat route's shape; built-in tools are a 400."""
-    if isinstance(tool_choice, dict) and tool_choice.get("type") not in ("function", None):
-        raise InvalidRequest(f"tool_choice of type '{tool_choice.get('type')}' names a built-in tool, which this "
-                             "server does not have; only function tools are supported.", param="tool_choice")
-    out = []
-    for i, tool in enumerate(tools or []):
+def function_tools(req: ResponsesRequest) -> tuple[list[dict] | None, ToolUse]:
+    """The request's function tools in the chat template's shape, and what its tool_choice asks of them.
+
+    tool_choice is "none", "auto", "required", {"type": "function", "name": ...} or
+    {"type": "allowed_tools", "mode": "auto" | "required", "tools": [...]} (the calls are limited to
+    those tools; the template still shows all of them). Built-in tools are a 400.
+    """
+    out, functions = [], []
+    for i, tool in enumerate(req.tools or []):
         kind = tool.get("type")
         if kind != "function":
             raise InvalidRequest(f"Tools of type '{kind}' (built-in tools) are not available on this server; only "
                                  "function tools are supported.", param=f"tools[{i}]")
         if not isinstance(tool.get("name"), str):
             raise InvalidRequest(f"Missing required parameter: 'tools[{i}].name' (a string).", param=f"tools[{i}].name")
+        functions.append(function_tool(tool["name"], tool.get("parameters"), tool.get("strict"),
+                                       f"tools[{i}].parameters"))
         function = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
         out.append({"type": "function", "function": function})
-    return out or None
+    return out or None, _tool_use(req.tool_choice, functions, req.parallel_tool_calls is not False)
+
+
+def _tool_use(choice: str | dict | None, functions: list[FunctionTool], parallel: bool) -> ToolUse:
+    if choice is None or choice in ("none", "auto", "required"):
+        return tool_use(functions, choice or "auto", parallel=parallel)
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "function" and isinstance(choice.get("name"), str):
+        return tool_use(functions, "required", choice["name"], parallel)
+    if kind == "allowed_tools" and choice.get("mode") in ("auto", "required") \
+            and isinstance(choice.get("tools"), list):
+        names = {t.get("name") for t in choice["tools"] if isinstance(t, dict)}
+        return tool_use([f for f in functions if f.name in names], choice["mode"], parallel=parallel)
+    if kind in ("function", "allowed_tools") or not isinstance(kind, str):
+        raise InvalidRequest("tool_choice must be 'none', 'auto', 'required', {\"type\": \"function\", \"name\": ...} "
+                             "or {\"type\": \"allowed_tools\", \"mode\": \"auto\" | \"required\", \"tools\": [...]}.",
+                             param="tool_choice")
+    raise InvalidRequest(f"tool_choice of type '{kind}' names a built-in tool, which this server does not have; "
+                         "only function tools are supported.", param="tool_choice")
 
 
 def handle(service: Service, body: object, disconnected: Callable[[], bool] | None = None) -> dict | Iterator[str]:
@@ -164,8 +188,8 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     req = schemas.parse_body(ResponsesRequest, body)
     check_model(req.model, loaded.name)
     turn = stored.prepare(service, req)
-    constraint = structured_format(req.text)
-    tools = function_tools(req.tools, req.tool_choice)
+    tools, tool_choice = function_tools(req)
+    constraint = output_constraint(structured_format(req.text), tool_choice, service.tool_format)
     # The model reads what the request continues (stored as it saw it), then the new input.
     messages = chat_messages(req.model_copy(update={"input": ResponsesRequest.model_validate(
         {"input": turn.prior + turn.input_items}).input}) if turn.prior else req)
@@ -177,8 +201,8 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
               ignore_eos=req.ignore_eos, timeout=req.timeout or (MAX_TIMEOUT_S if turn.background else None),
               constraint=constraint, prompt_param="input", max_tokens_param="max_output_tokens")
     run = service.start([ask], arrived, turn.disconnected(disconnected))
-    answer = _Answer(req, loaded.name, ChoiceText(service.tool_parser(tools, req.tool_choice != "none")),
-                     turn.fields())
+    parser = service.tool_parser(tools, tool_choice.mode != "none", tool_choice.forced)
+    answer = _Answer(req, loaded.name, ChoiceText(parser), turn.fields())
     if turn.background:
         return stored.run_in_background(service, turn, answer.body(None, [], "queued"), run,
                                         lambda: _event_dicts(run, run.stream(), answer), bool(req.stream))
@@ -186,7 +210,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         return _sse(stored.saving(service, turn, _event_dicts(run, run.stream(), answer)))
     text = run.collect()[0]
     answer.text.feed(text)
-    _, calls = answer.text.finish()
+    _, calls = answer.text.finish(cut=run.gens[0].finish_reason == "length")
     body = answer.body(run, _output(answer.text.answer(calls), calls, run.gens[0].finish_reason, answer))
     stored.save(service, turn, body)
     return body
@@ -216,7 +240,8 @@ class _Answer:
             "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
-            "text": {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
+            "text": {**(req.text or {}), "format": (req.text or {}).get("format") or {"type": "text"}},
+            "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [], "truncation": "disabled", "metadata": req.metadata or {}, "usage": usage,
             **self.fields,
         }
