@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import REAL_MODEL
@@ -52,3 +54,27 @@ def test_anthropic_messages_answer_paris(server):
     with sdk.messages.stream(model=MODEL, max_tokens=30, extra_body={"temperature": 0},
                              messages=[{"role": "user", "content": QUESTION}]) as stream:
         assert "Paris" in "".join(stream.text_stream)
+
+
+def test_forced_tool_calls_on_responses_and_messages(server):
+    """SmolLM2 forced to call a tool on both APIs: a valid call, named as asked, with a city it read."""
+    import anthropic
+    import jsonschema
+    import openai
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    out = oai.responses.create(model=MODEL, input="What is the weather in Paris?", temperature=0,
+                               max_output_tokens=60, tool_choice={"type": "function", "name": "get_weather"},
+                               extra_body={"timeout": 300},  # the first constrained request indexes the vocabulary
+                               tools=[{"type": "function", "name": "get_weather", "parameters": schema}])
+    (call,) = out.output
+    assert out.status == "completed" and call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), schema)
+    claude = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    message = claude.messages.create(model=MODEL, max_tokens=60, extra_body={"temperature": 0, "timeout": 300},
+                                     messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                                     tools=[{"name": "get_weather", "input_schema": schema}],
+                                     tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    assert message.stop_reason == "tool_use" and message.content[0].name == "get_weather"
+    jsonschema.validate(message.content[0].input, schema)
