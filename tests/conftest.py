@@ -184,13 +184,18 @@ def server_process():
 
 
 @contextlib.contextmanager
-def scripted_server(model: Path, **settings) -> Iterator[tuple[str, Callable[[str | None], None]]]:
+def scripted_server(model: Path, store_url: str | None = None,
+                    **settings) -> Iterator[tuple[str, Callable[[str | None], None]]]:
     """A server whose model writes the text given to ``say`` (then end of sequence) for each request
-    (``say(None)``: its own output).
+    (``say(None)``: its own output), keeping responses in ``store_url`` when given.
 
     The real forward pass runs; then the logits are set so that the next token of the script wins.
     """
     service = make_service(model, **settings)
+    if store_url is not None:
+        from llmctl.server.store import ResponseState, open_store
+
+        service.responses = ResponseState(open_store(store_url), lease_s=0.2)
     model, tokenizer = service.engine.model, service.loaded.tokenizer
     real = model.forward
     script = {"ids": [], "step": 0}

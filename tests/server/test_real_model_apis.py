@@ -78,3 +78,27 @@ def test_forced_tool_calls_on_responses_and_messages(server):
                                      tool_choice={"type": "any", "disable_parallel_tool_use": True})
     assert message.stop_reason == "tool_use" and message.content[0].name == "get_weather"
     jsonschema.validate(message.content[0].input, schema)
+
+
+def test_a_stored_response_continues_by_id_as_the_whole_history_does(server):
+    """Greedy SmolLM2: continuing by previous_response_id gives, token for token, what the whole history gives;
+    a background response is polled to the same answer."""
+    import time
+
+    import openai
+
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    settings = {"model": MODEL, "temperature": 0, "max_output_tokens": 20}
+    first = sdk.responses.create(input=QUESTION, **settings)
+    assert "Paris" in first.output_text and sdk.responses.retrieve(first.id).output_text == first.output_text
+    by_id = sdk.responses.create(input="And of Italy?", previous_response_id=first.id, **settings)
+    history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first.output_text},
+               {"role": "user", "content": "And of Italy?"}]
+    full = sdk.responses.create(input=history, store=False, **settings)
+    assert by_id.output_text == full.output_text and "Rome" in by_id.output_text
+    assert by_id.usage.input_tokens == full.usage.input_tokens
+    job = sdk.responses.create(input=history, background=True, **settings)
+    deadline = time.monotonic() + 120
+    while sdk.responses.retrieve(job.id).status in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sdk.responses.retrieve(job.id).output_text == full.output_text
