@@ -38,10 +38,10 @@ PROMPTS = ["Tell me about Paris.", "Describe Rome for a traveller.", "What is Be
            "Describe Prague.", "What is special about Amsterdam?"]
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "llmctl", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--max-num-seqs", str(args.streams), "--log-level", "warning"]
+               "--max-num-seqs", str(args.streams), "--log-level", "warning", *(extra or [])]
     if args.model_path:
         command += ["--model-path", str(args.model_path)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -21,9 +21,11 @@ from llmctl.engine import EngineConfig
 from llmctl.engine.vllm_setup import VllmOptions
 from llmctl.server.service import Service
 from llmctl.server.testing import serve_in_thread
+from llmctl.server.tools import PARSERS
 from tests.conftest import make_service
 from tests.engine.test_engine import wait_for
 from tests.server.test_structured_outputs import SCHEMAS, TOOLS
+from tests.server.test_tool_parsers_apis import FAMILIES, SET_UNIT, forced_text_comes_back_as_calls
 
 pytestmark = pytest.mark.vllm
 USER = [{"role": "user", "content": "Hello there"}]
@@ -321,3 +323,20 @@ def test_the_other_apis_run_on_vllm_with_the_same_text(client, base_url):
     assert r.status_code == 200, r.text
     texts = [c["text"] for c in r.json()["choices"]]
     assert len(texts) == 2 and texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tool_calls_of_every_family_are_parsed_from_vllm_output(family, base_url, vllm_service, monkeypatch):
+    forced_text_comes_back_as_calls(base_url, vllm_service, monkeypatch, family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_enforced_call_on_vllm_is_written_in_the_family_format(family, client, vllm_service, monkeypatch):
+    monkeypatch.setattr(vllm_service, "tool_format", PARSERS[family])
+    r = chat(client, max_tokens=200, temperature=1.0, seed=4, tools=SET_UNIT, tool_choice="required",
+             parallel_tool_calls=False)
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "set_unit"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), SET_UNIT[0]["function"]["parameters"])

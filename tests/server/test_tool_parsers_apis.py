@@ -14,8 +14,9 @@ import anthropic
 import openai
 import pytest
 
-from llmctl.server.testing import build_tiny_model
-from tests.conftest import scripted_server
+from llmctl.server.testing import build_tiny_model, serve_in_thread
+from llmctl.server.tools import PARSERS
+from tests.conftest import make_service, scripted_server
 from tests.server.test_tool_parsers import CASES, TOOLS, as_pairs
 
 FAMILIES = ["hermes", "llama3_json", "pythonic", "mistral", "qwen3_coder", "openai"]
@@ -23,6 +24,10 @@ FAMILIES = ["hermes", "llama3_json", "pythonic", "mistral", "qwen3_coder", "open
 ANSWERS = {name: max((c for c in CASES if c[0] == name), key=lambda c: len(c[3]))[1:] for name in FAMILIES}
 USER = [{"role": "user", "content": "Weather in Paris, and the time?"}]
 MARKUP = ("<tool_call>", "<function=", "[TOOL_CALLS]", "<|python_tag|>", "<|channel|>", "get_weather(")
+# A tool whose every call is short (a random model forced into a free string could write until max_tokens).
+SET_UNIT = [{"type": "function", "function": {"name": "set_unit", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "fast": {"type": "boolean"}},
+    "required": ["unit", "fast"]}}}]
 RESPONSES_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
 ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]
 
@@ -110,9 +115,7 @@ def test_anthropic_tool_use_plain_and_streamed(family):
 def test_an_enforced_call_is_written_in_the_family_format_and_parsed(family):
     _, url, say = family
     say(None)  # the tiny model writes what the grammar of the family's call allows
-    tools = [{"type": "function", "function": {"name": "set_unit", "parameters": {
-        "type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "fast": {"type": "boolean"}},
-        "required": ["unit", "fast"]}}}]
+    tools = SET_UNIT
     sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     out = sdk.chat.completions.create(model="tiny-llama", messages=USER, tools=tools, tool_choice="required",
                                       parallel_tool_calls=False, max_tokens=120, seed=1)
@@ -122,3 +125,36 @@ def test_an_enforced_call_is_written_in_the_family_format_and_parsed(family):
         args = json.loads(call.function.arguments)
         assert call.function.name == "set_unit" and args["unit"] in ("c", "f") and isinstance(args["fast"], bool)
     assert clean(choice.message.content) == ""
+
+
+def forced_text_comes_back_as_calls(url: str, service, monkeypatch, family: str) -> None:
+    """A constraint forces the family's answer (vLLM's `structured_outputs` choice), whatever the model
+    would write; the server's parser reads the calls out of that constrained text, plain and streamed.
+    (Shared with tests/engine_vllm: the same check runs on vLLM's engine.)"""
+    monkeypatch.setattr(service, "tool_format", PARSERS[family])  # the family `--tool-call-parser` would name
+    text, content, calls = ANSWERS[family]
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    body = {"model": service.loaded.name, "messages": [{"role": "user", "content": "Hi"}], "tools": TOOLS,
+            "max_tokens": 400, "extra_body": {"structured_outputs": {"choice": [text]}}}
+    choice = sdk.chat.completions.create(**body).choices[0]
+    assert choice.finish_reason == "tool_calls" and clean(choice.message.content) == content
+    assert as_pairs([c.model_dump() for c in choice.message.tool_calls]) == calls
+    streamed, names = "", []
+    for chunk in sdk.chat.completions.create(**body, stream=True):
+        streamed += chunk.choices[0].delta.content or "" if chunk.choices else ""
+        names += [c.function.name for c in (chunk.choices[0].delta.tool_calls or [])] if chunk.choices else []
+    assert clean(streamed) == content and names == [name for name, _ in calls]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_parser_reads_calls_out_of_constrained_output(name, roomy_service_url, monkeypatch):
+    service, url = roomy_service_url
+    forced_text_comes_back_as_calls(url, service, monkeypatch, name)
+
+
+@pytest.fixture(scope="module")
+def roomy_service_url(roomy_model):
+    service = make_service(roomy_model)
+    with serve_in_thread(service) as url:
+        yield service, url
+    service.shutdown()
