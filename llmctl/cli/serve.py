@@ -18,13 +18,15 @@ from llmctl.engine import EngineConfig
 from llmctl.engine.vllm_setup import VllmOptions
 from llmctl.engine.vllm_setup import preflight as vllm_preflight
 from llmctl.errors import ModelLoadError
-from llmctl.server.app import DEFAULT_MAX_BODY_BYTES, HTTPOptions, create_app
+from llmctl.server.admission import DEFAULT_MAX_BODY_BYTES, AdmissionLimits
+from llmctl.server.app import HTTPOptions, create_app
 from llmctl.server.runner import run_server
 from llmctl.server.security import load_api_keys
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.store import ResponseState, default_store_url, open_store
 from llmctl.server.store.state import DEFAULT_LEASE_S, DEFAULT_TTL_S
 from llmctl.server.tools import ToolCallParser
+from llmctl.server.transport import TransportLimits
 
 log = logging.getLogger("llmctl.serve")
 
@@ -118,6 +120,31 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(
         envvar=envvars.MAX_BODY_BYTES, min=1024, help="Largest accepted request body (413 beyond).")] =
         DEFAULT_MAX_BODY_BYTES,
+    max_preparing_requests: Annotated[int | None, typer.Option(
+        envvar=envvars.MAX_PREPARING_REQUESTS, min=1,
+        help="Requests read, parsed and tokenized at once (429 beyond). Default: max-num-seqs + max-waiting.")] = None,
+    max_preparing_bytes: Annotated[int | None, typer.Option(
+        envvar=envvars.MAX_PREPARING_BYTES, min=1024,
+        help="Body bytes of the requests read, parsed and tokenized at once (429 beyond; tokenizing takes about "
+        "100x a prompt's size at its peak). Default: 2 x max-body-bytes.")] = None,
+    max_waiting_tokens: Annotated[int | None, typer.Option(
+        envvar=envvars.MAX_WAITING_TOKENS, min=1,
+        help="Prompt tokens that may wait for a batch slot (429 beyond; a prompt alone always may). "
+        "Default: kv-cache-tokens.")] = None,
+    header_timeout: Annotated[float, typer.Option(
+        envvar=envvars.HEADER_TIMEOUT, min=0.1,
+        help="Seconds a client has to send a request's headers (from connecting, or from the request's first "
+        "byte); then 408 and the connection closes.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        envvar=envvars.BODY_TIMEOUT, min=0.1,
+        help="Seconds a client has to send a request's body after its headers; then 408.")] = 30.0,
+    max_connections: Annotated[int, typer.Option(
+        envvar=envvars.MAX_CONNECTIONS, min=1,
+        help="Open client connections at most; beyond it new ones wait in the listen backlog.")] = 1000,
+    max_client_connections: Annotated[int | None, typer.Option(
+        envvar=envvars.MAX_CLIENT_CONNECTIONS, min=1,
+        help="Open connections from one client address at most (429 and close beyond). Default: the worker "
+        "threads.")] = None,
     grace_period: Annotated[float, typer.Option(
         envvar=envvars.GRACE_PERIOD, min=0, help="Seconds in-flight requests get to finish on SIGINT/SIGTERM.")] = 30.0,
     api_key: Annotated[list[str] | None, typer.Option(
@@ -227,12 +254,18 @@ def serve(
     service = Service(ServiceSettings(load=load, engine=engine, engine_kind=engine_kind, engine_options=engine_options,
                                       request_timeout=request_timeout,
                                       max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
-                                      max_messages=max_messages, tool_call_parser=tool_call_parser),
+                                      max_messages=max_messages, tool_call_parser=tool_call_parser,
+                                      admission=AdmissionLimits(max_preparing_requests, max_preparing_bytes,
+                                                                max_waiting_tokens).derive(
+                                          max_num_seqs=max_num_seqs, max_waiting=max_waiting,
+                                          kv_cache_tokens=kv_cache_tokens, max_body_bytes=max_body_bytes)),
                       responses=responses)
     origins = tuple(o.strip() for o in allowed_origins.split(",") if o.strip())
     app = create_app(service, HTTPOptions(max_body_bytes=max_body_bytes, api_keys=keys,
                                           public_metrics=public_metrics, allowed_origins=origins))
-    # Every generating request holds a thread; the extra ones keep /health answering under full load.
+    # Every generating request holds a thread; /health has threads of its own (server/transport.py).
     threads = threads or max_num_seqs + max_waiting + 16
-    code = run_server(app, service, host, port, threads=threads, grace_period=grace_period)
+    limits = TransportLimits(header_timeout=header_timeout, body_timeout=body_timeout,
+                             max_connections=max_connections, max_client_connections=max_client_connections or threads)
+    code = run_server(app, service, host, port, threads=threads, grace_period=grace_period, limits=limits)
     raise typer.Exit(code)

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from flask import Flask, Response, request
 from prometheus_client.exposition import choose_encoder
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from llmctl.errors import InvalidRequest, LLMCtlError, UnsupportedMediaType
+from llmctl.server.admission import DEFAULT_MAX_BODY_BYTES
 from llmctl.server.api import anthropic, chat, completions, conversations, responses_api, stored, tokenize
 from llmctl.server.openapi import openapi_document
 from llmctl.server.security import install_auth, install_cors
@@ -19,7 +20,6 @@ from llmctl.server.service import Service
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 ANTHROPIC_PREFIX = "/v1/messages"
 HTTP_ERROR_TYPES = {400: ("invalid_request_error", None), 404: ("invalid_request_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
                     413: ("invalid_request_error", "request_too_large"),
@@ -181,18 +181,39 @@ def _answer(result) -> Response:
 
 
 def _generation_view(service: Service, handle):
-    return lambda: _answer(handle(service, read_json_body(), request.environ.get("waitress.client_disconnected")))
+    def view():
+        with _preparing(service):
+            result = handle(service, read_json_body(), request.environ.get("waitress.client_disconnected"))
+        return _answer(result)
+
+    return view
 
 
 def _state_view(service: Service, handle, reads_body: bool):
     def view(**parts: str):
-        return _answer(handle(service, read_json_body() if reads_body else None, request.args, **parts))
+        if not reads_body:
+            return _answer(handle(service, None, request.args, **parts))
+        with _preparing(service):
+            return _answer(handle(service, read_json_body(), request.args, **parts))
 
     return view
 
 
 def _json_view(service: Service, handle):
-    return lambda: json_response(handle(service, read_json_body()))
+    def view():
+        with _preparing(service):
+            return json_response(handle(service, read_json_body()))
+
+    return view
+
+
+def _preparing(service: Service):
+    """Admit the request's body for reading, parsing and tokenizing: 413 when it is over the body limit, 429 when
+    the server prepares too much already. Held until its prompt is in the engine's queue (Service.start)."""
+    length = request.content_length or 0
+    if request.max_content_length is not None and length > request.max_content_length:
+        raise RequestEntityTooLarge()
+    return service.admission.preparing_request(length)
 
 
 def read_json_body() -> object:

@@ -13,6 +13,7 @@ from llmctl.engine import Finish, Sequence
 from llmctl.engine.sampling import TokenLogprobs
 from llmctl.engine.text import IncrementalDetokenizer, StopMatcher
 from llmctl.errors import InvalidRequest, RequestTimeout
+from llmctl.server.admission import encode
 from llmctl.server.schemas import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def chat_prompt(loaded: LoadedModel, messages: list[dict], tools: list[dict] | N
     except RecursionError:
         raise InvalidRequest("The messages or tools are nested too deeply to render.",
                              param="tools" if tools else param) from None
-    return loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    return encode(loaded.tokenizer, text, add_special_tokens)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Serve the app with waitress (a production WSGI server) and shut down gracefully on SIGINT/SIGTERM."""
+"""Serve the app with waitress (guarded by `transport`) and shut down gracefully on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import signal
 import threading
 import time
 
-from waitress import create_server
-
 from llmctl.errors import LLMCtlError
 from llmctl.server.service import Service
+from llmctl.server.transport import TransportLimits, create_guarded_server, open_channels
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +27,11 @@ def transport_body_limit(app) -> int:
 
 
 def run_server(app, service: Service, host: str, port: int, threads: int, grace_period: float,
-               connection_limit: int = 1000) -> int:
+               limits: TransportLimits | None = None) -> int:
     """Open the port at once, load the model behind it, serve until a signal, then drain and exit 0."""
     try:
-        server = create_server(
-            app, host=host, port=port, threads=threads, connection_limit=connection_limit,
-            # Lets a handler notice that its client went away (waitress.client_disconnected).
-            channel_request_lookahead=1, asyncore_use_poll=True, ident="llmctl", clear_untrusted_proxy_headers=True,
-            max_request_body_size=transport_body_limit(app),
-        )
+        server = create_guarded_server(app, host, port, threads, limits or TransportLimits(),
+                                       transport_body_limit(app))
     except OSError as exc:
         hint = (" Another program (perhaps another llmctl serve) listens there: stop it or pick another --port;"
                 " `llmctl doctor --port N` tells whether a port is free.") if exc.errno == errno.EADDRINUSE else ""
@@ -78,10 +73,7 @@ def _wait_for_responses(server, timeout: float) -> None:
     has returned once the service is idle, but waitress still has to build and send what it returned."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            channels = tuple(server.active_channels.values())
-        except RuntimeError:  # the loop thread changed the map while we read it
-            continue
+        channels = open_channels(server)
         if not any(channel.requests or channel.total_outbufs_len for channel in channels):
             return
         time.sleep(0.02)

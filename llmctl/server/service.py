@@ -16,6 +16,7 @@ from llmctl.engine import Engine, EngineConfig, Sequence
 from llmctl.engine.text import TokenText
 from llmctl.errors import LLMCtlError, ModelNotFound, Unavailable
 from llmctl.server import schemas
+from llmctl.server.admission import Admission, AdmissionLimits
 from llmctl.server.engines import ENGINES, Loader
 from llmctl.server.generation import Generation
 from llmctl.server.metrics import ServiceMetrics, prefix_cache_json
@@ -39,6 +40,7 @@ class ServiceSettings:
     default_max_tokens: int | None = None
     max_messages: int = 1024
     tool_call_parser: ToolCallParser | None = "auto"  # a key of llmctl.server.tools.PARSERS, "auto" or "none"
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)  # unset bounds derive from `engine`
 
 
 class Service:
@@ -62,6 +64,9 @@ class Service:
         self.created = int(time.time())
         self._inflight = 0
         self._inflight_lock = threading.Condition()
+        engine = settings.engine
+        self.admission = Admission(settings.admission.derive(
+            max_num_seqs=engine.max_num_seqs, max_waiting=engine.max_waiting, kv_cache_tokens=engine.kv_cache_tokens))
 
     # ---- lifecycle ---------------------------------------------------------------------
     def load(self) -> None:
@@ -247,6 +252,7 @@ class Service:
         limits = TokenLimits(engine.config.kv_cache_tokens, self.settings.max_tokens_cap,
                              self.settings.default_max_tokens)
         params = [sampling_params(loaded, ask, limits) for ask in asks]  # every 400 before anything runs
+        queued = self.admission.queue(sum(len(ask.prompt) for ask in asks))  # 429 when too many tokens wait
         gens: list[Generation] = []
         try:
             for ask, p in zip(asks, params):
@@ -262,9 +268,12 @@ class Service:
                 gens += [Generation(m, loaded.tokenizer, stops, arrived, disconnected, self.hidden_specials)
                          for m in members]
         except BaseException:
+            queued.dropped = True
             for gen in gens:  # a full queue part-way through a list of prompts: stop what was submitted
                 gen.close()
             raise
+        queued.seqs = [gen.seq for gen in gens]
+        self.admission.prepared()
         self._enter()
         return Run(gens, sum(len(ask.prompt) for ask in asks), self._ended)
 

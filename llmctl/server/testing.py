@@ -64,19 +64,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_in_thread(service, *, threads: int = 48, **http_options) -> Iterator[str]:
-    """Serve ``service`` with waitress on 127.0.0.1 in this process; yields the base URL.
+def serve_in_thread(service, *, threads: int = 48, limits=None, **http_options) -> Iterator[str]:
+    """Serve ``service`` with waitress (guarded as `llmctl serve` does) on 127.0.0.1 in this process; yields
+    the base URL.
 
-    ``http_options`` are the fields of `llmctl.server.app.HTTPOptions` (api_keys, allowed_origins, ...).
+    ``limits`` is a `llmctl.server.transport.TransportLimits`; ``http_options`` are the fields of
+    `llmctl.server.app.HTTPOptions` (api_keys, allowed_origins, ...).
     """
-    from waitress import create_server
-
     from llmctl.server.app import HTTPOptions, create_app
     from llmctl.server.runner import transport_body_limit
+    from llmctl.server.transport import TransportLimits, create_guarded_server
 
     app = create_app(service, HTTPOptions(**http_options))
-    server = create_server(app, host="127.0.0.1", port=0, threads=threads, channel_request_lookahead=1,
-                           asyncore_use_poll=True, max_request_body_size=transport_body_limit(app))
+    server = create_guarded_server(app, "127.0.0.1", 0, threads, limits or TransportLimits(),
+                                   transport_body_limit(app))
     port = server.socket.getsockname()[1]
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -17,6 +17,7 @@ from pydantic import Field, StrictBool, StrictInt
 
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
+from llmctl.server.admission import encode
 from llmctl.server.api.chat import check_n
 from llmctl.server.api.common import check_model, sse
 from llmctl.server.pipeline import Ask, Delta, Run
@@ -48,7 +49,7 @@ class CompletionRequest(schemas.OpenAISampling):
 
 def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        ids = tokenizer(schemas.valid_unicode(prompt))["input_ids"]
+        ids = encode(tokenizer, schemas.valid_unicode(prompt))
         if not ids:
             raise InvalidRequest("The prompt is empty; send at least one token of text.", param="prompt")
         return ids

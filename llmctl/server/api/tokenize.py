@@ -13,6 +13,7 @@ from pydantic import Field, StrictBool, StrictInt
 
 from llmctl.errors import InvalidRequest
 from llmctl.server import schemas
+from llmctl.server.admission import encode
 from llmctl.server.api.common import check_model
 from llmctl.server.generation import chat_prompt
 from llmctl.server.schemas import ChatMessage, _Lenient
@@ -45,7 +46,7 @@ def tokenize(service: Service, body: object) -> dict:
     tokenizer = loaded.tokenizer
     if req.prompt is not None:
         special = req.add_special_tokens is not False
-        tokens = tokenizer(schemas.valid_unicode(req.prompt), add_special_tokens=special)["input_ids"]
+        tokens = encode(tokenizer, schemas.valid_unicode(req.prompt), special)
     else:
         if len(req.messages) > service.settings.max_messages:
             raise InvalidRequest(f"{len(req.messages)} messages is more than this server's limit of "
