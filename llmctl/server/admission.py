@@ -133,14 +133,17 @@ class Admission:
             self._queued = [q for q in self._queued if not q.settled()]
             return sum(q.tokens for q in self._queued)
 
-    def queue(self, tokens: int) -> _Queued:
+    def queue(self, tokens: int, room: int = 0) -> _Queued:
         """Count ``tokens`` of prompt as waiting (429 when that goes over the bound while others wait); set
-        the returned entry's ``seqs`` once submitted, or ``dropped`` if submission failed."""
+        the returned entry's ``seqs`` once submitted, or ``dropped`` if submission failed.
+
+        ``room``: prompt tokens the engine will admit at its next step (free KV slots while batch slots are
+        free); those do not wait, so a burst fills a free batch before it counts against the bound."""
         limit = self.limits.max_waiting_tokens
         with self._lock:
             self._queued = [q for q in self._queued if not q.settled()]
             waiting = sum(q.tokens for q in self._queued)
-            if waiting and waiting + tokens > limit:
+            if waiting and waiting + tokens > limit + room:
                 self.rejected += 1
                 raise QueueFull(f"{waiting} prompt tokens are waiting for the engine already (limit {limit}); "
                                 "retry shortly.", retry_after=RETRY_AFTER_S, code="too_many_waiting_tokens")

@@ -252,7 +252,7 @@ class Service:
         limits = TokenLimits(engine.config.kv_cache_tokens, self.settings.max_tokens_cap,
                              self.settings.default_max_tokens)
         params = [sampling_params(loaded, ask, limits) for ask in asks]  # every 400 before anything runs
-        queued = self.admission.queue(sum(len(ask.prompt) for ask in asks))  # 429 when too many tokens wait
+        queued = self.admission.queue(sum(len(ask.prompt) for ask in asks), _room(engine))  # 429: too many wait
         gens: list[Generation] = []
         try:
             for ask, p in zip(asks, params):
@@ -294,6 +294,13 @@ class Service:
             self.metrics.record_generation(prompt_tokens, gen.completion_tokens, latency, gen.ttft, gen.itl,
                                            queue_time, gen.finish_reason or "error")
         self._leave()
+
+
+def _room(engine: Engine) -> int:
+    """Prompt tokens the engine can admit at its next step: its free KV slots, while it has free batch slots."""
+    if engine.running >= engine.config.max_num_seqs:
+        return 0
+    return int((1.0 - engine.stats.kv_cache_usage) * engine.config.kv_cache_tokens)
 
 
 def _grammar_metrics(engine: Engine | None) -> dict:

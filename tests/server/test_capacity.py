@@ -233,6 +233,20 @@ def test_prompt_tokens_waiting_for_the_engine_are_bounded(tiny_model):
         service.shutdown()
 
 
+def test_a_burst_into_free_batch_slots_is_not_held_to_the_waiting_tokens_bound(tiny_model):
+    service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=8, max_waiting=8, kv_cache_tokens=4096),
+                           admission=AdmissionLimits(max_waiting_tokens=30))
+    prompt = {"role": "user", "content": "hello world " * 4}  # about 20 tokens: two of them are over 30
+    try:
+        with serve_in_thread(service) as base, ThreadPoolExecutor(6) as pool:
+            body = {"messages": [prompt], "max_tokens": 4}
+            statuses = list(pool.map(lambda _: httpx.post(base + "/v1/chat/completions", json=body,
+                                                          timeout=60).status_code, range(6)))
+    finally:
+        service.shutdown()
+    assert statuses == [200] * 6
+
+
 def test_serve_flags_set_the_connection_limits(server_process, tiny_model):
     server = server_process("--model-path", str(tiny_model), "--dtype", "float32", "--max-client-connections", "2",
                             env={"LLMCTL_HEADER_TIMEOUT": "0.5"})
