@@ -52,7 +52,11 @@ def router_command(urls: list[str], *, host: str, port: int, policy: Policy, api
             "--health-success-threshold", "1", "--health-check-endpoint", "/health",
             # Startup: go once one replica is ready, probing every second (llmctl starts in seconds).
             "--worker-startup-check-interval", "1",
-            "--retry-max-retries", str(retries), "--retry-initial-backoff-ms", "50"]
+            "--retry-max-retries", str(retries), "--retry-initial-backoff-ms", "100",
+            # A replica with 2 failed requests (a dead one refuses every connection at once) gets no
+            # requests, retries included, until a trial request 5 s later succeeds: without this, a retry
+            # could land on the dead replica again before the health probes notice it.
+            "--cb-failure-threshold", "2", "--cb-success-threshold", "1", "--cb-timeout-duration-secs", "5"]
     if prometheus_port is not None:
         argv += ["--prometheus-port", str(prometheus_port)]
     if api_key:
@@ -94,7 +98,7 @@ def router(
         help="The replicas' API key, for the router's own calls to them. Clients send their key as usual: the "
         "router passes their Authorization header through and the replicas check it.")] = None,
     retries: Annotated[int, typer.Option(
-        min=1, max=10, help="Attempts per request: a replica that fails (5xx, 429, gone) is retried on another.")] = 3,
+        min=1, max=10, help="Attempts per request: a replica that fails (5xx, 429, gone) is retried on another.")] = 5,
     health_check_interval: Annotated[int, typer.Option(
         min=1, help="Seconds between the router's /health probes of each replica.")] = 5,
     prometheus_port: Annotated[int | None, typer.Option(

@@ -15,14 +15,15 @@ from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.testing import serve_in_thread
 
 runner = CliRunner()
+ROUTER_MISSING = (router_cli.shutil.which("vllm-router", path=str(Path(router_cli.sys.executable).parent)) is None
+                  and router_cli.shutil.which("vllm-router") is None)
 
 
 def dry_run(*args: str):
     return runner.invoke(app, ["router", "--dry-run", *args])
 
 
-@pytest.mark.skipif(router_cli.shutil.which("vllm-router", path=str(Path(router_cli.sys.executable).parent)) is None
-                    and router_cli.shutil.which("vllm-router") is None, reason="the cluster extra is not installed")
+@pytest.mark.skipif(ROUTER_MISSING, reason="the cluster extra is not installed")
 def test_dry_run_prints_the_router_command_with_llmctls_defaults():
     result = dry_run("--worker-url", "http://10.0.0.2:8080,http://10.0.0.3:8080/v1/", "--worker-url",
                      "http://10.0.0.4:8080", "--api-key", "s3cret", "--", "--log-level", "debug")
@@ -33,7 +34,8 @@ def test_dry_run_prints_the_router_command_with_llmctls_defaults():
     assert urls == ["http://10.0.0.2:8080", "http://10.0.0.3:8080", "http://10.0.0.4:8080"]
     assert argv[argv.index("--policy") + 1] == "cache_aware"
     assert argv[argv.index("--health-check-interval-secs") + 1] == "5"
-    assert argv[argv.index("--retry-max-retries") + 1] == "3"
+    assert argv[argv.index("--retry-max-retries") + 1] == "5"
+    assert argv[argv.index("--cb-failure-threshold") + 1] == "2"
     assert argv[argv.index("--api-key") + 1] == "'***'" and "s3cret" not in result.output
     assert argv[-2:] == ["--log-level", "debug"]
 
