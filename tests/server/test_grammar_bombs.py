@@ -85,16 +85,32 @@ def test_a_constraint_over_the_limits_is_a_400_before_generation(base_url, tiny_
     assert ok.status_code == 200
 
 
-@pytest.mark.parametrize("route", ["/v1/completions", "/v1/messages"])
-def test_routes_without_constraints_ignore_the_same_fields(base_url, route):
-    body = {"prompt": "Hello"} if route == "/v1/completions" else {"messages": USER}
+@pytest.mark.parametrize(("route", "fields", "param"), [
+    ("/v1/messages", {"tools": [{"name": "f", "input_schema": SELF_REF}], "tool_choice": {"type": "any"}},
+     "tools[0].input_schema"),
+    ("/v1/messages", {"tools": [{"name": "f", "input_schema": {"type": "object", "properties": {"x": MIN_ITEMS}}}],
+                      "tool_choice": {"type": "tool", "name": "f"}}, "tools[0].input_schema"),
+    ("/v1/responses", {"tools": [{"type": "function", "name": "f", "parameters": SELF_REF}],
+                       "tool_choice": "required"}, "tools[0].parameters"),
+])
+def test_enforced_tools_on_the_other_apis_get_the_same_400(base_url, tiny_service, route, fields, param):
+    body = {"messages": USER, "max_tokens": 20} if route == "/v1/messages" else _body(route, {})
+    before = tiny_service.engine.stats.tokens_generated
+    r = while_health_answers(base_url, lambda: httpx.post(base_url + route, json={**body, **fields}, timeout=60))
+    assert r.status_code == 400, r.text
+    if route == "/v1/messages":  # Anthropic's envelope has no param: the message names the field
+        assert r.json()["type"] == "error" and f"'{param}'" in r.json()["error"]["message"], r.text
+    else:
+        assert r.json()["error"]["param"] == param, r.text
+    assert tiny_service.engine.stats.tokens_generated == before
+
+
+def test_legacy_completions_take_no_constraint_and_are_not_hurt_by_one(base_url):
     fields = {"structured_outputs": {"json": MIN_ITEMS}, "response_format": {"type": "json_schema", "json_schema": {
-        "name": "a", "schema": MIN_ITEMS}}, "tools": _tool(SELF_REF), "tool_choice": "required"}
-    if route == "/v1/messages":
-        fields = {"tools": [{"name": "f", "input_schema": MIN_ITEMS}], "tool_choice": {"type": "any"}}
-    r = while_health_answers(base_url, lambda: httpx.post(base_url + route, json={**body, **fields, "max_tokens": 4},
-                                                          timeout=60))
-    assert r.status_code < 500, r.text
+        "name": "a", "schema": MIN_ITEMS}}}
+    r = while_health_answers(base_url, lambda: httpx.post(base_url + "/v1/completions", json={
+        "prompt": "Hello", "max_tokens": 4, **fields}, timeout=60))
+    assert r.status_code == 200, r.text
 
 
 @pytest.fixture()
