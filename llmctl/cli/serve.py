@@ -140,7 +140,8 @@ def serve(
         help="Seconds a client has to send a request's body after its headers; then 408.")] = 30.0,
     max_connections: Annotated[int, typer.Option(
         envvar=envvars.MAX_CONNECTIONS, min=1,
-        help="Open client connections at most; beyond it new ones wait in the listen backlog.")] = 1000,
+        help="Open client connections at most; beyond it a new one closes the oldest that has not sent a "
+        "complete request (408), or gets 503 when all are busy with requests.")] = 1000,
     max_client_connections: Annotated[int | None, typer.Option(
         envvar=envvars.MAX_CLIENT_CONNECTIONS, min=1,
         help="Open connections from one client address at most (429 and close beyond). Default: the worker "

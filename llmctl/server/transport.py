@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 HEALTH_THREADS = 2  # /health's own workers: a load balancer's probe never queues behind requests
 MAINTENANCE_INTERVAL_S = 1  # how often deadlines are checked (waitress' default is every 30 s)
+# Connections accepted past --max-connections, each of which evicts an older one; waitress stops accepting there.
+EVICTION_HEADROOM = 64
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class TransportLimits:
     header_timeout: float = 10.0  # from the connection (or the request's first byte) to the end of its headers
     body_timeout: float = 30.0  # from the end of the headers to the end of the body
     idle_timeout: float = 60.0  # a kept-alive connection with no request in progress
-    max_connections: int = 1000
+    max_connections: int = 1000  # beyond it a new connection evicts the oldest one with no complete request
     max_client_connections: int = 128  # per client address
 
 
@@ -83,6 +85,34 @@ class GuardedChannel(HTTPChannel):
                 f"This client already holds {guard.limits.max_client_connections} connections to the server, "
                 "its limit; reuse them (keep-alive) or close some.", "rate_limit_error", "too_many_connections"),
                 "Retry-After: 1\r\n")
+        elif len(server.active_channels) > guard.limits.max_connections:
+            self.make_room()
+
+    def closing(self) -> bool:
+        return bool(self.close_when_flushed or self.will_close)
+
+    def waiting_for_request(self) -> bool:
+        """No worker holds this connection and no complete request has arrived on it (idle or trickling)."""
+        return not self.requests and not self.closing() and (self.request is None or not self.request.completed)
+
+    def make_room(self) -> None:
+        """At the connection limit, close the oldest connection still waiting for its request (many slow
+        clients cannot fill the server); with none to close, refuse this one."""
+        others = [c for c in self.server.active_channels.values() if c is not self and isinstance(c, GuardedChannel)]
+        if sum(not c.closing() for c in others) < self.server.guard.limits.max_connections:
+            return
+        idle = [c for c in others if c.waiting_for_request()]
+        guard = self.server.guard
+        if idle:
+            guard.evicted += 1
+            min(idle, key=lambda c: c.opened).answer_and_close("408 Request Timeout", _error(
+                "The server is at its connection limit and closed this connection, the oldest without a complete "
+                "request.", "timeout_error", "connection_evicted"))
+        else:
+            guard.refused += 1
+            self.answer_and_close("503 Service Unavailable", _error(
+                "The server is at its connection limit, every connection busy with a request; retry shortly.",
+                "service_unavailable", "too_many_connections"), "Retry-After: 1\r\n")
 
     def answer_and_close(self, status: str, body: dict, extra: str = "") -> None:
         """Send a short error (from the event loop, while no worker holds this connection) and close."""
@@ -95,7 +125,7 @@ class GuardedChannel(HTTPChannel):
 
     def overdue(self, now: float) -> str | None:
         """Which deadline this connection missed, if any (checked only while no worker holds it)."""
-        if self.requests or self.close_when_flushed or self.will_close:
+        if self.requests or self.closing():
             return None
         limits = self.server.guard.limits
         request = self.request
@@ -122,7 +152,8 @@ class Guard:
     def __init__(self, limits: TransportLimits) -> None:
         self.limits = limits
         self.clients: Counter[str] = Counter()
-        self.refused = 0  # connections answered 429 for the per-client cap
+        self.refused = 0  # connections answered 429 (per-client cap) or 503 (every connection busy)
+        self.evicted = 0  # connections closed at the connection limit to make room
         self.timed_out = 0  # connections answered 408 for a missed deadline
         self.health = ThreadedTaskDispatcher()
         self.health.set_thread_count(HEALTH_THREADS)
@@ -161,7 +192,7 @@ def create_guarded_server(app, host: str, port: int, threads: int, limits: Trans
                           max_request_body_size: int):
     """Listen on ``host``:``port`` (every address it resolves to) and return the server to ``run()``."""
     adj = Adjustments(
-        host=host, port=port, threads=threads, connection_limit=limits.max_connections,
+        host=host, port=port, threads=threads, connection_limit=limits.max_connections + EVICTION_HEADROOM,
         channel_timeout=limits.idle_timeout, cleanup_interval=MAINTENANCE_INTERVAL_S,
         # Lets a handler notice that its client went away (waitress.client_disconnected).
         channel_request_lookahead=1, asyncore_use_poll=True, ident="llmctl", clear_untrusted_proxy_headers=True,

@@ -177,6 +177,27 @@ def test_slow_header_connections_are_capped_per_client_and_timed_out(url):
     assert r.status_code == 200
 
 
+def test_at_the_connection_limit_the_oldest_slow_connections_make_room(service):
+    limits = TransportLimits(header_timeout=30.0, max_connections=20, max_client_connections=100)
+    with serve_in_thread(service, limits=limits) as base:
+        port = int(base.rsplit(":", 1)[1])
+        socks = [flood_socket(port) for _ in range(30)]
+        try:
+            for sock in socks:
+                sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\n")
+            # Ten of them, then /health's own connection, each took the place of the oldest waiting one.
+            assert health_time(base) < HEALTH_LIMIT_S
+            evicted = [read_status(sock) for sock in socks[:11]]
+            for sock in socks[11:]:
+                sock.settimeout(0.2)
+                with pytest.raises(TimeoutError):
+                    sock.recv(1)
+        finally:
+            for sock in socks:
+                sock.close()
+    assert all(status == 408 and "connection_evicted" in text for status, text in evicted)
+
+
 def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(url):
     port = int(url.rsplit(":", 1)[1])
     with flood_socket(port) as sock:
