@@ -33,6 +33,7 @@ def chat_prompt(loaded: LoadedModel, messages: list[dict], tools: list[dict] | N
     import jinja2
 
     extra = {"tools": tools} if tools else {}
+    messages = named_results(messages)
     try:
         text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                     tokenize=False, **extra)
@@ -42,6 +43,24 @@ def chat_prompt(loaded: LoadedModel, messages: list[dict], tools: list[dict] | N
         raise InvalidRequest("The messages or tools are nested too deeply to render.",
                              param="tools" if tools else param) from None
     return encode(loaded.tokenizer, text, add_special_tokens)
+
+
+def named_results(messages: list[dict]) -> list[dict]:
+    """Tool results with the name of the function they answer, found by their tool_call_id among the calls
+    before them. OpenAI's tool messages, Responses' function_call_output items and Anthropic's
+    tool_result blocks carry only the call's id, but some templates print the function's name with its
+    result (Hermes 2 Pro's tool_response, gpt-oss' `functions.<name>` turn)."""
+    names: dict[str, str] = {}
+    out = []
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(call.get("id"), str) and isinstance(function.get("name"), str):
+                names[call["id"]] = function["name"]
+        answers = message.get("tool_call_id")
+        name = names.get(answers) if message.get("role") == "tool" and isinstance(answers, str) else None
+        out.append({**message, "name": name} if name and not message.get("name") else message)
+    return out
 
 
 @dataclass
