@@ -11,6 +11,7 @@ import json
 from llmctl import __version__
 from llmctl.server.api.anthropic import CountTokensRequest, MessagesRequest
 from llmctl.server.api.completions import CompletionRequest
+from llmctl.server.api.conversations import ConversationRequest, ConversationUpdate, ItemsRequest
 from llmctl.server.api.responses_api import ResponsesRequest
 from llmctl.server.api.shapes import SHAPES
 from llmctl.server.api.tokenize import DetokenizeRequest, TokenizeRequest
@@ -18,7 +19,7 @@ from llmctl.server.responses import RESPONSE_MODELS
 from llmctl.server.schemas import ChatCompletionRequest
 
 REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, ResponsesRequest, MessagesRequest, CountTokensRequest,
-                  TokenizeRequest, DetokenizeRequest)
+                  TokenizeRequest, DetokenizeRequest, ConversationRequest, ConversationUpdate, ItemsRequest)
 
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 ANTHROPIC_ERROR = {"$ref": "#/components/schemas/AnthropicError"}
@@ -64,6 +65,52 @@ def _schemas() -> dict:
     return found
 
 
+def _stored(operation: str, description: str, *, answer: str | None = None, request: str | None = None,
+            parts: tuple[str, ...] = (), query: tuple[str, ...] = ()) -> dict:
+    """A route over stored responses or conversations: path parts, query parameters, an optional body."""
+    parameters = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in parts]
+    parameters += [{"name": q, "in": "query", "required": False, "schema": {"type": "string"}} for q in query]
+    content = {"application/json": {"schema": _ref(answer) if answer else {"type": "object"}}}
+    op = {"operationId": operation, "security": KEY, "parameters": parameters,
+          "responses": {"200": {"description": description, "content": content},
+                        **_error_responses(400, 401, 404, 503)}}
+    if request:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(request)}}}
+    return op
+
+
+PAGE = ("after", "limit", "order")
+
+
+def _stored_paths() -> dict:
+    """The routes that read stored responses and conversations (docs/api.md, "Stored responses")."""
+    rid, cid = ("response_id",), ("conversation_id",)
+    return {
+        "/v1/responses/{response_id}": {
+            "get": _stored("retrieveResponse", "The stored response; with stream=true, a background response's "
+                           "events after starting_after", answer="Response", parts=rid,
+                           query=("stream", "starting_after")),
+            "delete": _stored("deleteResponse", "{id, object: response, deleted: true}", parts=rid)},
+        "/v1/responses/{response_id}/cancel": {
+            "post": _stored("cancelResponse", "The background response, cancelled", answer="Response", parts=rid)},
+        "/v1/responses/{response_id}/input_items": {
+            "get": _stored("listInputItems", "A list page of the request's input items", parts=rid, query=PAGE)},
+        "/v1/conversations": {
+            "post": _stored("createConversation", "The conversation", request="ConversationRequest")},
+        "/v1/conversations/{conversation_id}": {
+            "get": _stored("retrieveConversation", "The conversation", parts=cid),
+            "post": _stored("updateConversation", "The conversation, with the new metadata", parts=cid,
+                            request="ConversationUpdate"),
+            "delete": _stored("deleteConversation", "{id, object: conversation.deleted, deleted: true}", parts=cid)},
+        "/v1/conversations/{conversation_id}/items": {
+            "get": _stored("listConversationItems", "A list page of the items", parts=cid, query=PAGE),
+            "post": _stored("createConversationItems", "The items added", parts=cid, request="ItemsRequest")},
+        "/v1/conversations/{conversation_id}/items/{item_id}": {
+            "get": _stored("retrieveConversationItem", "The item", parts=(*cid, "item_id")),
+            "delete": _stored("deleteConversationItem", "The conversation", parts=(*cid, "item_id"))},
+    }
+
+
 def openapi_document() -> dict:
     return {
         "openapi": "3.1.0",
@@ -78,6 +125,7 @@ def openapi_document() -> dict:
             "/v1/responses": _post(
                 "createResponse", "ResponsesRequest", "Response",
                 "A response, or its named server-sent events when stream is true (see Response)"),
+            **_stored_paths(),
             "/v1/messages": _post(
                 "createMessage", "MessagesRequest", "AnthropicMessage",
                 "An Anthropic message, or Anthropic's server-sent events when stream is true; errors in "

@@ -233,6 +233,7 @@ def _work(state: ResponseState, turn: Turn, record: StoredResponse, run: Run,
     finally:
         state.jobs.pop(job.id, None)
         job.end()
+        state.store.release()
 
 
 def follow(state: ResponseState, response_id: str, after: int) -> Iterator[str]:

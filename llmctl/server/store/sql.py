@@ -146,6 +146,15 @@ class SQLStore(ConversationRows):
         with self.tx(write=False) as db:
             return db.execute("SELECT MAX(version) FROM llmctl_schema").fetchone()[0]
 
+    def release(self) -> None:
+        """Close this thread's SQLite connection (a thread that ends: a background job's)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            with self._lock:
+                self._sqlite_conns.remove(conn)
+            conn.close()
+
     def close(self) -> None:
         if self.postgres:
             self._pool.close()
