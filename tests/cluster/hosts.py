@@ -109,8 +109,9 @@ class Cluster:
         host.proc.send_signal(signal.SIGKILL)
         host.proc.wait(timeout=30)
 
-    def start_router(self, policy: str) -> tuple[str, subprocess.Popen]:
-        """`llmctl router` with these replicas, on 127.0.0.1; returns its URL once it answers."""
+    def start_router(self, policy: str) -> tuple[str, str]:
+        """`llmctl router` with these replicas, on 127.0.0.1; once it answers, returns its URL and the URL
+        of its Prometheus metrics."""
         port, metrics_port = free_port(), free_port()
         log = (self.logs / f"router-{policy}-{port}.log").open("ab")
         args = [sys.executable, "-m", "llmctl", "router", "--host", "127.0.0.1", "--port", str(port),
@@ -126,7 +127,7 @@ class Cluster:
             assert proc.poll() is None, f"the router exited: {Path(log.name).read_text()[-2000:]}"
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    return url, proc
+                    return url, f"http://127.0.0.1:{metrics_port}/metrics"
             time.sleep(0.2)
         raise AssertionError("the router did not answer within 60 s")
 
