@@ -340,3 +340,30 @@ def test_an_enforced_call_on_vllm_is_written_in_the_family_format(family, client
     (call,) = choice["message"]["tool_calls"]
     assert call["function"]["name"] == "set_unit"
     jsonschema.validate(json.loads(call["function"]["arguments"]), SET_UNIT[0]["function"]["parameters"])
+
+
+def test_responses_and_messages_enforce_tool_choice_on_vllm(client):
+    """tool_choice on /v1/responses and /v1/messages reaches vLLM as the same grammar as chat's."""
+    schema = SET_UNIT[0]["function"]["parameters"]
+    r = client.post("/v1/responses", json={"input": "Unit?", "max_output_tokens": 200, "temperature": 1.0,
+                                           "tools": [{"type": "function", "name": "set_unit", "parameters": schema}],
+                                           "tool_choice": {"type": "function", "name": "set_unit"}})
+    assert r.status_code == 200, r.text
+    (call,) = r.json()["output"]
+    assert call["type"] == "function_call" and call["name"] == "set_unit"
+    jsonschema.validate(json.loads(call["arguments"]), schema)
+    r = client.post("/v1/messages", json={"messages": USER, "max_tokens": 200, "temperature": 1.0,
+                                          "tools": [{"name": "set_unit", "input_schema": schema}],
+                                          "tool_choice": {"type": "any", "disable_parallel_tool_use": True}})
+    assert r.status_code == 200, r.text
+    assert r.json()["stop_reason"] == "tool_use"
+    (use,) = r.json()["content"]
+    jsonschema.validate(use["input"], schema)
+
+
+def test_a_call_cut_by_max_tokens_is_not_a_call_on_vllm(client):
+    """"required" with parallel calls and a max_tokens too small for a whole call: "length", no markup."""
+    r = chat(client, max_tokens=8, temperature=1.0, seed=7, tools=SET_UNIT, tool_choice="required")
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "length" and not choice["message"].get("tool_calls")
+    assert "<tool_call>" not in (choice["message"]["content"] or "")
