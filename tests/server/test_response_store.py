@@ -3,10 +3,12 @@ servers sharing one PostgreSQL database."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 import uuid
 
+import httpx
 import openai
 import pytest
 
@@ -122,6 +124,11 @@ def test_two_servers_on_one_postgresql_database_see_each_others_responses(tiny_m
         assert len(list(b.conversations.items.list(conv.id))) == 3
         job = a.responses.create(input="Hi", background=True, extra_body=settings)
         assert wait_for(lambda: b.responses.retrieve(job.id).status == "incomplete", 60)
+        with httpx.stream("GET", f"{url_b}/v1/responses/{job.id}", params={"stream": "true", "starting_after": 1},
+                          timeout=30) as r:  # B replays A's events from the database
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[0]["sequence_number"] == 2 and events[-1]["type"] == "response.incomplete"
+        assert events[-1]["response"]["output"][0]["content"][0]["text"] == b.responses.retrieve(job.id).output_text
         b.responses.delete(made.id)
         with pytest.raises(openai.NotFoundError):
             a.responses.retrieve(made.id)

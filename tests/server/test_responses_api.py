@@ -174,6 +174,11 @@ def test_bad_fields_are_400_in_openai_envelope(client, body, param):
     assert error["param"] == param or error["param"].startswith((param + ".", param + "[")), error
 
 
+def test_a_stateless_server_says_why_it_finds_no_response(client):
+    for r in (client.get("/v1/responses/resp_1"), client.post("/v1/conversations", json={})):
+        assert r.status_code == 404 and "--responses-store none" in r.json()["error"]["message"]
+
+
 def test_sdk_raises_bad_request_for_stateful_use(sdk):
     with pytest.raises(openai.BadRequestError, match="keeps no responses"):
         sdk.responses.create(model="tiny-llama", input="x", previous_response_id="resp_123")
