@@ -1,12 +1,12 @@
 """What parsing tool calls costs: each parser on realistic streamed deltas, and a server at 16 streams with it on vs off.
 
-    python scripts/bench_tool_parsers.py [--streams 16] [--max-tokens 128] [--rounds 3] [--json out.json]
+    python scripts/bench_tool_parsers.py [--streams 16] [--max-tokens 128] [--rounds 3] [--tiny] [--json out.json]
 
 1. In process, for every parser: an answer in its family's format (a sentence of text, then two
    calls) is tokenized with the served model's tokenizer and detokenized token by token, as the
    server streams it; the deltas go through the parser (`feed` each, then `finish`), many times.
    Reported: microseconds of parsing per token, next to the same deltas only joined (no parser).
-2. `llmctl serve --tool-call-parser hermes` (the embedded SmolLM2 unless --model-path) in its own
+2. `llmctl serve --tool-call-parser hermes` (the embedded SmolLM2 unless --model-path or --tiny) in its own
    process on 127.0.0.1, round after round: --streams concurrent streamed chat requests without
    tools (no parser runs), then the same with `tools` (every delta goes through the parser). Every
    request makes exactly --max-tokens tokens (ignore_eos). Reported: tokens/s of each, and the ratio
@@ -111,6 +111,9 @@ def level(client: httpx.Client, args: argparse.Namespace, tools: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", type=Path, default=None)
+    parser.add_argument("--tiny", action="store_true",
+                        help="serve a tiny random model (llmctl.server.testing): far more tokens/s than a real model, "
+                             "so parsing's share is an upper bound")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
@@ -121,6 +124,12 @@ def main() -> None:
 
     from llmctl.core.embedded import ensure_embedded_model
 
+    if args.tiny:
+        import tempfile
+
+        from llmctl.server.testing import build_tiny_model
+
+        args.model_path = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny-llama", context=1024)
     tokenizer = AutoTokenizer.from_pretrained(args.model_path or ensure_embedded_model())
     costs = parser_costs(tokenizer, args.repeat)
     for name, row in costs.items():
