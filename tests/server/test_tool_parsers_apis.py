@@ -9,13 +9,14 @@ model itself: the grammar writes it in the family's format, and the same parser 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import anthropic
 import openai
 import pytest
 
 from llmctl.server.testing import build_tiny_model, serve_in_thread
-from llmctl.server.tools import PARSERS
+from llmctl.server.tools import PARSERS, Function
 from tests.conftest import make_service, scripted_server
 from tests.server.test_tool_parsers import CASES, TOOLS, as_pairs
 
@@ -110,6 +111,24 @@ def test_anthropic_tool_use_plain_and_streamed(family):
     assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == calls
     assert partial and all(json.loads(json.dumps(b.input)) for b in final.content if b.type == "tool_use")
     assert clean("".join(b.text for b in final.content if b.type == "text")) == content
+
+
+def test_mistral_v11_enforced_calls_use_args(roomy_service_url, monkeypatch):
+    """A tokenizer with Mistral's [ARGS] token gets enforced calls written as [TOOL_CALLS]name[ARGS]{...}."""
+    from llmctl.server.tools import resolve_parser
+
+    service, url = roomy_service_url
+    vocab = SimpleNamespace(chat_template="[TOOL_CALLS]", get_vocab=lambda: {"[TOOL_CALLS]": 1, "[ARGS]": 2})
+    family, why = resolve_parser("auto", vocab)
+    assert why.endswith("[ARGS] calls")
+    monkeypatch.setattr(service, "tool_format", family)
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    out = sdk.chat.completions.create(model="tiny-llama", messages=USER, tools=SET_UNIT, tool_choice="required",
+                                      parallel_tool_calls=False, max_tokens=120, seed=1)
+    (call,) = out.choices[0].message.tool_calls
+    assert call.function.name == "set_unit" and json.loads(call.function.arguments)["unit"] in ("c", "f")
+    assert family.grammar([Function("f", {"type": "object"})], single=True, free_text=False).startswith(
+        'start: "[TOOL_CALLS]" call\ncall: call_0\ncall_0: "f[ARGS]"')
 
 
 def test_an_enforced_call_is_written_in_the_family_format_and_parsed(family):

@@ -14,7 +14,7 @@ from llmctl.server.tools.detect import detect_parser
 from llmctl.server.tools.harmony import HarmonyParser
 from llmctl.server.tools.hermes import HermesParser
 from llmctl.server.tools.llama import Llama3JsonParser
-from llmctl.server.tools.mistral import MistralParser
+from llmctl.server.tools.mistral import ARGS, MistralNamedParser, MistralParser
 from llmctl.server.tools.pythonic import PythonicParser
 from llmctl.server.tools.qwen3_coder import Qwen3CoderParser
 
@@ -43,9 +43,12 @@ def resolve_parser(name: str | None, tokenizer: Any) -> tuple[type[ToolParser] |
         found, why = detect_parser(tokenizer)
         if found is None:
             return None, f"auto: {why}; tool calls stay text (set --tool-call-parser to parse them)"
-        return PARSERS[found], f"auto: {why}"
-    chosen = parser_class(name)
-    return chosen, "--tool-call-parser " + (name or "none")
+        chosen, why = PARSERS[found], f"auto: {why}"
+    else:
+        chosen, why = parser_class(name), "--tool-call-parser " + (name or "none")
+    if chosen is MistralParser and ARGS in tokenizer.get_vocab():  # tokenizer v11 on: name[ARGS]{...}
+        return MistralNamedParser, why + "; [ARGS] calls"
+    return chosen, why
 
 
 def hidden_specials(tokenizer: Any, parser: type[ToolParser] | None) -> frozenset[int] | None:

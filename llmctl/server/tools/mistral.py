@@ -58,3 +58,20 @@ class MistralParser(ToolParser):
             return "\n".join(["start: TEXT | PREFIX list", r"TEXT: /(?s:.*)/ & ~/(?s:.*\[TOOL_CALLS\].*)/",
                               r"PREFIX: /(?s:.*\[TOOL_CALLS\])/ & ~/(?s:.*\[TOOL_CALLS\].+)/", *lines])
         return "\n".join([f"start: {lit(TOOL_CALLS)} list", *lines])
+
+
+class MistralNamedParser(MistralParser):
+    """Mistral with tokenizer v11 on (an `[ARGS]` token): the same parsing; enforced calls as `[TOOL_CALLS]name[ARGS]{...}`."""
+
+    @classmethod
+    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str:
+        lines = ["call: " + " | ".join(f"call_{i}" for i in range(len(functions)))]
+        for i, f in enumerate(functions):
+            lines.append(f"call_{i}: {lit(f.name + ARGS)} args_{i}")
+            lines.append(f"args_{i}: {json_rule(f.schema)}")
+        marker = lit(TOOL_CALLS)
+        if free_text:
+            rest = "" if single else f" ({marker} call)*"
+            return "\n".join(["start: TEXT | PREFIX call" + rest, r"TEXT: /(?s:.*)/ & ~/(?s:.*\[TOOL_CALLS\].*)/",
+                              r"PREFIX: /(?s:.*\[TOOL_CALLS\])/ & ~/(?s:.*\[TOOL_CALLS\].+)/", *lines])
+        return "\n".join([f"start: {marker} call" + ("" if single else f" ({marker} call)*"), *lines])
