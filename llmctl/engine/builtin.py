@@ -278,7 +278,9 @@ class BuiltinEngine(Prefills):
             seq.generated += 1
             # A grammar allows end of sequence only where it may end: there it ends even with ignore_eos.
             if token in self.eos and (not seq.params.ignore_eos or seq.matcher is not None):
-                self._finish(seq, "stop")
+                # A matcher that failed while computing its mask allows only end of sequence: that is its error.
+                ended = end_reason(seq.matcher)
+                self._finish(seq, *(ended if ended and ended[0] == "error" else ("stop",)))
                 continue
             seq.output_ids.append(token)
             seq.events.put(token)

@@ -172,3 +172,20 @@ def test_concurrent_bombs_leave_the_server_serving(base_url):
 
     statuses = while_health_answers(base_url, burst)
     assert statuses == [400] * len(bodies) + [200]
+
+
+def test_a_matcher_that_fails_computing_its_mask_is_an_error_not_an_empty_answer(base_url, monkeypatch):
+    """llguidance's per-token lexer fuel (ParserLimits.step_lexer_fuel) cut to 1: the first mask fails and
+    allows only end of sequence, which must not pass for a complete answer."""
+    import llguidance
+
+    from llmctl.engine import structured
+
+    monkeypatch.setattr(structured, "parser_limits",
+                        lambda: llguidance.LLParserLimits(step_lexer_fuel=1, verbose_errors=False))
+    route, fields = "/v1/chat/completions", {"structured_outputs": {"regex": "[a-z]+x{3}q-fuel-test"}}
+    r = while_health_answers(base_url, lambda: httpx.post(base_url + route, json=_body(route, fields), timeout=60))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "grammar_failed" and error["param"] == "structured_outputs.regex", error
+    assert "lexer" in error["message"]
