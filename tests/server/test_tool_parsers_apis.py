@@ -198,3 +198,20 @@ def test_responses_and_anthropic_enforce_a_call_in_the_family_format(family):
     assert message.stop_reason == "tool_use", message.content
     (use,) = message.content
     assert use.name == "set_unit" and use.input["unit"] in ("c", "f")
+
+
+def test_qwen3_coder_enforces_string_enums_and_lengths(roomy_service_url, monkeypatch):
+    """Qwen3-Coder writes strings raw between its tags: an enforced call still keeps to `enum` and `maxLength`."""
+    service, url = roomy_service_url
+    monkeypatch.setattr(service, "tool_format", PARSERS["qwen3_coder"])
+    schema = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]},
+                                               "note": {"type": "string", "maxLength": 8}},
+              "required": ["city", "note"]}
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    for seed in range(3):
+        out = sdk.chat.completions.create(
+            model="tiny-llama", messages=USER, tool_choice="required", parallel_tool_calls=False, max_tokens=120,
+            seed=seed, temperature=1.0, tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}])
+        (call,) = out.choices[0].message.tool_calls
+        args = json.loads(call.function.arguments)
+        assert args["city"] in ("Paris", "Rome") and len(str(args["note"])) <= 8, args

@@ -29,6 +29,19 @@ def typed(value: str, schema: object) -> object:
         return value
 
 
+def string_value(schema: dict, name: str, lines: list[str]) -> str:
+    """The rule of a string parameter's raw text up to `</parameter>`: one of its `enum`, at most `maxLength`
+    characters, or any text (a terminal called ``name`` is added to ``lines`` when needed)."""
+    choices = schema.get("enum")
+    if isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices):
+        return "(" + " | ".join(lit(c + "\n</parameter>") for c in choices) + ")"
+    most = schema.get("maxLength")
+    if not isinstance(most, int) or isinstance(most, bool) or most < 0:
+        return "STRING_VALUE"
+    lines.append(rf"{name}: /(?s:.{{0,{most}}}\n<\/parameter>)/ & ~/(?s:.*<\/parameter>.+)/")
+    return name
+
+
 class Qwen3CoderParser(ToolParser):
     """`<tool_call>` blocks of `<function=...>` with one `<parameter=...>` per argument, typed by the tool's schema."""
 
@@ -59,7 +72,7 @@ class Qwen3CoderParser(ToolParser):
             for j, (key, schema) in enumerate((f.schema.get("properties") or {}).items()):
                 head = lit(f"<parameter={key}>\n")
                 if isinstance(schema, dict) and schema.get("type") == "string":  # raw text, as the template shows it
-                    lines.append(f"arg_{i}_{j}: {head} STRING_VALUE \"\\n\"")
+                    lines.append(f"arg_{i}_{j}: {head} {string_value(schema, f'STRING_{i}_{j}', lines)} \"\\n\"")
                 else:
                     lines.append(f"arg_{i}_{j}: {head} value_{i}_{j} {lit(chr(10) + '</parameter>' + chr(10))}")
                     lines.append(f"value_{i}_{j}: {json_rule(schema)}")
