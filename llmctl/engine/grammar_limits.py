@@ -52,13 +52,16 @@ def check_constraint(kind: str, spec: str, limits: GrammarLimits | None = None) 
         raise LimitExceeded(f"it is {size:,} bytes long; the limit is {limits.max_bytes:,}")
     if kind == "regex":
         check_regex(spec, limits)
-    elif kind == "grammar":
+        return
+    if kind == "grammar":
         check_grammar(spec, limits)
         return
     try:
         value = json.loads(spec)
     except ValueError:
         return  # not JSON: llguidance reports the syntax error itself
+    except RecursionError:
+        raise LimitExceeded(f"it nests deeper than {limits.max_depth} levels") from None
     if kind == "json":
         check_schema(value, limits)
     elif kind == "choice" and isinstance(value, list):
@@ -80,6 +83,8 @@ def check_grammar(text: str, limits: GrammarLimits | None = None) -> None:
             schema, end = decoder.raw_decode(text, match.end())
         except ValueError:
             continue  # not JSON: llguidance reports the syntax error itself
+        except RecursionError:
+            raise LimitExceeded(f"a %json schema in it nests deeper than {limits.max_depth} levels") from None
         rest.append(text[position:match.start()])
         check_schema(schema, limits)
         position = end
@@ -187,7 +192,11 @@ def check_schema(schema: Any, limits: GrammarLimits | None = None) -> None:
                     check_regex(pattern, limits)
                 except LimitExceeded as exc:
                     raise LimitExceeded(f"the pattern at {_render(path)}: {exc}") from None
-    if not _Instances(schema).exists(schema):
+    try:
+        finite = _Instances(schema).exists(schema)
+    except RecursionError:  # only a chain of thousands of $refs, each to the next, gets this deep
+        raise LimitExceeded("its $ref chains are longer than the server follows") from None
+    if not finite:
         raise LimitExceeded("no finite JSON value matches it: a required property refers back to an object "
                             "that contains it ($ref)")
 

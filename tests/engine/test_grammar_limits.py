@@ -81,6 +81,22 @@ def test_depth_and_size():
         check_schema(wide, GrammarLimits(max_nodes=100))
 
 
+@pytest.mark.parametrize("kind", ["json", "grammar"])
+def test_json_too_deep_for_python_is_over_the_limit_too(kind):
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(LimitExceeded, match="deeper than 64"):
+        check_constraint(kind, deep if kind == "json" else f"start: %json {deep}")
+    check_constraint("regex", "[[]" * 10 + "]")  # a regex is never read as JSON
+
+
+def test_a_long_chain_of_refs_is_over_the_limit_not_a_crash():
+    defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}, "required": ["x"]}
+            for i in range(2_000)}
+    defs["d2000"] = {"type": "integer"}
+    with pytest.raises(LimitExceeded, match=r"\$ref chains"):
+        check_schema({"$defs": defs, "$ref": "#/$defs/d0"})
+
+
 def test_a_message_quotes_a_bounded_path_however_long_the_keys():
     deep: dict = {"type": "string"}
     for _ in range(70):
