@@ -113,6 +113,11 @@ def router(
     argv = router_command(urls, host=host, port=port, policy=policy, api_key=api_key, retries=retries,
                           health_interval=health_check_interval, prometheus_port=prometheus_port,
                           extra=list(ctx.args))
+    if not api_key and host in ("0.0.0.0", "::", ""):
+        # The router checks no key itself: only the replicas' --api-key guards the model.
+        err_console.print("[yellow]Note:[/yellow] listening on all interfaces without --api-key: unless the "
+                          "replicas require a key (llmctl serve --api-key), anyone who reaches this port can use "
+                          "the model.", highlight=False, soft_wrap=True)
     if dry_run:
         shown = [a if a != api_key else "***" for a in argv]
         typer.echo(shlex.join(shown))

@@ -40,6 +40,15 @@ def test_dry_run_prints_the_router_command_with_llmctls_defaults():
     assert argv[-2:] == ["--log-level", "debug"]
 
 
+@pytest.mark.skipif(ROUTER_MISSING, reason="the cluster extra is not installed")
+def test_an_open_router_without_a_key_is_pointed_out():
+    opened = dry_run("--worker-url", "http://10.0.0.2:8080")
+    assert opened.exit_code == 0 and "without --api-key" in opened.output
+    local = dry_run("--worker-url", "http://10.0.0.2:8080", "--host", "127.0.0.1")
+    keyed = dry_run("--worker-url", "http://10.0.0.2:8080", "--api-key", "k")
+    assert "without --api-key" not in local.output + keyed.output
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--worker-url", "10.0.0.2:8080"], "needs its scheme"),
     (["--worker-url", " , "], "Give the replicas' URLs"),
