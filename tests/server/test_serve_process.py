@@ -120,3 +120,17 @@ def test_serve_takes_model_path_from_the_config_file(server_process, tiny_model,
     server = server_process("--config", str(config), "--dtype", "float32")
     assert server.wait_status("ready")["model"] == "tiny-llama"
     assert server.stop() == 0
+
+
+def test_vllm_tool_flags_are_accepted_and_the_parser_is_logged(server_process, tiny_model):
+    server = server_process("--model-path", str(tiny_model), "--dtype", "float32", "--enable-auto-tool-choice",
+                            "--tool-call-parser", "llama3_json")
+    server.wait_status("ready")
+    assert server.stop() == 0
+    assert "Tool calls: llama3_json (--tool-call-parser llama3_json)" in server.output()
+    server = server_process("--model-path", str(tiny_model), "--dtype", "float32")  # auto, the default
+    server.wait_status("ready")
+    assert server.stop() == 0
+    assert "Tool calls: not parsed (auto: the chat template does not render tools" in server.output()
+    result = run_cli("serve", "--tool-call-parser", "llama5")
+    assert result.returncode == 2 and "llama3_json" in result.stderr
