@@ -23,8 +23,6 @@ import selectors
 import signal
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,6 +31,7 @@ from urllib.parse import urlparse
 
 import httpx
 import psutil
+from soak import start_server  # scripts/soak.py: `llmctl serve` on 127.0.0.1, once ready
 
 FLOOD_SOURCE = "127.0.0.2"
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
@@ -87,15 +86,17 @@ class Watch:
         self.health_failures = 0
         self.rss_peak = 0
         self.rss_start = self._rss()
+        self.phase = "start"
+        self.phase_peaks: dict[str, dict[str, float]] = {}  # per flood: the server's peak RSS, and with workers
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._probe), threading.Thread(target=self._memory)]
 
-    def _rss(self) -> int:
+    def _rss(self, tree: bool = True) -> int:
         if self.pid is None:
             return 0
         try:
             proc = psutil.Process(self.pid)
-            return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+            return sum(p.memory_info().rss for p in [proc, *(proc.children(recursive=True) if tree else [])])
         except psutil.Error:
             return 0
 
@@ -113,7 +114,11 @@ class Watch:
 
     def _memory(self) -> None:
         while not self.stop.is_set():
-            self.rss_peak = max(self.rss_peak, self._rss())
+            server, tree = self._rss(tree=False), self._rss()
+            self.rss_peak = max(self.rss_peak, tree)
+            peaks = self.phase_peaks.setdefault(self.phase, {"server_mib": 0.0, "with_workers_mib": 0.0})
+            peaks["server_mib"] = max(peaks["server_mib"], round(server / 2**20, 1))
+            peaks["with_workers_mib"] = max(peaks["with_workers_mib"], round(tree / 2**20, 1))
             self.stop.wait(0.1)
 
     def __enter__(self) -> Watch:
@@ -223,29 +228,6 @@ def flood_grammar_bombs(url: str, repeats: int) -> dict[str, Counter]:
     return results
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    from llmctl.server.testing import free_port
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "llmctl", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", *args.serve_arg]
-    if args.model_path:
-        cmd += ["--model-path", args.model_path]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).json().get("status") == "ready":
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        time.sleep(0.5)
-    raise SystemExit("server did not become ready")
-
-
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else (values or [0])[0]
 
@@ -277,19 +259,22 @@ def main() -> None:
             raise SystemExit("--url must be a server on this machine (127.0.0.1)")
         url, pid = args.url.rstrip("/"), args.pid
     else:
-        proc, url = start_server(args)
+        proc, url = start_server(args.model_path, args.serve_arg)
         pid = proc.pid
     started = time.monotonic()
     report: dict = {"url": url}
     with Watch(url, pid) as watch:
         print("big prompts:", flush=True)
+        watch.phase = "big prompts"
         report["big_prompts"] = {k: dict(v) for k, v in flood_big_prompts(url, args.big_clients, args.big_bytes).items()}
         print("slow headers:", flush=True)
+        watch.phase = "slow headers"
         for sources in (1, args.slow_sources):
             slow = flood_slow_headers(url, args.slow_connections, args.slow_interval, args.slow_duration, sources)
             report[f"slow_headers_{sources}_clients"] = dict(slow)
             print(f"  from {sources} client address(es): {dict(slow)}", flush=True)
         print("grammar bombs:", flush=True)
+        watch.phase = "grammar bombs"
         report["grammar_bombs"] = {k: dict(v) for k, v in flood_grammar_bombs(url, args.bomb_repeats).items()}
     alive = proc is None or proc.poll() is None
     try:
@@ -317,7 +302,7 @@ def main() -> None:
                    "p50_s": round(percentile(health, 50), 3), "p99_s": round(percentile(health, 99), 3),
                    "max_s": round(max(health, default=0), 3)},
         "rss_mib": {"start": round(watch.rss_start / 2**20, 1), "peak": round(watch.rss_peak / 2**20, 1),
-                    "bound": args.rss_bound_mib},
+                    "bound": args.rss_bound_mib, "peaks_by_flood": watch.phase_peaks},
         "server_alive_after": alive, "health_after": final_health, "server_exit_code": exit_code,
     })
     checks = {

@@ -30,14 +30,15 @@ PROMPTS = ["Tell me about the sea.", "What is the capital of France?", "Write a 
            "Explain gravity to a child.", "List five fruits.", "Describe a city at night."]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(model_path: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """`llmctl serve` on a free port of 127.0.0.1 with ``extra`` arguments, once it is ready."""
     from llmctl.server.testing import free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", "llmctl", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", "--max-num-seqs", str(args.clients)]
-    if args.model_path:
-        cmd += ["--model-path", args.model_path]
+           "--log-level", "warning", *extra]
+    if model_path:
+        cmd += ["--model-path", model_path]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -103,7 +104,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write the summary as JSON here")
     args = parser.parse_args()
 
-    proc, url = start_server(args)
+    proc, url = start_server(args.model_path, ["--max-num-seqs", str(args.clients)])
     server = psutil.Process(proc.pid)
     tally: Counter = Counter()
     errors: list[str] = []

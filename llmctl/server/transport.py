@@ -71,6 +71,7 @@ class GuardedChannel(HTTPChannel):
     """One client connection: counted per client address, refused beyond the cap, timed while it sends."""
 
     parser_class = _TimedParser
+    served = False  # whether a complete request has arrived on this connection
 
     def __init__(self, server: GuardedServer, sock: socket.socket, addr, adj: Adjustments, map=None) -> None:
         self.opened = time.monotonic()
@@ -95,6 +96,11 @@ class GuardedChannel(HTTPChannel):
         """No worker holds this connection and no complete request has arrived on it (idle or trickling)."""
         return not self.requests and not self.closing() and (self.request is None or not self.request.completed)
 
+    def eviction_order(self) -> tuple[bool, float]:
+        """Connections that never completed a request go first (a slow client's), oldest first; kept-alive
+        ones that did (a load balancer's probe) only when no other is left."""
+        return self.served, self.opened
+
     def make_room(self) -> None:
         """At the connection limit, close the oldest connection still waiting for its request (many slow
         clients cannot fill the server); with none to close, refuse this one."""
@@ -105,7 +111,7 @@ class GuardedChannel(HTTPChannel):
         guard = self.server.guard
         if idle:
             guard.evicted += 1
-            min(idle, key=lambda c: c.opened).answer_and_close("408 Request Timeout", _error(
+            min(idle, key=GuardedChannel.eviction_order).answer_and_close("408 Request Timeout", _error(
                 "The server is at its connection limit and closed this connection, the oldest without a complete "
                 "request.", "timeout_error", "connection_evicted"))
         else:
@@ -169,6 +175,8 @@ class GuardedServer(TcpWSGIServer):
         super().__init__(application, **kw)
 
     def add_task(self, task) -> None:
+        if isinstance(task, GuardedChannel):
+            task.served = True
         request = task.requests[0] if getattr(task, "requests", None) else None
         if request is not None and request.command in ("GET", "HEAD") and request.path == "/health":
             self.guard.health.add_task(task)

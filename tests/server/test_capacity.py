@@ -179,16 +179,19 @@ def test_slow_header_connections_are_capped_per_client_and_timed_out(url):
 
 def test_at_the_connection_limit_the_oldest_slow_connections_make_room(service):
     limits = TransportLimits(header_timeout=30.0, max_connections=20, max_client_connections=100)
-    with serve_in_thread(service, limits=limits) as base:
+    with serve_in_thread(service, limits=limits) as base, httpx.Client(timeout=10) as probe:
+        assert probe.get(base + "/health").status_code == 200  # a kept-alive probe, the oldest connection
         port = int(base.rsplit(":", 1)[1])
         socks = [flood_socket(port) for _ in range(30)]
         try:
             for sock in socks:
                 sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\n")
-            # Ten of them, then /health's own connection, each took the place of the oldest waiting one.
+            # Eleven of them, then /health's new connection, each took the place of the oldest connection
+            # that never completed a request; the probe's connection, which did, is kept.
             assert health_time(base) < HEALTH_LIMIT_S
-            evicted = [read_status(sock) for sock in socks[:11]]
-            for sock in socks[11:]:
+            assert probe.get(base + "/health").status_code == 200
+            evicted = [read_status(sock) for sock in socks[:12]]
+            for sock in socks[12:]:
                 sock.settimeout(0.2)
                 with pytest.raises(TimeoutError):
                     sock.recv(1)
