@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from llmctl.engine import EngineConfig
-from llmctl.server.admission import TOKENIZER_SLOTS, AdmissionLimits
+from llmctl.server.admission import TOKENIZER_POOL, TOKENIZER_THREADS, AdmissionLimits
 from llmctl.server.testing import serve_in_thread
 from llmctl.server.transport import MAINTENANCE_INTERVAL_S, TransportLimits
 from tests.conftest import make_service, slow_down, wait_for
@@ -89,15 +89,24 @@ def url(service):
 
 @contextlib.contextmanager
 def tokenizer_held():
-    """Take every tokenizer slot, so that requests reaching tokenization wait there (holding their admission)."""
-    taken = 0
-    while TOKENIZER_SLOTS.acquire(blocking=False):
-        taken += 1
+    """Keep every tokenizer thread busy, so that requests reaching tokenization wait there (holding their
+    admission)."""
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def hold() -> None:
+        started.release()
+        release.wait(60)
+
+    blockers = [TOKENIZER_POOL.submit(hold) for _ in range(TOKENIZER_THREADS)]
     try:
+        for _ in blockers:
+            assert started.acquire(timeout=10)
         yield
     finally:
-        for _ in range(taken):
-            TOKENIZER_SLOTS.release()
+        release.set()
+        for blocker in blockers:
+            blocker.result()
 
 
 @pytest.mark.parametrize("route", ROUTES)
