@@ -102,3 +102,31 @@ def test_a_stored_response_continues_by_id_as_the_whole_history_does(server):
     while sdk.responses.retrieve(job.id).status in ("queued", "in_progress") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert sdk.responses.retrieve(job.id).output_text == full.output_text
+
+
+def test_a_cut_call_and_an_agent_history_on_the_real_template(server):
+    """SmolLM2's own template: a forced call that max_tokens cuts is no call, and a history of calls and
+    results sent as Responses items is the prompt the chat route renders for the same messages."""
+    import httpx
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    with httpx.Client(base_url=server.url, timeout=330) as client:
+        choice = client.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [tool],
+            "tool_choice": "required", "max_tokens": 6, "temperature": 0, "timeout": 300}).json()["choices"][0]
+        assert choice["finish_reason"] == "length" and not choice["message"].get("tool_calls")
+        assert "<tool_call>" not in (choice["message"]["content"] or "")
+        call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                                 "arguments": '{"city": "Paris"}'}}
+        chat = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+        tokens = client.post("/tokenize", json={"messages": chat, "tools": [tool]}).json()["count"]
+        out = client.post("/v1/responses", json={
+            "model": MODEL, "max_output_tokens": 20, "temperature": 0, "store": False, "timeout": 300,
+            "tools": [{"type": "function", **tool["function"]}],
+            "input": [chat[0], {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+                                "arguments": '{"city": "Paris"}'},
+                      {"type": "function_call_output", "call_id": "call_1", "output": "18 C"}]}).json()
+        assert out["usage"]["input_tokens"] == tokens and out["output"][0]["type"] == "message"

@@ -97,6 +97,9 @@ def test_tool_choice_maps_onto_the_shared_tool_use(tool_choice, mode, name, allo
     ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}}, "'g'"),
     ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function"}}, "tool_choice must be"),
     ({"tools": [{"type": "function", "name": "f", "parameters": "x"}]}, r"tools\[0\].parameters"),
+    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "allowed_tools", "mode": "required",
+                                                                    "tools": [{"type": "function", "name": "g"}]}},
+     r"\['g'\], which are not in 'tools'"),
 ])
 def test_unusable_tool_choice_is_a_400(body, words):
     with pytest.raises(InvalidRequest, match=words) as info:

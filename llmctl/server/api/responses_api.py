@@ -172,6 +172,10 @@ def _tool_use(choice: str | dict | None, functions: list[FunctionTool], parallel
     if kind == "allowed_tools" and choice.get("mode") in ("auto", "required") \
             and isinstance(choice.get("tools"), list):
         names = {t.get("name") for t in choice["tools"] if isinstance(t, dict)}
+        unknown = names - {f.name for f in functions}
+        if unknown:
+            raise InvalidRequest(f"tool_choice.tools names {sorted(map(str, unknown))}, which are not in 'tools'.",
+                                 param="tool_choice.tools")
         return tool_use([f for f in functions if f.name in names], choice["mode"], parallel=parallel)
     if kind in ("function", "allowed_tools") or not isinstance(kind, str):
         raise InvalidRequest("tool_choice must be 'none', 'auto', 'required', {\"type\": \"function\", \"name\": ...} "
