@@ -60,6 +60,7 @@ class SQLStore(ConversationRows):
         self._local = threading.local()
         self._sqlite_conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._writing = threading.Lock()
         if self.postgres:
             try:
                 import psycopg
@@ -110,13 +111,16 @@ class SQLStore(ConversationRows):
             if not write:
                 yield _DB(conn, False)
                 return
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield _DB(conn, False)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            # One writer at a time in this process: SQLite allows one anyway, and its busy handler would make
+            # the others sleep in growing steps (up to 100 ms) instead of taking the lock the moment it is free.
+            with self._writing:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _DB(conn, False)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
             raise Unavailable(f"The response store failed: {exc}", retry_after=1, code="store_unavailable") from exc
         except Exception as exc:
