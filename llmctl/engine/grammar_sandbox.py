@@ -1,7 +1,9 @@
 """Grammar validation in child processes with a memory cap and a time limit, so no constraint can take the server down.
 
 llguidance's compiler allocates what a grammar asks for and aborts the process when an allocation
-fails (a Rust abort, which no Python code can catch). `grammar_limits` rejects the known ways to
+fails (a Rust abort, which no Python code can catch); its own ParserLimits do not prevent that
+(``"minItems": 1000000000`` still aborts with max_grammar_size 10,000 and initial_lexer_fuel 1,000:
+the allocation comes while the schema is turned into a grammar). `grammar_limits` rejects the known ways to
 ask for too much before this; whatever slips through is validated here first, in a worker whose
 address space is capped (`resource.setrlimit(RLIMIT_AS)`): a worker that dies or overruns its
 time is replaced, and the request gets a 400. Workers are kept between requests (one starts in
