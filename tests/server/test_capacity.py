@@ -17,7 +17,7 @@ from llmctl.engine import EngineConfig
 from llmctl.server.admission import TOKENIZER_POOL, TOKENIZER_THREADS, AdmissionLimits
 from llmctl.server.testing import serve_in_thread
 from llmctl.server.transport import MAINTENANCE_INTERVAL_S, TransportLimits
-from tests.conftest import make_service, slow_down, wait_for
+from tests.conftest import REAL_MODEL, make_service, slow_down, wait_for
 
 USER = [{"role": "user", "content": "Hello there"}]
 FLOOD_SOURCE = "127.0.0.2"  # the flooding client; /health is asked from 127.0.0.1, another client
@@ -51,13 +51,13 @@ def health_time(url: str) -> float:
     return time.monotonic() - started
 
 
-def flood_socket(port: int) -> socket.socket:
+def flood_socket(port: int, source: str = FLOOD_SOURCE) -> socket.socket:
     sock = socket.socket()
     try:
-        sock.bind((FLOOD_SOURCE, 0))
+        sock.bind((source, 0))
     except OSError:
         sock.close()
-        pytest.skip(f"this system cannot send from {FLOOD_SOURCE} (Linux routes all of 127.0.0.0/8 to loopback)")
+        pytest.skip(f"this system cannot send from {source} (Linux routes all of 127.0.0.0/8 to loopback)")
     sock.settimeout(10)
     sock.connect(("127.0.0.1", port))
     return sock
@@ -311,3 +311,34 @@ def test_health_stays_fast_while_a_huge_prompt_is_tokenized(service, url):
         prober.join()
     assert r.status_code == 200 and r.json()["count"] > 10_000
     assert times and max(times) < HEALTH_LIMIT_S
+
+
+@REAL_MODEL[0]
+@REAL_MODEL[1]
+def test_smollm2_server_bounds_big_prompts_and_slow_clients(server_process):
+    server = server_process("--max-preparing-bytes", str(1 << 20), "--max-client-connections", "8",
+                            "--header-timeout", "1")
+    server.wait_status("ready", timeout=300)
+    body = json.dumps(big_body("/tokenize", 400 * 1024))
+    transport = httpx.HTTPTransport(local_address=FLOOD_SOURCE)
+    with httpx.Client(transport=transport, timeout=120) as client, ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client.post, server.url + "/tokenize", content=body,
+                               headers={"Content-Type": "application/json"}) for _ in range(6)]
+        health = [health_time(server.url) for _ in range(5)]
+        answers = [f.result() for f in futures]
+    statuses = [r.status_code for r in answers]
+    # At most two 400 KB bodies fit the 1 MiB preparing budget at once: one arriving beyond them gets 429.
+    assert set(statuses) <= {200, 429} and 200 in statuses, statuses
+    assert all(r.headers["Retry-After"] == "1" for r in answers if r.status_code == 429)
+    socks = [flood_socket(server.port, "127.0.0.3") for _ in range(12)]
+    try:
+        for sock in socks:
+            sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\n")
+        health.append(health_time(server.url))
+        slow = sorted(read_status(sock)[0] for sock in socks)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert slow == [408] * 8 + [429] * 4
+    assert max(health) < HEALTH_LIMIT_S
+    assert server.stop() == 0
