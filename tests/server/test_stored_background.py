@@ -93,7 +93,7 @@ def test_a_response_whose_server_stopped_ends_failed(server, sdk):
 
 def test_shutdown_fails_what_it_was_running(tiny_model, tmp_path):
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    with stored_serving(tiny_model, url, slow=0.05) as (service, base):
+    with stored_serving(tiny_model, url, slow=0.05) as (_, base):
         sdk = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         made = sdk.responses.create(model=MODEL, input="Hi", max_output_tokens=200, background=True,
                                     extra_body=LONG)

@@ -88,6 +88,7 @@ def test_previous_response_id_continues_as_the_full_history_does(sdk):
     ({"conversation": "conv_nope"}, 404, "conversation"),
     ({"previous_response_id": "resp_x", "conversation": "conv_x"}, 400, "conversation"),
     ({"background": True, "store": False}, 400, "background"),
+    ({"conversation": {"name": "x"}}, 400, "conversation"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, 400, "input[0]"),
 ])
 def test_bad_stateful_requests_are_4xx_in_the_envelope(http, body, status, param):

@@ -109,6 +109,9 @@ def prepare(service: Service, req) -> Turn:
     state = service.responses
     background = bool(req.background)
     conversation = req.conversation.get("id") if isinstance(req.conversation, dict) else req.conversation
+    if req.conversation is not None and not isinstance(conversation, str):
+        raise InvalidRequest("'conversation' must be a conversation id, or an object with an 'id' string.",
+                             param="conversation")
     asked = [name for name, given in (("store", req.store), ("previous_response_id", req.previous_response_id),
                                       ("conversation", conversation), ("background", background)) if given]
     if state is None:
@@ -131,7 +134,7 @@ def prepare(service: Service, req) -> Turn:
                                  "finished.", param="previous_response_id")
         turn.prior = previous.history + previous.body["output"]
     elif conversation is not None:
-        if not isinstance(conversation, str) or state.store.get_conversation(conversation, who) is None:
+        if state.store.get_conversation(conversation, who) is None:
             raise NotFound(f"Conversation with id '{conversation}' not found.", param="conversation")
         turn.prior = state.store.items(conversation)
     turn.input_items = item_dicts(req.input, "input")

@@ -64,7 +64,7 @@ class SQLStore(ConversationRows):
         if self.postgres:
             try:
                 import psycopg
-                from psycopg_pool import ConnectionPool
+                from psycopg_pool import ConnectionPool, PoolTimeout
             except ImportError:
                 raise ConfigError("--responses-store postgresql://... needs psycopg 3: "
                                   "pip install 'llmctl[postgres]'.") from None
@@ -76,7 +76,7 @@ class SQLStore(ConversationRows):
             self._pool = ConnectionPool(url, min_size=1, max_size=16, kwargs={"autocommit": True}, open=False)
             try:
                 self._pool.open(wait=True, timeout=10)
-            except Exception as exc:
+            except PoolTimeout as exc:
                 self._pool.close()
                 raise ConfigError(f"Cannot reach the response store at {_redacted(url)}: {exc}") from None
         else:
