@@ -238,7 +238,7 @@ class Service:
         family = self.tool_format or (HermesParser if forced else None)
         if family is None or not (tools and enabled or family.always):
             return None
-        return family(tools)
+        return family(tools if enabled else None)
 
     def admit(self) -> tuple[LoadedModel, Engine]:
         """The model and engine, when the service is ready and its queue has room (else 503 or 429)."""

@@ -13,6 +13,7 @@ import json
 import pytest
 
 from llmctl.server.tools import PARSERS
+from tests.server.test_tool_parsers import TOOLS
 
 harmony = pytest.importorskip("openai_harmony")
 try:
@@ -54,7 +55,7 @@ def test_the_parser_agrees_with_openai_harmony(case):
                   if m.recipient]
     want_text = "".join(m.content[0].text for m in expected if not m.recipient and m.channel in ("final",
                                                                                                   "commentary"))
-    parser = PARSERS["openai"]()
+    parser = PARSERS["openai"](TOOLS)
     shown = "".join(parser.feed(ENCODING.decode([t])) for t in completion)
     rest, calls = parser.finish()
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == want_calls

@@ -117,6 +117,14 @@ def test_a_harmony_call_cut_short_is_no_call():
         assert run("openai", pieces) == ("", "", [])
 
 
+def test_harmony_without_tools_shows_the_final_channel_and_makes_no_call():
+    parser = PARSERS["openai"]()  # a request without tools, or with tool_choice "none"
+    shown = parser.feed("<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>commentary "
+                        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
+                        "<|start|>assistant<|channel|>final<|message|>Sunny.")
+    assert (shown, parser.finish()) == ("Sunny.", ("", []))
+
+
 def test_qwen3_coder_types_parameters_by_the_tool_schema():
     parser = PARSERS["qwen3_coder"]([{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"code": {"type": "string"}, "n": {"type": "number"},

@@ -22,7 +22,7 @@ SHOWN = ("final", "commentary")
 
 
 class HarmonyParser(ToolParser):
-    """Streams the `final` channel as content; messages to `functions.*` become calls."""
+    """Streams the `final` channel as content; messages to `functions.*` become calls (when the request has tools)."""
 
     name = "openai"
     special_tokens = (START, CHANNEL, MESSAGE, CONSTRAIN, "<|end|>", "<|call|>", "<|return|>")
@@ -80,7 +80,7 @@ class HarmonyParser(ToolParser):
                 arguments = json.loads(self.body)
             except (ValueError, RecursionError):
                 arguments = None
-            if isinstance(arguments, dict):
+            if isinstance(arguments, dict) and self.tools:  # no tools (or tool_choice "none"): no calls
                 self.calls.append(openai_call(self.recipient[len("functions."):], arguments))
         self.reading_header, self.body, self.shown = True, "", False
 
