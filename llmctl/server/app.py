@@ -122,7 +122,7 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
 
     @app.get("/openapi.json")
     def openapi():
-        return json_response(openapi_document())
+        return json_response(openapi_document(service.settings.max_tokens_cap))
 
     @app.get("/health")
     def health():

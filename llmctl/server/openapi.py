@@ -25,6 +25,9 @@ ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 ANTHROPIC_ERROR = {"$ref": "#/components/schemas/AnthropicError"}
 # A key is needed only when the server was started with --api-key: any alternative satisfies.
 KEY = [{"bearer": []}, {"apiKey": []}, {}]
+# One server-sent event of a stream (OpenAPI 3.2's itemSchema, which readers of 3.1 ignore): `data` is JSON, or
+# [DONE] at the end of OpenAI's chat and legacy completion streams; `event` names Responses' and Anthropic's events.
+EVENT = {"type": "object", "required": ["data"], "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
 
 
 def _error_responses(*codes: int, schema: dict = ERROR) -> dict:
@@ -42,7 +45,7 @@ def _post(operation: str, request: str, answer: str, description: str, *, stream
     """A POST route that takes the JSON body ``request`` and answers ``answer`` (or server-sent events)."""
     content = {"application/json": {"schema": _ref(answer)}}
     if stream:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+        content["text/event-stream"] = {"itemSchema": EVENT}
     return {"post": {
         "operationId": operation, **({"security": KEY} if security else {}),
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
@@ -111,7 +114,26 @@ def _stored_paths() -> dict:
     }
 
 
-def openapi_document() -> dict:
+# Each request's limit on generated tokens: what --max-tokens-cap bounds.
+MAX_TOKENS_FIELDS = {"ChatCompletionRequest": ("max_tokens", "max_completion_tokens"), "CompletionRequest": ("max_tokens",),
+                     "ResponsesRequest": ("max_output_tokens",), "MessagesRequest": ("max_tokens",)}
+
+
+def openapi_document(max_tokens_cap: int | None = None) -> dict:
+    """The document; a server started with --max-tokens-cap serves it with that cap as the fields' maximum."""
+    document = _document()
+    if max_tokens_cap is not None:
+        schemas = document["components"]["schemas"]
+        for model, fields in MAX_TOKENS_FIELDS.items():
+            for field in fields:
+                schema = schemas[model]["properties"][field]
+                for branch in schema.get("anyOf", [schema]):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = max_tokens_cap
+    return document
+
+
+def _document() -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "llmctl OpenAI- and Anthropic-compatible API", "version": __version__},

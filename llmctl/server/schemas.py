@@ -25,6 +25,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from llmctl.errors import InvalidRequest
+from llmctl.server.api import rules
+from llmctl.server.api.rules import documented
 
 if TYPE_CHECKING:
     from llmctl.engine.sampling import TokenLogprobs
@@ -43,7 +45,8 @@ def _token_ids(value: dict[str, float]) -> dict[str, float]:
     return value
 
 
-LogitBias = Annotated[dict[str, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]], AfterValidator(_token_ids)]
+LogitBias = Annotated[dict[str, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]], AfterValidator(_token_ids),
+                      Field(json_schema_extra={"propertyNames": {"pattern": f"^{TOKEN_ID.pattern}$"}})]
 Stop = str | Annotated[list[str], Field(max_length=16)]
 
 
@@ -84,7 +87,8 @@ class OtherPart(_Lenient):
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart | OtherPart] | None = None
+    # Documented as text parts only: other parts are a 400 (this model reads text).
+    content: str | Annotated[list[TextPart | OtherPart], documented(rules.TEXT_PARTS)] | None = None
     name: str | None = None
     tool_calls: list[dict] | None = None  # an assistant's earlier calls, in an agent's history
     tool_call_id: str | None = None  # a tool message: the call it answers
@@ -171,17 +175,26 @@ class ChatCompletionRequest(OpenAISampling):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
+    # Checked by server.constraints, which names the faulty field; the document carries the same rules.
+    tools: Annotated[list[dict], documented(rules.CHAT_TOOLS)] | None = None
+    tool_choice: Annotated[str | dict, documented(rules.CHAT_TOOL_CHOICE)] | None = None
     parallel_tool_calls: StrictBool | None = None
-    response_format: dict | None = None  # checked by server.constraints, which names the faulty field
+    response_format: Annotated[dict, documented(rules.response_format(nested=True))] | None = None
     # vLLM's extension (top-level, or in the openai SDK's extra_body): regex, choice, json, grammar.
-    structured_outputs: dict | None = None
+    structured_outputs: Annotated[dict, documented(rules.STRUCTURED_OUTPUTS)] | None = None
+
+    model_config = ConfigDict(json_schema_extra={"allOf": rules.CHAT_RULES})
 
 
 def parse_request(body: object) -> ChatCompletionRequest:
     """A chat completion request (see `parse_body`)."""
     return parse_body(ChatCompletionRequest, body)
+
+
+# pydantic's type errors, and the kinds of JSON value a value of that type is near to.
+NEAR_KINDS: dict[str, type | tuple[type, ...]] = {
+    "string_type": str, "int_type": (int, float), "float_type": (int, float), "list_type": list,
+    "dict_type": dict, "model_type": dict, "bool_type": bool}
 
 
 def parse_body(model: type[RequestT], body: object) -> RequestT:
@@ -202,7 +215,10 @@ def parse_body(model: type[RequestT], body: object) -> RequestT:
             loc = error["loc"]
             found = _walk(loc, body, missing=error["type"] == "missing")
             mismatch = error["type"].endswith("_type") or error["type"] == "literal_error"
-            return (error["type"] == CATCH_ALL, any(loc[:len(w)] == w for w in wrong), -len(found), mismatch)
+            # A branch of the input's own kind (a number for an integer: 4.0) explains better than another.
+            near = isinstance(error.get("input"), NEAR_KINDS.get(error["type"], ()))
+            return (error["type"] == CATCH_ALL, any(loc[:len(w)] == w for w in wrong), -len(found),
+                    mismatch and not near, mismatch)
 
         error = min(errors, key=rank)
         param = field_path(error["loc"], body, missing=error["type"] == "missing")

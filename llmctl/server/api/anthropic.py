@@ -19,8 +19,10 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt
 
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
+from llmctl.server.api import rules
 from llmctl.server.api.common import ChoiceText, TextPieces, check_model, json_arguments, sse_event
 from llmctl.server.constraints import ToolUse, function_tool, output_constraint, tool_use
+from llmctl.server.api.rules import documented
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MAX_TIMEOUT_S, _Lenient, other_type
@@ -61,7 +63,7 @@ class ToolUseBlock(_Lenient):
 class ToolResultBlock(_Lenient):
     type: Literal["tool_result"]
     tool_use_id: str
-    content: str | list[TextBlock | OtherBlock] | None = None
+    content: str | Annotated[list[TextBlock | OtherBlock], documented(rules.ANTHROPIC_TEXT_BLOCKS)] | None = None
     is_error: StrictBool | None = None
 
 
@@ -70,14 +72,15 @@ Block = TextBlock | ToolUseBlock | ToolResultBlock | OtherBlock
 
 class Message(_Lenient):
     role: Literal["user", "assistant"]
-    content: str | list[Block]
+    # Documented with the blocks this model reads; others are a 400.
+    content: str | Annotated[list[Block], documented(rules.ANTHROPIC_BLOCKS)]
 
 
 class CountTokensRequest(_Lenient):
     messages: Annotated[list[Message], Field(min_length=1)]
     model: str | None = None
     system: str | list[TextBlock] | None = None
-    tools: list[dict] | None = None
+    tools: Annotated[list[dict], documented(rules.ANTHROPIC_TOOLS)] | None = None
     tool_choice: dict | None = None
 
 

@@ -13,13 +13,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import Field, StrictBool, StrictInt
+from pydantic import ConfigDict, Field, StrictBool, StrictInt
 
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.admission import encode
+from llmctl.server.api import rules
 from llmctl.server.api.chat import check_n
 from llmctl.server.api.common import check_model, sse
+from llmctl.server.api.rules import documented
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MIN_LOGPROB
 
@@ -29,17 +31,22 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
 MAX_PROMPTS = 64
-TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+# A text prompt has at least one token; the tokenizer says so for text that tokenizes to none.
+Text = Annotated[str, Field(min_length=1)]
 
 
 class CompletionRequest(schemas.OpenAISampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = DEFAULT_MAX_TOKENS
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     echo: StrictBool | None = False
     best_of: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
-    suffix: str | None = None
+    # Not supported: documented as empty, and a 400 that says so otherwise.
+    suffix: Annotated[str, documented({"type": "string", "maxLength": 0})] | None = None
+
+    model_config = ConfigDict(json_schema_extra={"allOf": rules.COMPLETION_RULES})
 
     def prompts(self) -> list[str | list[int]]:
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
@@ -78,8 +85,11 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         raise InvalidRequest("echo with logprobs is not supported: this server does not score prompt tokens.",
                              param="echo")
     prompts = [_prompt_ids(loaded.tokenizer, p) for p in req.prompts()]
+    max_tokens = req.max_tokens
+    if "max_tokens" not in req.model_fields_set and service.settings.max_tokens_cap is not None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, service.settings.max_tokens_cap)  # the default obeys the cap
     check_n(n * len(prompts), service)
-    asks = [Ask(ids, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+    asks = [Ask(ids, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                 frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
                 logit_bias=req.logit_bias, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=req.logprobs,
                 stops=tuple(req.stops()), n=n, timeout=req.timeout, prompt_param="prompt") for ids in prompts]

@@ -24,8 +24,9 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt
 from llmctl.engine.structured import Constraint
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
-from llmctl.server.api import stored
+from llmctl.server.api import rules, stored
 from llmctl.server.api.common import ChoiceText, TextPieces, check_model, sse_event
+from llmctl.server.api.rules import documented
 from llmctl.server.constraints import (FunctionTool, ToolUse, constraint_from_request, function_tool,
                                        output_constraint, tool_use)
 from llmctl.server.generation import chat_prompt
@@ -48,7 +49,8 @@ class OtherContent(_Lenient):
     type: Annotated[str, other_type(("input_text", "output_text", "text", "refusal"), "part")]
 
 
-Content = str | list[InputText | OtherContent]
+# Documented as text parts only: other parts are a 400 (this model reads text).
+Content = str | Annotated[list[InputText | OtherContent], documented(rules.INPUT_PARTS)]
 
 
 class MessageItem(_Lenient):
@@ -75,16 +77,18 @@ class OtherItem(_Lenient):
 
 
 class ResponsesRequest(_Lenient):
-    input: str | list[MessageItem | FunctionCallItem | FunctionCallOutputItem | OtherItem]
+    input: str | Annotated[list[MessageItem | FunctionCallItem | FunctionCallOutputItem | OtherItem],
+                           documented(rules.INPUT_ITEMS)]
     model: str | None = None
     instructions: str | None = None
     max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
+    tools: Annotated[list[dict], documented(rules.RESPONSES_TOOLS)] | None = None
+    tool_choice: Annotated[str | dict, documented(rules.RESPONSES_TOOL_CHOICE)] | None = None
     parallel_tool_calls: StrictBool | None = None
-    text: dict | None = None
+    text: Annotated[dict, documented({"type": "object", "properties": {
+        "format": rules.response_format(nested=False)}})] | None = None
     stream: StrictBool | None = False
     store: StrictBool | None = None
     previous_response_id: str | None = None

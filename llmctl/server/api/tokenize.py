@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import Field, StrictBool, StrictInt
+from pydantic import ConfigDict, Field, StrictBool, StrictInt
 
 from llmctl.errors import InvalidRequest
 from llmctl.server import schemas
 from llmctl.server.admission import encode
+from llmctl.server.api import rules
 from llmctl.server.api.common import check_model
 from llmctl.server.generation import chat_prompt
 from llmctl.server.schemas import ChatMessage, _Lenient
@@ -30,6 +31,8 @@ class TokenizeRequest(_Lenient):
     add_special_tokens: StrictBool | None = None  # vLLM's defaults: true for a prompt, false for messages
     add_generation_prompt: StrictBool = True
     return_token_strs: StrictBool = False
+
+    model_config = ConfigDict(json_schema_extra=rules.PROMPT_OR_MESSAGES)
 
 
 class DetokenizeRequest(_Lenient):
