@@ -102,3 +102,42 @@ def test_openapi_bounds_are_json_schema_keywords():
     assert found["minimum"] > 20 and found["maximum"] > 10 and found["exclusiveMinimum"] >= 3
     chat = openapi_document()["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"type": "integer", "minimum": 1} in chat["max_tokens"]["anyOf"]
+
+
+@pytest.mark.parametrize(("model", "body", "valid"), [
+    ("TokenizeRequest", {"prompt": "Hi"}, True),
+    ("TokenizeRequest", {"messages": USER}, True),
+    ("TokenizeRequest", {}, False),
+    ("TokenizeRequest", {"prompt": None}, False),
+    ("TokenizeRequest", {"prompt": "Hi", "messages": USER}, False),
+    ("CompletionRequest", {"prompt": ""}, False),
+    ("CompletionRequest", {"prompt": [-1]}, False),
+    ("CompletionRequest", {"prompt": "x", "echo": True, "logprobs": 1}, False),
+    ("ChatCompletionRequest", {"messages": USER, "tools": [{"type": "function", "function": {}}]}, False),
+    ("ChatCompletionRequest", {"messages": USER, "tool_choice": "required"}, False),
+    ("ChatCompletionRequest", {"messages": USER, "tool_choice": "sometimes"}, False),
+    ("ChatCompletionRequest", {"messages": USER, "structured_outputs": {}}, False),
+    ("ChatCompletionRequest", {"messages": USER, "structured_outputs": {"regex": "a+", "choice": ["a"]}}, False),
+    ("ChatCompletionRequest", {"messages": USER, "structured_outputs": {"regex": "a+", "choice": None}}, True),
+    ("ChatCompletionRequest", {"messages": USER, "structured_outputs": {"choice": []}}, False),
+    ("ChatCompletionRequest", {"messages": USER, "response_format": {"type": "xml"}}, False),
+    ("ChatCompletionRequest", {"messages": USER, "top_logprobs": 2}, False),
+    ("ChatCompletionRequest", {"messages": USER, "logit_bias": {"abc": 1}}, False),
+    ("ChatCompletionRequest", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, False),
+    ("ResponsesRequest", {"input": [{"role": "system", "content": "x"}]}, False),
+    ("ResponsesRequest", {"input": "x", "tools": [{"type": "function"}]}, False),
+    ("MessagesRequest", {"max_tokens": 2, "messages": USER, "tools": [{"input_schema": {}}]}, False),
+])
+def test_the_document_carries_the_rules_the_server_enforces(client, model, body, valid):
+    """A request valid against the document is accepted; one the server refuses is invalid against it."""
+    from jsonschema import Draft202012Validator
+
+    document = openapi_document()
+    validator = Draft202012Validator({"$ref": f"#/components/schemas/{model}", "components": document["components"]})
+    assert validator.is_valid(body) == valid
+    path = {"TokenizeRequest": "/tokenize", "CompletionRequest": "/v1/completions",
+            "ChatCompletionRequest": "/v1/chat/completions", "ResponsesRequest": "/v1/responses",
+            "MessagesRequest": "/v1/messages"}[model]
+    extra = {} if model in ("TokenizeRequest", "MessagesRequest") else \
+        {"max_output_tokens": 2} if model == "ResponsesRequest" else {"max_tokens": 2}
+    assert (client.post(path, json={**extra, **body}).status_code == 200) == valid

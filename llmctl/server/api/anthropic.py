@@ -21,8 +21,8 @@ from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.api import rules
 from llmctl.server.api.common import ChoiceText, TextPieces, check_model, json_arguments, sse_event
-from llmctl.server.constraints import ToolUse, function_tool, output_constraint, tool_use
 from llmctl.server.api.rules import documented
+from llmctl.server.constraints import ToolUse, function_tool, output_constraint, tool_use
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MAX_TIMEOUT_S, _Lenient, other_type

@@ -27,8 +27,14 @@ from llmctl.server import schemas
 from llmctl.server.api import rules, stored
 from llmctl.server.api.common import ChoiceText, TextPieces, check_model, sse_event
 from llmctl.server.api.rules import documented
-from llmctl.server.constraints import (FunctionTool, ToolUse, constraint_from_request, function_tool,
-                                       output_constraint, tool_use)
+from llmctl.server.constraints import (
+    FunctionTool,
+    ToolUse,
+    constraint_from_request,
+    function_tool,
+    output_constraint,
+    tool_use,
+)
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MAX_TIMEOUT_S, _Lenient, other_type

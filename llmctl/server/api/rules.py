@@ -103,10 +103,8 @@ CHAT_RULES = [
 ]
 
 # /tokenize: a prompt (text) or chat messages, exactly one.
-PROMPT_OR_MESSAGES = {"oneOf": [
-    {"required": ["prompt"], "properties": {"prompt": NAME, "messages": NULL}},
-    {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": NULL}},
-]}
+PROMPT_OR_MESSAGES = {"anyOf": [given("prompt", NAME), given("messages", {"type": "array"})],
+                      "not": {"required": ["prompt", "messages"]}}
 # Legacy completions: echo does not go with logprobs, and suffix is not supported (empty or null only).
 COMPLETION_RULES = [{"if": given("echo", {"const": True}), "then": {"properties": {"logprobs": NULL}}}]
 
