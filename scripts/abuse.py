@@ -266,7 +266,8 @@ def main() -> None:
     with Watch(url, pid) as watch:
         print("big prompts:", flush=True)
         watch.phase = "big prompts"
-        report["big_prompts"] = {k: dict(v) for k, v in flood_big_prompts(url, args.big_clients, args.big_bytes).items()}
+        flooded = flood_big_prompts(url, args.big_clients, args.big_bytes)
+        report["big_prompts"] = {k: dict(v) for k, v in flooded.items()}
         print("slow headers:", flush=True)
         watch.phase = "slow headers"
         for sources in (1, args.slow_sources):

@@ -136,7 +136,7 @@ def run_client(url: str, args: argparse.Namespace, level: int) -> dict:
 def median_offline(rounds: list[list]) -> list:
     """Per batch size, the round with the median output throughput."""
     chosen = []
-    for i, first in enumerate(rounds[0]):
+    for i in range(len(rounds[0])):
         runs = sorted((r[i] for r in rounds), key=lambda lv: lv.output_throughput)
         chosen.append(runs[(len(runs) - 1) // 2] if len(runs) % 2 else _mean_level(runs[len(runs) // 2 - 1:][:2]))
     return chosen

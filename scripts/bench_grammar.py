@@ -149,7 +149,7 @@ def bench(lib_cls, tokenizer, vocab: int, eos: list[int], batch: int, steps: int
         live = list(range(batch))
         bitmask = torch.full((batch, (vocab + 31) // 32), -1, dtype=torch.int32)
         times = []
-        for step in range(steps):
+        for _ in range(steps):
             if not live:
                 break
             t0 = time.perf_counter()

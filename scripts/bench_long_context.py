@@ -42,7 +42,7 @@ def timed_forward(model, base: DynamicCache | None, prefix: int, rows: int, new:
         cache = DynamicCache()
         if base is not None:  # every row starts from the same cached prefix, as after a prefix-cache hit
             model(input_ids=torch.zeros((1, 1), dtype=torch.long), past_key_values=cache, use_cache=True)
-            for layer, source in zip(cache.layers, base.layers):
+            for layer, source in zip(cache.layers, base.layers, strict=False):
                 layer.keys = source.keys.repeat(rows, 1, 1, 1).contiguous()
                 layer.values = source.values.repeat(rows, 1, 1, 1).contiguous()
         ids = torch.randint(100, 1000, (rows, new))
@@ -62,8 +62,10 @@ def attention_kernels(heads: int, kv_heads: int, head_dim: int, rows: int, prefi
     keys = prefix + new
     q = torch.randn(rows, heads, new, head_dim, dtype=dtype)
     shared_kv = torch.randn(1, 2, kv_heads, prefix, head_dim, dtype=dtype)  # [layers, K/V, ...]
-    k = torch.cat([shared_kv[0, 0].expand(rows, -1, -1, -1), torch.randn(rows, kv_heads, new, head_dim, dtype=dtype)], 2)
-    v = torch.cat([shared_kv[0, 1].expand(rows, -1, -1, -1), torch.randn(rows, kv_heads, new, head_dim, dtype=dtype)], 2)
+    k = torch.cat([shared_kv[0, 0].expand(rows, -1, -1, -1),
+                   torch.randn(rows, kv_heads, new, head_dim, dtype=dtype)], 2)
+    v = torch.cat([shared_kv[0, 1].expand(rows, -1, -1, -1),
+                   torch.randn(rows, kv_heads, new, head_dim, dtype=dtype)], 2)
     view = SharedView.of(SharedPrefix([], shared_kv), torch.full((rows,), prefix))
     mask = torch.ones(rows, 1, new, keys, dtype=torch.bool).tril(diagonal=prefix)
     bias = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)  # attention.grouped_mask's
@@ -134,7 +136,8 @@ def main() -> None:
     print(f"{'new tokens':>10} {'cached prefix':>13} {'transformers SDPA':>17} {'SDPA enable_gqa':>15} "
           f"{'llmctl grouped':>14} {'llmctl shared':>13}")
     for new in (1, args.new_tokens):
-        ms = attention_kernels(heads, kv_heads, head_dim, args.rows, args.prefix_tokens, new, getattr(torch, args.dtype))
+        ms = attention_kernels(heads, kv_heads, head_dim, args.rows, args.prefix_tokens, new,
+                               getattr(torch, args.dtype))
         print(f"{new:10d} {args.prefix_tokens:13d} {ms['transformers_sdpa']:17.2f} {ms['sdpa_enable_gqa']:15.2f} "
               f"{ms['grouped']:14.2f} {ms['shared']:13.2f}", flush=True)
 

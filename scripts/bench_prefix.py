@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 
 import httpx
+from bench_engine import serve_subprocess  # noqa: E402  (scripts/ is on sys.path when run as a script)
 from rich.console import Console
 from rich.table import Table
 
-from bench_engine import serve_subprocess  # noqa: E402  (scripts/ is on sys.path when run as a script)
 from llmctl.bench.loadgen import BenchPlan, Endpoint, Workload, resolve_model, run_benchmark, send_request
 from llmctl.bench.prompts import builtin_prompts
 from llmctl.bench.stats import Stats
@@ -241,7 +241,8 @@ def report(summary: dict, args: argparse.Namespace) -> None:
         m = summary["multi-turn"]
         table.add_row("multi-turn", "total s", f"{m['total_s']['off']:,.1f}", f"{m['total_s']['on']:,.1f}",
                       f"{m['total_ratio']:.3f}", "")
-        for t, (off, on) in enumerate(zip(m["ttft_p50_ms_by_turn"]["off"], m["ttft_p50_ms_by_turn"]["on"]), 1):
+        by_turn = m["ttft_p50_ms_by_turn"]
+        for t, (off, on) in enumerate(zip(by_turn["off"], by_turn["on"], strict=False), 1):
             table.add_row("multi-turn", f"turn {t} TTFT p50 ms", f"{off:,.0f}", f"{on:,.0f}", f"{on / off:.3f}", "")
     if "plain" in summary:
         p = summary["plain"]

@@ -138,7 +138,8 @@ def main() -> None:
     print(f"retrieve: {json.dumps(latency)}")
     if args.json:
         args.json.write_text(json.dumps({"store": store.describe(), "streams": args.streams,
-                                         "max_tokens": args.max_tokens, "rounds": rounds, "median_ratio": ratio, "median_cpu_ratio": cpu_ratio,
+                                         "max_tokens": args.max_tokens, "rounds": rounds, "median_ratio": ratio,
+                                         "median_cpu_ratio": cpu_ratio,
                                          "write_ms": round(write_ms, 3), "write_share_of_latency": round(share, 5),
                                          "retrieve": latency}, indent=2) + "\n")
 

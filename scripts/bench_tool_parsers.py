@@ -1,4 +1,4 @@
-"""What parsing tool calls costs: each parser on realistic streamed deltas, and a server at 16 streams with it on vs off.
+"""What parsing tool calls costs: each parser on realistic streamed deltas, and a server at 16 streams, on vs off.
 
     python scripts/bench_tool_parsers.py [--streams 16] [--max-tokens 128] [--rounds 3] [--tiny] [--json out.json]
 

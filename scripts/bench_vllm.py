@@ -87,12 +87,12 @@ def main() -> None:
                        "--kv-cache-memory-bytes", str(args.kv_cache_tokens * per_token), *common, *eager],
         "llmctl-vllm": [py, "-m", "llmctl", "serve", "--engine", "vllm", "--model-path", str(model), "--host",
                         "127.0.0.1", "--port", str(ports["llmctl-vllm"]), "--served-model-name", "smollm2",
-                        "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-waiting", "256", "--request-timeout", "300",
-                        "--log-level", "warning", *common, *eager],
+                        "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-waiting", "256",
+                        "--request-timeout", "300", "--log-level", "warning", *common, *eager],
         "llmctl-builtin": [py, "-m", "llmctl", "serve", "--model-path", str(model), "--host", "127.0.0.1",
                            "--port", str(ports["llmctl-builtin"]), "--served-model-name", "smollm2",
-                           "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-waiting", "256", "--request-timeout", "300",
-                           "--log-level", "warning", *common],
+                           "--kv-cache-tokens", str(args.kv_cache_tokens), "--max-waiting", "256",
+                           "--request-timeout", "300", "--log-level", "warning", *common],
     }
     levels = [int(c) for c in args.concurrency.split(",")]
     with contextlib.ExitStack() as stack:
@@ -121,7 +121,8 @@ def report(runs, levels: list[int]) -> None:
     for c in levels:
         for label in by:
             s = by[label][c]
-            print(f"{c:7d} {label:15s} {s.output_throughput:8.1f} {s.output_throughput / base[c].output_throughput:7.2f}x "
+            print(f"{c:7d} {label:15s} {s.output_throughput:8.1f} "
+                  f"{s.output_throughput / base[c].output_throughput:7.2f}x "
                   f"{s.ttft_ms.median or 0:12.0f} {(s.ttft_ms.median or 0) / (base[c].ttft_ms.median or 1):7.2f}x "
                   f"{s.failed:6d}")
 

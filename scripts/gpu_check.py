@@ -322,7 +322,7 @@ def serve_and_bench(run: Run, result: dict, plan: Plan, model: Path, mode: str, 
                   and check["logprob_entries"] == check["completion_tokens"] == plan.max_tokens // 4, check)
         srv["bench"] = {}
         bench_end = server.started + share * 0.6
-        for i, (level, requests) in enumerate(zip(plan.levels, plan.requests)):
+        for i, (level, requests) in enumerate(zip(plan.levels, plan.requests, strict=False)):
             left = (bench_end - time.perf_counter()) / (len(plan.levels) - i)
             report = run_bench(server.url, level, requests, plan, min(plan.level_limit_s, max(10.0, left)))
             srv["bench"][str(level)] = report

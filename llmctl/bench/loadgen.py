@@ -251,7 +251,7 @@ async def _run_plan(plan: BenchPlan, state: _RunState, progress: ProgressFn | No
     clients = [httpx.AsyncClient(timeout=timeout, limits=limits) for _ in plan.endpoints]
     starts = plan.prompt_starts()
     try:
-        for endpoint, client in zip(plan.endpoints, clients):
+        for endpoint, client in zip(plan.endpoints, clients, strict=False):
             await _warm_up(client, endpoint, workload, plan.warmup)
         if warmed is not None:
             warmed()

@@ -158,7 +158,7 @@ def write_plot(report: BenchReport, path: Path) -> None:
         ax_tp.plot(xs, [lv.output_throughput for lv in report.offline.levels], marker="s", linestyle="--",
                    label=f"raw generate: {report.offline.model}")
     titles = (("Output throughput", "tokens/s"), ("Time to first token", "ms"), ("Time per output token", "ms"))
-    for ax, (title, unit) in zip((ax_tp, ax_ttft, ax_tpot), titles):
+    for ax, (title, unit) in zip((ax_tp, ax_ttft, ax_tpot), titles, strict=False):
         ax.set_title(title)
         ax.set_xlabel("concurrency (offline: batch size)" if ax is ax_tp else "concurrency")
         ax.set_ylabel(unit)

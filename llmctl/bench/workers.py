@@ -29,7 +29,8 @@ def read_counts(urls: list[str], api_key: str | None) -> list[WorkerCounts]:
             body = get_metrics(url, api_key=api_key)
             cache = body.get("prefix_cache") or {}
             counts.append(WorkerCounts(url, int(body["requests_by_route"].get(CHAT_ROUTE, 0)),
-                                       int(cache.get("queries_tokens_total", 0)), int(cache.get("hits_tokens_total", 0))))
+                                       int(cache.get("queries_tokens_total", 0)),
+                                       int(cache.get("hits_tokens_total", 0))))
         except LLMCtlError as exc:
             raise BenchError(f"--worker-url {url}: {exc.message}") from None
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -41,7 +42,7 @@ def read_counts(urls: list[str], api_key: str | None) -> list[WorkerCounts]:
 def worker_shares(before: list[WorkerCounts], after: list[WorkerCounts]) -> list[dict]:
     """Per replica: the run's chat requests, their share of all replicas' and its prefix-cache hit rate."""
     deltas = [(b.url, a.requests - b.requests, a.prefix_queries - b.prefix_queries, a.prefix_hits - b.prefix_hits)
-              for b, a in zip(before, after)]
+              for b, a in zip(before, after, strict=False)]
     total = sum(requests for _, requests, _, _ in deltas)
     return [{"url": url, "requests": requests, "share": requests / total if total else None,
              "prefix_cache_hit_rate": hits / queries if queries else None}

@@ -62,7 +62,8 @@ def doctor(
     options = DoctorOptions(model_path=model_path, context_length=context_length, batch_size=batch_size,
                             port=port, url=url, kv_cache_tokens=kv_cache_tokens,
                             vllm=VllmPlan(tensor_parallel_size, pipeline_parallel_size,
-                                          None if distributed_executor_backend == "auto" else distributed_executor_backend,
+                                          None if distributed_executor_backend == "auto"
+                                          else distributed_executor_backend,
                                           kv_cache_tokens=kv_cache_tokens) if engine == "vllm" else None)
     # bitsandbytes logs its own import warnings; this command reports on it in its own words.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

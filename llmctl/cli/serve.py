@@ -63,7 +63,8 @@ def serve(
     model_path: ModelPathOpt = None,
     config: ConfigOpt = None,
     host: Annotated[str, typer.Option(envvar=envvars.HOST, help="Address to listen on.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(envvar=envvars.PORT, min=0, max=65535, help="Port to listen on (0: any free port).")] = 8080,
+    port: Annotated[int, typer.Option(
+        envvar=envvars.PORT, min=0, max=65535, help="Port to listen on (0: any free port).")] = 8080,
     load_in_8bit: Annotated[bool, typer.Option(
         "--load-in-8bit", "--load_in_8bit", envvar=envvars.LOAD_IN_8BIT,
         help="Quantize the weights to 8 bits with bitsandbytes (about half the memory of fp16).")] = False,
@@ -157,7 +158,8 @@ def serve(
         envvar=envvars.PUBLIC_METRICS, help="Serve /metrics without an API key (it needs one by default).")] = False,
     allowed_origins: Annotated[str, typer.Option(
         envvar=envvars.ALLOWED_ORIGINS,
-        help="Comma-separated origins allowed by CORS (browser apps), e.g. https://app.example.com. Default: none.")] = "",
+        help="Comma-separated origins allowed by CORS (browser apps), e.g. https://app.example.com. "
+             "Default: none.")] = "",
     max_messages: Annotated[int, typer.Option(
         envvar=envvars.MAX_MESSAGES, min=1, help="Most messages accepted in one request.")] = 1024,
     tool_call_parser: Annotated[ToolCallParser, typer.Option(
@@ -224,7 +226,8 @@ def serve(
         engine_options = VllmOptions(
             tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-            distributed_executor_backend=None if distributed_executor_backend == "auto" else distributed_executor_backend,
+            distributed_executor_backend=(None if distributed_executor_backend == "auto"
+                                          else distributed_executor_backend),
             enforce_eager=enforce_eager)
         if attention != "auto":
             raise ModelLoadError("--attention applies to the builtin engine; vLLM chooses its own attention backend.")
@@ -236,7 +239,8 @@ def serve(
         vllm_preflight(load, engine_options)
     else:
         only_vllm = [flag for flag, given in (
-            ("--tensor-parallel-size", tensor_parallel_size != 1), ("--pipeline-parallel-size", pipeline_parallel_size != 1),
+            ("--tensor-parallel-size", tensor_parallel_size != 1),
+            ("--pipeline-parallel-size", pipeline_parallel_size != 1),
             ("--gpu-memory-utilization", gpu_memory_utilization is not None),
             ("--distributed-executor-backend", distributed_executor_backend != "auto"),
             ("--enforce-eager", enforce_eager)) if given]

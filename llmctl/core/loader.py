@@ -227,7 +227,8 @@ def load_tokenizer(source: ModelSource) -> tuple[Any, tuple[str, ...]]:
 
     where = f"{source.folder / source.gguf_file}" if source.is_gguf else str(source.folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, **({"gguf_file": source.gguf_file} if source.is_gguf else {}))
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.folder, **({"gguf_file": source.gguf_file} if source.is_gguf else {}))
     except Exception as exc:
         raise ModelLoadError(f"Could not load the tokenizer from {where}: {exc}") from exc
     default_stops: tuple[str, ...] = ()

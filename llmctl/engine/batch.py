@@ -81,7 +81,7 @@ def merge(a: Batch, b: Batch) -> Batch:
     """Stack two batches' rows, left-padding the shorter cache so every row stays right-aligned."""
     width = max(a.mask.shape[1], b.mask.shape[1])
     pad_a, pad_b = width - a.mask.shape[1], width - b.mask.shape[1]
-    for la, lb in zip(a.cache.layers, b.cache.layers):
+    for la, lb in zip(a.cache.layers, b.cache.layers, strict=False):
         la.keys = stack_right_aligned(la.keys, lb.keys, width)
         la.values = stack_right_aligned(la.values, lb.values, width)
     a.mask = torch.cat([F.pad(a.mask, (pad_a, 0)), F.pad(b.mask, (pad_b, 0))], dim=0)
@@ -129,7 +129,7 @@ def prefill_plan(lengths: list[int], cached: list[int]) -> tuple[int, list[int]]
     any row) and how many cached tokens each row then uses: a row with more cached tokens than that
     needs takes fewer from its cache, so that nothing is left between its cached part and the tokens
     it feeds, and its tokens stay contiguous and right-aligned."""
-    fed = max(n - c for n, c in zip(lengths, cached))
+    fed = max(n - c for n, c in zip(lengths, cached, strict=False))
     return fed, [max(0, n - fed) for n in lengths]
 
 
@@ -140,11 +140,11 @@ def prefill_inputs(contexts: list[list[int]], used: list[int], fed: int, device:
     cache row (left-padded to the most). Returns the input ids ``[B, fed]``, the attention mask over the
     own cache and the fed tokens ``[B, own + fed]``, and the fed tokens' position ids."""
     shared = shared or [0] * len(contexts)
-    own = [u - s for u, s in zip(used, shared)]
+    own = [u - s for u, s in zip(used, shared, strict=False)]
     width = max(own)
     ids = torch.zeros((len(contexts), fed), dtype=torch.long)
     mask = torch.zeros((len(contexts), width + fed), dtype=torch.long)
-    for row, (context, u, o) in enumerate(zip(contexts, used, own)):
+    for row, (context, u, o) in enumerate(zip(contexts, used, own, strict=False)):
         n = len(context)
         ids[row, fed - (n - u):] = torch.tensor(context[u:])
         mask[row, width - o:width] = 1

@@ -256,7 +256,8 @@ class BuiltinEngine(Prefills):
         rows = len(batch.seqs)
         try:
             mask = torch.cat([batch.mask, torch.ones((rows, 1), dtype=batch.mask.dtype, device=self.device)], dim=1)
-            out = self._forward(input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.positions[:, None],
+            out = self._forward(input_ids=batch.last[:, None], attention_mask=mask,
+                                position_ids=batch.positions[:, None],
                                 cache=batch.cache, shared=SharedView.of(batch.shared, batch.shared_lengths))
             batch.mask = mask
             batch.positions = batch.positions + 1
@@ -274,7 +275,7 @@ class BuiltinEngine(Prefills):
 
     def _emit(self, batch: Batch, tokens: torch.Tensor) -> None:
         now = time.monotonic()
-        for seq, token in zip(batch.seqs, tokens.tolist()):
+        for seq, token in zip(batch.seqs, tokens.tolist(), strict=False):
             seq.generated += 1
             # A grammar allows end of sequence only where it may end: there it ends even with ignore_eos.
             if token in self.eos and (not seq.params.ignore_eos or seq.matcher is not None):

@@ -111,8 +111,8 @@ class Prefills:
                 if seq.prefix is not None and seq.prefix.next_key in computing:
                     continue  # a row prefilled now computes its next block: it finds it cached after that
                 # A prefill's cost is its rows times the longest part any row computes.
-                if chosen and (len(chosen) + 1) * max([fresh] + [s.context_length - s.prefix_tokens
-                                                                 for s in chosen]) > min(budget, self.prefill_pass_tokens):
+                longest = max([fresh] + [s.context_length - s.prefix_tokens for s in chosen])
+                if chosen and (len(chosen) + 1) * longest > min(budget, self.prefill_pass_tokens):
                     break
                 if not chosen and budget < cfg.max_batched_tokens and fresh > budget:
                     break  # what is left of this step's budget is too little: it goes first next step
@@ -210,7 +210,7 @@ class Prefills:
                                self._prefix, self.share_min_tokens) if self._share else (None, [0] * len(seqs))
         ids, mask, positions = prefill_inputs(contexts, used, fed, self.device, reads)
         gathered: dict = {}  # rows continuing the same cached blocks share one copy of them
-        prefixes = [self._take_prefix(s, u, gathered, start=r) for s, u, r in zip(seqs, used, reads)]
+        prefixes = [self._take_prefix(s, u, gathered, start=r) for s, u, r in zip(seqs, used, reads, strict=False)]
         cache = prefix_rows_cache(prefixes, room=fed) if any(p is not None for p in prefixes) else full_cache()
         self.stats.prefill_tokens += sum(lengths) - sum(used)
         log.debug("Prefill: %d row(s) of %d token(s) each, %d token(s) in all from the prefix cache, %d of them "

@@ -139,7 +139,7 @@ class BatchSampler:
         out = []
         for j, row in enumerate(self.logprob_rows):
             k = self.params[row].logprobs
-            top = list(zip(ids[j][:k], values[j][:k])) if k else []
+            top = list(zip(ids[j][:k], values[j][:k], strict=False)) if k else []
             out.append((row, TokenLogprobs(picked[j], chosen[j], top)))
         return out
 

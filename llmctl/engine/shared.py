@@ -69,7 +69,7 @@ def choose(matches: list[Match | None], used: list[int], running: SharedPrefix |
     shared = running
     if shared is None:
         firsts: dict[int, list[int]] = {}
-        for row, (match, u) in enumerate(zip(matches, used)):
+        for row, (match, u) in enumerate(zip(matches, used, strict=False)):
             if match is not None and u >= min_tokens and match.blocks:
                 firsts.setdefault(id(match.blocks[0]), []).append(row)
         if not firsts:
@@ -79,7 +79,7 @@ def choose(matches: list[Match | None], used: list[int], running: SharedPrefix |
         blocks = matches[seed].blocks[:used[seed] // size]
         shared = SharedPrefix(blocks, cache.gather(Match(blocks, len(blocks) * size, None)))
     lengths = []
-    for match, u in zip(matches, used):
+    for match, u in zip(matches, used, strict=False):
         n = shared.common(match, u, size) if match is not None else 0
         lengths.append(n if n >= min_tokens else 0)
     if shared is not running and not any(lengths):

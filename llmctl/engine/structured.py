@@ -279,7 +279,7 @@ class BatchMasks:
 
     def accept(self, tokens: list[int]) -> None:
         """Advance each constrained row by the token it sampled."""
-        for row, matcher in zip(self.rows, self.matchers):
+        for row, matcher in zip(self.rows, self.matchers, strict=False):
             matcher.accept(tokens[row])
 
 

@@ -10,8 +10,7 @@ from typing import Any, Literal
 
 from llmctl.core import hardware
 from llmctl.core.embedded import MODEL_NAME as EMBEDDED_NAME
-from llmctl.core.loader import (LoadedModel, LoadOptions, context_length_of, eos_ids, load_tokenizer,
-                                resolve_source)
+from llmctl.core.loader import LoadedModel, LoadOptions, context_length_of, eos_ids, load_tokenizer, resolve_source
 from llmctl.core.loader import preflight as load_preflight
 from llmctl.core.modelfiles import inspect_model_path, read_config
 from llmctl.engine.base import EngineConfig

@@ -21,7 +21,8 @@ from llmctl.server.service import Service
 log = logging.getLogger(__name__)
 
 ANTHROPIC_PREFIX = "/v1/messages"
-HTTP_ERROR_TYPES = {400: ("invalid_request_error", None), 404: ("invalid_request_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
+HTTP_ERROR_TYPES = {400: ("invalid_request_error", None), 404: ("invalid_request_error", "not_found"),
+                    405: ("invalid_request_error", "method_not_allowed"),
                     413: ("invalid_request_error", "request_too_large"),
                     415: ("invalid_request_error", "unsupported_media_type")}
 

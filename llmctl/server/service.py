@@ -255,7 +255,7 @@ class Service:
         queued = self.admission.queue(sum(len(ask.prompt) for ask in asks), _room(engine))  # 429: too many wait
         gens: list[Generation] = []
         try:
-            for ask, p in zip(asks, params):
+            for ask, p in zip(asks, params, strict=False):
                 seq = Sequence(ask.prompt, p, deadline=arrived + (ask.timeout or self.settings.request_timeout))
                 members = seq.fork(ask.n)
                 stops = list(ask.stops) + list(loaded.default_stops)

@@ -30,8 +30,10 @@ def test_a_replica_measured_alone_has_every_measured_request(base_url):
 
 
 def test_shares_are_the_differences_over_the_run():
-    before = [WorkerCounts("http://a", 10, 100, 50), WorkerCounts("http://b", 5, 0, 0), WorkerCounts("http://c", 0, 0, 0)]
-    after = [WorkerCounts("http://a", 13, 200, 140), WorkerCounts("http://b", 6, 50, 0), WorkerCounts("http://c", 0, 0, 0)]
+    before = [WorkerCounts("http://a", 10, 100, 50), WorkerCounts("http://b", 5, 0, 0),
+              WorkerCounts("http://c", 0, 0, 0)]
+    after = [WorkerCounts("http://a", 13, 200, 140), WorkerCounts("http://b", 6, 50, 0),
+             WorkerCounts("http://c", 0, 0, 0)]
     assert worker_shares(before, after) == [
         {"url": "http://a", "requests": 3, "share": 0.75, "prefix_cache_hit_rate": 0.9},
         {"url": "http://b", "requests": 1, "share": 0.25, "prefix_cache_hit_rate": 0.0},

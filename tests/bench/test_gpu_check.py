@@ -114,7 +114,7 @@ def test_cpu_dry_run_measures_every_step(tmp_path):
     assert server["prometheus_gauges"]["llmctl_process_resident_memory_bytes"] > 0
     assert "llmctl_gpu_memory_allocated_bytes" in server["prometheus_gauges"]
     sent = 0
-    for level, requests in zip(plan.levels, plan.requests):
+    for level, requests in zip(plan.levels, plan.requests, strict=False):
         report = server["bench"][str(level)]
         assert report["config"]["ignore_eos"] and report["config"]["max_tokens"] == plan.max_tokens
         lv = report["runs"][0]["levels"][0]

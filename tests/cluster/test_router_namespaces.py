@@ -123,7 +123,7 @@ def test_cache_aware_keeps_one_replicas_prefix_hits_and_round_robin_loses_them(c
     cache_aware_url, _ = cluster.start_router("cache_aware")
     before = chat_counts(cluster)
     cache_aware = hit_rate(cluster, sdk(cache_aware_url), "routed")
-    spread = [a - b for a, b in zip(chat_counts(cluster), before)]
+    spread = [a - b for a, b in zip(chat_counts(cluster), before, strict=False)]
     round_robin_url, _ = cluster.start_router("round_robin")
     round_robin = hit_rate(cluster, sdk(round_robin_url), "rotated")
     print(f"\nprefix-cache hit rate: one replica {single:.3f}, cache_aware {cache_aware:.3f}, "

@@ -15,8 +15,7 @@ import torch
 import transformers
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from llmctl.engine import BuiltinEngine, EngineConfig
-from llmctl.engine import attention
+from llmctl.engine import BuiltinEngine, EngineConfig, attention
 from llmctl.engine.attention import GROUPED, grouped_attention_forward, grouped_mask
 
 HEADS, KV_HEADS, DIM = 6, 2, 16

@@ -32,7 +32,7 @@ LINKED = {"$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "
     ("json", {"type": "string", "pattern": "a" * 70_000}, "the limit for a regex"),
     ("grammar", "start: %json " + json.dumps({"description": "x" * 600_000}), "the limit is 524,288"),
     ("choice", [str(i) for i in range(2_000)], "2,000 strings"),
-    ("choice", ["option%d" % i for i in range(10_000)], "10,000 strings"),
+    ("choice", [f"option{i}" for i in range(10_000)], "10,000 strings"),
     ("choice", ["x" * 1000 for i in range(600)], "602,400 bytes long"),
     ("grammar", "start: %json " + json.dumps(SELF), "no finite JSON value"),
     ("grammar", 'start: item ~ 100000\nitem: "a"', "repetition is 100,000"),

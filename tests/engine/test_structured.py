@@ -41,7 +41,7 @@ def _run(grammars, tokenizer, matchers, steps: int, seed: int) -> list[list[int]
         tokens = torch.argmax(masks.apply(logits) if masks else logits, dim=-1).tolist()
         if masks:
             masks.accept(tokens)
-        for i, token in zip(list(live), tokens):
+        for i, token in zip(list(live), tokens, strict=False):
             if token == tokenizer.eos_token_id or end_reason(matchers[i]):
                 live.remove(i)
             if token != tokenizer.eos_token_id:

@@ -105,7 +105,7 @@ def test_preempted_constrained_rows_resume_with_their_grammar_state(tiny_model, 
 
     def sequences():
         return [Sequence(list(p), SamplingParams(max_tokens=40, temperature=0, ignore_eos=c is None, constraint=c))
-                for p, c in zip(prompts, constraints)]
+                for p, c in zip(prompts, constraints, strict=False)]
 
     alone = []
     for seq in sequences():

@@ -55,7 +55,8 @@ body = st.one_of(
 # torch, a token id no tokenizer has) is reached only when everything else in the request is valid.
 VALID = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
 edge_values = st.one_of(
-    odd, st.integers(2**62, 2**66), st.integers(-2**66, -2**62), st.sampled_from(["\u00b2", "--5", "1e3", " 7", "\u0667"]),
+    odd, st.integers(2**62, 2**66), st.integers(-2**66, -2**62),
+    st.sampled_from(["\u00b2", "--5", "1e3", " 7", "\u0667"]),
     st.dictionaries(st.sampled_from(["\u00b2", "--5", "0", "1", "-1", "511", "512", "9" * 30]), odd, max_size=2),
 )
 one_odd_field = st.builds(lambda field, value: {**VALID, field: value}, st.sampled_from(FIELDS), edge_values)
@@ -88,7 +89,8 @@ def test_raw_bodies(client, raw):
 
 def test_lone_surrogate_is_replaced_not_fatal(client):
     raw = b'{"messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 2}'
-    assert client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"}).status_code == 200
+    response = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200
 
 
 def test_server_answers_normally_after_fuzzing(client):

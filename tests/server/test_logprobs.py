@@ -72,7 +72,7 @@ def test_requests_with_and_without_logprobs_side_by_side(base_url, client):
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         choices = list(pool.map(ask, [True, False] * 3))
-    for with_logprobs, choice in zip([True, False] * 3, choices):
+    for with_logprobs, choice in zip([True, False] * 3, choices, strict=False):
         if with_logprobs:
             assert len(choice["logprobs"]["content"]) == 20
         else:

@@ -75,7 +75,7 @@ def test_grammar_bombs_are_400s_and_the_real_model_goes_on(url):
         ({"extra_body": {"structured_outputs": {"regex": "a{1000}{1000}"}}}, "structured_outputs.regex"),
     ]
     for fields, param in bombs:
-        def send():
+        def send(fields=fields):
             with pytest.raises(openai.BadRequestError) as caught:
                 sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, **fields)
             return caught.value

@@ -58,7 +58,8 @@ def claude(base_url):
 def test_responses_tool_choice_gives_one_valid_call(oai, tool_choice):
     for _ in range(SAMPLES):
         out = oai.responses.create(model="tiny-llama", input="Weather in Paris?", tools=RESPONSES_TOOLS,
-                                   tool_choice=tool_choice, parallel_tool_calls=False, max_output_tokens=120, temperature=1.0)
+                                   tool_choice=tool_choice, parallel_tool_calls=False, max_output_tokens=120,
+                                   temperature=1.0)
         assert out.status == "completed", out
         (call,) = out.output
         assert call.type == "function_call" and call.status == "completed"

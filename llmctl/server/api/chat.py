@@ -57,7 +57,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         return _events(service, run, run.stream(), texts, loaded.name, logprobs, include_usage)
     outs = run.collect()
     choices = []
-    for index, (gen, text) in enumerate(zip(run.gens, texts)):
+    for index, (gen, text) in enumerate(zip(run.gens, texts, strict=False)):
         text.feed(outs[index])
         _, calls = text.finish(cut=gen.finish_reason == "length")
         content: str | None = text.answer(calls)

@@ -101,7 +101,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         return _events(run, run.stream(), echoes, loaded.name, logprobs, include_usage)
     texts = run.collect()
     choices = [_choice(i, echoes[i] + text, gen.finish_reason or "stop", logprobs.take(i) if logprobs else None)
-               for i, (gen, text) in enumerate(zip(run.gens, texts))]
+               for i, (gen, text) in enumerate(zip(run.gens, texts, strict=False))]
     return _body(completion_id(), loaded.name, int(time.time()), choices,
                  schemas.usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens))
 

@@ -1,4 +1,4 @@
-"""`--tool-call-parser auto`: which family's format a model writes its calls in, read from its chat template and tokenizer."""
+"""`--tool-call-parser auto`: which family's format a model writes calls in, from its chat template and tokenizer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Qwen 2/2.5/3, Hermes, SmolLM3, many fine-tunes)."""
+"""Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Qwen 2/2.5/3, Hermes, SmolLM3, fine-tunes)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Llama 3.1/3.2/3.3 JSON calls: `{"name": ..., "parameters": {...}}` as the whole answer (or after `<|python_tag|>`)."""
+"""Llama 3.1/3.2/3.3 JSON calls: `{"name": ..., "parameters": {...}}`, the whole answer or after `<|python_tag|>`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,6 @@ class Llama3JsonParser(ToolParser):
         lines = ["calls: call" if single else f"calls: call ({lit(SEPARATOR)} call)*",
                  "call: " + json_rule(call_schema(functions, "parameters"))]
         if free_text:  # text that does not start like a call, or calls
-            return "\n".join(["start: TEXT | calls", r"TEXT: /(?s:.*)/ & ~/(?s:\s*\{.*)/ & ~/(?s:.*<\|python_tag\|>.*)/",
-                              *lines])
+            return "\n".join(["start: TEXT | calls",
+                              r"TEXT: /(?s:.*)/ & ~/(?s:\s*\{.*)/ & ~/(?s:.*<\|python_tag\|>.*)/", *lines])
         return "\n".join(["start: calls", *lines])

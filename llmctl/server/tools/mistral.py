@@ -1,4 +1,4 @@
-"""Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`, or `[TOOL_CALLS]name[ARGS]{...}` from tokenizer v11 on."""
+"""Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`, or `[TOOL_CALLS]name[ARGS]{...}` (tokenizer v11)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class MistralParser(ToolParser):
 
 
 class MistralNamedParser(MistralParser):
-    """Mistral with tokenizer v11 on (an `[ARGS]` token): the same parsing; enforced calls as `[TOOL_CALLS]name[ARGS]{...}`."""
+    """Mistral, tokenizer v11 on (an `[ARGS]` token): same parsing; enforced calls as `[TOOL_CALLS]name[ARGS]{...}`."""
 
     @classmethod
     def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str:

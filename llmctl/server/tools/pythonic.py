@@ -21,7 +21,7 @@ def literal(node: ast.expr) -> object:
     if isinstance(node, (ast.List, ast.Tuple)):
         return [literal(e) for e in node.elts]
     if isinstance(node, ast.Dict):
-        return {literal(k): literal(v) for k, v in zip(node.keys, node.values) if k is not None}
+        return {literal(k): literal(v) for k, v in zip(node.keys, node.values, strict=False) if k is not None}
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         value = literal(node.operand)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
