@@ -33,7 +33,8 @@ def schemathesis_command(url: str, *, examples: int, seed: int, workers: int, ph
     command = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "all",
                "--max-examples", str(examples), "--seed", str(seed), "--workers", str(workers),
                "--phases", phases, "--continue-on-failure", "--no-color",
-               "--request-timeout", "60", "--max-response-time", "60", "--suppress-health-check", "all", "--warnings", "off"]
+               "--request-timeout", "60", "--max-response-time", "60", "--suppress-health-check", "all",
+               "--warnings", "off"]
     if api_key:
         command += ["--header", f"Authorization: Bearer {api_key}"]
     return command

@@ -27,7 +27,8 @@ ANTHROPIC_ERROR = {"$ref": "#/components/schemas/AnthropicError"}
 KEY = [{"bearer": []}, {"apiKey": []}, {}]
 # One server-sent event of a stream (OpenAPI 3.2's itemSchema, which readers of 3.1 ignore): `data` is JSON, or
 # [DONE] at the end of OpenAI's chat and legacy completion streams; `event` names Responses' and Anthropic's events.
-EVENT = {"type": "object", "required": ["data"], "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
+EVENT = {"type": "object", "required": ["data"],
+         "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
 
 
 def _error_responses(*codes: int, schema: dict = ERROR) -> dict:
@@ -115,7 +116,8 @@ def _stored_paths() -> dict:
 
 
 # Each request's limit on generated tokens: what --max-tokens-cap bounds.
-MAX_TOKENS_FIELDS = {"ChatCompletionRequest": ("max_tokens", "max_completion_tokens"), "CompletionRequest": ("max_tokens",),
+MAX_TOKENS_FIELDS = {"ChatCompletionRequest": ("max_tokens", "max_completion_tokens"),
+                     "CompletionRequest": ("max_tokens",),
                      "ResponsesRequest": ("max_output_tokens",), "MessagesRequest": ("max_tokens",)}
 
 
