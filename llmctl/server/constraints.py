@@ -108,7 +108,8 @@ def _structured_outputs(value: Any) -> Constraint | None:
     if not isinstance(value, Mapping):
         raise InvalidRequest("'structured_outputs' must be an object with one of: " + ", ".join(STRUCTURED_KEYS)
                              + ".", param="structured_outputs")
-    given = [key for key in STRUCTURED_KEYS if value.get(key) not in (None, False)]
+    # null and false mean not set; 0 (which equals False in Python) is set, and a 400 for its type.
+    given = [key for key in STRUCTURED_KEYS if value.get(key) is not None and value.get(key) is not False]
     if len(given) != 1:
         raise InvalidRequest("'structured_outputs' must set exactly one of: " + ", ".join(STRUCTURED_KEYS)
                              + (f" (got {', '.join(given)})." if given else "."), param="structured_outputs")

@@ -141,3 +141,11 @@ def test_the_document_carries_the_rules_the_server_enforces(client, model, body,
     extra = {} if model in ("TokenizeRequest", "MessagesRequest") else \
         {"max_output_tokens": 2} if model == "ResponsesRequest" else {"max_tokens": 2}
     assert (client.post(path, json={**extra, **body}).status_code == 200) == valid
+
+
+def test_structured_outputs_zero_is_not_unset(client):
+    """0 equals False in Python, but it is not JSON's false: a key set to 0 is set (and a 400 for its type)."""
+    body = {"messages": USER, "max_tokens": 2, "structured_outputs": {"grammar": 0, "choice": ["a"]}}
+    assert openai_error(client.post("/v1/chat/completions", json=body))["param"] == "structured_outputs"
+    body["structured_outputs"] = {"grammar": False, "choice": ["a"]}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
