@@ -32,7 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from llmctl.core.embedded import ensure_embedded_model
 from llmctl.engine import attention
-from llmctl.engine.shared import SharedPrefix, SharedView
+from llmctl.engine.kv import SharedPrefix, SharedView
 
 
 def timed_forward(model, base: DynamicCache | None, prefix: int, rows: int, new: int, repeat: int) -> float:

@@ -6,13 +6,15 @@ import only the parts listed for it below, and never another part's private (und
 How this test was checked: adding `from llmctl.server import schemas` to llmctl/engine/batch.py made
 `test_imports_flow_downwards` fail with "llmctl/engine/batch.py:… imports llmctl.server.schemas, but
 engine may import only core, shared"; adding `from llmctl.engine.builtin import _abort_reason` to
-llmctl/server/generation.py made `test_no_part_imports_private_names_of_another` fail. Both lines
-were then removed.
+llmctl/server/generation.py made `test_no_part_imports_private_names_of_another` fail; putting back
+vllmcheck.py's `if TYPE_CHECKING: from llmctl.doctor.checks import Machine` made `test_no_import_cycles` fail
+with "llmctl.doctor.checks -> llmctl.doctor.vllmcheck -> llmctl.doctor.checks". The lines were then removed.
 """
 
 from __future__ import annotations
 
 import ast
+import graphlib
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,42 @@ def test_every_package_says_what_it_does_and_may_import():
         doc = ast.get_docstring(ast.parse((PACKAGE / part / "__init__.py").read_text(encoding="utf-8")))
         assert doc and "may import" in doc.lower(), f"llmctl/{part}/__init__.py needs a docstring saying what it " \
                                                     "does and what it may import"
+
+
+def _module_level(body: list[ast.stmt]) -> list[ast.Import | ast.ImportFrom]:
+    """The imports a module runs or declares at its top level (in `if TYPE_CHECKING:` and `try:` blocks too),
+    not those inside functions or classes, which wait until they run."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for block in ("body", "orelse", "finalbody"):
+                found += _module_level(getattr(node, block, []))
+            for handler in getattr(node, "handlers", []):
+                found += _module_level(handler.body)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each llmctl module -> the llmctl modules it imports at its top level."""
+    modules = {module_name(path): path for path in MODULES}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets: set[str] = set()
+        for node in _module_level(ast.parse(path.read_text(encoding="utf-8")).body):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif node.level == 0 and node.module:
+                targets |= {_submodule(node.module, alias.name) for alias in node.names}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_no_import_cycles():
+    """No module reaches itself through top-level imports (type-only ones included: a cycle that typing
+    needs is still two modules that each need the other). Shared pieces go down into a module both import."""
+    try:
+        graphlib.TopologicalSorter(import_graph()).prepare()
+    except graphlib.CycleError as error:
+        raise AssertionError("import cycle: " + " -> ".join(error.args[1])) from None

@@ -10,19 +10,18 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from llmctl import envvars
 from llmctl.core import hardware
 from llmctl.doctor.fit import (
     SERVE_KV_CACHE_TOKENS,
     FitPrediction,
-    Precision,
     attention_from_config,
     context_length_of,
     fmt_bytes,
     predict_fit,
 )
+from llmctl.doctor.machine import Machine, probe_machine
 from llmctl.doctor.modelcheck import Check, ModelInfo, Status, check_model
 from llmctl.doctor.network import check_port, check_service
 from llmctl.doctor.vllmcheck import VllmPlan, vllm_checks
@@ -47,65 +46,6 @@ class DoctorOptions:
     url: str | None = None
     kv_cache_tokens: int = SERVE_KV_CACHE_TOKENS
     vllm: VllmPlan | None = None  # serve --engine vllm: its checks too
-
-
-@dataclass(frozen=True)
-class Machine:
-    """The hardware facts the checks judge, gathered in one place (tests build it by hand)."""
-
-    cuda_build: str | None
-    driver: str | None
-    cuda_available: bool
-    cuda_error: str | None
-    gpus: tuple[hardware.GPUDevice, ...]
-    cpu_cores: int
-    ram_total: int
-    ram_available: int
-    cpu_flags: frozenset[str]
-    cuda_hidden: bool = False
-
-    @property
-    def device(self) -> Literal["cuda", "cpu"]:
-        return "cuda" if self.gpus else "cpu"
-
-    @property
-    def cpu_bf16(self) -> bool:
-        return bool({"avx512_bf16", "amx_bf16"} & self.cpu_flags)
-
-    @property
-    def default_precision(self) -> Precision:
-        """What `llmctl serve --dtype auto` picks here, by the rule of core.loader.resolve_dtype.
-
-        On CUDA that is hardware.bf16_supported: torch.cuda.is_bf16_supported(including_emulation=False),
-        which asks the current device (the first visible GPU) for compute capability 8.0 or more, and
-        says yes on any ROCm build. GPUDevice.bf16 is that same capability test.
-        """
-        if self.gpus:
-            rocm = (self.cuda_build or "").startswith("ROCm")
-            return "bf16" if rocm or self.gpus[0].bf16 else "fp16"
-        return "bf16" if self.cpu_bf16 else "fp32"
-
-    @property
-    def available_bytes(self) -> int:
-        return sum(g.free_bytes for g in self.gpus) if self.gpus else self.ram_available
-
-
-def probe_machine() -> Machine:
-    """Ask the hardware module; the only place doctor touches CUDA."""
-    available = hardware.torch_cuda_available()
-    total, free = hardware.ram_bytes()
-    return Machine(
-        cuda_build=hardware.torch_cuda_build(),
-        driver=hardware.nvidia_driver_version(),
-        cuda_available=available,
-        cuda_error=None if available else hardware.cuda_init_error(),
-        gpus=hardware.gpu_devices() if available else (),
-        cpu_cores=hardware.cpu_cores(),
-        ram_total=total,
-        ram_available=free,
-        cpu_flags=frozenset(hardware.cpu_flags()),
-        cuda_hidden=os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"),
-    )
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

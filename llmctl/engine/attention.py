@@ -25,7 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from llmctl.engine.base import ATTENTION_CHOICES
-from llmctl.engine.shared import SharedView
+from llmctl.engine.kv import SharedView
 
 log = logging.getLogger(__name__)
 

@@ -7,17 +7,14 @@ decode step is then one forward pass of [B, 1] tokens with per-row positions and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from llmctl.engine.base import Sequence
+from llmctl.engine.kv import SharedPrefix
 from llmctl.engine.sampling import BatchSampler
-
-if TYPE_CHECKING:
-    from llmctl.engine.shared import SharedPrefix
 
 
 @dataclass

@@ -23,9 +23,10 @@ from llmctl.core import hardware
 from llmctl.engine import attention
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
 from llmctl.engine.batch import Batch, merge, sample, select_rows
+from llmctl.engine.kv import SharedView
 from llmctl.engine.prefill import Prefills
 from llmctl.engine.prefix_cache import KVLayoutError, PrefixCache, store_rows
-from llmctl.engine.shared import SharedView, sharing_works
+from llmctl.engine.shared import sharing_works
 from llmctl.engine.structured import Grammars, attach_matchers, end_reason
 from llmctl.errors import GenerationOutOfMemory, LLMCtlError, QueueFull, Unavailable
 

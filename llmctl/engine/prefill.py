@@ -24,8 +24,9 @@ import torch
 
 from llmctl.engine.base import Sequence
 from llmctl.engine.batch import Batch, full_cache, prefill_inputs, prefill_plan, sample, select_rows
+from llmctl.engine.kv import SharedView
 from llmctl.engine.prefix_cache import prefix_rows_cache
-from llmctl.engine.shared import SharedView, choose
+from llmctl.engine.shared import choose
 from llmctl.errors import LLMCtlError
 
 log = logging.getLogger(__name__)

@@ -19,38 +19,15 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from llmctl.engine.batch import Batch, fill_right_aligned
-
-if TYPE_CHECKING:
-    from llmctl.engine.shared import SharedPrefix
+from llmctl.engine.kv import Block, Match, SharedPrefix
 
 ROOT = 0  # the parent key of a prompt's first block
-
-
-@dataclass(eq=False)
-class Block:
-    """One cached block: its token ids, the key of the block before it, and its KV."""
-
-    key: int
-    parent: int
-    tokens: tuple[int, ...]
-    kv: torch.Tensor  # [..., block_size, head_dim]
-
-
-@dataclass
-class Match:
-    """The cached blocks a token sequence starts with, and the key of its first block not cached."""
-
-    blocks: list[Block]
-    tokens: int  # tokens covered by ``blocks``
-    next_key: int | None  # None: no further full block to look up
 
 
 class PrefixCache:

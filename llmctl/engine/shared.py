@@ -21,40 +21,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
+from llmctl.engine.attention import GROUPED
 from llmctl.engine.batch import full_cache
-from llmctl.engine.prefix_cache import Block, Match, PrefixCache, prefix_rows_cache, row_kv
+from llmctl.engine.kv import Match, SharedPrefix, SharedView
+from llmctl.engine.prefix_cache import PrefixCache, prefix_rows_cache, row_kv
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class SharedPrefix:
-    """KV of the first ``tokens`` tokens of a chain of cached ``blocks``: ``kv`` is
-    ``[layers, 2, kv_heads, tokens, head_dim]``, one copy for every member row."""
-
-    blocks: list[Block]
-    kv: torch.Tensor
-
-    @property
-    def tokens(self) -> int:
-        return self.kv.shape[-2]
-
-    def common(self, match: Match, limit: int, block_size: int) -> int:
-        """Tokens a row whose prefix-cache match is ``match`` shares with this prefix, within its
-        first ``limit`` tokens (whole blocks: chained keys make block k equal only if all before are)."""
-        blocks = match.blocks[:min(len(self.blocks), limit // block_size)]
-        low, high = 0, len(blocks)  # the longest run of identical leading blocks: binary search
-        while low < high:
-            mid = (low + high + 1) // 2
-            if blocks[mid - 1] is self.blocks[mid - 1]:
-                low = mid
-            else:
-                high = mid - 1
-        return low * block_size
 
 
 def choose(matches: list[Match | None], used: list[int], running: SharedPrefix | None, cache: PrefixCache,
@@ -87,31 +62,6 @@ def choose(matches: list[Match | None], used: list[int], running: SharedPrefix |
     return shared, lengths
 
 
-@dataclass(eq=False)
-class SharedView:
-    """What one forward pass's attention needs of the shared prefix: its readers, grouped by how many
-    of its tokens they read. Every attention layer that used it counts itself in ``layers``, which the
-    engine checks after the pass."""
-
-    prefix: SharedPrefix
-    groups: list[tuple[torch.Tensor, int]]  # (rows of the batch, tokens of the prefix they read)
-    layers: set[int] = field(default_factory=set)
-
-    @classmethod
-    def of(cls, prefix: SharedPrefix | None, lengths: torch.Tensor | None) -> SharedView | None:
-        """The view for a batch whose rows read ``lengths`` [B] tokens of ``prefix`` (None: no prefix)."""
-        if prefix is None or lengths is None:
-            return None
-        groups = [((lengths == n).nonzero().squeeze(1), n) for n in sorted(set(lengths.tolist()) - {0})]
-        return cls(prefix, groups) if groups else None
-
-    def keys(self, layer: int) -> torch.Tensor:
-        return self.prefix.kv[layer, 0]
-
-    def values(self, layer: int) -> torch.Tensor:
-        return self.prefix.kv[layer, 1]
-
-
 def has_sliding_window(config) -> bool:
     """Whether any attention layer of the model may look at fewer than all earlier tokens."""
     config = getattr(config, "text_config", None) or config
@@ -130,8 +80,6 @@ def sharing_works(model, attention_in_use: str, forward: Callable) -> bool:
     the row's cache and with the prefix shared. A model whose layers do not hand the engine's
     arguments to attention fails it (the engine counts the layers that read the prefix).
     """
-    from llmctl.engine.attention import GROUPED
-
     if attention_in_use != GROUPED or has_sliding_window(model.config):
         return False
     embeddings = model.get_input_embeddings().weight

@@ -17,7 +17,8 @@ from llmctl.engine import BuiltinEngine, EngineConfig, SamplingParams, Sequence
 from llmctl.engine import prefill as prefill_module
 from llmctl.engine.attention import attend_with_shared
 from llmctl.engine.batch import Batch, merge, prefill_inputs, prefill_plan, select_rows
-from llmctl.engine.shared import SharedPrefix, SharedView, has_sliding_window
+from llmctl.engine.kv import SharedPrefix, SharedView
+from llmctl.engine.shared import has_sliding_window
 from tests.engine.test_attention import DIM, KV_HEADS, additive, left_padded_mask, module, qkv
 from tests.engine.test_engine_architectures import CONFIGS, build, drain, greedy, run_in_steps
 from tests.engine.test_engine_prefix_cache import random_tokens

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from llmctl.server.store.sql import _DB
+
+class _DB(Protocol):
+    """What of `sql._DB` this module uses (a protocol, so that it does not import sql, which imports it)."""
+
+    def execute(self, sql: str, params: tuple | list = ()) -> Any: ...
 
 
 class ConversationRows:
