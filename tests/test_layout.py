@@ -21,7 +21,6 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llmctl"
 SHARED = {"errors", "envvars", "keyfile", "__init__"}
-COMPAT = {"config", "probe"}  # llmctl.config and llmctl.probe: old import paths, kept as aliases
 
 # part -> the parts it may import (besides itself)
 ALLOWED: dict[str, set[str]] = {
@@ -33,7 +32,6 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {"core", "shared"},
     "core": {"shared"},
     "shared": set(),
-    "compat": {"client"},
 }
 PARTS = ("cli", "server", "client", "doctor", "bench", "engine", "core")
 MAX_LINES = 500
@@ -49,8 +47,6 @@ def part_of(module: str) -> str:
         return head
     if head == "__main__":
         return "cli"
-    if head in COMPAT:
-        return "compat"
     if head in SHARED:
         return "shared"
     raise AssertionError(f"{module} belongs to no known part: add it to a package or to tests/test_layout.py")
