@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from llmctl.engine.structured import Constraint
+from llmctl.engine.structured import Constraint, ConstraintKind
 from llmctl.errors import InvalidRequest
 from llmctl.server.tools import Function, HermesParser, ToolParser
 
@@ -132,7 +132,7 @@ def _structured_outputs(value: Any) -> Constraint | None:
         return Constraint("choice", json.dumps(spec, ensure_ascii=False), param)
     if not isinstance(spec, str) or not spec:
         raise InvalidRequest(f"'{param}' must be a non-empty string.", param=param)
-    return Constraint(key, spec, param)
+    return Constraint(cast(ConstraintKind, key), spec, param)  # "regex" or "grammar" by now
 
 
 # ---- tool calls ------------------------------------------------------------------------------------
