@@ -200,7 +200,8 @@ def chat_tool_use(tools: list[dict] | None, tool_choice: Any, parallel_tool_call
         return tool_use(functions, tool_choice or "auto", parallel=parallel)
     name = None
     if isinstance(tool_choice, Mapping) and tool_choice.get("type") == "function":
-        name = (tool_choice.get("function") or {}).get("name")
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(name, str):
         raise InvalidRequest("tool_choice must be 'none', 'auto', 'required' or "
                              "{\"type\": \"function\", \"function\": {\"name\": ...}}.", param="tool_choice")

@@ -149,3 +149,9 @@ def test_structured_outputs_zero_is_not_unset(client):
     assert openai_error(client.post("/v1/chat/completions", json=body))["param"] == "structured_outputs"
     body["structured_outputs"] = {"grammar": False, "choice": ["a"]}
     assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_tool_choice_function_that_is_not_an_object_is_a_400(client):
+    """It was a 500 (found by schemathesis)."""
+    body = {"messages": USER, "max_tokens": 2, "tool_choice": {"type": "function", "function": [None, None]}}
+    assert openai_error(client.post("/v1/chat/completions", json=body))["param"] == "tool_choice"

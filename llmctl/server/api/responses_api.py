@@ -98,7 +98,8 @@ class ResponsesRequest(_Lenient):
     stream: StrictBool | None = False
     store: StrictBool | None = None
     previous_response_id: str | None = None
-    conversation: str | dict | None = None
+    conversation: Annotated[str | dict, documented({"anyOf": [{"type": "string"}, {
+        "type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}]})] | None = None
     background: StrictBool | None = None
     metadata: dict | None = None
     timeout: Annotated[StrictFloat, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None

@@ -75,7 +75,7 @@ RESPONSES_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, {
     "description": "names one of the request's tools"}]}
 ANTHROPIC_TOOLS = {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
     "type": {"enum": ["custom", None]}, "name": NAME, "description": {"type": ["string", "null"]},
-    "input_schema": JSON_SCHEMA}}}
+    "input_schema": OBJECT}}}
 
 # A request whose tool_choice asks for a call must list tools (chat completions).
 FORCED_TOOL_NEEDS_TOOLS = {
