@@ -155,3 +155,21 @@ def test_tool_choice_function_that_is_not_an_object_is_a_400(client):
     """It was a 500 (found by schemathesis)."""
     body = {"messages": USER, "max_tokens": 2, "tool_choice": {"type": "function", "function": [None, None]}}
     assert openai_error(client.post("/v1/chat/completions", json=body))["param"] == "tool_choice"
+
+
+@pytest.mark.parametrize(("body", "valid"), [
+    ({"tool_choice": {"type": "auto"}}, True),
+    ({"tool_choice": {"type": "any"}}, False),  # asks for a call: needs tools
+    ({"tool_choice": {"type": "sometimes"}}, False),
+    ({"tool_choice": {"type": "tool", "name": "f"}, "tools": [{"name": "f", "input_schema": {"type": "object"}}]},
+     True),
+])
+def test_anthropic_tool_choice_is_documented(client, body, valid):
+    from jsonschema import Draft202012Validator
+
+    document = openapi_document()
+    validator = Draft202012Validator({"$ref": "#/components/schemas/MessagesRequest",
+                                      "components": document["components"]})
+    request = {"max_tokens": 2, "messages": USER, **body}
+    assert validator.is_valid(request) == valid
+    assert (client.post("/v1/messages", json=request).status_code == 200) == valid

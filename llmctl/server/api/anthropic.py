@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, StrictBool, StrictFloat, StrictInt
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
@@ -81,7 +81,9 @@ class CountTokensRequest(_Lenient):
     model: str | None = None
     system: str | list[TextBlock] | None = None
     tools: Annotated[list[dict], documented(rules.ANTHROPIC_TOOLS)] | None = None
-    tool_choice: dict | None = None
+    tool_choice: Annotated[dict, documented(rules.ANTHROPIC_TOOL_CHOICE)] | None = None
+
+    model_config = ConfigDict(json_schema_extra={"allOf": rules.ANTHROPIC_RULES})
 
 
 class MessagesRequest(CountTokensRequest):

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, StrictBool, StrictFloat, StrictInt
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from llmctl.engine.structured import Constraint
 from llmctl.errors import InvalidRequest, LLMCtlError
@@ -104,6 +104,8 @@ class ResponsesRequest(_Lenient):
     metadata: dict | None = None
     timeout: Annotated[StrictFloat, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
     ignore_eos: StrictBool = False  # llmctl extension, as on the chat route (fixed-length benchmarks)
+
+    model_config = ConfigDict(json_schema_extra={"allOf": rules.RESPONSES_RULES})
 
 
 def structured_format(text: dict | None) -> Constraint | None:

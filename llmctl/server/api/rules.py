@@ -143,3 +143,18 @@ ANTHROPIC_BLOCKS = {"type": "array", "items": {"anyOf": [
         "type": {"const": "tool_result"}, "tool_use_id": NAME, "is_error": {"type": ["boolean", "null"]},
         "content": {"anyOf": [NAME, NULL, ANTHROPIC_TEXT_BLOCKS]}}},
 ]}}
+
+# Anthropic's tool_choice; "any" and "tool" ask for a call, so the request must list tools.
+_PARALLEL = {"disable_parallel_tool_use": {"type": ["boolean", "null"]}}
+ANTHROPIC_TOOL_CHOICE = {"anyOf": [
+    {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["auto", "any", "none"]}, **_PARALLEL}},
+    {"type": "object", "required": ["type", "name"], "properties": {"type": {"const": "tool"}, "name": NAME,
+                                                                    **_PARALLEL},
+     "description": "names one of the request's tools"}]}
+ANTHROPIC_RULES = [{
+    "if": given("tool_choice", {"type": "object", "required": ["type"],
+                                "properties": {"type": {"enum": ["any", "tool"]}}}),
+    "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
+}]
+# Responses: a tool_choice that asks for a call ("required", a named function) needs tools.
+RESPONSES_RULES = [FORCED_TOOL_NEEDS_TOOLS]
