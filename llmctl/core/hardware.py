@@ -179,8 +179,8 @@ def gpu_devices() -> tuple[GPUDevice, ...]:
     devices = []
     for i in range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(i)
-        devices.append(GPUDevice(i, torch.cuda.get_device_name(i), int(total), int(free),
-                                 tuple(torch.cuda.get_device_capability(i))))
+        major, minor = torch.cuda.get_device_capability(i)
+        devices.append(GPUDevice(i, torch.cuda.get_device_name(i), int(total), int(free), (major, minor)))
     return tuple(devices)
 
 

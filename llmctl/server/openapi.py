@@ -24,7 +24,7 @@ REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, ResponsesRequest, Me
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 ANTHROPIC_ERROR = {"$ref": "#/components/schemas/AnthropicError"}
 # A key is needed only when the server was started with --api-key: any alternative satisfies.
-KEY = [{"bearer": []}, {"apiKey": []}, {}]
+KEY: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}, {}]
 # One server-sent event of a stream (OpenAPI 3.2's itemSchema, which readers of 3.1 ignore): `data` is JSON, or
 # [DONE] at the end of OpenAI's chat and legacy completion streams; `event` names Responses' and Anthropic's events.
 EVENT = {"type": "object", "required": ["data"],

@@ -39,7 +39,7 @@ class HarmonyParser(ToolParser):
 
     def feed(self, delta: str) -> str:
         self.text += delta
-        out = []
+        out: list[str] = []
         while self.sent < len(self.text):
             if self.reading_header:
                 at = self.text.find(MESSAGE, self.sent)

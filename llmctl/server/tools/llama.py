@@ -14,7 +14,8 @@ SEPARATOR = "; "  # between calls, as Meta's prompt format and vLLM's llama3_jso
 
 def json_objects(text: str) -> list[object] | None:
     """The JSON values of ``text`` separated by whitespace or ";"; None when anything else is in between."""
-    decoder, values, at = json.JSONDecoder(), [], 0
+    decoder, at = json.JSONDecoder(), 0
+    values: list[object] = []
     while True:
         while at < len(text) and text[at] in " \t\r\n;":
             at += 1
