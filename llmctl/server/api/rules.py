@@ -7,6 +7,8 @@ for each mistake; `documented` puts the rule the handler enforces in the field's
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import WithJsonSchema
 
 OBJECT: dict = {"type": "object"}
@@ -151,10 +153,11 @@ ANTHROPIC_TOOL_CHOICE = {"anyOf": [
     {"type": "object", "required": ["type", "name"], "properties": {"type": {"const": "tool"}, "name": NAME,
                                                                     **_PARALLEL},
      "description": "names one of the request's tools"}]}
-ANTHROPIC_RULES = [{
+# list[Any]: json_schema_extra takes JSON values, which mypy does not infer for nested literals.
+ANTHROPIC_RULES: list[Any] = [{
     "if": given("tool_choice", {"type": "object", "required": ["type"],
                                 "properties": {"type": {"enum": ["any", "tool"]}}}),
     "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
 }]
 # Responses: a tool_choice that asks for a call ("required", a named function) needs tools.
-RESPONSES_RULES = [FORCED_TOOL_NEEDS_TOOLS]
+RESPONSES_RULES: list[Any] = [FORCED_TOOL_NEEDS_TOOLS]
