@@ -178,7 +178,9 @@ class GuardedServer(TcpWSGIServer):
         if isinstance(task, GuardedChannel):
             task.served = True
         request = task.requests[0] if getattr(task, "requests", None) else None
-        if request is not None and request.command in ("GET", "HEAD") and request.path == "/health":
+        # A request waitress could not parse has an error and no command: it goes to the workers, which answer 400.
+        if (request is not None and request.error is None and request.command in ("GET", "HEAD")
+                and request.path == "/health"):
             self.guard.health.add_task(task)
         else:
             super().add_task(task)

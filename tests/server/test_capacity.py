@@ -70,7 +70,7 @@ def read_status(sock: socket.socket) -> tuple[int, str]:
         while chunk := sock.recv(65536):
             data += chunk
     text = data.decode("latin-1")
-    return (int(text.split()[1]) if text.startswith("HTTP/1.1") else 0), text
+    return (int(text.split()[1]) if text.startswith("HTTP/1.") else 0), text
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +342,16 @@ def test_smollm2_server_bounds_big_prompts_and_slow_clients(server_process):
     assert slow == [408] * 8 + [429] * 4
     assert max(health) < HEALTH_LIMIT_S
     assert server.stop() == 0
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"\x00\x01 garbage\r\nHost: x\r\n\r\n",  # no method, path or version in the request line
+    b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",  # a header line without a colon
+])
+def test_a_malformed_request_gets_a_400_and_the_server_goes_on(url, request_bytes):
+    port = int(url.rsplit(":", 1)[1])
+    with flood_socket(port) as sock:
+        sock.sendall(request_bytes)
+        status, text = read_status(sock)
+    assert status == 400, text
+    assert health_time(url) < HEALTH_LIMIT_S
