@@ -43,19 +43,19 @@ class BuiltinPrompts(Sequence[Messages]):
     """
 
     def __init__(self, count: int, tokens: int, seed: int = 0, offset: int = 0, shared_prefix_tokens: int = 0) -> None:
-        self.count, self.tokens, self.seed, self.offset = max(1, count), max(1, tokens), seed, offset
+        self.size, self.tokens, self.seed, self.offset = max(1, count), max(1, tokens), seed, offset
         rng = random.Random(f"llmctl-bench/{seed}/shared-prefix")
         self.system = " ".join(rng.choice(WORDS) for _ in range(shared_prefix_tokens))
 
     def __len__(self) -> int:
-        return self.count
+        return self.size
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.count))]
-        if not -self.count <= index < self.count:
+            return [self[i] for i in range(*index.indices(self.size))]
+        if not -self.size <= index < self.size:
             raise IndexError(index)
-        rng = random.Random(f"llmctl-bench/{self.seed}/{self.offset + index % self.count}")
+        rng = random.Random(f"llmctl-bench/{self.seed}/{self.offset + index % self.size}")
         user = {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(self.tokens))}
         return [{"role": "system", "content": self.system}, user] if self.system else [user]
 
