@@ -138,7 +138,8 @@ class ServerProcess:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
         )
 
-    def wait_status(self, status: str = "ready", timeout: float = 120) -> dict:
+    def wait_status(self, status: str = "ready", timeout: float = 600) -> dict:
+        # A bound for a hung start only: loading takes what the machine gives it (minutes when it is busy).
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:

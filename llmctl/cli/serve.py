@@ -1,4 +1,8 @@
-"""`llmctl serve`: the OpenAI-compatible chat service."""
+"""`llmctl serve`: the OpenAI-compatible chat service.
+
+The preflight (paths, config, shards, tokenizer, the port) runs before torch is imported, so a
+mistake is reported in well under a second; torch, transformers and the server load after it.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +17,13 @@ import typer
 from llmctl import envvars
 from llmctl.cli.options import ConfigOpt, ModelPathOpt
 from llmctl.client.config import configured_model_path
-from llmctl.core.loader import Device, Dtype, LoadOptions, preflight
-from llmctl.engine import EngineConfig
-from llmctl.engine.vllm_setup import VllmOptions
-from llmctl.engine.vllm_setup import preflight as vllm_preflight
+from llmctl.core.loader import Device, Dtype, LoadOptions, files_preflight, preflight
+from llmctl.core.threads import configure_cpu_threads, resolve_cpu_threads, usable_cores
+from llmctl.doctor.network import check_port
 from llmctl.errors import ModelLoadError
 from llmctl.server.admission import DEFAULT_MAX_BODY_BYTES, AdmissionLimits
-from llmctl.server.app import HTTPOptions, create_app
-from llmctl.server.runner import run_server
+from llmctl.server.runner import ServeError, run_server
 from llmctl.server.security import load_api_keys
-from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.store import ResponseState, default_store_url, open_store
 from llmctl.server.store.state import DEFAULT_LEASE_S, DEFAULT_TTL_S
 from llmctl.server.tools import ToolCallParser
@@ -41,7 +42,10 @@ def setup_logging(level: str) -> None:
     )
     for noisy in ("waitress.queue", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Our own log lines time each loading step; transformers' progress bars only clutter the log.
+
+
+def quiet_libraries() -> None:
+    """Our own log lines time each loading step; transformers' progress bars only clutter the log."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -57,6 +61,15 @@ def open_responses(url: str | None, ttl: float, max_mb: float) -> ResponseState 
     lease = float(os.environ.get(envvars.RESPONSES_LEASE) or DEFAULT_LEASE_S)
     log.info("Stored responses: %s", store.describe())
     return ResponseState(store, ttl=ttl, max_bytes=int(max_mb * 1024 * 1024), lease_s=lease)
+
+
+def port_preflight(host: str, port: int) -> None:
+    """Fail before anything loads when the port cannot be listened on (IPv6 hosts: the server says)."""
+    if port == 0 or ":" in host:
+        return
+    check = check_port(port, host or "0.0.0.0")
+    if check.status != "ok":
+        raise ServeError(f"Cannot listen on {host}:{port}: {check.finding}. {check.fix}")
 
 
 def serve(
@@ -186,8 +199,17 @@ def serve(
     responses_max_mb: Annotated[float, typer.Option(
         envvar=envvars.RESPONSES_MAX_MB, min=1,
         help="Size bound of the stored responses (their JSON, in MB): beyond it the oldest are deleted.")] = 1024,
+    cpu_threads: Annotated[int | None, typer.Option(
+        envvar=envvars.CPU_THREADS, min=1,
+        help="Torch's compute threads. Default: the cores this process may use (its CPU affinity and cgroup "
+        "quota) minus one, with idle threads sleeping instead of spinning, which holds up on a machine that "
+        "other work also uses.")] = None,
+    http_threads: Annotated[int | None, typer.Option(
+        envvar=envvars.HTTP_THREADS, min=4,
+        help="HTTP server threads (each streaming request holds one). Default: max-num-seqs + max-waiting + "
+        "16.")] = None,
     threads: Annotated[int | None, typer.Option(
-        envvar=envvars.THREADS, min=4, help="HTTP worker threads. Default: max-num-seqs + max-waiting + 16.")] = None,
+        envvar=envvars.THREADS, min=4, hidden=True, help="Deprecated name of --http-threads.")] = None,
     engine_kind: Annotated[EngineKind, typer.Option(
         "--engine", envvar=envvars.ENGINE,
         help="builtin: llmctl's own engine (starts in seconds). vllm: vLLM's engine in this process (make install "
@@ -215,20 +237,17 @@ def serve(
 ) -> None:
     """Serve a chat model with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
     setup_logging(log_level)
+    if threads is not None:
+        log.warning("--threads (LLMCTL_THREADS) is deprecated: it sets the HTTP server threads; use --http-threads "
+                    "(LLMCTL_HTTP_THREADS). Torch's compute threads are --cpu-threads.")
+        http_threads = http_threads or threads
     model_path = configured_model_path(config, model_path)
     load = LoadOptions(
         model_path=model_path, dtype=dtype, device=device,
         quantization=LoadOptions.quantization_from_flags(load_in_8bit, load_in_4bit),
         max_model_len=max_model_len, served_model_name=served_model_name,
     )
-    engine_options = None
     if engine_kind == "vllm":
-        engine_options = VllmOptions(
-            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-            distributed_executor_backend=(None if distributed_executor_backend == "auto"
-                                          else distributed_executor_backend),
-            enforce_eager=enforce_eager)
         if attention != "auto":
             raise ModelLoadError("--attention applies to the builtin engine; vLLM chooses its own attention backend.")
         if max_prefill_tokens is not None:
@@ -236,7 +255,6 @@ def serve(
                                  "--max-batched-tokens.")
         if prefill_wait_ms is not None:
             raise ModelLoadError("--prefill-wait-ms applies to the builtin engine; vLLM schedules prefills itself.")
-        vllm_preflight(load, engine_options)
     else:
         only_vllm = [flag for flag, given in (
             ("--tensor-parallel-size", tensor_parallel_size != 1),
@@ -246,15 +264,35 @@ def serve(
             ("--enforce-eager", enforce_eager)) if given]
         if only_vllm:
             raise ModelLoadError(f"{only_vllm[0]} applies to vLLM's engine: add --engine vllm.")
+    files_preflight(load)
+    port_preflight(host, port)
+    keys = load_api_keys(api_key or [], api_key_file)
+    compute_threads = resolve_cpu_threads(cpu_threads)
+    configure_cpu_threads(compute_threads)  # before torch is imported: OpenMP reads its wait policy then
+    log.info("Compute: %d torch thread(s) of %d usable core(s)%s", compute_threads, usable_cores(),
+             "" if cpu_threads else " (--cpu-threads to change)")
+    quiet_libraries()
+    from llmctl.engine import EngineConfig
+    from llmctl.engine.vllm_setup import VllmOptions
+    from llmctl.engine.vllm_setup import preflight as vllm_preflight
+    from llmctl.server.app import HTTPOptions, create_app
+    from llmctl.server.service import Service, ServiceSettings
+
+    engine_options = None
+    if engine_kind == "vllm":
+        engine_options = VllmOptions(
+            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+            distributed_executor_backend=(None if distributed_executor_backend == "auto"
+                                          else distributed_executor_backend),
+            enforce_eager=enforce_eager)
+        vllm_preflight(load, engine_options)
+    else:
         preflight(load)
     engine = EngineConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                           max_prefill_tokens=max_prefill_tokens, prefill_wait_ms=prefill_wait_ms,
                           max_waiting=max_waiting, kv_cache_tokens=kv_cache_tokens,
                           prefix_cache_tokens=prefix_cache_tokens, attention=attention)
-    keys = load_api_keys(api_key or [], api_key_file)
-    if not keys and host in ("0.0.0.0", "::", ""):
-        log.warning("Listening on all interfaces (%s) without an API key: anyone who can reach this port can use "
-                    "the model. Pass --api-key, or --host 127.0.0.1 for local use only.", host or "*")
     responses = open_responses(responses_store, responses_ttl, responses_max_mb)
     service = Service(ServiceSettings(load=load, engine=engine, engine_kind=engine_kind, engine_options=engine_options,
                                       request_timeout=request_timeout,
@@ -268,9 +306,17 @@ def serve(
     origins = tuple(o.strip() for o in allowed_origins.split(",") if o.strip())
     app = create_app(service, HTTPOptions(max_body_bytes=max_body_bytes, api_keys=keys,
                                           public_metrics=public_metrics, allowed_origins=origins))
+
+    def warn_if_open() -> None:
+        if not keys and host in ("0.0.0.0", "::", ""):
+            log.warning("Listening on all interfaces (%s) without an API key: anyone who can reach this port can use "
+                        "the model. Pass --api-key, or --host 127.0.0.1 for local use only.", host or "*")
+
     # Every generating request holds a thread; /health has threads of its own (server/transport.py).
-    threads = threads or max_num_seqs + max_waiting + 16
+    http_threads = http_threads or max_num_seqs + max_waiting + 16
     limits = TransportLimits(header_timeout=header_timeout, body_timeout=body_timeout,
-                             max_connections=max_connections, max_client_connections=max_client_connections or threads)
-    code = run_server(app, service, host, port, threads=threads, grace_period=grace_period, limits=limits)
+                             max_connections=max_connections,
+                             max_client_connections=max_client_connections or http_threads)
+    code = run_server(app, service, host, port, threads=http_threads, grace_period=grace_period, limits=limits,
+                      on_listening=warn_if_open)
     raise typer.Exit(code)

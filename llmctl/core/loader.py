@@ -275,6 +275,11 @@ def preflight(options: LoadOptions) -> None:
     """The checks that take milliseconds, run before a server opens its port or a load starts."""
     device = resolve_device(options.device)
     quantization_config(options.quantization, device, resolve_dtype(options.dtype, device))
+    files_preflight(options)
+
+
+def files_preflight(options: LoadOptions) -> None:
+    """The checks of the model files (path, config, shards, tokenizer): they need no torch, so they come first."""
     if options.model_path is None:
         from llmctl.core.embedded import embedded_gguf_path, embedded_model_dir
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llmctl import envvars
 from llmctl.core import hardware
+from llmctl.core.threads import resolve_cpu_threads, usable_cores
 from llmctl.doctor.fit import (
     SERVE_KV_CACHE_TOKENS,
     FitPrediction,
@@ -294,6 +295,23 @@ def check_disk(info: ModelInfo | None, cache: Path) -> Check:
     return Check("Disk", "ok", finding, details=details)
 
 
+def check_cpu_load(requested: str | None = None, load: float | None = None) -> Check:
+    """The compute threads `llmctl serve` would use here, and whether other work already fills the cores."""
+    cores = usable_cores()
+    threads = resolve_cpu_threads(int(requested) if requested and requested.isdigit() else None)
+    load = os.getloadavg()[0] if load is None else load
+    details = {"usable_cores": cores, "cpu_threads": threads, "load_average_1m": round(load, 2)}
+    finding = (f"llmctl serve would use {threads} compute thread(s) of {cores} usable core(s); load average "
+               f"{load:.1f}")
+    if load > cores:
+        return Check("CPU load", "warning", f"{finding}: other work keeps more than the {cores} core(s) busy, so "
+                     "generation will be slow and uneven",
+                     "Stop or pause the other work, or serve on a machine with idle cores; keep the default "
+                     "--cpu-threads (or lower it, down to --cpu-threads 1): more threads than idle cores make "
+                     "decoding several times slower.", details)
+    return Check("CPU load", "ok", finding, details=details)
+
+
 @dataclass
 class Report:
     checks: list[Check]
@@ -333,7 +351,8 @@ def run_doctor(options: DoctorOptions) -> Report:
                                    options.kv_cache_tokens)
     except Exception as exc:
         fit_check, fit = _could_not_check("Fit", exc), None
-    checks += [fit_check, _guarded("Disk", check_disk, info, cache_dir())]
+    checks += [fit_check, _guarded("Disk", check_disk, info, cache_dir()),
+               _guarded("CPU load", check_cpu_load, os.environ.get(envvars.CPU_THREADS))]
     if options.vllm is not None:
         try:
             checks += vllm_checks(machine, fit, options.vllm)

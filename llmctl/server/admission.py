@@ -16,9 +16,12 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from llmctl.engine import Sequence
 from llmctl.errors import QueueFull
+
+if TYPE_CHECKING:  # `llmctl serve` reads this module's defaults before torch is loaded
+    from llmctl.engine import Sequence
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 RETRY_AFTER_S = 1

@@ -73,6 +73,8 @@ class ServiceMetrics:
                                  registry=r)
         self.g_gpu_reserved = Gauge("llmctl_gpu_memory_reserved_bytes", "GPU memory reserved by PyTorch.",
                                     registry=r)
+        self.g_cpu_threads = Gauge("llmctl_cpu_threads", "Torch's intra-op compute threads (--cpu-threads).",
+                                   registry=r)
         self.g_rss = Gauge("llmctl_process_resident_memory_bytes", "Resident memory of the service.", registry=r)
         self.g_kv_usage = Gauge("llmctl_kv_cache_usage_ratio", "Share of the KV cache in use (0..1), where the "
                                 "engine reports it.", registry=r)

@@ -7,10 +7,14 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from llmctl.errors import LLMCtlError
-from llmctl.server.service import Service
 from llmctl.server.transport import TransportLimits, create_guarded_server, open_channels
+
+if TYPE_CHECKING:  # `llmctl serve` imports this module (ServeError) before torch is loaded
+    from llmctl.server.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +31,9 @@ def transport_body_limit(app) -> int:
 
 
 def run_server(app, service: Service, host: str, port: int, threads: int, grace_period: float,
-               limits: TransportLimits | None = None) -> int:
-    """Open the port at once, load the model behind it, serve until a signal, then drain and exit 0."""
+               limits: TransportLimits | None = None, on_listening: Callable[[], None] | None = None) -> int:
+    """Open the port at once, load the model behind it, serve until a signal, then drain and exit 0.
+    ``on_listening`` runs once the port is bound (warnings that only matter for a server that started)."""
     try:
         server = create_guarded_server(app, host, port, threads, limits or TransportLimits(),
                                        transport_body_limit(app))
@@ -43,7 +48,9 @@ def run_server(app, service: Service, host: str, port: int, threads: int, grace_
         stop.set()
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    log.info("Listening on http://%s:%d (%d worker threads)", host, port, threads)
+    log.info("Listening on http://%s:%d (%d HTTP threads)", host, port, threads)
+    if on_listening is not None:
+        on_listening()
     service.load_in_background()
     loop = threading.Thread(target=server.run, name="llmctl-http", daemon=True)
     loop.start()

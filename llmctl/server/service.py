@@ -11,6 +11,7 @@ from typing import Any
 
 from llmctl import __version__
 from llmctl.core import hardware
+from llmctl.core.threads import current_cpu_threads
 from llmctl.core.loader import LoadedModel, LoadOptions, load_model
 from llmctl.engine import Engine, EngineConfig, Sequence
 from llmctl.engine.text import TokenText
@@ -150,6 +151,7 @@ class Service:
             "status": status,
             "model": self.loaded.name if self.loaded else None,
             "device": self.loaded.device if self.loaded else None,
+            "cpu_threads": current_cpu_threads(),
             "cuda_available": hardware.torch_cuda_available(),
             "cuda_device_count": hardware.cuda_device_count(),
             "memory_allocated_gb": round(gpu.allocated_gb, 3),
@@ -192,6 +194,7 @@ class Service:
             "gpu_memory_reserved_gb": round(gpu.reserved_gb, 3),
             "gpu_name": names[0] if names else None,
             "process_rss_gb": round(hardware.process_rss_gb(), 3),
+            "cpu_threads": current_cpu_threads(),
             **self.metrics.snapshot(),
             "running": engine.running if engine else 0,
             "waiting": engine.waiting if engine else 0,
@@ -215,6 +218,7 @@ class Service:
         m.g_gpu_alloc.set(gpu.allocated_gb * hardware.GIB)
         m.g_gpu_reserved.set(gpu.reserved_gb * hardware.GIB)
         m.g_rss.set(hardware.process_rss_gb() * hardware.GIB)
+        m.g_cpu_threads.set(current_cpu_threads())
         if self.engine is not None:
             m.g_kv_usage.set(self.engine.stats.kv_cache_usage)
             m.observe_prefix_cache(self.engine.stats.prefix_cache_queries, self.engine.stats.prefix_cache_hits)

@@ -74,7 +74,7 @@ def test_healthy_tiny_model_passes_every_check(tiny_model):
     checks = by_id(report)
     assert code == 0 and report["exit_code"] == 0, report
     assert list(checks) == ["python_packages", "cuda", "bitsandbytes", "model_path", "config", "architecture",
-                            "weights", "tokenizer", "chat_template", "fit", "disk", "port"]
+                            "weights", "tokenizer", "chat_template", "fit", "disk", "cpu_load", "port"]
     for name in ("model_path", "config", "architecture", "weights", "tokenizer", "chat_template", "fit",
                  "port"):
         assert checks[name]["status"] == "ok", checks[name]
@@ -549,6 +549,16 @@ def fake_server():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def test_cpu_load_shows_the_threads_and_warns_when_the_cores_are_busy():
+    cores = doc.usable_cores()
+    calm = doc.check_cpu_load(None, load=0.0)
+    assert calm.status == "ok" and calm.details["cpu_threads"] == max(1, cores - 1)
+    assert f"{max(1, cores - 1)} compute thread(s) of {cores} usable core(s)" in calm.finding
+    busy = doc.check_cpu_load("1", load=cores + 5.0)
+    assert busy.status == "warning" and busy.details["cpu_threads"] == 1
+    assert "--cpu-threads" in busy.fix and "other work" in busy.finding
 
 
 def test_free_port_is_ok():
