@@ -11,8 +11,8 @@ from typing import Any
 
 from llmctl import __version__
 from llmctl.core import hardware
-from llmctl.core.threads import current_cpu_threads
 from llmctl.core.loader import LoadedModel, LoadOptions, load_model
+from llmctl.core.threads import current_cpu_threads
 from llmctl.engine import Engine, EngineConfig, Sequence
 from llmctl.engine.text import TokenText
 from llmctl.errors import LLMCtlError, ModelNotFound, Unavailable
