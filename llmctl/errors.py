@@ -70,6 +70,11 @@ class RequestTimeout(LLMCtlError):
     type = "timeout_error"
     code = "request_timeout"
 
+    def headers(self) -> dict[str, str]:
+        # The openai and anthropic SDKs retry a 408 twice unless told not to: the same request would
+        # run out of time again, at three times the cost.
+        return {"x-should-retry": "false"}
+
 
 class QueueFull(LLMCtlError):
     status = 429

@@ -159,7 +159,7 @@ class ServerProcess:
             self.stop()
         return self.proc.stdout.read() if self.proc.stdout else ""
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = 300) -> int:  # a bound for a hang: draining waits for a busy machine
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

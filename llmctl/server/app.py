@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
+import uuid
 from dataclasses import dataclass
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from prometheus_client.exposition import choose_encoder
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -21,6 +24,9 @@ from llmctl.server.service import Service
 log = logging.getLogger(__name__)
 
 ANTHROPIC_PREFIX = "/v1/messages"
+REQUEST_ID_HEADER = "x-request-id"
+# A client's id is kept when it is printable and short, so that it cannot forge or flood log lines.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 HTTP_ERROR_TYPES = {400: ("invalid_request_error", None), 404: ("invalid_request_error", "not_found"),
                     405: ("invalid_request_error", "method_not_allowed"),
                     413: ("invalid_request_error", "request_too_large"),
@@ -38,10 +44,19 @@ def error_response(exc: LLMCtlError) -> Response:
 
 
 def error_body(status: int, body: dict) -> dict:
-    """An OpenAI error body as the route's API spells errors: Anthropic's envelope on /v1/messages."""
+    """An OpenAI error body as the route's API spells errors (Anthropic's envelope on /v1/messages), with the
+    request's id, so that a client's error report names the server's log line."""
     if request.path.startswith(ANTHROPIC_PREFIX):
-        return anthropic.error_body(status, body["error"]["message"])
-    return body
+        return {**anthropic.error_body(status, body["error"]["message"]), "request_id": request_id()}
+    return {"error": {**body["error"], "request_id": request_id()}}
+
+
+def request_id() -> str:
+    """This request's id: the client's own x-request-id when it sent a usable one, else a new one."""
+    if "request_id" not in g:
+        sent = request.headers.get(REQUEST_ID_HEADER, "")
+        g.request_id = sent if REQUEST_ID_PATTERN.fullmatch(sent) else f"req_{uuid.uuid4().hex}"
+    return g.request_id
 
 
 def wants_prometheus() -> bool:
@@ -87,17 +102,29 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
         headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
         return json_response(error_body(exc.code or 500, body), exc.code or 500, headers)
 
+    @app.before_request
+    def _start():
+        g.started = time.perf_counter()
+        request_id()
+
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
-        log.exception("Unhandled error on %s %s", request.method, request.path)
+        log.exception("Unhandled error on %s %s (request %s)", request.method, request.path, request_id())
         body = {"error": {"message": "Internal server error; see the server log.", "type": "server_error",
                           "param": None, "code": "internal_error"}}
         return json_response(error_body(500, body), 500)
 
     @app.after_request
     def _count(response: Response):
+        response.headers[REQUEST_ID_HEADER] = request_id()
+        if request.path.startswith(ANTHROPIC_PREFIX):  # the header Anthropic's API and SDK use
+            response.headers["request-id"] = request_id()
         if request.method == "OPTIONS":  # CORS preflights are not requests to the API
             return response
+        if request.path.startswith("/v1/"):  # probes of /health and /metrics would drown the API's lines
+            log.info("%s %s %d %.3fs%s request_id=%s", request.method, request.path, response.status_code,
+                     time.perf_counter() - g.get("started", time.perf_counter()),
+                     " (stream)" if response.is_streamed else "", request_id())
         route = request.url_rule.rule if request.url_rule else "unmatched"
         service.metrics.count_request(route, response.status_code)
         return response

@@ -83,7 +83,8 @@ def install_cors(app: Flask, origins: tuple[str, ...]) -> None:
 
     # Any request header is allowed: the OpenAI JS SDK sends its own (x-stainless-*), and the
     # origin list, not the header list, is what guards the service.
-    CORS(app, origins=list(origins), methods=["GET", "POST", "DELETE", "OPTIONS"], expose_headers=["Retry-After"],
+    CORS(app, origins=list(origins), methods=["GET", "POST", "DELETE", "OPTIONS"],
+         expose_headers=["Retry-After", "x-request-id"],
          max_age=600)
 
     @app.after_request

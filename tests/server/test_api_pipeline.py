@@ -90,6 +90,7 @@ def test_timeout_is_408_on_every_route(slow_server, route):
     r = httpx.post(url + route, json=body, timeout=30)
     assert r.status_code == 408, r.text
     assert r.json()["error"]["type"] == "timeout_error"
+    assert r.headers["x-should-retry"] == "false", "the SDKs would run the request twice more"
     if route == "/v1/messages":
         assert r.json()["type"] == "error"
     assert wait_for(lambda: service.engine.running == 0)

@@ -181,6 +181,7 @@ class AnthropicError(_Strict):
 
     type: Literal["error"]
     error: AnthropicErrorDetail
+    request_id: str | None = None  # the response's x-request-id, as in Anthropic's own API
 
 
 # ---- /tokenize, /detokenize -------------------------------------------------------------------
