@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from llmctl.engine.structured import JSON_OPTIONS
-
 
 @dataclass(frozen=True)
 class Function:
@@ -27,6 +25,9 @@ def openai_call(name: str, arguments: Any) -> dict:
 
 def json_rule(schema: dict | bool) -> str:
     """A Lark rule body (llguidance's dialect) for JSON valid against ``schema``, written as json.dumps writes it."""
+    from llmctl.engine.structured import JSON_OPTIONS  # here, not above: `llmctl serve` reads this package
+    # before its preflight, and the engine loads torch
+
     body = schema if isinstance(schema, dict) else {}
     return "%json " + json.dumps({"x-guidance": JSON_OPTIONS, **body}, ensure_ascii=False)
 
