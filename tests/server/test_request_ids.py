@@ -38,8 +38,8 @@ def test_a_clients_own_id_is_kept_and_a_bad_one_replaced(client):
     assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
     for path in ("/health", "/v1/models", "/nowhere"):
         assert client.get(path).headers["x-request-id"].startswith("req_")
-    streamed = client.build_request("POST", "/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "stream": True},
-                             headers={"x-request-id": "stream-1"})
+    body = {"messages": USER, "max_tokens": 2, "stream": True}
+    streamed = client.build_request("POST", "/v1/chat/completions", json=body, headers={"x-request-id": "stream-1"})
     response = client.send(streamed, stream=True)
     assert response.headers["x-request-id"] == "stream-1"
     response.read()
