@@ -42,6 +42,9 @@ def setup_logging(level: str) -> None:
     )
     for noisy in ("waitress.queue", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes' CPU backend asks for an optional package ("pip install kernels") when it is imported; its own
+    # kernels serve without it, so the line only worries the operator.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def quiet_libraries() -> None:

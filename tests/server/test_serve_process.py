@@ -182,3 +182,12 @@ def test_a_taken_port_fails_before_the_listening_warning():
             run_server(app, None, "127.0.0.1", taken.getsockname()[1], threads=4, grace_period=0,
                        on_listening=lambda: warned.append(True))
     assert warned == []
+
+
+def test_the_serve_log_leaves_out_bitsandbytes_optional_kernels_line():
+    """bitsandbytes' CPU backend logs a "pip install kernels" warning when imported; serve's log keeps it out."""
+    code = ("from llmctl.cli.serve import setup_logging; setup_logging('info');"
+            "import logging; import bitsandbytes.backends.cpu.ops; logging.getLogger('llmctl.serve').info('after')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "after" in done.stdout and "pip install kernels" not in done.stdout + done.stderr
