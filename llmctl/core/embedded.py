@@ -72,7 +72,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("Converting %s to a bf16 model folder in %s (once; about 25 s on two idle cores, longer on a busy machine)", gguf.name, target)
+    log.info("Converting %s to a bf16 model folder in %s (once; about 25 s on two idle cores)", gguf.name, target)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
