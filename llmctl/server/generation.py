@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import time
@@ -34,6 +35,8 @@ def chat_prompt(loaded: LoadedModel, messages: list[dict], tools: list[dict] | N
 
     extra = {"tools": tools} if tools else {}
     messages = named_results(messages)
+    if NINE_CHAR_IDS in str(loaded.tokenizer.chat_template or ""):
+        messages = nine_char_ids(messages)
     try:
         text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                     tokenize=False, **extra)
@@ -60,6 +63,32 @@ def named_results(messages: list[dict]) -> list[dict]:
         answers = message.get("tool_call_id")
         name = names.get(answers) if message.get("role") == "tool" and isinstance(answers, str) else None
         out.append({**message, "name": name} if name and not message.get("name") else message)
+    return out
+
+
+# Mistral's chat templates refuse a tool call id that is not 9 letters and digits, with this message.
+NINE_CHAR_IDS = "alphanumeric strings with length 9"
+
+
+def nine_char_ids(messages: list[dict]) -> list[dict]:
+    """Tool call ids as Mistral's templates require them (9 letters and digits), each call and its result
+    mapped alike: the last 9 letters and digits of the id (OpenAI's `call_...` and Anthropic's `toolu_...`
+    ids end in more than 9), or a hash of a shorter id."""
+
+    def short(call_id: object) -> object:
+        if not isinstance(call_id, str):
+            return call_id
+        alnum = "".join(c for c in call_id if c.isascii() and c.isalnum())
+        return alnum[-9:] if len(alnum) >= 9 else hashlib.sha256(call_id.encode()).hexdigest()[:9]
+
+    out = []
+    for message in messages:
+        if message.get("tool_calls"):
+            message = {**message, "tool_calls": [{**call, "id": short(call.get("id"))} if isinstance(call, dict)
+                                                 else call for call in message["tool_calls"]]}
+        if "tool_call_id" in message:
+            message = {**message, "tool_call_id": short(message["tool_call_id"])}
+        out.append(message)
     return out
 
 

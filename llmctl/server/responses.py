@@ -131,6 +131,7 @@ class Health(_Strict):
     status: Literal["loading", "ready", "error", "shutting_down", "stopped"]
     model: str | None
     device: str | None
+    cpu_threads: int
     cuda_available: bool
     cuda_device_count: int
     memory_allocated_gb: float

@@ -8,16 +8,19 @@ give the same prompt, with the calls' arguments as objects and each result next 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import jinja2
 import pytest
 from transformers import AutoTokenizer
 
 from llmctl.server import schemas
 from llmctl.server.api import anthropic, responses_api
-from llmctl.server.generation import named_results
+from llmctl.server.generation import chat_prompt, named_results
 from llmctl.server.testing import build_tiny_model, serve_in_thread
 from tests.conftest import make_service
 
@@ -105,3 +108,22 @@ def test_the_routes_count_the_same_prompt(tmp_path_factory):
         text = client.post("/detokenize", json={"tokens": client.post("/tokenize", json=CHAT).json()["tokens"]})
         assert "functions.get_weather to=assistant" in text.json()["prompt"]  # the result names its call
     service.shutdown()
+
+
+def test_mistral_templates_get_nine_character_call_ids(tiny_model):
+    """Mistral's templates refuse ids that are not 9 letters and digits; each API's ids are mapped alike."""
+    check = ('{%- for message in messages %}{%- for call in message.tool_calls or [] %}'
+             '{%- if not (call.id is string and call.id | length == 9) %}'
+             '{{- raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}'
+             '{%- endif %}{%- endfor %}{%- endfor %}')
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = check + (TEMPLATES / "mistral.jinja").read_text()
+    loaded = SimpleNamespace(tokenizer=tokenizer)
+    long_ids = json.loads(json.dumps(CHAT).replace('"c1"', '"call_0a1b2c3d4e5f6a7b8c9d0e1f"')
+                          )
+    text = tokenizer.decode(chat_prompt(loaded, long_ids["messages"], long_ids["tools"]))
+    assert text.count('"b8c9d0e1f"') == 2 and "call_0a1b" not in text  # the call and its result alike
+    short = hashlib.sha256(b"c2").hexdigest()[:9]  # an id shorter than 9 is hashed
+    assert text.count(short) == 2
+    with pytest.raises(jinja2.TemplateError, match="length 9"):  # without the mapping the template refuses them
+        tokenizer.apply_chat_template(long_ids["messages"], tools=long_ids["tools"], tokenize=False)
