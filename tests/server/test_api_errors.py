@@ -11,7 +11,7 @@ def assert_error(r, status: int, *, param=None, code=None, contains: str | None 
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
     assert error["message"] and "Traceback" not in error["message"]
     if param is not None:
         assert error["param"] == param

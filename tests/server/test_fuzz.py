@@ -75,7 +75,7 @@ def test_no_request_gets_a_5xx(base_url, payload):
         assert r.status_code < 500, (payload, r.status_code, r.text)
         if r.status_code >= 400:
             error = r.json()["error"]
-            assert set(error) == {"message", "type", "param", "code"}
+            assert set(error) == {"message", "type", "param", "code", "request_id"}
             assert "Traceback" not in error["message"]
         elif r.headers["content-type"].startswith("text/event-stream"):
             assert r.text.rstrip().endswith("data: [DONE]")
@@ -161,7 +161,7 @@ def test_no_request_on_the_other_routes_gets_a_5xx(base_url, route_and_body):
         if route.startswith("/v1/messages"):
             assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
         else:
-            assert set(body["error"]) == {"message", "type", "param", "code"}
+            assert set(body["error"]) == {"message", "type", "param", "code", "request_id"}
         assert "Traceback" not in r.text
     elif r.headers["content-type"].startswith("text/event-stream"):
         last = [line for line in r.text.splitlines() if line.startswith(("data: ", "event: "))][-2:]

@@ -17,7 +17,7 @@ MAX_TOKENS = {"chat": "max_tokens", "completions": "max_tokens", "responses": "m
 def openai_error(r, status: int = 400) -> dict:
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
     return error
 
 

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from llmctl.errors import NotFound
 from llmctl.server import schemas
+from llmctl.server.api import rules
 from llmctl.server.api.responses_api import FunctionCallItem, FunctionCallOutputItem, MessageItem, OtherItem
 from llmctl.server.api.stored import item_dicts, new_id, owner, page, state_of
 from llmctl.server.schemas import _Lenient
@@ -27,7 +28,7 @@ Metadata = Annotated[dict[str, str], Field(max_length=16)]
 
 
 class ConversationRequest(_Lenient):
-    items: Annotated[list[Item], Field(max_length=20)] | None = None
+    items: Annotated[list[Item], Field(max_length=20), rules.documented(rules.conversation_items(0, 20))] | None = None
     metadata: Metadata | None = None
 
 
@@ -36,7 +37,7 @@ class ConversationUpdate(_Lenient):
 
 
 class ItemsRequest(_Lenient):
-    items: Annotated[list[Item], Field(min_length=1, max_length=20)]
+    items: Annotated[list[Item], Field(min_length=1, max_length=20), rules.documented(rules.conversation_items(1, 20))]
 
 
 def _conversation(conversation: dict) -> dict:

@@ -161,3 +161,8 @@ ANTHROPIC_RULES: list[Any] = [{
 }]
 # Responses: a tool_choice that asks for a call ("required", a named function) needs tools.
 RESPONSES_RULES: list[Any] = [FORCED_TOOL_NEEDS_TOOLS]
+
+
+def conversation_items(min_items: int, max_items: int) -> dict:
+    """A conversation's items: the input items a response reads (messages, calls, their outputs, reasoning)."""
+    return {"type": "array", "items": INPUT_ITEMS["items"], "minItems": min_items, "maxItems": max_items}
