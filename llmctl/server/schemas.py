@@ -186,11 +186,6 @@ class ChatCompletionRequest(OpenAISampling):
     model_config = ConfigDict(json_schema_extra={"allOf": rules.CHAT_RULES})
 
 
-def parse_request(body: object) -> ChatCompletionRequest:
-    """A chat completion request (see `parse_body`)."""
-    return parse_body(ChatCompletionRequest, body)
-
-
 # pydantic's type errors, and the kinds of JSON value a value of that type is near to.
 NEAR_KINDS: dict[str, type | tuple[type, ...]] = {
     "string_type": str, "int_type": (int, float), "float_type": (int, float), "list_type": list,

@@ -244,7 +244,7 @@ def test_an_agents_tool_history_reaches_the_chat_template(tiny_service):
         "{% for m in messages %}[{{ m.role }}]{{ m.content }}"
         "{% for c in m.tool_calls or [] %}<call {{ c.function.name }} city={{ c.function.arguments.city }}>"
         "{% endfor %}{% if m.tool_call_id %}<result of {{ m.tool_call_id }}>{% endif %}{% endfor %}")
-    request = schemas.parse_request({"messages": [
+    request = schemas.parse_body(schemas.ChatCompletionRequest, {"messages": [
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
             "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},

@@ -31,7 +31,7 @@ def test_logprobs_are_the_models_own(client, tiny_service):
         assert entry["logprob"] <= 0
     # The first token's alternatives are those of a forward pass over the prompt, done here by hand.
     loaded = tiny_service.loaded
-    prompt = build_prompt(loaded, schemas.parse_request(ASK))
+    prompt = build_prompt(loaded, schemas.parse_body(schemas.ChatCompletionRequest, ASK))
     with torch.inference_mode():
         logits = loaded.model(input_ids=torch.tensor([prompt])).logits[0, -1].float()
     values, ids = torch.log_softmax(logits, -1).topk(5)
