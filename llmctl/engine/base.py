@@ -97,6 +97,8 @@ class Sequence:
         # Its place in params.constraint's grammar (a structured.Matcher), advanced by each token it
         # generates: it goes with the sequence through preemption and resumption.
         self.matcher: Any = None
+        # Its place in params.thinking (a thinking.ThinkingState), which holds the matcher until the answer.
+        self.thinking: Any = None
 
     def fork(self, n: int) -> list[Sequence]:
         """This sequence and n - 1 more choices for the same prompt, submitted together with it.

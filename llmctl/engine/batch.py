@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from llmctl.engine import thinking
 from llmctl.engine.base import Sequence
 from llmctl.engine.kv import SharedPrefix
 from llmctl.engine.sampling import BatchSampler
@@ -164,8 +165,11 @@ def sample(batch: Batch, logits: torch.Tensor, device: torch.device) -> torch.Te
         batch.sampler.refresh([s.params for s in batch.seqs], [s.generator for s in batch.seqs], batch.counts,
                               [s.matcher for s in batch.seqs])
     tokens = batch.sampler.sample(logits)
+    thinking.force(batch.seqs, tokens)  # rows at their thinking budget write its closing text
     for row, logprobs in batch.sampler.logprobs(logits, tokens):
         batch.seqs[row].logprobs.append(logprobs)
     batch.sampler.observe(tokens)
+    if thinking.observe(batch.seqs, tokens):  # a row's answer grammar starts: masks to rebuild
+        batch.sampler = None
     batch.last = tokens
     return tokens

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from llmctl.core import hardware
-from llmctl.engine import attention
+from llmctl.engine import attention, thinking
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
 from llmctl.engine.batch import Batch, merge, sample, select_rows
 from llmctl.engine.kv import SharedView
@@ -111,6 +111,7 @@ class BuiltinEngine(Prefills):
                 param="max_tokens",
             )
         attach_matchers(self.grammars, (seq, *seq.forks))
+        thinking.attach((seq, *seq.forks))
         with self._cond:
             if self._stopping:
                 raise Unavailable("The server is shutting down.", retry_after=None, code="shutting_down")

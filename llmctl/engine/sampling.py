@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmctl.engine.structured import BatchMasks, Constraint, Matcher
+from llmctl.engine.thinking import Thinking
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; N >= 0: each token's log-probability and the N most likely
     constraint: Constraint | None = None  # what the output must match (JSON schema, regex, grammar)
+    # A reasoning model's thinking: its end, its budget; the constraint then applies after it.
+    thinking: Thinking | None = None
 
     @property
     def greedy(self) -> bool:
