@@ -84,4 +84,4 @@ def test_the_check_finds_what_the_doc_used_to_name():
     stale = ("`server/app.py: chat_completions` `server/service.py: Service.chat` `Service.chat` `Service._sse` "
              "`Service._record` `engine/nowhere.py: run` `server/nowhere.py`")
     assert len(problems(stale)) == 7, problems(stale)
-    assert not problems("`server/service.py: Service.start` `Run.end` `engine/batch.py: merge` `detect.py`")
+    assert not problems("`server/service.py: Service.start` `Run.end` `engine/batch.py: merge` `tools/detect.py`")

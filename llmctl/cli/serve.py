@@ -22,6 +22,7 @@ from llmctl.core.threads import configure_cpu_threads, resolve_cpu_threads, usab
 from llmctl.doctor.network import check_port
 from llmctl.errors import ModelLoadError
 from llmctl.server.admission import DEFAULT_MAX_BODY_BYTES, AdmissionLimits
+from llmctl.server.reasoning import ReasoningParserName
 from llmctl.server.runner import ServeError, run_server
 from llmctl.server.security import load_api_keys
 from llmctl.server.store import ResponseState, default_store_url, open_store
@@ -189,6 +190,13 @@ def serve(
         "--enable-auto-tool-choice", envvar=envvars.ENABLE_AUTO_TOOL_CHOICE,
         help="Accepted for vLLM's command lines: llmctl always parses tool calls under tool_choice 'auto' "
         "when it has a parser.")] = False,
+    reasoning_parser: Annotated[ReasoningParserName, typer.Option(
+        envvar=envvars.REASONING_PARSER,
+        help="How the model marks its thinking, with vLLM's names: deepseek_r1 (DeepSeek-R1 and distills), qwen3 "
+        "(Qwen3, QwQ, SmolLM3: <think>...</think>), openai_gptoss (gpt-oss' analysis channel); the thinking comes "
+        "back apart from the answer (reasoning / reasoning_content, reasoning items, thinking blocks). auto: read "
+        "it from the chat template and tokenizer (logged); none: thinking stays in the answer.",
+    )] = "auto",
     responses_store: Annotated[str | None, typer.Option(
         envvar=envvars.RESPONSES_STORE,
         help="Where /v1/responses keeps responses and conversations: sqlite:///PATH (relative; sqlite:////PATH "
@@ -301,6 +309,7 @@ def serve(
                                       request_timeout=request_timeout,
                                       max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
                                       max_messages=max_messages, tool_call_parser=tool_call_parser,
+                                      reasoning_parser=reasoning_parser,
                                       admission=AdmissionLimits(max_preparing_requests, max_preparing_bytes,
                                                                 max_waiting_tokens).derive(
                                           max_num_seqs=max_num_seqs, max_waiting=max_waiting,

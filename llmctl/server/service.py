@@ -22,10 +22,12 @@ from llmctl.server.engines import ENGINES, Loader
 from llmctl.server.generation import Generation
 from llmctl.server.metrics import ServiceMetrics, prefix_cache_json
 from llmctl.server.pipeline import Ask, Run, TokenLimits, sampling_params
+from llmctl.server.reasoning import ReasoningParser, ReasoningParserName, resolve_reasoning
 from llmctl.server.store import ResponseState
-from llmctl.server.tools import HermesParser, ToolCallParser, ToolParser, hidden_specials, resolve_parser
+from llmctl.server.tools import PARSERS, HermesParser, ToolCallParser, ToolParser, hidden_specials, resolve_parser
 
 log = logging.getLogger(__name__)
+PROMPT_TAIL_TOKENS = 32  # the end of a prompt, decoded, shows whether it opened or closed the thinking
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ServiceSettings:
     default_max_tokens: int | None = None
     max_messages: int = 1024
     tool_call_parser: ToolCallParser | None = "auto"  # a key of llmctl.server.tools.PARSERS, "auto" or "none"
+    reasoning_parser: ReasoningParserName | None = "auto"  # a key of llmctl.server.reasoning.PARSERS, "auto", "none"
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)  # unset bounds derive from `engine`
 
 
@@ -60,6 +63,7 @@ class Service:
         self.engine: Engine | None = None
         self.token_text: TokenText | None = None  # token ids to bytes, for logprobs
         self.tool_format: type[ToolParser] | None = None  # the family whose tool calls are parsed
+        self.reasoning_format: type[ReasoningParser] | None = None  # the family whose thinking is split out
         self.hidden_specials: frozenset[int] | None = None  # special tokens left out of the text (None: all)
         self.draining = False
         self.created = int(time.time())
@@ -87,8 +91,10 @@ class Service:
         self.loaded, self.engine = loaded, engine
         self.token_text = TokenText(loaded.tokenizer)
         self.tool_format, why = resolve_parser(self.settings.tool_call_parser, loaded.tokenizer)
-        self.hidden_specials = hidden_specials(loaded.tokenizer, self.tool_format)
         log.info("Tool calls: %s (%s)", self.tool_format.name if self.tool_format else "not parsed", why)
+        self.reasoning_format, why = resolve_reasoning(self.settings.reasoning_parser, loaded.tokenizer)
+        log.info("Reasoning: %s (%s)", self.reasoning_format.name if self.reasoning_format else "not parsed", why)
+        self.hidden_specials = hidden_specials(loaded.tokenizer, self.tool_format, self.reasoning_format)
         self.status = "ready"
         log.info("Ready: serving %s", loaded.name)
 
@@ -237,12 +243,23 @@ class Service:
     # ---- the request pipeline every API shares (see llmctl.server.pipeline) -----------------
     def tool_parser(self, tools: list[dict] | None, enabled: bool = True, forced: bool = False) -> ToolParser | None:
         """A parser for one choice's answer: when the request sends tools (and does not turn them off with
-        tool_choice "none"), or always for a format whose channels must be read (harmony). A forced call
-        on a server without a parser is written, and so parsed, in the Hermes format."""
-        family = self.tool_format or (HermesParser if forced else None)
+        tool_choice "none"), or always for a format whose channels must be read (harmony, also when the
+        reasoning parser hands on a harmony answer). A forced call on a server without a parser is
+        written, and so parsed, in the Hermes format."""
+        answer_format = self.reasoning_format.answer_format if self.reasoning_format else None
+        family = self.tool_format or (PARSERS[answer_format] if answer_format else None) or (
+            HermesParser if forced else None)
         if family is None or not (tools and enabled or family.always):
             return None
         return family(tools if enabled else None)
+
+    def reasoning_parser(self, prompt: list[int]) -> ReasoningParser | None:
+        """A parser for one choice's output, starting where the rendered ``prompt`` leaves the model."""
+        family = self.reasoning_format
+        if family is None or self.loaded is None:
+            return None
+        tail = self.loaded.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+        return family(family.opening(tail))
 
     def admit(self) -> tuple[LoadedModel, Engine]:
         """The model and engine, when the service is ready and its queue has room (else 503 or 429)."""

@@ -51,16 +51,18 @@ def resolve_parser(name: str | None, tokenizer: Any) -> tuple[type[ToolParser] |
     return chosen, why
 
 
-def hidden_specials(tokenizer: Any, parser: type[ToolParser] | None) -> frozenset[int] | None:
-    """The special tokens to leave out of the text, when ``parser`` needs some of them kept; None: leave out all.
+def hidden_specials(tokenizer: Any, *parsers: Any) -> frozenset[int] | None:
+    """The special tokens to leave out of the text, when ``parsers`` need some of them kept; None: leave out all.
 
-    A family whose calls are marked by special tokens (`[TOOL_CALLS]`, `<|python_tag|>`, harmony's
-    channels) is parsed from text that keeps those tokens; every other special token stays hidden.
+    A family whose calls or thinking are marked by special tokens (`[TOOL_CALLS]`, `<|python_tag|>`,
+    `<think>`, harmony's channels) is parsed from text that keeps those tokens (each parser class names
+    them in ``special_tokens``); every other special token stays hidden.
     """
-    if parser is None or not parser.special_tokens:
+    names = {t for parser in parsers if parser is not None for t in parser.special_tokens}
+    if not names:
         return None
     vocab = tokenizer.get_vocab()
-    kept = {vocab[t] for t in parser.special_tokens if t in vocab}
+    kept = {vocab[t] for t in names if t in vocab}
     if not kept:
         return None
     special = set(getattr(tokenizer, "all_special_ids", []))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+Signs = tuple[tuple[str, tuple[str, ...], str], ...]  # (parser, signs that show it, why), in the order tried
+
 # (parser, what in the chat template shows it, why) in the order they are tried: the more specific first
 # (Qwen3-Coder's template also says <tool_call>; Llama 4's also describes JSON).
-TEMPLATE_SIGNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+TEMPLATE_SIGNS: Signs = (
     ("openai", ("<|channel|>", "<|constrain|>"), "the template writes harmony channels (gpt-oss)"),
     ("qwen3_coder", ("<function=", "<parameter="), "the template writes <function=...><parameter=...> calls"),
     ("hermes", ("<tool_call>",), "the template writes <tool_call> blocks"),
@@ -18,9 +20,9 @@ TEMPLATE_SIGNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
      'the template asks for JSON calls with "parameters" (Llama 3.1/3.2/3.3)'),
 )
 # (parser, a token of the tokenizer's vocabulary that shows it, why): for models whose template says nothing.
-TOKEN_SIGNS: tuple[tuple[str, str, str], ...] = (
-    ("openai", "<|channel|>", "the tokenizer has harmony's <|channel|> token (gpt-oss)"),
-    ("mistral", "[TOOL_CALLS]", "the tokenizer has Mistral's [TOOL_CALLS] token"),
+TOKEN_SIGNS: Signs = (
+    ("openai", ("<|channel|>",), "the tokenizer has harmony's <|channel|> token (gpt-oss)"),
+    ("mistral", ("[TOOL_CALLS]",), "the tokenizer has Mistral's [TOOL_CALLS] token"),
 )
 
 
@@ -34,16 +36,24 @@ def template_text(tokenizer: Any) -> str:
     return template or ""
 
 
-def detect_parser(tokenizer: Any) -> tuple[str | None, str]:
-    """The parser whose format this model writes, and why; (None, why) when it cannot be told."""
+def first_sign(tokenizer: Any, template_signs: Signs, token_signs: Signs) -> tuple[str, str] | None:
+    """The first (name, why) whose signs are all in the chat template, else all tokens of the vocabulary."""
     template = template_text(tokenizer)
-    for name, signs, why in TEMPLATE_SIGNS:
+    for name, signs, why in template_signs:
         if all(sign in template for sign in signs):
             return name, why
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    for name, token, why in TOKEN_SIGNS:
-        if token in vocab:
+    for name, tokens, why in token_signs:
+        if all(token in vocab for token in tokens):
             return name, why
-    if "tools" in template:
+    return None
+
+
+def detect_parser(tokenizer: Any) -> tuple[str | None, str]:
+    """The parser whose format this model writes, and why; (None, why) when it cannot be told."""
+    found = first_sign(tokenizer, TEMPLATE_SIGNS, TOKEN_SIGNS)
+    if found is not None:
+        return found
+    if "tools" in template_text(tokenizer):
         return None, "the chat template renders tools, but in no call format llmctl knows"
     return None, "the chat template does not render tools"
