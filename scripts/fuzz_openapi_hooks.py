@@ -30,6 +30,7 @@ EXPECTED_REFUSALS = (
     (r"'structured_outputs.json' is not valid JSON", "JSON text that is not JSON"),
     (r"which is not in 'tools'", "tool_choice names a tool the request does not list"),
     (r"other than n \(", "best_of other than n"),
+    (r"must be greater than thinking.budget_tokens", "thinking.budget_tokens compared with max_tokens"),
     (r"Input should be a valid integer",
      "an integer written as a decimal (4.0): JSON Schema counts it an integer, llmctl (as OpenAI's API) does not"),
 )

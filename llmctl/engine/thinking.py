@@ -84,6 +84,8 @@ class ThinkingState:
                 self.phase, self.tail = "inside", []
         else:
             self.tokens += 1
+            if self.tokens == len(self.spec.start) and _ends_with(self.tail, self.spec.start):
+                self.tokens = 0  # the model opened the thinking the prompt had opened: the marker is no thinking
         return False
 
 

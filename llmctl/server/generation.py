@@ -23,17 +23,19 @@ POLL_S = 0.2  # how often a handler checks whether its client went away
 DEADLINE_SLACK_S = 2.0  # past its deadline plus this, a handler gives up on its sequence by itself
 
 
-def build_prompt(loaded: LoadedModel, req: ChatCompletionRequest) -> list[int]:
+def build_prompt(loaded: LoadedModel, req: ChatCompletionRequest, template_kwargs: dict | None = None) -> list[int]:
     """A chat completion request's messages (and tools) through the chat template, tokenized."""
-    return chat_prompt(loaded, [m.for_template() for m in req.messages], req.tools)
+    return chat_prompt(loaded, [m.for_template() for m in req.messages], req.tools, template_kwargs=template_kwargs)
 
 
 def chat_prompt(loaded: LoadedModel, messages: list[dict], tools: list[dict] | None, *, param: str = "messages",
-                add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
-    """Render the chat template over messages as templates read them, and tokenize it."""
+                add_generation_prompt: bool = True, add_special_tokens: bool = False,
+                template_kwargs: dict | None = None) -> list[int]:
+    """Render the chat template over messages as templates read them (``template_kwargs``: a request's own
+    template variables, `llmctl.server.thinking`), and tokenize it."""
     import jinja2
 
-    extra = {"tools": tools} if tools else {}
+    extra = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
     messages = named_results(messages)
     if NINE_CHAR_IDS in str(loaded.tokenizer.chat_template or ""):
         messages = nine_char_ids(messages)
@@ -45,6 +47,11 @@ def chat_prompt(loaded: LoadedModel, messages: list[dict], tools: list[dict] | N
     except RecursionError:
         raise InvalidRequest("The messages or tools are nested too deeply to render.",
                              param="tools" if tools else param) from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        if not template_kwargs:  # without a request's own variables, a failing template is the server's
+            raise
+        raise InvalidRequest(f"The model's chat template failed with these chat_template_kwargs: {exc}",
+                             param="chat_template_kwargs") from exc
     return encode(loaded.tokenizer, text, add_special_tokens)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from llmctl.core.loader import LoadedModel
 from llmctl.engine import SamplingParams
 from llmctl.engine.structured import Constraint
+from llmctl.engine.thinking import Thinking
 from llmctl.errors import ContextLengthExceeded, InvalidRequest
 from llmctl.server.generation import Generation
 
@@ -45,6 +46,7 @@ class Ask:
     n: int = 1
     timeout: float | None = None
     constraint: Constraint | None = None  # what the output must match (server.constraints builds it)
+    thinking: Thinking | None = None  # where the thinking ends, its budget (server.thinking builds it)
     prompt_param: str = "messages"
     max_tokens_param: str = "max_tokens"
 
@@ -109,6 +111,7 @@ def sampling_params(loaded: LoadedModel, ask: Ask, limits: TokenLimits) -> Sampl
         ignore_eos=ask.ignore_eos,
         logprobs=ask.logprobs,
         constraint=ask.constraint,
+        thinking=ask.thinking,
     )
 
 

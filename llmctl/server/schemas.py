@@ -27,6 +27,7 @@ from pydantic_core import PydanticCustomError
 from llmctl.errors import InvalidRequest
 from llmctl.server.api import rules
 from llmctl.server.api.rules import documented
+from llmctl.server.thinking import ReasoningEffort, TemplateKwargs, ThinkingBudget
 
 if TYPE_CHECKING:
     from llmctl.engine.sampling import TokenLogprobs
@@ -182,6 +183,10 @@ class ChatCompletionRequest(OpenAISampling):
     response_format: Annotated[dict, documented(rules.response_format(nested=True))] | None = None
     # vLLM's extension (top-level, or in the openai SDK's extra_body): regex, choice, json, grammar.
     structured_outputs: Annotated[dict, documented(rules.STRUCTURED_OUTPUTS)] | None = None
+    # Thinking switched and bounded per request (llmctl.server.thinking): vLLM's fields.
+    chat_template_kwargs: TemplateKwargs | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    thinking_token_budget: ThinkingBudget | None = None
 
     model_config = ConfigDict(json_schema_extra={"allOf": rules.CHAT_RULES})
 

@@ -26,6 +26,7 @@ from llmctl.server.constraints import ToolUse, function_tool, output_constraint,
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MAX_TIMEOUT_S, _Lenient, other_type
+from llmctl.server.thinking import TemplateKwargs, anthropic_switches, engine_thinking
 
 if TYPE_CHECKING:
     from llmctl.server.service import Service
@@ -82,6 +83,9 @@ class CountTokensRequest(_Lenient):
     system: str | list[TextBlock] | None = None
     tools: Annotated[list[dict], documented(rules.ANTHROPIC_TOOLS)] | None = None
     tool_choice: Annotated[dict, documented(rules.ANTHROPIC_TOOL_CHOICE)] | None = None
+    # Checked by llmctl.server.thinking, which names the faulty field.
+    thinking: Annotated[dict, documented(rules.ANTHROPIC_THINKING)] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None  # vLLM's extension, as on the chat route
 
     model_config = ConfigDict(json_schema_extra={"allOf": rules.ANTHROPIC_RULES})
 
@@ -164,14 +168,15 @@ def chat_tools(req: CountTokensRequest) -> tuple[list[dict] | None, ToolUse]:
     return out or None, tool_use(functions, "required" if kind == "any" else kind, parallel=parallel)
 
 
-def _prompt(service: Service, req: CountTokensRequest) -> tuple[list[int], list[dict] | None, ToolUse]:
+def _prompt(service: Service, req: CountTokensRequest,
+            template_kwargs: dict | None = None) -> tuple[list[int], list[dict] | None, ToolUse]:
     loaded = service.loaded
     tools, choice = chat_tools(req)
     messages = chat_messages(req)
     if len(messages) > service.settings.max_messages:
         raise InvalidRequest(f"{len(messages)} messages is more than this server's limit of "
                              f"{service.settings.max_messages}.", param="messages")
-    return chat_prompt(loaded, messages, tools, param="messages"), tools, choice
+    return chat_prompt(loaded, messages, tools, param="messages", template_kwargs=template_kwargs), tools, choice
 
 
 def count_tokens(service: Service, body: object) -> dict:
@@ -179,7 +184,8 @@ def count_tokens(service: Service, body: object) -> dict:
     loaded, _ = service.require_ready()
     req = schemas.parse_body(CountTokensRequest, body)
     check_model(req.model, loaded.name)
-    prompt, _, _ = _prompt(service, req)
+    switches = anthropic_switches(req.thinking, None, req.chat_template_kwargs)
+    prompt, _, _ = _prompt(service, req, switches.template_kwargs)
     return {"input_tokens": len(prompt)}
 
 
@@ -189,11 +195,13 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     loaded, _ = service.admit()
     req = schemas.parse_body(MessagesRequest, body)
     check_model(req.model, loaded.name)
-    prompt, template_tools, tools = _prompt(service, req)
+    switches = anthropic_switches(req.thinking, req.max_tokens, req.chat_template_kwargs)
+    prompt, template_tools, tools = _prompt(service, req, switches.template_kwargs)
     stops = tuple(req.stop_sequences or ())
     ask = Ask(prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
               stops=stops, ignore_eos=req.ignore_eos, timeout=req.timeout,
-              constraint=output_constraint(None, tools, service.tool_format))
+              constraint=output_constraint(None, tools, service.tool_format), thinking=engine_thinking(
+                  getattr(service, "reasoning_format", None), loaded.tokenizer, prompt, switches.budget))
     run = service.start([ask], arrived, disconnected)
     parser = service.tool_parser(template_tools, tools.mode != "none", tools.forced)
     choice = _Choice(loaded.name, ChoiceText(parser), stops)

@@ -12,6 +12,7 @@ from llmctl.server.api.common import ChoiceText, check_model, sse
 from llmctl.server.constraints import chat_tool_use, constraint_from_request, output_constraint
 from llmctl.server.generation import build_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
+from llmctl.server.thinking import chat_switches, engine_thinking
 
 if TYPE_CHECKING:
     from llmctl.server.service import Service
@@ -42,11 +43,14 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     constraint = output_constraint(constraint_from_request(req.response_format, req.structured_outputs), tools,
                                    service.tool_format)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    ask = Ask(build_prompt(loaded, req), max_tokens=asked, temperature=req.temperature, top_p=req.top_p,
+    switches = chat_switches(req.chat_template_kwargs, req.reasoning_effort, req.thinking_token_budget)
+    prompt = build_prompt(loaded, req, switches.template_kwargs)
+    ask = Ask(prompt, max_tokens=asked, temperature=req.temperature, top_p=req.top_p,
               frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
               logit_bias=req.logit_bias, seed=req.seed, ignore_eos=req.ignore_eos,
               logprobs=(req.top_logprobs or 0) if req.logprobs else None, stops=tuple(req.stops()), n=n,
-              timeout=req.timeout, constraint=constraint,
+              timeout=req.timeout, constraint=constraint, thinking=engine_thinking(
+                  getattr(service, "reasoning_format", None), loaded.tokenizer, prompt, switches.budget),
               max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
     run = service.start([ask], arrived, disconnected)
     # Without a parser an enforced call is written in the Hermes format, and parsed as such.

@@ -38,6 +38,7 @@ from llmctl.server.constraints import (
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MAX_TIMEOUT_S, _Lenient, other_type
+from llmctl.server.thinking import ReasoningEffort, TemplateKwargs, chat_switches, engine_thinking
 
 if TYPE_CHECKING:
     from llmctl.server.service import Service
@@ -82,6 +83,11 @@ class OtherItem(_Lenient):
     type: Annotated[str, other_type(ITEM_TYPES, "item")]
 
 
+class ReasoningOptions(_Lenient):
+    effort: ReasoningEffort | None = None
+    summary: str | None = None  # accepted; the thinking comes back whole
+
+
 class ResponsesRequest(_Lenient):
     input: str | Annotated[list[MessageItem | FunctionCallItem | FunctionCallOutputItem | OtherItem],
                            documented(rules.INPUT_ITEMS)]
@@ -104,6 +110,8 @@ class ResponsesRequest(_Lenient):
     metadata: dict | None = None
     timeout: Annotated[StrictFloat, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
     ignore_eos: StrictBool = False  # llmctl extension, as on the chat route (fixed-length benchmarks)
+    reasoning: ReasoningOptions | None = None
+    chat_template_kwargs: TemplateKwargs | None = None  # vLLM's extension, as on the chat route
 
     model_config = ConfigDict(json_schema_extra={"allOf": rules.RESPONSES_RULES})
 
@@ -213,10 +221,13 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     if len(messages) > service.settings.max_messages:
         raise InvalidRequest(f"{len(messages)} input items is more than this server's limit of "
                              f"{service.settings.max_messages}.", param="input")
-    prompt = chat_prompt(loaded, [m.for_template() for m in messages], tools, param="input")
+    switches = chat_switches(req.chat_template_kwargs, req.reasoning.effort if req.reasoning else None)
+    prompt = chat_prompt(loaded, [m.for_template() for m in messages], tools, param="input",
+                         template_kwargs=switches.template_kwargs)
     ask = Ask(prompt, max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
               ignore_eos=req.ignore_eos, timeout=req.timeout or (MAX_TIMEOUT_S if turn.background else None),
-              constraint=constraint, prompt_param="input", max_tokens_param="max_output_tokens")
+              constraint=constraint, prompt_param="input", max_tokens_param="max_output_tokens",
+              thinking=engine_thinking(getattr(service, "reasoning_format", None), loaded.tokenizer, prompt, None))
     run = service.start([ask], arrived, turn.disconnected(disconnected))
     parser = service.tool_parser(tools, tool_choice.mode != "none", tool_choice.forced)
     answer = _Answer(req, loaded.name, ChoiceText(parser), turn.fields())

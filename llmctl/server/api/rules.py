@@ -166,3 +166,11 @@ RESPONSES_RULES: list[Any] = [FORCED_TOOL_NEEDS_TOOLS]
 def conversation_items(min_items: int, max_items: int) -> dict:
     """A conversation's items: the input items a response reads (messages, calls, their outputs, reasoning)."""
     return {"type": "array", "items": INPUT_ITEMS["items"], "minItems": min_items, "maxItems": max_items}
+
+
+ANTHROPIC_THINKING = {"type": "object", "required": ["type"], "oneOf": [
+    {"properties": {"type": {"const": "enabled"}, "budget_tokens": {"type": "integer", "minimum": 1}},
+     "required": ["budget_tokens"]},
+    {"properties": {"type": {"enum": ["disabled", "adaptive"]}}}],
+    "description": "enabled: thinking on, at most budget_tokens of it (fewer than max_tokens); disabled: "
+                   "thinking off (the template's reasoning_effort 'none'); adaptive: the template's default"}
