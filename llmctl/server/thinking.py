@@ -15,12 +15,13 @@ The switches follow vLLM's mapping, so a client written for vLLM gets the same p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictInt, WithJsonSchema
 
 from llmctl.engine.thinking import Thinking
 from llmctl.errors import InvalidRequest
+from llmctl.server.reasoning import ReasoningParser
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 # vLLM's: a budget of thinking tokens, or -1 for none.
@@ -40,18 +41,6 @@ class ThinkingAsk:
 
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     budget: int | None = None
-
-
-class ReasoningFormat(Protocol):
-    """What this module needs of a reasoning parser (`llmctl.server.reasoning.ReasoningParser`)."""
-
-    start: ClassVar[str]
-    end: ClassVar[str]
-    close: ClassVar[str]
-    thinks_unopened: ClassVar[bool]
-
-    @classmethod
-    def opening(cls, prompt: str) -> str: ...
 
 
 def chat_switches(kwargs: dict | None, effort: str | None, budget: int | None = None,
@@ -93,21 +82,15 @@ def anthropic_switches(thinking: dict | None, max_tokens: int | None, kwargs: di
     return ThinkingAsk(variables, budget)
 
 
-PROMPT_TAIL_TOKENS = 32  # the end of a prompt, decoded, shows whether it opened or closed the thinking
-
-
-def engine_thinking(family: type[ReasoningFormat] | None, tokenizer, prompt: list[int],
-                    budget: int | None) -> Thinking | None:
-    """Where the engine must look for the end of thinking in the output of ``prompt`` (None: the output is all
-    answer, so a constraint applies from its first token and a budget has nothing to bound)."""
-    if family is None:
-        return None
-    opening = family.opening(tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False))
-    if opening == "answer":  # the prompt closed the thinking (switched off)
+def engine_thinking(parser: ReasoningParser | None, tokenizer, budget: int | None) -> Thinking | None:
+    """Where the engine must look for the end of thinking, for a prompt whose output ``parser`` (made for that
+    prompt: `Service.reasoning_parser`) reads; None when the output is all answer (no parser, or the prompt
+    closed the thinking), so a constraint applies from its first token and a budget has nothing to bound."""
+    if parser is None or not parser.thinking:
         return None
 
     def ids(text: str) -> tuple[int, ...]:
         return tuple(tokenizer.encode(text, add_special_tokens=False))
 
-    return Thinking(end=ids(family.end), close=ids(family.close), start=ids(family.start),
-                    inside=opening == "thinking" or family.thinks_unopened, budget=budget)
+    return Thinking(end=ids(parser.end), close=ids(parser.close), start=ids(parser.start),
+                    inside=parser.expect_thinking, budget=budget)

@@ -201,7 +201,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     ask = Ask(prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
               stops=stops, ignore_eos=req.ignore_eos, timeout=req.timeout,
               constraint=output_constraint(None, tools, service.tool_format), thinking=engine_thinking(
-                  getattr(service, "reasoning_format", None), loaded.tokenizer, prompt, switches.budget))
+                  service.reasoning_parser(prompt), loaded.tokenizer, switches.budget))
     run = service.start([ask], arrived, disconnected)
     parser = service.tool_parser(template_tools, tools.mode != "none", tools.forced)
     choice = _Choice(loaded.name, ChoiceText(parser), stops)

@@ -227,7 +227,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     ask = Ask(prompt, max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
               ignore_eos=req.ignore_eos, timeout=req.timeout or (MAX_TIMEOUT_S if turn.background else None),
               constraint=constraint, prompt_param="input", max_tokens_param="max_output_tokens",
-              thinking=engine_thinking(getattr(service, "reasoning_format", None), loaded.tokenizer, prompt, None))
+              thinking=engine_thinking(service.reasoning_parser(prompt), loaded.tokenizer, None))
     run = service.start([ask], arrived, turn.disconnected(disconnected))
     parser = service.tool_parser(tools, tool_choice.mode != "none", tool_choice.forced)
     answer = _Answer(req, loaded.name, ChoiceText(parser), turn.fields())
