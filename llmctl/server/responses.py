@@ -22,11 +22,16 @@ class PromptTokensDetails(_Strict):
     cached_tokens: int  # prompt tokens whose KV came from the prefix cache (not prefilled again)
 
 
+class CompletionTokensDetails(_Strict):
+    reasoning_tokens: int  # completion tokens that were thinking (with a reasoning parser; else 0)
+
+
 class Usage(_Strict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
 
 
 class FunctionCall(_Strict):
@@ -49,6 +54,9 @@ class ToolCallDelta(ToolCall):
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
     content: str | None
+    # The thinking (with `serve --reasoning-parser`), under both names clients read; null when there was none.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
@@ -91,6 +99,8 @@ class ChatCompletion(_Strict):
 class Delta(_Strict):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 

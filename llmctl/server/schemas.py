@@ -93,11 +93,19 @@ class ChatMessage(_Lenient):
     name: str | None = None
     tool_calls: list[dict] | None = None  # an assistant's earlier calls, in an agent's history
     tool_call_id: str | None = None  # a tool message: the call it answers
+    # An assistant's earlier thinking, as a client sends it back: vLLM's and OpenRouter's name, DeepSeek's.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     def for_template(self) -> dict:
-        """The message as chat templates read it: system for developer, and tool calls whose arguments
-        are objects (OpenAI sends them as JSON text; templates such as Qwen's and Llama 3's index them)."""
+        """The message as chat templates read it: system for developer, tool calls whose arguments are
+        objects (OpenAI sends them as JSON text; templates such as Qwen's and Llama 3's index them), and
+        earlier thinking under the names templates read (`reasoning_content`: Qwen3, DeepSeek; `thinking`:
+        gpt-oss)."""
         message: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        thinking = self.reasoning_content or self.reasoning
+        if thinking and self.role == "assistant":
+            message["reasoning_content"] = message["thinking"] = valid_unicode(thinking)
         if self.name:
             message["name"] = self.name
         if self.tool_call_id:
@@ -262,13 +270,15 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """OpenAI's usage object; ``cached_tokens``: prompt tokens served from the prefix cache."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0) -> dict:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens served from the prefix cache; ``reasoning_tokens``:
+    completion tokens that were thinking."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 
 
@@ -288,23 +298,35 @@ def logprobs_body(token_text: TokenText, items: list[TokenLogprobs]) -> dict:
 
 
 def choice(index: int, text: str | None, finish_reason: str, logprobs: dict | None = None,
-           tool_calls: list[dict] | None = None) -> dict:
+           tool_calls: list[dict] | None = None, reasoning: str | None = None) -> dict:
+    """One choice of a chat completion; ``reasoning`` (with a reasoning parser) goes under both names clients
+    read: ``reasoning`` (vLLM, OpenRouter) and ``reasoning_content`` (DeepSeek's)."""
     message: dict = {"role": "assistant", "content": text}
+    if reasoning is not None:
+        message["reasoning"] = message["reasoning_content"] = reasoning or None
     if tool_calls:
         message["tool_calls"] = tool_calls
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def completion_body(cid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int,
-                    created: int | None = None, cached_tokens: int = 0) -> dict:
+                    created: int | None = None, cached_tokens: int = 0, reasoning_tokens: int = 0) -> dict:
     return {
         "id": cid,
         "object": "chat.completion",
         "created": created or int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens),
     }
+
+
+def delta_fields(reasoning: str, content: str) -> dict:
+    """A streamed chunk's delta: thinking under both names (as `choice` gives it), and answer text."""
+    delta: dict = {"reasoning": reasoning, "reasoning_content": reasoning} if reasoning else {}
+    if content:
+        delta["content"] = content
+    return delta
 
 
 def chunk_body(cid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,

@@ -261,6 +261,12 @@ class Service:
         tail = self.loaded.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
         return family(family.opening(tail))
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` is in the served model's vocabulary (markup tokens counted as one)."""
+        if self.loaded is None:
+            return 0
+        return len(self.loaded.tokenizer.encode(text, add_special_tokens=False))
+
     def admit(self) -> tuple[LoadedModel, Engine]:
         """The model and engine, when the service is ready and its queue has room (else 503 or 429)."""
         loaded, engine = self.require_ready()

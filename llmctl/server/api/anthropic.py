@@ -3,12 +3,16 @@
 `system`, text / `tool_use` / `tool_result` blocks and `tools` reach the chat template as the chat
 route's messages, tool calls and tool results do; the model's tool calls (with
 `serve --tool-call-parser`, or forced by `tool_choice` any / tool, enforced as chat's) come back as
-`tool_use` blocks. Errors use Anthropic's envelope,
+`tool_use` blocks. With `serve --reasoning-parser` the model's thinking comes back as `thinking` blocks
+(`thinking_delta` events), and earlier `thinking` blocks reach the template as the message's
+`reasoning_content`. Errors use Anthropic's envelope,
 `{"type": "error", "error": {"type", "message"}}`, with Anthropic's type names.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import time
 import uuid
@@ -36,8 +40,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
                500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
-BLOCK_TYPES = ("text", "tool_use", "tool_result")
-IGNORED_BLOCKS = ("thinking", "redacted_thinking")  # a model without extended thinking has nothing to read there
+BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking")
+IGNORED_BLOCKS = ("thinking", "redacted_thinking")  # in text-only places; redacted thinking is encrypted
 
 
 def error_body(status: int, message: str) -> dict:
@@ -61,6 +65,12 @@ class ToolUseBlock(_Lenient):
     input: dict
 
 
+class ThinkingBlock(_Lenient):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
 class ToolResultBlock(_Lenient):
     type: Literal["tool_result"]
     tool_use_id: str
@@ -68,7 +78,7 @@ class ToolResultBlock(_Lenient):
     is_error: StrictBool | None = None
 
 
-Block = TextBlock | ToolUseBlock | ToolResultBlock | OtherBlock
+Block = TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | OtherBlock
 
 
 class Message(_Lenient):
@@ -124,9 +134,11 @@ def chat_messages(req: CountTokensRequest) -> list[dict]:
         param = f"messages[{i}].content"
         blocks = [TextBlock(type="text", text=message.content)] if isinstance(message.content, str) \
             else message.content
-        text, calls = [], []
+        text, calls, thinking = [], [], []
         for block in blocks:
-            if isinstance(block, ToolResultBlock):  # each result is a tool message, before the user's text
+            if isinstance(block, ThinkingBlock):
+                thinking.append(block.thinking)
+            elif isinstance(block, ToolResultBlock):  # each result is a tool message, before the user's text
                 content = _text(block.content or "", param)
                 messages.append(schemas.ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=content))
             elif isinstance(block, ToolUseBlock):
@@ -134,9 +146,10 @@ def chat_messages(req: CountTokensRequest) -> list[dict]:
                     "name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}})
             else:
                 text.append(_text([block], param))
-        if text or calls or not blocks:
+        if text or calls or thinking or not blocks:
             messages.append(schemas.ChatMessage(role=message.role, content="".join(text) if text or not calls
-                                                else None, tool_calls=calls or None))
+                                                else None, tool_calls=calls or None,
+                                                reasoning_content="\n".join(thinking) or None))
     return [m.for_template() for m in messages]
 
 
@@ -204,12 +217,12 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
                   service.reasoning_parser(prompt), loaded.tokenizer, switches.budget))
     run = service.start([ask], arrived, disconnected)
     parser = service.tool_parser(template_tools, tools.mode != "none", tools.forced)
-    choice = _Choice(loaded.name, ChoiceText(parser), stops)
+    choice = _Choice(loaded.name, ChoiceText(parser, service.reasoning_parser(prompt)), stops)
     if req.stream:
         return _events(run, run.stream(), choice)
     choice.text.feed(run.collect()[0])
     _, calls = choice.text.finish(cut=run.gens[0].finish_reason == "length")
-    content = _blocks(choice.text.answer(calls), calls)
+    content = _blocks(choice.text.answer(calls), calls, choice.text.thinking)
     reason, sequence = choice.stop(run, calls)
     return choice.message(content, reason, sequence, run.prompt_tokens, run.completion_tokens)
 
@@ -237,42 +250,74 @@ class _Choice:
                 "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
 
 
-def _blocks(text: str, calls: list[dict]) -> list[dict]:
-    blocks = [{"type": "text", "text": text}] if text or not calls else []
+def signature(thinking: str) -> str:
+    """A thinking block's `signature`: opaque to clients, which send it back with the block (a digest of
+    the thinking; the server checks nothing with it)."""
+    return base64.b64encode(hashlib.sha256(thinking.encode("utf-8")).digest()).decode("ascii")
+
+
+def _blocks(text: str, calls: list[dict], thinking: str = "") -> list[dict]:
+    blocks = [{"type": "thinking", "thinking": thinking, "signature": signature(thinking)}] if thinking else []
+    if text or not calls:
+        blocks.append({"type": "text", "text": text})
     return blocks + [{"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
                       "name": call["function"]["name"], "input": json_arguments(call["function"]["arguments"])}
                      for call in calls]
 
 
 def _events(run: Run, deltas: Iterator[Delta], choice: _Choice) -> Iterator[str]:
-    """Anthropic's event sequence: message_start, content blocks (start, deltas, stop), message_delta, message_stop."""
+    """Anthropic's event sequence: message_start, content blocks (start, deltas, stop), message_delta, message_stop.
+
+    Thinking is a `thinking` block (thinking_delta events, then its signature_delta), closed when the
+    answer starts; thinking after that (gpt-oss may think again after a preamble) is a block of its own.
+    """
 
     def event(name: str, /, **fields) -> str:
         return sse_event(name, {"type": name, **fields})
 
     index = 0
-    opened = False
+    kind: str | None = None  # the type of the open block
+    thought = ""
 
-    def text_delta(text: str) -> Iterator[str]:
-        nonlocal opened
-        if not opened:
-            opened = True
-            yield event("content_block_start", index=0, content_block={"type": "text", "text": ""})
-        yield event("content_block_delta", index=0, delta={"type": "text_delta", "text": text})
+    def close() -> Iterator[str]:
+        nonlocal index, kind, thought
+        if kind == "thinking":
+            yield event("content_block_delta", index=index, delta={"type": "signature_delta",
+                                                                   "signature": signature(thought)})
+        if kind is not None:
+            yield event("content_block_stop", index=index)
+            index, kind, thought = index + 1, None, ""
+
+    def delta(block: str, text: str) -> Iterator[str]:
+        nonlocal kind, thought
+        if kind != block:
+            yield from close()
+            kind = block
+            start = {"type": "thinking", "thinking": "", "signature": ""} if block == "thinking" \
+                else {"type": "text", "text": ""}
+            yield event("content_block_start", index=index, content_block=start)
+        if block == "thinking":
+            thought += text
+            yield event("content_block_delta", index=index, delta={"type": "thinking_delta", "thinking": text})
+        else:
+            yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": text})
 
     try:
         yield event("message_start", message=choice.message([], None, None, run.prompt_tokens, 0))
         pieces = TextPieces(run, deltas, choice.text)
+        wrote = False  # whether the answer has a text block
         for piece in pieces:
-            yield from text_delta(piece)
+            if piece.reasoning:
+                yield from delta("thinking", piece.reasoning)
+            if piece.content:
+                wrote = True
+                yield from delta("text", piece.content)
         calls = pieces.calls
         if calls is None:
             return
-        if not (opened or calls):
-            yield from text_delta("")  # an empty answer still has its (empty) text block
-        if opened:
-            yield event("content_block_stop", index=0)
-            index = 1
+        if not (wrote or calls):
+            yield from delta("text", "")  # an empty answer still has its (empty) text block
+        yield from close()
         for block in _blocks("", calls) if calls else []:  # with calls and no text: tool_use blocks only
             yield event("content_block_start", index=index, content_block={**block, "input": {}})
             yield event("content_block_delta", index=index, delta={

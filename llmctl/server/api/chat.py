@@ -54,7 +54,8 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
               max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
     run = service.start([ask], arrived, disconnected)
     # Without a parser an enforced call is written in the Hermes format, and parsed as such.
-    texts = [ChoiceText(service.tool_parser(req.tools, tools.mode != "none", tools.forced)) for _ in range(n)]
+    texts = [ChoiceText(service.tool_parser(req.tools, tools.mode != "none", tools.forced),
+                        service.reasoning_parser(prompt), service.count_tokens) for _ in range(n)]
     logprobs = bool(req.logprobs)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -68,9 +69,11 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         finish_reason = _finish_reason(gen.finish_reason, calls)
         if calls:
             content = content or None
-        choices.append(schemas.choice(index, content, finish_reason, service.logprobs(gen, logprobs), calls or None))
+        choices.append(schemas.choice(index, content, finish_reason, service.logprobs(gen, logprobs), calls or None,
+                                      reasoning=text.thinking if text.reasoning is not None else None))
     return schemas.completion_body(schemas.completion_id(), loaded.name, choices, run.prompt_tokens,
-                                   run.completion_tokens, cached_tokens=run.cached_tokens)
+                                   run.completion_tokens, cached_tokens=run.cached_tokens,
+                                   reasoning_tokens=sum(t.reasoning_tokens for t in texts))
 
 
 def _finish_reason(reason: str | None, calls: list[dict]) -> str:
@@ -98,13 +101,13 @@ def _events(service: Service, run: Run, deltas: Iterator[Delta], texts: list[Cho
         for delta in deltas:
             text, gen = texts[delta.index], run.gens[delta.index]
             shown = text.feed(delta.text)
-            if shown:
-                yield chunk(delta.index, {"content": shown})
+            if shown.reasoning or shown.content:
+                yield chunk(delta.index, schemas.delta_fields(shown.reasoning, shown.content))
             if not delta.done or gen.finish_reason == "cancelled":
                 continue
             rest, calls = text.finish(cut=gen.finish_reason == "length")
-            if rest:
-                yield chunk(delta.index, {"content": rest})
+            if rest.reasoning or rest.content:
+                yield chunk(delta.index, schemas.delta_fields(rest.reasoning, rest.content))
             if calls:
                 yield chunk(delta.index, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
             yield chunk(delta.index, {}, _finish_reason(gen.finish_reason, calls))
@@ -112,7 +115,8 @@ def _events(service: Service, run: Run, deltas: Iterator[Delta], texts: list[Cho
             return
         if include_usage:
             yield sse(schemas.chunk_body(cid, model, created, {}, None,
-                                         schemas.usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens),
+                                         schemas.usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens,
+                                                       sum(t.reasoning_tokens for t in texts)),
                                          with_choice=False))
         yield "data: [DONE]\n\n"
     except LLMCtlError as exc:

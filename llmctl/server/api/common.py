@@ -1,12 +1,14 @@
-"""What the API modules share: server-sent events, the model check, and tool calls per choice."""
+"""What the API modules share: server-sent events, the model check, and thinking and tool calls per choice."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llmctl.errors import ModelNotFound
+from llmctl.server.reasoning import Piece, ReasoningParser
 from llmctl.server.tools import ToolParser
 
 if TYPE_CHECKING:
@@ -38,40 +40,66 @@ def json_arguments(text: str) -> dict:
     return value if isinstance(value, dict) else {"arguments": value}
 
 
+@dataclass(frozen=True)
+class Shown:
+    """What one choice hands out at a time: thinking, and answer text (never markup of either)."""
+
+    reasoning: str = ""
+    content: str = ""
+
+
 class ChoiceText:
-    """One choice's text as it streams, with tool calls split out when the server parses them."""
+    """One choice's text as it streams: the thinking split out when the server has a reasoning parser, then
+    tool calls split out of the answer (never out of the thinking) when it parses them.
 
-    def __init__(self, parser: ToolParser | None) -> None:
-        self.tools = parser
-        self.text = ""
+    ``count`` turns text into its number of tokens (for `reasoning_tokens`).
+    """
 
-    def feed(self, delta: str) -> str:
-        """The text that is safe to show now."""
-        shown = self.tools.feed(delta) if self.tools is not None else delta
+    def __init__(self, parser: ToolParser | None, reasoning: ReasoningParser | None = None,
+                 count: Callable[[str], int] | None = None) -> None:
+        self.tools, self.reasoning, self.count = parser, reasoning, count
+        self.text = ""  # the answer handed out
+        self.thinking = ""  # the thinking handed out
+
+    def feed(self, delta: str) -> Shown:
+        """The thinking and answer text that are safe to show now."""
+        return self._take(self.reasoning.feed(delta) if self.reasoning is not None else Piece(answer=delta))
+
+    def _take(self, piece: Piece) -> Shown:
+        shown = self.tools.feed(piece.answer) if self.tools is not None else piece.answer
         self.text += shown
-        return shown
+        self.thinking += piece.reasoning
+        return Shown(piece.reasoning, shown)
 
     def answer(self, calls: list[dict]) -> str:
         """The whole text as a plain (not streamed) answer gives it: trimmed when tool calls follow it."""
         return self.text.strip() if calls else self.text
 
-    def finish(self, cut: bool = False) -> tuple[str, list[dict]]:
-        """At the end: the text not shown yet, and the tool calls (OpenAI-shaped).
+    def finish(self, cut: bool = False) -> tuple[Shown, list[dict]]:
+        """At the end: the thinking and text not shown yet, and the tool calls (OpenAI-shaped).
 
         When max_tokens ``cut`` the answer, what the parser still holds back is a call (or the start of
         one) that was never finished: it is dropped, so its markup never reaches the content.
         """
+        rest = self._take(self.reasoning.finish()) if self.reasoning is not None else Shown()
         if self.tools is None:
-            return "", []
-        rest, calls = self.tools.finish()
+            return rest, []
+        tail, calls = self.tools.finish()
         if cut:
-            rest = ""
-        self.text += rest
-        return rest, calls
+            tail = ""
+        self.text += tail
+        return Shown(rest.reasoning, rest.content + tail), calls
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """The tokens the thinking took (its markup included); 0 without a reasoning parser."""
+        if self.reasoning is None or self.count is None or not self.reasoning.thought:
+            return 0
+        return self.count(self.reasoning.thought)
 
 
 class TextPieces:
-    """One choice's text to show as it streams (tool calls held back), the rest at the end.
+    """One choice's thinking and text to show as it streams (tool calls held back), the rest at the end.
 
     After the iteration ``calls`` holds the tool calls, or stays None when the client went away.
     """
@@ -80,13 +108,13 @@ class TextPieces:
         self.run, self.deltas, self.text = run, deltas, text
         self.calls: list[dict] | None = None
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[Shown]:
         for delta in self.deltas:
             shown = self.text.feed(delta.text)
-            if shown:
+            if shown.reasoning or shown.content:
                 yield shown
         if self.run.cancelled:
             return
         rest, self.calls = self.text.finish(cut=self.run.gens[0].finish_reason == "length")
-        if rest:
+        if rest.reasoning or rest.content:
             yield rest

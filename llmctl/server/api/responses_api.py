@@ -4,7 +4,9 @@ Responses are stored unless the request says `store: false` (or the server runs 
 `--responses-store none`); `previous_response_id`, `conversation` and `background` are read and
 written by `llmctl.server.api.stored`, which the handler asks what a request continues. `input` is a
 string or a list of items: messages, and `function_call` / `function_call_output` items for an
-agent's tool history; they reach the chat template as the chat route's messages do. Function tools
+agent's tool history, and `reasoning` items (earlier thinking); they reach the chat template as the chat
+route's messages do. With `serve --reasoning-parser` the model's thinking comes back as a `reasoning` item
+before the message. Function tools
 work as on the chat route (calls are parsed with `serve --tool-call-parser`, and an enforced
 `tool_choice` maps onto the same `ToolUse` as chat's, in `function_tools`); built-in tools
 (web search, file search, ...) get a 400. `text.format` (json_object, json_schema) is enforced as the
@@ -43,7 +45,7 @@ from llmctl.server.thinking import ReasoningEffort, TemplateKwargs, chat_switche
 if TYPE_CHECKING:
     from llmctl.server.service import Service
 
-ITEM_TYPES = ("message", "function_call", "function_call_output")
+ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 
 
 class InputText(_Lenient):
@@ -79,6 +81,22 @@ class FunctionCallOutputItem(_Lenient):
     output: Content
 
 
+class ReasoningPart(_Lenient):
+    type: str | None = None  # "reasoning_text" in content, "summary_text" in summary
+    text: str = ""
+
+
+class ReasoningItem(_Lenient):
+    """Earlier thinking a client sends back: its text in `content` (reasoning_text parts), else in `summary`."""
+
+    type: Literal["reasoning"]
+    summary: list[ReasoningPart] | None = None
+    content: list[ReasoningPart] | None = None
+
+    def text(self) -> str:
+        return "\n".join(part.text for part in self.content or self.summary or [] if part.text)
+
+
 class OtherItem(_Lenient):
     type: Annotated[str, other_type(ITEM_TYPES, "item")]
 
@@ -89,7 +107,7 @@ class ReasoningOptions(_Lenient):
 
 
 class ResponsesRequest(_Lenient):
-    input: str | Annotated[list[MessageItem | FunctionCallItem | FunctionCallOutputItem | OtherItem],
+    input: str | Annotated[list[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem | OtherItem],
                            documented(rules.INPUT_ITEMS)]
     model: str | None = None
     instructions: str | None = None
@@ -136,27 +154,35 @@ def _content_text(content: Content, param: str) -> str:
 
 
 def chat_messages(req: ResponsesRequest) -> list[schemas.ChatMessage]:
-    """The request's instructions and input as chat messages, function calls and their outputs included."""
+    """The request's instructions and input as chat messages, function calls and their outputs included; a
+    reasoning item is the thinking of the assistant turn that follows it."""
     messages = [schemas.ChatMessage(role="system", content=req.instructions)] if req.instructions else []
     items = [MessageItem(role="user", content=req.input)] if isinstance(req.input, str) else req.input
+    thinking: list[str] = []  # reasoning items not yet given to an assistant turn
     for i, item in enumerate(items):
         param = f"input[{i}]"
+        if isinstance(item, ReasoningItem):
+            thinking.append(item.text())
+            continue
         if isinstance(item, MessageItem):
             messages.append(schemas.ChatMessage(role=item.role, content=_content_text(item.content, param)))
         elif isinstance(item, FunctionCallItem):
             call = {"id": item.call_id, "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments}}
             last = messages[-1] if messages else None
-            if last is not None and last.role == "assistant":  # one assistant turn: its text, then its calls
+            if last is not None and last.role == "assistant" and not thinking:  # one turn: its text, then calls
                 last.tool_calls = [*(last.tool_calls or []), call]
             else:
                 messages.append(schemas.ChatMessage(role="assistant", content=None, tool_calls=[call]))
         elif isinstance(item, FunctionCallOutputItem):
             messages.append(schemas.ChatMessage(role="tool", tool_call_id=item.call_id,
                                                 content=_content_text(item.output, param)))
-        elif item.type != "reasoning":  # reasoning items carry nothing this model can read
+        else:
             raise InvalidRequest(f"Input items of type '{item.type}' are not supported; send messages, "
-                                 "function_call and function_call_output items.", param=param)
+                                 "function_call, function_call_output and reasoning items.", param=param)
+        if thinking and messages[-1].role == "assistant":
+            messages[-1].reasoning_content = "\n".join(t for t in thinking if t) or None
+        thinking = []
     if not any(m.role != "system" for m in messages):
         raise InvalidRequest("'input' must contain at least one message.", param="input")
     return messages
@@ -224,13 +250,14 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     switches = chat_switches(req.chat_template_kwargs, req.reasoning.effort if req.reasoning else None)
     prompt = chat_prompt(loaded, [m.for_template() for m in messages], tools, param="input",
                          template_kwargs=switches.template_kwargs)
+    thinking = service.reasoning_parser(prompt)
     ask = Ask(prompt, max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
               ignore_eos=req.ignore_eos, timeout=req.timeout or (MAX_TIMEOUT_S if turn.background else None),
               constraint=constraint, prompt_param="input", max_tokens_param="max_output_tokens",
               thinking=engine_thinking(service.reasoning_parser(prompt), loaded.tokenizer, None))
     run = service.start([ask], arrived, turn.disconnected(disconnected))
     parser = service.tool_parser(tools, tool_choice.mode != "none", tool_choice.forced)
-    answer = _Answer(req, loaded.name, ChoiceText(parser), turn.fields())
+    answer = _Answer(req, loaded.name, ChoiceText(parser, thinking, service.count_tokens), turn.fields())
     if turn.background:
         return stored.run_in_background(service, turn, answer.body(None, [], "queued"), run,
                                         lambda: _event_dicts(run, run.stream(), answer), bool(req.stream))
@@ -239,7 +266,8 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     text = run.collect()[0]
     answer.text.feed(text)
     _, calls = answer.text.finish(cut=run.gens[0].finish_reason == "length")
-    body = answer.body(run, _output(answer.text.answer(calls), calls, run.gens[0].finish_reason, answer))
+    body = answer.body(run, _output(answer.text.answer(calls), calls, run.gens[0].finish_reason, answer,
+                                    answer.text.thinking))
     stored.save(service, turn, body)
     return body
 
@@ -251,6 +279,7 @@ class _Answer:
         self.req, self.model, self.text, self.fields = req, model, text, fields
         self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
         self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.reasoning_id = f"rs_{uuid.uuid4().hex}"
 
     def body(self, run: Run | None, output: list[dict], status: str | None = None) -> dict:
         req = self.req
@@ -259,7 +288,8 @@ class _Answer:
         usage = None
         if run is not None and status != "in_progress":
             usage = {"input_tokens": run.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                     "output_tokens": run.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                     "output_tokens": run.completion_tokens,
+                     "output_tokens_details": {"reasoning_tokens": self.text.reasoning_tokens},
                      "total_tokens": run.prompt_tokens + run.completion_tokens}
         return {
             "id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None,
@@ -274,6 +304,11 @@ class _Answer:
             **self.fields,
         }
 
+    def reasoning(self, text: str, status: str, item_id: str | None = None) -> dict:
+        content = [{"type": "reasoning_text", "text": text}] if status != "in_progress" else []
+        return {"type": "reasoning", "id": item_id or self.reasoning_id, "status": status, "summary": [],
+                "content": content}
+
     def message(self, text: str, status: str) -> dict:
         content = [{"type": "output_text", "text": text, "annotations": []}] if status != "in_progress" else []
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
@@ -285,9 +320,12 @@ def _function_call(call: dict) -> dict:
             "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
 
 
-def _output(text: str, calls: list[dict], finish_reason: str | None, answer: _Answer) -> list[dict]:
+def _output(text: str, calls: list[dict], finish_reason: str | None, answer: _Answer, thinking: str) -> list[dict]:
+    """The output items: the thinking (when the model thought), the message (unless only calls), the calls."""
     status = "incomplete" if finish_reason == "length" else "completed"
-    items = [answer.message(text, status)] if text or not calls else []
+    items = [answer.reasoning(thinking, status)] if thinking else []
+    if text or not calls:
+        items.append(answer.message(text, status))
     return items + [_function_call(call) for call in calls]
 
 
@@ -300,9 +338,16 @@ def _sse(events: Iterator[dict]) -> Iterator[str]:
 
 
 def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Iterator[dict]:
-    """Responses' event sequence: created, in_progress, the output items with their deltas, completed."""
+    """Responses' event sequence: created, in_progress, the output items with their deltas, completed.
+
+    Thinking streams as a reasoning item, closed when the answer starts; thinking after that (gpt-oss
+    may think again after a preamble) is a reasoning item of its own.
+    """
     numbers = itertools.count()
     mid = answer.message_id
+    done: dict[int, dict] = {}  # output index -> finished item
+    message_index: int | None = None
+    thought: dict | None = None  # the reasoning item being streamed: its index, id and text
 
     def event(name: str, /, **fields) -> dict:
         return {"type": name, "sequence_number": next(numbers), **fields}
@@ -310,39 +355,71 @@ def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Iterator
     def part(text: str) -> dict:
         return {"type": "output_text", "text": text, "annotations": []}
 
-    opened = False
+    def next_index() -> int:
+        return len(done) + (thought is not None) + (message_index is not None)
+
+    def reasoning_delta(text: str) -> Iterator[dict]:
+        nonlocal thought
+        if thought is None:
+            index = next_index()
+            thought = {"index": index, "id": answer.reasoning_id if index == 0 else f"rs_{uuid.uuid4().hex}",
+                       "text": ""}
+            yield event("response.output_item.added", output_index=index,
+                        item=answer.reasoning("", "in_progress", thought["id"]))
+        thought["text"] += text
+        yield event("response.reasoning_text.delta", item_id=thought["id"], output_index=thought["index"],
+                    content_index=0, delta=text)
+
+    def close_reasoning(status: str = "completed") -> Iterator[dict]:
+        nonlocal thought
+        if thought is None:
+            return
+        item = answer.reasoning(thought["text"], status, thought["id"])
+        yield event("response.reasoning_text.done", item_id=thought["id"], output_index=thought["index"],
+                    content_index=0, text=thought["text"])
+        yield event("response.output_item.done", output_index=thought["index"], item=item)
+        done[thought["index"]], thought = item, None
 
     def open_message() -> Iterator[dict]:
-        nonlocal opened
-        if not opened:
-            opened = True
-            yield event("response.output_item.added", output_index=0, item=answer.message("", "in_progress"))
-            yield event("response.content_part.added", item_id=mid, output_index=0, content_index=0, part=part(""))
+        nonlocal message_index
+        if message_index is None:
+            yield from close_reasoning()
+            message_index = next_index()
+            yield event("response.output_item.added", output_index=message_index,
+                        item=answer.message("", "in_progress"))
+            yield event("response.content_part.added", item_id=mid, output_index=message_index, content_index=0,
+                        part=part(""))
 
     def text_delta(text: str) -> Iterator[dict]:
         yield from open_message()
-        yield event("response.output_text.delta", item_id=mid, output_index=0, content_index=0, delta=text,
-                    logprobs=[])
+        yield event("response.output_text.delta", item_id=mid, output_index=message_index, content_index=0,
+                    delta=text, logprobs=[])
 
     try:
         yield event("response.created", response=answer.body(None, [], "in_progress"))
         yield event("response.in_progress", response=answer.body(None, [], "in_progress"))
         pieces = TextPieces(run, deltas, answer.text)
         for piece in pieces:
-            yield from text_delta(piece)
+            if piece.reasoning:
+                yield from reasoning_delta(piece.reasoning)
+            if piece.content:
+                yield from text_delta(piece.content)
         calls = pieces.calls
         if calls is None:
             return
-        output = _output(answer.text.text, calls, run.gens[0].finish_reason, answer)
-        for index, item in enumerate(output):
+        cut = run.gens[0].finish_reason == "length"
+        yield from close_reasoning("incomplete" if cut else "completed")
+        for item in _output(answer.text.text, calls, run.gens[0].finish_reason, answer, ""):
             if item["type"] == "message":
                 yield from open_message()
+                index = message_index
                 text = answer.text.text
-                yield event("response.output_text.done", item_id=mid, output_index=0, content_index=0, text=text,
+                yield event("response.output_text.done", item_id=mid, output_index=index, content_index=0, text=text,
                             logprobs=[])
-                yield event("response.content_part.done", item_id=mid, output_index=0, content_index=0,
+                yield event("response.content_part.done", item_id=mid, output_index=index, content_index=0,
                             part=part(text))
             else:
+                index = next_index()
                 yield event("response.output_item.added", output_index=index,
                             item={**item, "arguments": "", "status": "in_progress"})
                 yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
@@ -350,7 +427,10 @@ def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Iterator
                 yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                             name=item["name"], arguments=item["arguments"])
             yield event("response.output_item.done", output_index=index, item=item)
-        final = answer.body(run, output)
+            done[index] = item
+            if index == message_index:
+                message_index = None  # counted in done from now on
+        final = answer.body(run, [done[i] for i in sorted(done)])
         yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                     response=final)
     except LLMCtlError as exc:

@@ -115,6 +115,7 @@ INPUT_PARTS = {"type": "array", "items": {"type": "object", "required": ["type"]
     "type": {"enum": ["input_text", "output_text", "text", "refusal"]}, "text": {"type": ["string", "null"]},
     "refusal": {"type": ["string", "null"]}}}}
 _CONTENT = {"anyOf": [NAME, INPUT_PARTS]}
+_REASONING_PARTS = {"type": "array", "items": {"type": "object", "properties": {"text": NAME}}}
 INPUT_ITEMS = {"type": "array", "items": {"anyOf": [
     {"type": "object", "required": ["role", "content"], "properties": {
         "type": {"const": "message"}, "role": {"enum": ["user", "assistant", "system", "developer"]},
@@ -123,8 +124,11 @@ INPUT_ITEMS = {"type": "array", "items": {"anyOf": [
         "type": {"const": "function_call"}, "call_id": NAME, "name": NAME, "arguments": NAME}},
     {"type": "object", "required": ["type", "call_id", "output"], "properties": {
         "type": {"const": "function_call_output"}, "call_id": NAME, "output": _CONTENT}},
-    {"type": "object", "required": ["type"], "properties": {"type": {"const": "reasoning"}},
-     "description": "ignored: this model has nothing to read there"},
+    {"type": "object", "required": ["type"], "properties": {
+        "type": {"const": "reasoning"}, "summary": {"anyOf": [_REASONING_PARTS, NULL]},
+        "content": {"anyOf": [_REASONING_PARTS, NULL]}},
+     "description": "earlier thinking (content's text, else summary's): the chat template reads it as the "
+                    "reasoning_content of the assistant turn that follows"},
 ]}, "contains": {"anyOf": [{**given("role", {"enum": ["user", "assistant", "developer"]}),
                                        "properties": {"role": {"enum": ["user", "assistant", "developer"]},
                                                       "type": {"const": "message"}}},
@@ -135,10 +139,16 @@ INPUT_ITEMS = {"type": "array", "items": {"anyOf": [
 ANTHROPIC_TEXT = {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"},
                                                                                  "text": NAME}}
 _IGNORED_BLOCK = {"type": "object", "required": ["type"], "properties": {
-    "type": {"enum": ["thinking", "redacted_thinking"]}}, "description": "ignored: this model does not think aloud"}
+    "type": {"enum": ["thinking", "redacted_thinking"]}}, "description": "ignored (thinking is read only as a "
+                                                                        "message's own block)"}
 ANTHROPIC_TEXT_BLOCKS = {"type": "array", "items": {"anyOf": [ANTHROPIC_TEXT, _IGNORED_BLOCK]}}
 ANTHROPIC_BLOCKS = {"type": "array", "items": {"anyOf": [
-    ANTHROPIC_TEXT, _IGNORED_BLOCK,
+    ANTHROPIC_TEXT,
+    {"type": "object", "required": ["type", "thinking"], "properties": {
+        "type": {"const": "thinking"}, "thinking": NAME, "signature": {"anyOf": [NAME, NULL]}},
+     "description": "earlier thinking: the chat template reads it as the assistant message's reasoning_content"},
+    {"type": "object", "required": ["type"], "properties": {"type": {"const": "redacted_thinking"}},
+     "description": "accepted and left out: its thinking is encrypted"},
     {"type": "object", "required": ["type", "id", "name", "input"], "properties": {
         "type": {"const": "tool_use"}, "id": NAME, "name": NAME, "input": OBJECT}},
     {"type": "object", "required": ["type", "tool_use_id"], "properties": {

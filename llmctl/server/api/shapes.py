@@ -72,6 +72,22 @@ class FunctionCallOutput(_Strict):
     status: Literal["in_progress", "completed"]
 
 
+class ReasoningText(_Strict):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class ReasoningOutput(_Strict):
+    """The model's thinking (with `serve --reasoning-parser`), before the message it led to. Its text is in
+    `content`; `summary` stays empty (the server writes no summaries)."""
+
+    type: Literal["reasoning"]
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    summary: list[dict]
+    content: list[ReasoningText]
+
+
 class InputTokensDetails(_Strict):
     cached_tokens: int
 
@@ -103,6 +119,8 @@ class ConversationRef(_Strict):
 
 class Response(_Strict):
     """The answer to /v1/responses. Streamed, it comes as named events: response.created, response.in_progress,
+    a reasoning item (response.output_item.added, response.reasoning_text.delta (many),
+    response.reasoning_text.done, response.output_item.done) when the model thinks,
     response.output_item.added, response.content_part.added, response.output_text.delta (many),
     response.output_text.done, response.content_part.done, response.output_item.done, function-call items
     (response.function_call_arguments.delta/.done), then response.completed (or response.incomplete) with
@@ -117,7 +135,7 @@ class Response(_Strict):
     instructions: str | None
     max_output_tokens: int | None
     model: str
-    output: list[OutputMessage | FunctionCallOutput]
+    output: list[ReasoningOutput | OutputMessage | FunctionCallOutput]
     parallel_tool_calls: bool
     previous_response_id: str | None
     store: bool  # kept by the server (unless store: false, or --responses-store none): GET /v1/responses/{id}
@@ -146,6 +164,14 @@ class AnthropicToolUse(_Strict):
     input: dict
 
 
+class AnthropicThinking(_Strict):
+    """The model's thinking (with `serve --reasoning-parser`); ``signature`` is opaque (clients send it back)."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+
+
 class AnthropicUsage(_Strict):
     input_tokens: int
     output_tokens: int
@@ -153,7 +179,8 @@ class AnthropicUsage(_Strict):
 
 class AnthropicMessage(_Strict):
     """The answer to /v1/messages. Streamed, it comes as Anthropic's events: message_start, then per content
-    block content_block_start, content_block_delta (text_delta or input_json_delta), content_block_stop,
+    block content_block_start, content_block_delta (thinking_delta then signature_delta, text_delta or
+    input_json_delta), content_block_stop,
     then message_delta (stop_reason, output tokens) and message_stop; an error after the stream started
     comes as an `error` event."""
 
@@ -161,7 +188,7 @@ class AnthropicMessage(_Strict):
     type: Literal["message"]
     role: Literal["assistant"]
     model: str
-    content: list[AnthropicText | AnthropicToolUse]
+    content: list[AnthropicThinking | AnthropicText | AnthropicToolUse]
     stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
     stop_sequence: str | None
     usage: AnthropicUsage
