@@ -10,18 +10,20 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
 from llmctl import envvars
 from llmctl.cli.options import ConfigOpt, ModelPathOpt
 from llmctl.client.config import configured_model_path
-from llmctl.core.loader import Device, Dtype, LoadOptions, files_preflight, preflight
+from llmctl.core.loader import Device, Dtype, LoadOptions, files_preflight
 from llmctl.core.threads import configure_cpu_threads, resolve_cpu_threads, usable_cores
 from llmctl.doctor.network import check_port
-from llmctl.errors import ModelLoadError
+from llmctl.engine.builtin_setup import Attention
+from llmctl.engine.vllm_setup import ExecutorBackend
 from llmctl.server.admission import DEFAULT_MAX_BODY_BYTES, AdmissionLimits
+from llmctl.server.engines import EngineName, engine_options
 from llmctl.server.reasoning import ReasoningParserName
 from llmctl.server.runner import ServeError, run_server
 from llmctl.server.security import load_api_keys
@@ -31,10 +33,6 @@ from llmctl.server.tools import ToolCallParser
 from llmctl.server.transport import TransportLimits
 
 log = logging.getLogger("llmctl.serve")
-
-EngineKind = Literal["builtin", "vllm"]
-ExecutorBackend = Literal["auto", "mp", "ray"]
-AttentionKind = Literal["auto", "grouped", "transformers"]
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(
@@ -76,7 +74,10 @@ def port_preflight(host: str, port: int) -> None:
         raise ServeError(f"Cannot listen on {host}:{port}: {check.finding}. {check.fix}")
 
 
+# A flag only one engine honours is a field of that engine's options type (llmctl.server.engines) of the same
+# name, shown under its engine's help panel; `engine_options` checks it and builds the options from it.
 def serve(
+    ctx: typer.Context,
     model_path: ModelPathOpt = None,
     config: ConfigOpt = None,
     host: Annotated[str, typer.Option(envvar=envvars.HOST, help="Address to listen on.")] = "0.0.0.0",
@@ -122,7 +123,7 @@ def serve(
         envvar=envvars.PREFIX_CACHE_TOKENS, min=0,
         help="Of the KV budget, token slots that keep computed prompt prefixes for later requests "
              "(least recently used out first; running sequences take precedence). 0: no prefix caching.")] = 8192,
-    attention: Annotated[AttentionKind, typer.Option(
+    attention: Annotated[Attention, typer.Option(
         envvar=envvars.ATTENTION,
         help="The builtin engine's attention. auto: llmctl's grouped-query function on CPU (several times faster "
         "decoding on long contexts), transformers' choice on GPUs. grouped: llmctl's everywhere. transformers: "
@@ -221,7 +222,7 @@ def serve(
         "16.")] = None,
     threads: Annotated[int | None, typer.Option(
         envvar=envvars.THREADS, min=4, hidden=True, help="Deprecated name of --http-threads.")] = None,
-    engine_kind: Annotated[EngineKind, typer.Option(
+    engine_kind: Annotated[EngineName, typer.Option(
         "--engine", envvar=envvars.ENGINE,
         help="builtin: llmctl's own engine (starts in seconds). vllm: vLLM's engine in this process (make install "
         "ENGINE=vllm): faster batching, several GPUs or machines; on a CPU its start takes minutes.")] = "builtin",
@@ -258,23 +259,7 @@ def serve(
         quantization=LoadOptions.quantization_from_flags(load_in_8bit, load_in_4bit),
         max_model_len=max_model_len, served_model_name=served_model_name,
     )
-    if engine_kind == "vllm":
-        if attention != "auto":
-            raise ModelLoadError("--attention applies to the builtin engine; vLLM chooses its own attention backend.")
-        if max_prefill_tokens is not None:
-            raise ModelLoadError("--max-prefill-tokens applies to the builtin engine; vLLM schedules prefills by "
-                                 "--max-batched-tokens.")
-        if prefill_wait_ms is not None:
-            raise ModelLoadError("--prefill-wait-ms applies to the builtin engine; vLLM schedules prefills itself.")
-    else:
-        only_vllm = [flag for flag, given in (
-            ("--tensor-parallel-size", tensor_parallel_size != 1),
-            ("--pipeline-parallel-size", pipeline_parallel_size != 1),
-            ("--gpu-memory-utilization", gpu_memory_utilization is not None),
-            ("--distributed-executor-backend", distributed_executor_backend != "auto"),
-            ("--enforce-eager", enforce_eager)) if given]
-        if only_vllm:
-            raise ModelLoadError(f"{only_vllm[0]} applies to vLLM's engine: add --engine vllm.")
+    options = engine_options(engine_kind, ctx.params)  # another engine's flags: refused before anything loads
     files_preflight(load)
     port_preflight(host, port)
     keys = load_api_keys(api_key or [], api_key_file)
@@ -284,28 +269,15 @@ def serve(
              "" if cpu_threads else " (--cpu-threads to change)")
     quiet_libraries()
     from llmctl.engine import EngineConfig
-    from llmctl.engine.vllm_setup import VllmOptions
-    from llmctl.engine.vllm_setup import preflight as vllm_preflight
     from llmctl.server.app import HTTPOptions, create_app
     from llmctl.server.service import Service, ServiceSettings
 
-    engine_options = None
-    if engine_kind == "vllm":
-        engine_options = VllmOptions(
-            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-            distributed_executor_backend=(None if distributed_executor_backend == "auto"
-                                          else distributed_executor_backend),
-            enforce_eager=enforce_eager)
-        vllm_preflight(load, engine_options)
-    else:
-        preflight(load)
+    options.preflight(load)
     engine = EngineConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
-                          max_prefill_tokens=max_prefill_tokens, prefill_wait_ms=prefill_wait_ms,
                           max_waiting=max_waiting, kv_cache_tokens=kv_cache_tokens,
-                          prefix_cache_tokens=prefix_cache_tokens, attention=attention)
+                          prefix_cache_tokens=prefix_cache_tokens)
     responses = open_responses(responses_store, responses_ttl, responses_max_mb)
-    service = Service(ServiceSettings(load=load, engine=engine, engine_kind=engine_kind, engine_options=engine_options,
+    service = Service(ServiceSettings(load=load, engine=engine, engine_options=options,
                                       request_timeout=request_timeout,
                                       max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
                                       max_messages=max_messages, tool_call_parser=tool_call_parser,

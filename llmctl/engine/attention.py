@@ -18,13 +18,14 @@ training, gradients) go to transformers' SDPA function, as before. Sliding windo
 from __future__ import annotations
 
 import logging
+from typing import get_args
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from llmctl.engine.base import ATTENTION_CHOICES
+from llmctl.engine.builtin_setup import Attention
 from llmctl.engine.kv import SharedView
 
 log = logging.getLogger(__name__)
@@ -187,8 +188,8 @@ def select(model, choice: str = "auto") -> str:
     fused kernels are the better choice and stay); ``grouped``: the grouped function wherever the
     model runs; ``transformers``: whatever transformers chose when the model was loaded.
     """
-    if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {choice!r}")
+    if choice not in get_args(Attention):
+        raise ValueError(f"attention must be one of {', '.join(get_args(Attention))}, not {choice!r}")
     current = model.config._attn_implementation
     original = getattr(model, ORIGINAL, current)  # what transformers chose, before any engine changed it
     device = model.get_input_embeddings().weight.device

@@ -1,6 +1,7 @@
 """What the server needs of any engine: the request it submits (`Sequence`), the events it reads back
-(token ids, then one `Finish`), the engine's bounds (`EngineConfig`), its counters (`EngineStats`) and
-the `Engine` protocol. An engine is one module implementing `Engine`; the server picks it by name in
+(token ids, then one `Finish`), the engine's bounds (`EngineConfig`), its counters (`EngineStats`), the
+`Engine` protocol, and `EngineOptions`, the engine's own flags with its preflight and how it is built.
+An engine is one module implementing `Engine` plus its options type; the server picks it by name in
 `llmctl.server.engines`.
 """
 
@@ -11,9 +12,11 @@ import itertools
 import queue
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from llmctl.core.loader import LoadedModel, LoadOptions
 from llmctl.engine.sampling import SamplingParams, TokenLogprobs
 from llmctl.engine.structured import GrammarStats
 from llmctl.errors import LLMCtlError
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 _ids = itertools.count(1)
-ATTENTION_CHOICES = ("auto", "grouped", "transformers")
+Loader = Callable[[LoadOptions], LoadedModel]  # how the builtin engine loads weights (tests pass their own)
 
 
 @dataclass(frozen=True)
@@ -31,31 +34,17 @@ class EngineConfig:
 
     max_num_seqs: int = 32
     max_batched_tokens: int = 2048
-    # The builtin engine's most prompt tokens in one prefill pass (a step may run several, up to
-    # max_batched_tokens); None: its choice for the device (see BuiltinEngine.prefill_pass_tokens).
-    max_prefill_tokens: int | None = None
-    # How long the builtin engine, when idle, waits for the rest of a burst of requests before it
-    # prefills (ms); None: its choice for the device (see BuiltinEngine.prefill_wait_s).
-    prefill_wait_ms: float | None = None
     max_waiting: int = 256
     kv_cache_tokens: int = 65536
     # Of kv_cache_tokens, how much the KV of computed prefixes may keep for later requests; 0: no cache.
     prefix_cache_tokens: int = 8192
-    # The builtin engine's attention function: see llmctl.engine.attention.select.
-    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_batched_tokens", "max_waiting", "kv_cache_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
-            raise ValueError("max_prefill_tokens must be at least 1")
-        if self.prefill_wait_ms is not None and not 0 <= self.prefill_wait_ms <= 1000:
-            raise ValueError("prefill_wait_ms must be between 0 and 1000")
         if self.prefix_cache_tokens < 0:
             raise ValueError("prefix_cache_tokens must be 0 or more")
-        if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}")
 
 
 @dataclass
@@ -187,9 +176,6 @@ class Engine(Protocol):
 
     config: EngineConfig
     stats: EngineStats
-    # True: `submit` takes ``seq.forks`` (n > 1) with the sequence, prefills the prompt once and gives each
-    # fork its own tokens and Finish. False: the server submits each choice as a sequence of its own.
-    forks_after_prefill: bool
 
     def start(self) -> None:
         """Start generating; called once, after the model is loaded."""
@@ -209,5 +195,21 @@ class Engine(Protocol):
         """Raise QueueFull when the waiting queue is full, before the request costs anything."""
 
     def submit(self, seq: Sequence) -> Sequence:
-        """Queue ``seq`` (with its forks, see ``forks_after_prefill``); raise InvalidRequest if it can never
-        fit, Unavailable when shutting down."""
+        """Queue ``seq`` with its forks (``seq.forks``, the other choices of n > 1: each gets its own tokens
+        and Finish); raise InvalidRequest if it can never fit, Unavailable when shutting down."""
+
+
+class EngineOptions(Protocol):
+    """An engine's own settings: a frozen dataclass whose fields are its `llmctl serve` flags (field
+    ``tensor_parallel_size`` is ``--tensor-parallel-size``), checked when it is made, with the checks that
+    run before the port opens and what builds the engine. It lives in a module that does not import torch
+    (the flags are checked first); `llmctl.server.engines` names each engine's."""
+
+    title: ClassVar[str]  # how messages name the engine: "vLLM's engine"
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def preflight(self, load: LoadOptions) -> None:
+        """The checks that take milliseconds (files, installed packages, devices), before the port opens."""
+
+    def build(self, load: LoadOptions, config: EngineConfig, loader: Loader) -> tuple[LoadedModel, Engine]:
+        """Load what the engine needs and build it (not started)."""

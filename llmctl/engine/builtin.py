@@ -23,6 +23,7 @@ from llmctl.core import hardware
 from llmctl.engine import attention, thinking
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
 from llmctl.engine.batch import Batch, merge, sample, select_rows
+from llmctl.engine.builtin_setup import BuiltinOptions
 from llmctl.engine.kv import SharedView
 from llmctl.engine.prefill import Prefills
 from llmctl.engine.prefix_cache import KVLayoutError, PrefixCache, store_rows
@@ -38,17 +39,16 @@ TRIM_EVERY_S = 10.0  # how often freed heap memory is handed back to the OS
 class BuiltinEngine(Prefills):
     """Runs generation for all requests on one background thread (the `Engine` protocol)."""
 
-    forks_after_prefill = True  # a sequence's forks (n > 1) are prefilled with it once: see _fork
-
     def __init__(self, model, eos_token_ids: frozenset[int], config: EngineConfig | None = None,
-                 tokenizer=None) -> None:
+                 tokenizer=None, options: BuiltinOptions | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
+        self.options = options or BuiltinOptions()
         self.eos = eos_token_ids
         self.device = model.get_input_embeddings().weight.device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.stats = EngineStats()
-        self.attention = attention.select(model, self.config.attention)
+        self.attention = attention.select(model, self.options.attention)
         log.info("Attention: %s", self.attention)
         self._prefix = PrefixCache(self.config.prefix_cache_tokens) if self.config.prefix_cache_tokens else None
         # Constrained decoding maps grammars onto token ids: it needs the tokenizer.

@@ -48,8 +48,8 @@ class Prefills:
         """Most tokens one prefill pass computes: the operator's choice, else 256 on a CPU and the step's
         whole budget on an accelerator (where a larger pass costs little more than a small one)."""
         cfg = self.config
-        if cfg.max_prefill_tokens is not None:
-            return min(cfg.max_prefill_tokens, cfg.max_batched_tokens)
+        if self.options.max_prefill_tokens is not None:
+            return min(self.options.max_prefill_tokens, cfg.max_batched_tokens)
         return min(CPU_PASS_TOKENS, cfg.max_batched_tokens) if self.device.type == "cpu" else cfg.max_batched_tokens
 
     @property
@@ -57,7 +57,7 @@ class Prefills:
         """How long an idle engine waits for the next request of a burst: the operator's choice, else
         10 ms on a CPU (where a pass of 16 rows costs a fraction of 16 passes of one) and none on an
         accelerator (where a pass takes milliseconds and waiting would be most of it)."""
-        ms = self.config.prefill_wait_ms
+        ms = self.options.prefill_wait_ms
         if ms is None:
             ms = CPU_WAIT_MS if self.device.type == "cpu" else 0.0
         return ms / 1000

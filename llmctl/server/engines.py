@@ -1,37 +1,38 @@
-"""The engines `llmctl serve` can run, by name. Each entry loads what its engine needs and builds it;
-the service only ever sees the `llmctl.engine.Engine` protocol. A new engine is one module in
-llmctl/engine/ and one entry here."""
+"""The engines `llmctl serve` can run, by name: each is a module in llmctl/engine/ plus its options type
+(`llmctl.engine.base.EngineOptions`), which holds its own flags, their checks, its preflight and how it is
+built. The service only ever sees that type and the `llmctl.engine.Engine` protocol. A new engine is one
+module, its options type, and one entry in `EngineName` and `ENGINES`; a flag only it honours is one
+field of its options type (and the `llmctl serve` option of that name)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, fields
+from typing import TYPE_CHECKING, Any, Literal
 
-from llmctl.core.loader import LoadedModel, LoadOptions
-from llmctl.engine import BuiltinEngine, Engine, EngineConfig
+from llmctl.engine.builtin_setup import BuiltinOptions
+from llmctl.engine.vllm_setup import VllmOptions
+from llmctl.errors import ModelLoadError
 
-Loader = Callable[[LoadOptions], LoadedModel]
-# (load options, engine bounds, model loader, the engine's own options or None) -> (model, engine)
-EngineFactory = Callable[[LoadOptions, EngineConfig, Loader, Any], tuple[LoadedModel, Engine]]
+if TYPE_CHECKING:
+    from llmctl.engine.base import EngineOptions
 
-
-def builtin_engine(load: LoadOptions, config: EngineConfig, loader: Loader,
-                   options: None = None) -> tuple[LoadedModel, Engine]:
-    """llmctl's own continuous batching over a transformers model loaded in this process."""
-    loaded = loader(load)
-    return loaded, BuiltinEngine(loaded.model, loaded.eos_token_ids, config, tokenizer=loaded.tokenizer)
+EngineName = Literal["builtin", "vllm"]
+ENGINES: dict[str, type[EngineOptions]] = {"builtin": BuiltinOptions, "vllm": VllmOptions}
 
 
-def vllm_engine(load: LoadOptions, config: EngineConfig, loader: Loader,
-                options: Any = None) -> tuple[LoadedModel, Engine]:
-    """vLLM's engine in this process: llmctl loads the tokenizer, vLLM the weights (``options``: VllmOptions)."""
-    from llmctl.engine.vllm import VllmEngine
-    from llmctl.engine.vllm_setup import VllmOptions, describe_model, preflight
+def engine_options(name: str, flags: Mapping[str, Any]) -> EngineOptions:
+    """Engine ``name``'s options from `llmctl serve`'s flags (by parameter name). Another engine's flag set
+    away from its default is refused, naming the engine it applies to."""
+    chosen = ENGINES[name]
+    own = {f.name for f in fields(chosen)}
+    for other, options in ENGINES.items():
+        for f in fields(options):
+            if f.name not in own and f.name in flags and flags[f.name] != _default(f):
+                raise ModelLoadError(f"--{f.name.replace('_', '-')} applies to {options.title}: "
+                                     f"add --engine {other}.")
+    return chosen(**{key: flags[key] for key in own if key in flags})
 
-    options = options or VllmOptions()
-    preflight(load, options)
-    loaded, model = describe_model(load, config)
-    return loaded, VllmEngine(model, options, loaded.eos_token_ids, config)
 
-
-ENGINES: dict[str, EngineFactory] = {"builtin": builtin_engine, "vllm": vllm_engine}
+def _default(f: Field[Any]) -> Any:
+    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default

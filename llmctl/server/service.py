@@ -7,18 +7,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from llmctl import __version__
 from llmctl.core import hardware
 from llmctl.core.loader import LoadedModel, LoadOptions, load_model
 from llmctl.core.threads import current_cpu_threads
-from llmctl.engine import Engine, EngineConfig, Sequence
+from llmctl.engine.base import Engine, EngineConfig, EngineOptions, Loader, Sequence
+from llmctl.engine.builtin_setup import BuiltinOptions
 from llmctl.engine.text import TokenText
 from llmctl.errors import LLMCtlError, ModelNotFound, Unavailable
 from llmctl.server import schemas
 from llmctl.server.admission import Admission, AdmissionLimits
-from llmctl.server.engines import ENGINES, Loader
 from llmctl.server.generation import Generation
 from llmctl.server.metrics import ServiceMetrics, prefix_cache_json
 from llmctl.server.pipeline import Ask, Run, TokenLimits, sampling_params
@@ -36,8 +35,8 @@ class ServiceSettings:
 
     load: LoadOptions = field(default_factory=LoadOptions)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    engine_kind: str = "builtin"  # a key of llmctl.server.engines.ENGINES
-    engine_options: Any = None  # that engine's own settings (llmctl.engine.vllm.VllmOptions for "vllm")
+    # Which engine, with its own settings (llmctl.server.engines.ENGINES names each engine's type).
+    engine_options: EngineOptions = field(default_factory=BuiltinOptions)
     request_timeout: float = 60.0
     max_tokens_cap: int | None = None
     default_max_tokens: int | None = None
@@ -77,8 +76,7 @@ class Service:
     def load(self) -> None:
         """Load the model and start the engine; failures leave the service answering 'error'."""
         try:
-            build = ENGINES[self.settings.engine_kind]
-            loaded, engine = build(self.settings.load, self.settings.engine, self.loader, self.settings.engine_options)
+            loaded, engine = self.settings.engine_options.build(self.settings.load, self.settings.engine, self.loader)
             engine.start()
         except LLMCtlError as exc:
             log.error("Model failed to load: %s", exc.message)
@@ -286,12 +284,7 @@ class Service:
                 seq = Sequence(ask.prompt, p, deadline=arrived + (ask.timeout or self.settings.request_timeout))
                 members = seq.fork(ask.n)
                 stops = list(ask.stops) + list(loaded.default_stops)
-                if engine.forks_after_prefill:
-                    engine.submit(seq)
-                else:  # an engine that does not fork (vLLM) gets each choice as a sequence of its own
-                    seq.forks = []
-                    for member in members:
-                        engine.submit(member)
+                engine.submit(seq)
                 gens += [Generation(m, loaded.tokenizer, stops, arrived, disconnected, self.hidden_specials)
                          for m in members]
         except BaseException:

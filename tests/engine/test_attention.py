@@ -17,6 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from llmctl.engine import BuiltinEngine, EngineConfig, attention
 from llmctl.engine.attention import GROUPED, grouped_attention_forward, grouped_mask
+from llmctl.engine.builtin_setup import BuiltinOptions
 
 HEADS, KV_HEADS, DIM = 6, 2, 16
 
@@ -154,11 +155,11 @@ def test_the_engine_uses_it_on_cpu_unless_told_otherwise():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(MODELS["llama"]()).eval()
     assert model.config._attn_implementation == "sdpa"
-    assert BuiltinEngine(model, frozenset(), EngineConfig(attention="transformers")).attention == "sdpa"
+    assert BuiltinEngine(model, frozenset(), options=BuiltinOptions(attention="transformers")).attention == "sdpa"
     assert BuiltinEngine(model, frozenset(), EngineConfig()).attention == GROUPED
     assert model.config._attn_implementation == GROUPED
     with pytest.raises(ValueError, match="attention must be one of"):
-        EngineConfig(attention="flash")
+        BuiltinOptions(attention="flash")
 
 
 def test_auto_keeps_eager_and_non_cpu_models():

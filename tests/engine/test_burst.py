@@ -15,6 +15,7 @@ import torch
 
 from llmctl.engine import BuiltinEngine, EngineConfig, Sequence
 from llmctl.engine import prefill as prefill_module
+from llmctl.engine.builtin_setup import BuiltinOptions
 from tests.engine.test_engine_architectures import build, greedy
 from tests.engine.test_engine_prefix_cache import random_tokens
 
@@ -47,7 +48,7 @@ def feed(engine: BuiltinEngine, count: int, every_s: float) -> threading.Thread:
 @pytest.mark.parametrize("wait_ms,first_pass", [(200, 6), (0, 1)])
 def test_an_idle_engine_prefills_a_burst_in_one_pass(wait_ms, first_pass):
     """Six requests 5 ms apart: with a wait, one pass of six; without, the first request goes alone."""
-    engine = BuiltinEngine(build("llama"), frozenset(), EngineConfig(prefill_wait_ms=wait_ms))
+    engine = BuiltinEngine(build("llama"), frozenset(), options=BuiltinOptions(prefill_wait_ms=wait_ms))
     rows = passes_of(engine)
     engine.submit(Sequence(random_tokens(8, seed=59), greedy(2)))
     thread = feed(engine, 5, every_s=0.005)
@@ -60,7 +61,8 @@ def test_an_idle_engine_prefills_a_burst_in_one_pass(wait_ms, first_pass):
 def test_a_burst_that_does_not_end_waits_only_so_long():
     """Requests keep coming every 10 ms for 1.2 s: the engine starts after at most BURST_WINDOWS
     windows (4 x 40 ms), not when they stop."""
-    engine = BuiltinEngine(build("llama"), frozenset(), EngineConfig(prefill_wait_ms=40, max_num_seqs=200))
+    engine = BuiltinEngine(build("llama"), frozenset(), EngineConfig(max_num_seqs=200),
+                           options=BuiltinOptions(prefill_wait_ms=40))
     rows = passes_of(engine)
     engine.submit(Sequence(random_tokens(8, seed=59), greedy(2)))
     thread = feed(engine, 120, every_s=0.01)
@@ -75,7 +77,8 @@ def test_a_burst_that_does_not_end_waits_only_so_long():
 
 
 def test_full_batch_slots_or_a_running_batch_do_not_wait():
-    engine = BuiltinEngine(build("llama"), frozenset(), EngineConfig(prefill_wait_ms=1000, max_num_seqs=2))
+    engine = BuiltinEngine(build("llama"), frozenset(), EngineConfig(max_num_seqs=2),
+                           options=BuiltinOptions(prefill_wait_ms=1000))
     rows = passes_of(engine)
     for i in range(2):
         engine.submit(Sequence(random_tokens(8, seed=70 + i), greedy(20)))
@@ -92,6 +95,6 @@ def test_full_batch_slots_or_a_running_batch_do_not_wait():
 def test_the_wait_is_the_devices_choice_unless_set():
     model = build("llama")
     assert BuiltinEngine(model, frozenset()).prefill_wait_s == prefill_module.CPU_WAIT_MS / 1000
-    assert BuiltinEngine(model, frozenset(), EngineConfig(prefill_wait_ms=0)).prefill_wait_s == 0
+    assert BuiltinEngine(model, frozenset(), options=BuiltinOptions(prefill_wait_ms=0)).prefill_wait_s == 0
     with pytest.raises(ValueError, match="prefill_wait_ms"):
-        EngineConfig(prefill_wait_ms=-1)
+        BuiltinOptions(prefill_wait_ms=-1)

@@ -17,6 +17,7 @@ from llmctl.engine import BuiltinEngine, EngineConfig, SamplingParams, Sequence
 from llmctl.engine import prefill as prefill_module
 from llmctl.engine.attention import attend_with_shared
 from llmctl.engine.batch import Batch, merge, prefill_inputs, prefill_plan, select_rows
+from llmctl.engine.builtin_setup import BuiltinOptions
 from llmctl.engine.kv import SharedPrefix, SharedView
 from llmctl.engine.shared import has_sliding_window
 from tests.engine.test_attention import DIM, KV_HEADS, additive, left_padded_mask, module, qkv
@@ -232,7 +233,7 @@ def test_a_step_prefills_in_passes_of_at_most_max_prefill_tokens(pass_tokens, pa
     """Six 10-token prompts arriving together: one pass of 60 tokens, or passes of at most 32 (3 rows);
     a prompt longer than the pass size still gets one of its own."""
     model = build("llama")
-    engine = BuiltinEngine(model, frozenset(), EngineConfig(max_prefill_tokens=pass_tokens))
+    engine = BuiltinEngine(model, frozenset(), options=BuiltinOptions(max_prefill_tokens=pass_tokens))
     assert engine.prefill_pass_tokens == (256 if pass_tokens is None else pass_tokens)
     seqs = [Sequence(random_tokens(10, seed=40 + i), greedy(5)) for i in range(6)]
     with torch.inference_mode():
@@ -247,9 +248,9 @@ def test_a_step_prefills_in_passes_of_at_most_max_prefill_tokens(pass_tokens, pa
 
 def test_max_prefill_tokens_is_checked():
     with pytest.raises(ValueError, match="max_prefill_tokens"):
-        EngineConfig(max_prefill_tokens=0)
-    assert BuiltinEngine(build("llama"), frozenset(), EngineConfig(max_prefill_tokens=4096,
-                                                                   max_batched_tokens=512)).prefill_pass_tokens == 512
+        BuiltinOptions(max_prefill_tokens=0)
+    assert BuiltinEngine(build("llama"), frozenset(), EngineConfig(max_batched_tokens=512),
+                         options=BuiltinOptions(max_prefill_tokens=4096)).prefill_pass_tokens == 512
 
 
 def test_sampled_readers_keep_their_seeds(share_early):

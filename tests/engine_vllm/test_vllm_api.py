@@ -34,7 +34,7 @@ USER = [{"role": "user", "content": "Hello there"}]
 @pytest.fixture(scope="module")
 def vllm_service(vllm_model):
     service = make_service(vllm_model, engine=EngineConfig(max_num_seqs=4, max_waiting=4, kv_cache_tokens=8192),
-                           engine_kind="vllm", engine_options=VllmOptions(enforce_eager=True))
+                           engine_options=VllmOptions(enforce_eager=True))
     yield service
     service.shutdown()
 

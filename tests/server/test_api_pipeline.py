@@ -169,18 +169,3 @@ def test_tokenize_and_detokenize(client, tiny_service):
 def test_tokenize_bad_input_is_400(client, path, body):
     r = client.post(path, json=body)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
-
-
-def test_n_on_an_engine_that_does_not_fork(tiny_model):
-    """Engines without a fork step (vLLM) get each choice as a sequence of its own; the answer is the same."""
-    service = make_service(tiny_model)
-    service.engine.forks_after_prefill = False
-    body = {"messages": USER, "n": 3, "max_tokens": 5, "seed": 3, "ignore_eos": True}
-    try:
-        with serve_in_thread(service) as url:
-            before = service.engine.stats.prompt_tokens
-            out = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
-    finally:
-        service.shutdown()
-    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
-    assert service.engine.stats.prompt_tokens - before == 3 * out["usage"]["prompt_tokens"]

@@ -130,11 +130,13 @@ def test_preflight_fails_before_torch_is_imported(tmp_path):
     # Every check of the files and the port runs before torch (seconds to import) is loaded.
     code = ("import sys\nfrom llmctl.cli.app import main\ntry:\n    main()\nexcept SystemExit as exc:\n"
             "    print('exit', exc.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n")
-    for args in (["--model-path", "/nonexistent/model"], ["--model-path", str(tmp_path)]):
+    for args, message in ((["--model-path", "/nonexistent/model"], "does not exist"),
+                          (["--model-path", str(tmp_path)], "config.json"),
+                          (["--tensor-parallel-size", "2"], "--tensor-parallel-size applies to vLLM's engine")):
         result = subprocess.run([sys.executable, "-c", code, "serve", "--port", "0", *args], capture_output=True,
                                 text=True, timeout=120)
         assert result.stdout.strip().splitlines()[-1] == "exit 1 False False", result.stdout + result.stderr
-        assert "does not exist" in result.stderr or "config.json" in result.stderr
+        assert message in result.stderr
 
 
 def test_module_and_script_entry_points():

@@ -1,0 +1,50 @@
+"""The builtin engine's own `llmctl serve` options, its preflight and how it is built (torch is imported
+only by `build`, so the flags are checked before it loads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal, get_args
+
+from llmctl.core.loader import LoadOptions
+from llmctl.core.loader import preflight as load_preflight
+
+if TYPE_CHECKING:
+    from llmctl.core.loader import LoadedModel
+    from llmctl.engine.base import Engine, EngineConfig, Loader
+
+Attention = Literal["auto", "grouped", "transformers"]  # see llmctl.engine.attention.select
+
+
+@dataclass(frozen=True)
+class BuiltinOptions:
+    """The flags only the builtin engine honours (the shared ones come from LoadOptions and EngineConfig)."""
+
+    title: ClassVar[str] = "the builtin engine"
+
+    attention: Attention = "auto"
+    # Most prompt tokens in one prefill pass (a step may run several, up to max_batched_tokens); None: the
+    # engine's choice for the device (see Prefills.prefill_pass_tokens).
+    max_prefill_tokens: int | None = None
+    # How long an idle engine waits for the rest of a burst of requests before it prefills (ms); None: the
+    # engine's choice for the device (see Prefills.prefill_wait_s).
+    prefill_wait_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be at least 1")
+        if self.prefill_wait_ms is not None and not 0 <= self.prefill_wait_ms <= 1000:
+            raise ValueError("prefill_wait_ms must be between 0 and 1000")
+        if self.attention not in get_args(Attention):
+            raise ValueError(f"attention must be one of {', '.join(get_args(Attention))}")
+
+    def preflight(self, load: LoadOptions) -> None:
+        load_preflight(load)
+
+    def build(self, load: LoadOptions, config: EngineConfig, loader: Loader) -> tuple[LoadedModel, Engine]:
+        """llmctl's own continuous batching over a transformers model loaded in this process."""
+        from llmctl.engine.builtin import BuiltinEngine
+
+        loaded = loader(load)
+        return loaded, BuiltinEngine(loaded.model, loaded.eos_token_ids, config, tokenizer=loaded.tokenizer,
+                                     options=self)
