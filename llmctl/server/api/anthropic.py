@@ -25,6 +25,7 @@ from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.api import rules
 from llmctl.server.api.common import ChoiceText, TextPieces, check_model, json_arguments, sse_event
+from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
 from llmctl.server.constraints import ToolUse, function_tool, output_constraint, tool_use
 from llmctl.server.generation import chat_prompt
@@ -186,9 +187,7 @@ def _prompt(service: Service, req: CountTokensRequest,
     loaded = service.loaded
     tools, choice = chat_tools(req)
     messages = chat_messages(req)
-    if len(messages) > service.settings.max_messages:
-        raise InvalidRequest(f"{len(messages)} messages is more than this server's limit of "
-                             f"{service.settings.max_messages}.", param="messages")
+    check_request(service, messages=len(messages))
     return chat_prompt(loaded, messages, tools, param="messages", template_kwargs=template_kwargs), tools, choice
 
 

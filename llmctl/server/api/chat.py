@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.api.common import ChoiceText, check_model, sse
+from llmctl.server.api.limits import check_request
 from llmctl.server.constraints import chat_tool_use, constraint_from_request, output_constraint
 from llmctl.server.generation import build_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
@@ -18,27 +19,16 @@ if TYPE_CHECKING:
     from llmctl.server.service import Service
 
 
-def check_n(n: int, service: Service) -> None:
-    """n choices run side by side as rows of the batch: no more than it may hold."""
-    slots = service.engine.config.max_num_seqs if service.engine else 1
-    if n > slots:
-        raise InvalidRequest(f"n is {n}, more than this server runs at once ({slots}, its --max-num-seqs).",
-                             param="n")
-
-
 def handle(service: Service, body: object, disconnected: Callable[[], bool] | None = None) -> dict | Iterator[str]:
     """Answer one chat completion: a response body, or an iterator of SSE lines when streaming."""
     arrived = time.monotonic()
     loaded, _ = service.admit()
     req = schemas.parse_body(schemas.ChatCompletionRequest, body)
     check_model(req.model, loaded.name)
-    if len(req.messages) > service.settings.max_messages:
-        raise InvalidRequest(f"{len(req.messages)} messages is more than this server's limit of "
-                             f"{service.settings.max_messages}.", param="messages")
+    n = req.n or 1
+    check_request(service, messages=len(req.messages), choices=n)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
-    n = req.n or 1
-    check_n(n, service)
     tools = chat_tool_use(req.tools, req.tool_choice, req.parallel_tool_calls)
     constraint = output_constraint(constraint_from_request(req.response_format, req.structured_outputs), tools,
                                    service.tool_format)

@@ -19,8 +19,8 @@ from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.admission import encode
 from llmctl.server.api import rules
-from llmctl.server.api.chat import check_n
 from llmctl.server.api.common import check_model, sse
+from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MIN_LOGPROB
@@ -88,7 +88,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     max_tokens = req.max_tokens
     if "max_tokens" not in req.model_fields_set and service.settings.max_tokens_cap is not None:
         max_tokens = min(DEFAULT_MAX_TOKENS, service.settings.max_tokens_cap)  # the default obeys the cap
-    check_n(n * len(prompts), service)
+    check_request(service, choices=n * len(prompts))
     asks = [Ask(ids, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                 frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
                 logit_bias=req.logit_bias, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=req.logprobs,

@@ -28,6 +28,7 @@ from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.api import rules, stored
 from llmctl.server.api.common import ChoiceText, TextPieces, check_model, sse_event
+from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
 from llmctl.server.constraints import (
     FunctionTool,
@@ -244,9 +245,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     # The model reads what the request continues (stored as it saw it), then the new input.
     messages = chat_messages(req.model_copy(update={"input": ResponsesRequest.model_validate(
         {"input": turn.prior + turn.input_items}).input}) if turn.prior else req)
-    if len(messages) > service.settings.max_messages:
-        raise InvalidRequest(f"{len(messages)} input items is more than this server's limit of "
-                             f"{service.settings.max_messages}.", param="input")
+    check_request(service, messages=len(messages), messages_param="input", unit="input items")
     switches = chat_switches(req.chat_template_kwargs, req.reasoning.effort if req.reasoning else None)
     prompt = chat_prompt(loaded, [m.for_template() for m in messages], tools, param="input",
                          template_kwargs=switches.template_kwargs)

@@ -16,6 +16,7 @@ from llmctl.server import schemas
 from llmctl.server.admission import encode
 from llmctl.server.api import rules
 from llmctl.server.api.common import check_model
+from llmctl.server.api.limits import check_request
 from llmctl.server.generation import chat_prompt
 from llmctl.server.schemas import ChatMessage, _Lenient
 
@@ -51,9 +52,7 @@ def tokenize(service: Service, body: object) -> dict:
         special = req.add_special_tokens is not False
         tokens = encode(tokenizer, schemas.valid_unicode(req.prompt), special)
     else:
-        if len(req.messages) > service.settings.max_messages:
-            raise InvalidRequest(f"{len(req.messages)} messages is more than this server's limit of "
-                                 f"{service.settings.max_messages}.", param="messages")
+        check_request(service, messages=len(req.messages))
         tokens = chat_prompt(loaded, [m.for_template() for m in req.messages], req.tools, param="messages",
                              add_generation_prompt=req.add_generation_prompt,
                              add_special_tokens=bool(req.add_special_tokens))
