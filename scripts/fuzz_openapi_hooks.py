@@ -31,6 +31,8 @@ EXPECTED_REFUSALS = (
     (r"which is not in 'tools'", "tool_choice names a tool the request does not list"),
     (r"other than n \(", "best_of other than n"),
     (r"must be greater than thinking.budget_tokens", "thinking.budget_tokens compared with max_tokens"),
+    (r"does not serve LoRA adapters", "the LoRA routes of a server started without --lora or --enable-lora"),
+    (r"^LoRA adapter", "a LoRA adapter folder on the server's disk, or whether a name is loaded now"),
     (r"Input should be a valid integer",
      "an integer written as a decimal (4.0): JSON Schema counts it an integer, llmctl (as OpenAI's API) does not"),
 )

@@ -17,7 +17,8 @@ import typer
 from llmctl import envvars
 from llmctl.cli.options import ConfigOpt, ModelPathOpt
 from llmctl.client.config import configured_model_path
-from llmctl.core.loader import Device, Dtype, LoadOptions, files_preflight
+from llmctl.core.adapters import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, AdapterSpec, check_adapters
+from llmctl.core.loader import Device, Dtype, LoadOptions, files_preflight, safetensors_folder
 from llmctl.core.threads import configure_cpu_threads, resolve_cpu_threads, usable_cores
 from llmctl.doctor.network import check_port
 from llmctl.engine.builtin_setup import Attention
@@ -72,6 +73,13 @@ def port_preflight(host: str, port: int) -> None:
     check = check_port(port, host or "0.0.0.0")
     if check.status != "ok":
         raise ServeError(f"Cannot listen on {host}:{port}: {check.finding}. {check.fix}")
+
+
+def lora_preflight(load: LoadOptions, given: list[str], max_loras: int, max_rank: int) -> tuple[AdapterSpec, ...]:
+    """The --lora adapters, each checked (files, rank, fit to the model's weights) before anything loads."""
+    specs = [AdapterSpec.parse(text) for entry in given for text in entry.split() if text]
+    check_adapters(specs, safetensors_folder(load), max_rank, max_loras)
+    return tuple(specs)
 
 
 # A flag only one engine honours is a field of that engine's options type (llmctl.server.engines) of the same
@@ -245,6 +253,20 @@ def serve(
     enforce_eager: Annotated[bool, typer.Option(
         envvar=envvars.ENFORCE_EAGER, rich_help_panel="--engine vllm",
         help="Skip vLLM's torch.compile: starts in seconds instead of minutes, generates slower.")] = False,
+    lora: Annotated[list[str] | None, typer.Option(
+        "--lora", "--lora-modules", envvar=envvars.LORA, rich_help_panel="LoRA adapters",
+        help="Serve a PEFT LoRA adapter folder for this model as model NAME: NAME=PATH (repeat for several; "
+        "--lora-modules is vLLM's name). Requests with model NAME run with it, beside the base model's.")] = None,
+    enable_lora: Annotated[bool, typer.Option(
+        "--enable-lora", envvar=envvars.ENABLE_LORA, rich_help_panel="LoRA adapters",
+        help="Serve LoRA adapters loaded at run time (POST /v1/load_lora_adapter) even when no --lora is "
+        "given.")] = False,
+    max_loras: Annotated[int, typer.Option(
+        envvar=envvars.MAX_LORAS, min=1, rich_help_panel="LoRA adapters",
+        help="Most LoRA adapters loaded at once.")] = DEFAULT_MAX_LORAS,
+    max_lora_rank: Annotated[int, typer.Option(
+        envvar=envvars.MAX_LORA_RANK, min=1, rich_help_panel="LoRA adapters",
+        help="Highest LoRA rank accepted.")] = DEFAULT_MAX_LORA_RANK,
     log_level: Annotated[str, typer.Option(envvar=envvars.LOG_LEVEL, help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve a chat model with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
@@ -261,6 +283,7 @@ def serve(
     )
     options = engine_options(engine_kind, ctx.params)  # another engine's flags: refused before anything loads
     files_preflight(load)
+    adapters = lora_preflight(load, lora or [], max_loras, max_lora_rank)
     port_preflight(host, port)
     keys = load_api_keys(api_key or [], api_key_file)
     compute_threads = resolve_cpu_threads(cpu_threads)
@@ -282,6 +305,8 @@ def serve(
                                       max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
                                       max_messages=max_messages, tool_call_parser=tool_call_parser,
                                       reasoning_parser=reasoning_parser,
+                                      loras=adapters, enable_lora=enable_lora, max_loras=max_loras,
+                                      max_lora_rank=max_lora_rank,
                                       admission=AdmissionLimits(max_preparing_requests, max_preparing_bytes,
                                                                 max_waiting_tokens).derive(
                                           max_num_seqs=max_num_seqs, max_waiting=max_waiting,

@@ -278,6 +278,18 @@ def preflight(options: LoadOptions) -> None:
     files_preflight(options)
 
 
+def safetensors_folder(options: LoadOptions) -> Path | None:
+    """The Hugging Face folder the model loads from when it exists already (the embedded model's once converted),
+    for checks that read its weights' headers; None for a GGUF file."""
+    if options.model_path is None:
+        from llmctl.core.embedded import embedded_model_dir
+
+        folder = embedded_model_dir()
+        return folder if (folder / "config.json").is_file() else None
+    source = inspect_model_path(options.model_path)
+    return None if source.is_gguf else source.folder
+
+
 def files_preflight(options: LoadOptions) -> None:
     """The checks of the model files (path, config, shards, tokenizer): they need no torch, so they come first."""
     if options.model_path is None:

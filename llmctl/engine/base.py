@@ -58,8 +58,11 @@ class Finish:
 class Sequence:
     """One request's generation: its prompt, settings, and the queue its tokens arrive on."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, deadline: float | None = None,
+                 adapter: str | None = None) -> None:
         self.id = next(_ids)
+        self.adapter = adapter  # the LoRA adapter its rows compute with (None: the base model)
+        self.cache_root = 0  # the prefix cache's chains start here: each adapter has its own (builtin engine)
         self.prompt_ids = prompt_ids
         self.params = params
         self.deadline = deadline
@@ -99,8 +102,8 @@ class Sequence:
             seed = self.params.seed
             if seed is not None:
                 seed = seed + i if seed + i < 2**64 else seed + i - 2**64
-            fork = Sequence(self.prompt_ids, dataclasses.replace(self.params, seed=seed), self.deadline)
-            fork.arrived = self.arrived
+            fork = Sequence(self.prompt_ids, dataclasses.replace(self.params, seed=seed), self.deadline, self.adapter)
+            fork.arrived, fork.cache_root = self.arrived, self.cache_root
             self.forks.append(fork)
         return [self, *self.forks]
 
@@ -179,6 +182,10 @@ class Engine(Protocol):
 
     def start(self) -> None:
         """Start generating; called once, after the model is loaded."""
+
+    def enable_lora(self, max_loras: int, max_rank: int) -> Any:
+        """Serve LoRA adapters, up to ``max_loras`` of rank ``max_rank`` at once (called before `start`); returns
+        what holds them (`llmctl.server.loras.AdapterHost`): a sequence's ``adapter`` names one of them."""
 
     def stop(self, timeout: float = 10.0) -> None:
         """Fail what is queued or running with 'shutting down' and stop the engine's threads."""

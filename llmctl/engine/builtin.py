@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache
@@ -25,6 +26,7 @@ from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
 from llmctl.engine.batch import Batch, merge, sample, select_rows
 from llmctl.engine.builtin_setup import BuiltinOptions
 from llmctl.engine.kv import SharedView
+from llmctl.engine.lora import LoraSet
 from llmctl.engine.prefill import Prefills
 from llmctl.engine.prefix_cache import KVLayoutError, PrefixCache, store_rows
 from llmctl.engine.shared import sharing_works
@@ -50,6 +52,7 @@ class BuiltinEngine(Prefills):
         self.stats = EngineStats()
         self.attention = attention.select(model, self.options.attention)
         log.info("Attention: %s", self.attention)
+        self.lora: LoraSet | None = None  # LoRA adapters (enable_lora), applied per row in every forward pass
         self._prefix = PrefixCache(self.config.prefix_cache_tokens) if self.config.prefix_cache_tokens else None
         # Constrained decoding maps grammars onto token ids: it needs the tokenizer.
         self.grammars = Grammars(tokenizer, self.vocab_size, eos_token_ids, stats=self.stats.grammar) \
@@ -70,6 +73,11 @@ class BuiltinEngine(Prefills):
         self._thread = threading.Thread(target=self._run, name="llmctl-engine", daemon=True)
 
     # ---- public, thread-safe -------------------------------------------------------------
+    def enable_lora(self, max_loras: int, max_rank: int) -> LoraSet:
+        """Serve LoRA adapters (before `start`): each request's rows compute with the adapter it names."""
+        self.lora = LoraSet(self.model, max_loras, max_rank)
+        return self.lora
+
     def start(self) -> None:
         self._thread.start()
 
@@ -117,6 +125,8 @@ class BuiltinEngine(Prefills):
                 raise Unavailable("The server is shutting down.", retry_after=None, code="shutting_down")
             self.check_capacity()
             for member in (seq, *seq.forks):
+                if member.adapter is not None and self.lora is not None:
+                    member.cache_root = self.lora.cache_root(member.adapter)
                 if member.params.seed is not None:
                     member.generator = member.params.make_generator(self.device)
             self._waiting.append(seq)
@@ -214,10 +224,14 @@ class BuiltinEngine(Prefills):
         return (self._batch.kv_slots if self._batch else 0) + \
             (self._prefilling.prefilled if self._prefilling else 0)
 
-    def _forward(self, cache: DynamicCache, shared: SharedView | None = None, **kwargs):
+    def _forward(self, cache: DynamicCache, shared: SharedView | None = None, seqs: list[Sequence] | None = None,
+                 **kwargs):
+        """One forward pass; ``seqs``: the sequence of each row, whose LoRA adapter it computes with."""
         if shared is not None:
             kwargs["shared_prefix"] = shared
-        out = self.model(**kwargs, **{self._cache_kw: cache}, use_cache=True)
+        rows = self.lora.rows([s.adapter for s in seqs]) if self.lora is not None and seqs else nullcontext()
+        with rows:
+            out = self.model(**kwargs, **{self._cache_kw: cache}, use_cache=True)
         if shared is not None and len(shared.layers) != len(cache.layers):  # `sharing_works` makes sure it is not
             raise RuntimeError(f"{len(cache.layers) - len(shared.layers)} layer(s) did not read the shared prefix")
         return out
@@ -260,7 +274,8 @@ class BuiltinEngine(Prefills):
             mask = torch.cat([batch.mask, torch.ones((rows, 1), dtype=batch.mask.dtype, device=self.device)], dim=1)
             out = self._forward(input_ids=batch.last[:, None], attention_mask=mask,
                                 position_ids=batch.positions[:, None],
-                                cache=batch.cache, shared=SharedView.of(batch.shared, batch.shared_lengths))
+                                cache=batch.cache, shared=SharedView.of(batch.shared, batch.shared_lengths),
+                                seqs=batch.seqs)
             batch.mask = mask
             batch.positions = batch.positions + 1
             tokens = sample(batch, out.logits[:, -1, :], self.device)

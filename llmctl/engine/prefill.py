@@ -122,7 +122,7 @@ class Prefills:
                 chosen.append(seq)
                 longest = new_longest
                 if self._prefix is not None:
-                    computing.update(self._prefix.keys(seq.context_ids))
+                    computing.update(self._prefix.keys(seq.context_ids, root=seq.cache_root))
                 if fresh > cfg.max_batched_tokens:
                     break  # a long prompt is prefilled alone, in chunks
         return chosen
@@ -130,7 +130,7 @@ class Prefills:
     def _look_up(self, seq: Sequence) -> int:
         """Find the cached prefix of ``seq``'s context; returns the tokens its prefill must compute."""
         if self._prefix is not None:  # the last token is always computed: its logits give the next token
-            seq.prefix = self._prefix.match(seq.context_ids, limit=seq.context_length - 1)
+            seq.prefix = self._prefix.match(seq.context_ids, limit=seq.context_length - 1, root=seq.cache_root)
             seq.prefix_tokens = seq.prefix.tokens
         return seq.context_length - seq.prefix_tokens
 
@@ -219,7 +219,7 @@ class Prefills:
         reads_t = torch.tensor(reads, device=self.device) if shared is not None else None
         view = SharedView.of(shared, reads_t)
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                            logits_to_keep=1, shared=view)
+                            logits_to_keep=1, shared=view, seqs=seqs)
         batch = Batch(seqs=list(seqs), cache=cache, mask=mask,
                        positions=torch.tensor(lengths, device=self.device), last=ids[:, -1].clone())
         if view is not None:
@@ -239,7 +239,7 @@ class Prefills:
             input_ids=ids,
             attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
             position_ids=torch.arange(start, end, device=self.device)[None],
-            cache=seq.prefill_cache, logits_to_keep=1,
+            cache=seq.prefill_cache, logits_to_keep=1, seqs=seqs,
         )
         seq.prefilled = end
         self.stats.prefill_tokens += end - start

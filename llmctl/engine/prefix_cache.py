@@ -58,17 +58,18 @@ class PrefixCache:
         """Tokens the cache holds now."""
         return len(self._blocks) * self.block_size
 
-    def keys(self, tokens: list[int], limit: int | None = None) -> Iterator[int]:
+    def keys(self, tokens: list[int], limit: int | None = None, root: int = ROOT) -> Iterator[int]:
         """The chained key of each full block of ``tokens`` (of the first ``limit`` tokens), in order."""
         size = self.block_size
         end = len(tokens) if limit is None else min(limit, len(tokens))
-        key = ROOT
+        key = root
         for start in range(0, end - size + 1, size):
             key = hash((key, tuple(tokens[start:start + size])))
             yield key
 
-    def match(self, tokens: list[int], limit: int | None = None) -> Match:
-        """The longest run of cached blocks ``tokens`` starts with, within its first ``limit`` tokens.
+    def match(self, tokens: list[int], limit: int | None = None, root: int = ROOT) -> Match:
+        """The longest run of cached blocks ``tokens`` starts with, within its first ``limit`` tokens (``root``:
+        the chain's start, one per LoRA adapter, so that no KV is shared between adapters).
 
         Costs one tuple, one hash and one dictionary lookup per matched block (and one for the miss).
         The matched blocks become the most recently used.
@@ -76,7 +77,7 @@ class PrefixCache:
         size = self.block_size
         end = len(tokens) if limit is None else min(limit, len(tokens))
         blocks: list[Block] = []
-        parent = ROOT
+        parent = root
         next_key = None
         for start in range(0, end - size + 1, size):
             chunk = tuple(tokens[start:start + size])
@@ -111,7 +112,8 @@ class PrefixCache:
         span = length - start
         return kv[..., :span, :] if kv.shape[-2] != span else kv
 
-    def insert(self, tokens: list[int], kv_of: Callable[[int, int], torch.Tensor], room: int | None = None) -> int:
+    def insert(self, tokens: list[int], kv_of: Callable[[int, int], torch.Tensor], room: int | None = None,
+               root: int = ROOT) -> int:
         """Store the full blocks of ``tokens`` that are not cached yet; returns the tokens added.
 
         ``kv_of(start, end)`` gives the KV of tokens ``start:end`` (token dimension -2); it is called
@@ -124,7 +126,7 @@ class PrefixCache:
         usable = min(len(tokens), bound) // size * size
         chain: list[Block] = []
         new: list[tuple[int, int, int, tuple[int, ...]]] = []  # (start, key, parent, tokens)
-        parent = ROOT
+        parent = root
         for start in range(0, usable, size):
             chunk = tuple(tokens[start:start + size])
             key = hash((parent, chunk))
@@ -180,7 +182,8 @@ def store_rows(prefixes: PrefixCache, batch: Batch, rows: list[int], room: int) 
     for row in rows:
         n, s = own[row], shared[row]  # the row's own tokens sit in the last n columns
         kv_of = functools.partial(row_kv, batch.cache, row, width - n, shared=batch.shared, shared_tokens=s)
-        prefixes.insert(batch.seqs[row].context_ids[:s + n], kv_of, room)
+        seq = batch.seqs[row]
+        prefixes.insert(seq.context_ids[:s + n], kv_of, room, root=seq.cache_root)
 
 
 def row_kv(cache: DynamicCache, row: int, offset: int, start: int, end: int, shared: SharedPrefix | None = None,

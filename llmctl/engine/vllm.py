@@ -56,6 +56,9 @@ class VllmEngine:
         self._thread = threading.Thread(target=self._run, name="llmctl-vllm-engine", daemon=True)
 
     # ---- public, thread-safe -------------------------------------------------------------
+    def enable_lora(self, max_loras: int, max_rank: int):
+        raise ModelLoadError("LoRA adapters are served by the builtin engine; --engine vllm does not take them yet.")
+
     def start(self) -> None:
         """Build vLLM's engine on the engine thread and wait for it (minutes on a CPU: it compiles)."""
         self._thread.start()

@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from llmctl.errors import InvalidRequest, LLMCtlError, UnsupportedMediaType
 from llmctl.server.admission import DEFAULT_MAX_BODY_BYTES
-from llmctl.server.api import anthropic, chat, completions, conversations, responses_api, stored, tokenize
+from llmctl.server.api import anthropic, chat, completions, conversations, lora, responses_api, stored, tokenize
 from llmctl.server.openapi import openapi_document
 from llmctl.server.security import install_auth, install_cors
 from llmctl.server.service import Service
@@ -182,7 +182,8 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
 GENERATION_ROUTES = {"/v1/chat/completions": chat.handle, "/v1/completions": completions.handle,
                      "/v1/responses": responses_api.handle, "/v1/messages": anthropic.handle}
 JSON_ROUTES = {"/v1/messages/count_tokens": anthropic.count_tokens, "/tokenize": tokenize.tokenize,
-               "/detokenize": tokenize.detokenize}
+               "/detokenize": tokenize.detokenize, "/v1/load_lora_adapter": lora.load,
+               "/v1/unload_lora_adapter": lora.unload}
 
 
 # Stored responses and conversations: rule -> method -> handler. A handler takes the JSON body (POSTs but

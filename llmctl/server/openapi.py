@@ -12,6 +12,7 @@ from llmctl import __version__
 from llmctl.server.api.anthropic import CountTokensRequest, MessagesRequest
 from llmctl.server.api.completions import CompletionRequest
 from llmctl.server.api.conversations import ConversationRequest, ConversationUpdate, ItemsRequest
+from llmctl.server.api.lora import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from llmctl.server.api.responses_api import ResponsesRequest
 from llmctl.server.api.shapes import SHAPES
 from llmctl.server.api.tokenize import DetokenizeRequest, TokenizeRequest
@@ -19,7 +20,8 @@ from llmctl.server.responses import RESPONSE_MODELS
 from llmctl.server.schemas import ChatCompletionRequest
 
 REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, ResponsesRequest, MessagesRequest, CountTokensRequest,
-                  TokenizeRequest, DetokenizeRequest, ConversationRequest, ConversationUpdate, ItemsRequest)
+                  TokenizeRequest, DetokenizeRequest, ConversationRequest, ConversationUpdate, ItemsRequest,
+                  LoadLoraAdapterRequest, UnloadLoraAdapterRequest)
 
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 ANTHROPIC_ERROR = {"$ref": "#/components/schemas/AnthropicError"}
@@ -163,6 +165,12 @@ def _document() -> dict:
                                stream=False, errors=(400, 401, 404, 413, 415, 500, 503)),
             "/detokenize": _post("detokenize", "DetokenizeRequest", "Detokenized", "The text of token ids",
                                  stream=False, errors=(400, 401, 404, 413, 415, 500, 503)),
+            "/v1/load_lora_adapter": _post("loadLoraAdapter", "LoadLoraAdapterRequest", "LoraAdapter",
+                                           "The adapter is loaded and served as a model of its own", stream=False,
+                                           errors=(400, 401, 413, 415, 500, 503)),
+            "/v1/unload_lora_adapter": _post("unloadLoraAdapter", "UnloadLoraAdapterRequest", "LoraAdapter",
+                                             "The adapter takes no new request; it goes when its running ones end",
+                                             stream=False, errors=(400, 401, 413, 415, 500, 503)),
             "/v1/models": {"get": {"operationId": "listModels", "security": KEY, "responses": {
                 "200": {"description": "The served model", "content": {"application/json": {
                     "schema": _ref("ModelList")}}}, **_error_responses(401, 503)}}},

@@ -49,6 +49,8 @@ class Ask:
     thinking: Thinking | None = None  # where the thinking ends, its budget (server.thinking builds it)
     prompt_param: str = "messages"
     max_tokens_param: str = "max_tokens"
+    model: str | None = None  # the served model the request named (None: the base model's name)
+    adapter: str | None = None  # the LoRA adapter it runs with (None: the base model)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ class Run:
     gens: list[Generation]
     prompt_tokens: int
     on_end: Callable[[Run], None]
+    model: str | None = None  # the served model name the request named (None: the base model)
     _ended: bool = field(default=False, repr=False)
 
     @property

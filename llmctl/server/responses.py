@@ -124,15 +124,40 @@ class ChatCompletionChunk(_Strict):
 
 
 class Model(_Strict):
+    """A served model: the base model, or a LoRA adapter (with its base model as ``parent`` and its folder as
+    ``root``, as vLLM lists them)."""
+
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: str | None = None
+    root: str | None = None
 
 
 class ModelList(_Strict):
     object: Literal["list"]
     data: list[Model]
+
+
+class LoraAdapters(_Strict):
+    """The LoRA adapters served: their names, how many may be loaded at once, and their weights' memory."""
+
+    loaded: list[str]
+    max_loras: int
+    max_lora_rank: int
+    memory_bytes: int
+
+
+class LoraAdapter(_Strict):
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter: the adapter; ``message`` is vLLM's answer text."""
+
+    object: Literal["lora_adapter"]
+    id: str
+    message: str
+    parent: str | None = None
+    rank: int | None = None
+    running_requests: int | None = None
 
 
 class Health(_Strict):
@@ -151,6 +176,7 @@ class Health(_Strict):
     context_length: int | None
     running: int
     waiting: int
+    lora_adapters: LoraAdapters | None = None  # null when the server does not serve LoRA adapters
     version: str
     error: str | None = None
 
@@ -173,4 +199,4 @@ class ModelInfo(_Strict):
     context_length: int
 
 
-RESPONSE_MODELS = (ChatCompletion, ChatCompletionChunk, Model, ModelList, Health, WorkerLoad, ModelInfo)
+RESPONSE_MODELS = (ChatCompletion, ChatCompletionChunk, Model, ModelList, Health, WorkerLoad, ModelInfo, LoraAdapter)

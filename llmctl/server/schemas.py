@@ -345,9 +345,15 @@ def chunk_body(cid: str, model: str, created: int, delta: dict, finish_reason: s
     return body
 
 
-def model_card(model: str, created: int) -> dict:
-    return {"id": model, "object": "model", "created": created, "owned_by": "llmctl"}
+def model_card(model: str, created: int, parent: str | None = None, root: str | None = None) -> dict:
+    """A model's entry in /v1/models; a LoRA adapter's names its base model as ``parent`` (as vLLM does)."""
+    card = {"id": model, "object": "model", "created": created, "owned_by": "llmctl"}
+    if parent is not None:
+        card.update(parent=parent, root=root)
+    return card
 
 
-def models_body(model: str, created: int) -> dict:
-    return {"object": "list", "data": [model_card(model, created)]}
+def models_body(model: str, created: int, adapters: list | None = None) -> dict:
+    """/v1/models: the base model, then each LoRA adapter (`llmctl.core.adapters.AdapterInfo`) it serves."""
+    return {"object": "list", "data": [model_card(model, created)] + [
+        model_card(a.name, created, parent=model, root=str(a.path)) for a in adapters or []]}

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from llmctl import __version__
 from llmctl.core import hardware
+from llmctl.core.adapters import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, AdapterSpec
 from llmctl.core.loader import LoadedModel, LoadOptions, load_model
 from llmctl.core.threads import current_cpu_threads
 from llmctl.engine.base import Engine, EngineConfig, EngineOptions, Loader, Sequence
@@ -19,6 +20,7 @@ from llmctl.errors import LLMCtlError, ModelNotFound, Unavailable
 from llmctl.server import schemas
 from llmctl.server.admission import Admission, AdmissionLimits
 from llmctl.server.generation import Generation
+from llmctl.server.loras import Loras
 from llmctl.server.metrics import ServiceMetrics, prefix_cache_json
 from llmctl.server.pipeline import Ask, Run, TokenLimits, sampling_params
 from llmctl.server.reasoning import ReasoningParser, ReasoningParserName, resolve_reasoning
@@ -44,6 +46,14 @@ class ServiceSettings:
     tool_call_parser: ToolCallParser | None = "auto"  # a key of llmctl.server.tools.PARSERS, "auto" or "none"
     reasoning_parser: ReasoningParserName | None = "auto"  # a key of llmctl.server.reasoning.PARSERS, "auto", "none"
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)  # unset bounds derive from `engine`
+    loras: tuple[AdapterSpec, ...] = ()  # LoRA adapters served from the start, each as a model of its own
+    enable_lora: bool = False  # serve adapters (loaded at run time) even when none is given at the start
+    max_loras: int = DEFAULT_MAX_LORAS  # adapters resident at once
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.loras)
 
 
 class Service:
@@ -60,6 +70,7 @@ class Service:
         self.error: str | None = None
         self.loaded: LoadedModel | None = None
         self.engine: Engine | None = None
+        self.loras: Loras | None = None  # the LoRA adapters served beside the model (--lora)
         self.token_text: TokenText | None = None  # token ids to bytes, for logprobs
         self.tool_format: type[ToolParser] | None = None  # the family whose tool calls are parsed
         self.reasoning_format: type[ReasoningParser] | None = None  # the family whose thinking is split out
@@ -77,6 +88,7 @@ class Service:
         """Load the model and start the engine; failures leave the service answering 'error'."""
         try:
             loaded, engine = self.settings.engine_options.build(self.settings.load, self.settings.engine, self.loader)
+            loras = self._serve_loras(engine, loaded.name)
             engine.start()
         except LLMCtlError as exc:
             log.error("Model failed to load: %s", exc.message)
@@ -86,7 +98,7 @@ class Service:
             log.exception("Model failed to load")
             self.error, self.status = f"{type(exc).__name__}: {exc}".splitlines()[0][:500], "error"
             return
-        self.loaded, self.engine = loaded, engine
+        self.loaded, self.engine, self.loras = loaded, engine, loras
         self.token_text = TokenText(loaded.tokenizer)
         self.tool_format, why = resolve_parser(self.settings.tool_call_parser, loaded.tokenizer)
         log.info("Tool calls: %s (%s)", self.tool_format.name if self.tool_format else "not parsed", why)
@@ -95,6 +107,16 @@ class Service:
         self.hidden_specials = hidden_specials(loaded.tokenizer, self.tool_format, self.reasoning_format)
         self.status = "ready"
         log.info("Ready: serving %s", loaded.name)
+
+    def _serve_loras(self, engine: Engine, base: str) -> Loras | None:
+        """The adapters the settings name, loaded onto ``engine`` before it starts (a bad one fails the start)."""
+        settings = self.settings
+        if not settings.lora_enabled:
+            return None
+        loras = Loras(engine.enable_lora(settings.max_loras, settings.max_lora_rank), base)
+        for spec in settings.loras:
+            loras.add(spec)
+        return loras
 
     def load_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self.load, name="llmctl-loader", daemon=True)
@@ -165,6 +187,7 @@ class Service:
             "context_length": self.loaded.context_length if self.loaded else None,
             "running": self.engine.running if self.engine else 0,
             "waiting": self.engine.waiting if self.engine else 0,
+            "lora_adapters": self._lora_json(),
             "version": __version__,
         }
         if self.error:
@@ -210,9 +233,18 @@ class Service:
             "preemptions": engine.stats.preemptions if engine else 0,
             "kv_cache_usage": round(engine.stats.kv_cache_usage, 4) if engine else 0.0,
             "prefix_cache": prefix_cache_json(engine),
+            "lora_adapters": self._lora_json(),
             **_grammar_metrics(engine),
         }
         return body
+
+    def _lora_json(self) -> dict | None:
+        """The LoRA adapters served (None: adapters are off): names, how many may be resident, their memory."""
+        loras = self.loras
+        if loras is None:
+            return None
+        return {"loaded": loras.names(), "max_loras": loras.host.max_loras, "max_lora_rank": loras.host.max_rank,
+                "memory_bytes": loras.host.nbytes}
 
     def refresh_gauges(self) -> None:
         gpu = hardware.gpu_memory()
@@ -223,20 +255,39 @@ class Service:
         m.g_gpu_reserved.set(gpu.reserved_gb * hardware.GIB)
         m.g_rss.set(hardware.process_rss_gb() * hardware.GIB)
         m.g_cpu_threads.set(current_cpu_threads())
+        m.g_lora_count.set(len(self.loras.names()) if self.loras else 0)
+        m.g_lora_bytes.set(self.loras.host.nbytes if self.loras else 0)
         if self.engine is not None:
             m.g_kv_usage.set(self.engine.stats.kv_cache_usage)
             m.observe_prefix_cache(self.engine.stats.prefix_cache_queries, self.engine.stats.prefix_cache_hits)
 
     def models(self) -> dict:
         loaded, _ = self.require_ready()
-        return schemas.models_body(loaded.name, self.created)
+        return schemas.models_body(loaded.name, self.created, self.loras.adapters() if self.loras else [])
 
     def model(self, model_id: str) -> dict:
         loaded, _ = self.require_ready()
-        if model_id != loaded.name:
-            raise ModelNotFound(f"The model '{model_id}' does not exist; this server serves '{loaded.name}'.",
-                                param="model")
-        return schemas.model_card(loaded.name, self.created)
+        if model_id == loaded.name:
+            return schemas.model_card(loaded.name, self.created)
+        for info in self.loras.adapters() if self.loras else []:
+            if info.name == model_id:
+                return schemas.model_card(info.name, self.created, parent=loaded.name, root=str(info.path))
+        raise self._not_found(model_id, loaded.name)
+
+    def served_model(self, asked: str | None) -> tuple[str, str | None]:
+        """The model a request names (``asked``; none: the base model): its name for the answer, and the LoRA
+        adapter it runs with (None: the base model). 404 for a name this server does not serve."""
+        loaded, _ = self.require_ready()
+        if not asked or asked == loaded.name:
+            return loaded.name, None
+        if self.loras is not None and asked in self.loras:
+            return asked, asked
+        raise self._not_found(asked, loaded.name)
+
+    def _not_found(self, name: str, base: str) -> ModelNotFound:
+        if self.loras is not None:
+            return self.loras.not_found(name)
+        return ModelNotFound(f"The model '{name}' does not exist; this server serves '{base}'.", param="model")
 
     # ---- the request pipeline every API shares (see llmctl.server.pipeline) -----------------
     def tool_parser(self, tools: list[dict] | None, enabled: bool = True, forced: bool = False) -> ToolParser | None:
@@ -277,11 +328,21 @@ class Service:
         limits = TokenLimits(engine.config.kv_cache_tokens, self.settings.max_tokens_cap,
                              self.settings.default_max_tokens)
         params = [sampling_params(loaded, ask, limits) for ask in asks]  # every 400 before anything runs
-        queued = self.admission.queue(sum(len(ask.prompt) for ask in asks), _room(engine))  # 429: too many wait
+        adapter = asks[0].adapter if asks else None  # one model per request
+        if adapter is not None:  # it stays loaded until this run ends (an unload waits for that)
+            if self.loras is None:
+                raise self._not_found(adapter, loaded.name)
+            self.loras.acquire(adapter)
+        try:
+            queued = self.admission.queue(sum(len(ask.prompt) for ask in asks), _room(engine))  # 429: too many wait
+        except BaseException:
+            self._release(adapter)
+            raise
         gens: list[Generation] = []
         try:
             for ask, p in zip(asks, params, strict=False):
-                seq = Sequence(ask.prompt, p, deadline=arrived + (ask.timeout or self.settings.request_timeout))
+                seq = Sequence(ask.prompt, p, deadline=arrived + (ask.timeout or self.settings.request_timeout),
+                               adapter=adapter)
                 members = seq.fork(ask.n)
                 stops = list(ask.stops) + list(loaded.default_stops)
                 engine.submit(seq)
@@ -291,11 +352,16 @@ class Service:
             queued.dropped = True
             for gen in gens:  # a full queue part-way through a list of prompts: stop what was submitted
                 gen.close()
+            self._release(adapter)
             raise
         queued.seqs = [gen.seq for gen in gens]
         self.admission.prepared()
         self._enter()
-        return Run(gens, sum(len(ask.prompt) for ask in asks), self._ended)
+        return Run(gens, sum(len(ask.prompt) for ask in asks), self._ended, model=asks[0].model if asks else None)
+
+    def _release(self, adapter: str | None) -> None:
+        if adapter is not None and self.loras is not None:
+            self.loras.release(adapter)
 
     def logprobs(self, gen: Generation, wanted: bool | None) -> dict | None:
         """The logprobs of the tokens ``gen`` received since the last call, when the request asked."""
@@ -304,6 +370,7 @@ class Service:
         return schemas.logprobs_body(self.token_text, gen.take_logprobs())
 
     def _ended(self, run: Run) -> None:
+        model = run.model or (self.loaded.name if self.loaded else "")
         for i, gen in enumerate(run.gens):
             seq = gen.seq
             latency = (gen.timing.last_token or time.monotonic()) - gen.timing.arrived
@@ -312,7 +379,8 @@ class Service:
             prompt_tokens = len(seq.prompt_ids) if not i or seq.prompt_ids is not run.gens[i - 1].seq.prompt_ids \
                 else 0
             self.metrics.record_generation(prompt_tokens, gen.completion_tokens, latency, gen.ttft, gen.itl,
-                                           queue_time, gen.finish_reason or "error")
+                                           queue_time, gen.finish_reason or "error", model=model)
+        self._release(run.gens[0].seq.adapter if run.gens else None)
         self._leave()
 
 

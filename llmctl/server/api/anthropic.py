@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.api import rules
-from llmctl.server.api.common import ChoiceText, TextPieces, check_model, json_arguments, sse_event
+from llmctl.server.api.common import ChoiceText, TextPieces, json_arguments, sse_event
 from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
 from llmctl.server.constraints import ToolUse, function_tool, output_constraint, tool_use
@@ -195,7 +195,7 @@ def count_tokens(service: Service, body: object) -> dict:
     """POST /v1/messages/count_tokens: the prompt's size, as the template renders it."""
     loaded, _ = service.require_ready()
     req = schemas.parse_body(CountTokensRequest, body)
-    check_model(req.model, loaded.name)
+    service.served_model(req.model)
     switches = anthropic_switches(req.thinking, None, req.chat_template_kwargs)
     prompt, _, _ = _prompt(service, req, switches.template_kwargs)
     return {"input_tokens": len(prompt)}
@@ -206,17 +206,17 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     arrived = time.monotonic()
     loaded, _ = service.admit()
     req = schemas.parse_body(MessagesRequest, body)
-    check_model(req.model, loaded.name)
+    model, adapter = service.served_model(req.model)
     switches = anthropic_switches(req.thinking, req.max_tokens, req.chat_template_kwargs)
     prompt, template_tools, tools = _prompt(service, req, switches.template_kwargs)
     stops = tuple(req.stop_sequences or ())
     ask = Ask(prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
               stops=stops, ignore_eos=req.ignore_eos, timeout=req.timeout,
               constraint=output_constraint(None, tools, service.tool_format), thinking=engine_thinking(
-                  service.reasoning_parser(prompt), loaded.tokenizer, switches.budget))
+                  service.reasoning_parser(prompt), loaded.tokenizer, switches.budget), model=model, adapter=adapter)
     run = service.start([ask], arrived, disconnected)
     parser = service.tool_parser(template_tools, tools.mode != "none", tools.forced)
-    choice = _Choice(loaded.name, ChoiceText(parser, service.reasoning_parser(prompt)), stops)
+    choice = _Choice(model, ChoiceText(parser, service.reasoning_parser(prompt)), stops)
     if req.stream:
         return _events(run, run.stream(), choice)
     choice.text.feed(run.collect()[0])

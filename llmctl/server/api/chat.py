@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
-from llmctl.server.api.common import ChoiceText, check_model, sse
+from llmctl.server.api.common import ChoiceText, sse
 from llmctl.server.api.limits import check_request
 from llmctl.server.constraints import chat_tool_use, constraint_from_request, output_constraint
 from llmctl.server.generation import build_prompt
@@ -24,7 +24,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     arrived = time.monotonic()
     loaded, _ = service.admit()
     req = schemas.parse_body(schemas.ChatCompletionRequest, body)
-    check_model(req.model, loaded.name)
+    model, adapter = service.served_model(req.model)
     n = req.n or 1
     check_request(service, messages=len(req.messages), choices=n)
     if req.top_logprobs and not req.logprobs:
@@ -41,7 +41,8 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
               logprobs=(req.top_logprobs or 0) if req.logprobs else None, stops=tuple(req.stops()), n=n,
               timeout=req.timeout, constraint=constraint, thinking=engine_thinking(
                   service.reasoning_parser(prompt), loaded.tokenizer, switches.budget),
-              max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
+              max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
+              model=model, adapter=adapter)
     run = service.start([ask], arrived, disconnected)
     # Without a parser an enforced call is written in the Hermes format, and parsed as such.
     texts = [ChoiceText(service.tool_parser(req.tools, tools.mode != "none", tools.forced),
@@ -49,7 +50,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     logprobs = bool(req.logprobs)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _events(service, run, run.stream(), texts, loaded.name, logprobs, include_usage)
+        return _events(service, run, run.stream(), texts, model, logprobs, include_usage)
     outs = run.collect()
     choices = []
     for index, (gen, text) in enumerate(zip(run.gens, texts, strict=False)):
@@ -61,7 +62,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
             content = content or None
         choices.append(schemas.choice(index, content, finish_reason, service.logprobs(gen, logprobs), calls or None,
                                       reasoning=text.thinking if text.reasoning is not None else None))
-    return schemas.completion_body(schemas.completion_id(), loaded.name, choices, run.prompt_tokens,
+    return schemas.completion_body(schemas.completion_id(), model, choices, run.prompt_tokens,
                                    run.completion_tokens, cached_tokens=run.cached_tokens,
                                    reasoning_tokens=sum(t.reasoning_tokens for t in texts))
 

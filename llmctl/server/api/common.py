@@ -1,4 +1,4 @@
-"""What the API modules share: server-sent events, the model check, and thinking and tool calls per choice."""
+"""What the API modules share: server-sent events, and thinking and tool calls per choice."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llmctl.errors import ModelNotFound
 from llmctl.server.reasoning import Piece, ReasoningParser
 from llmctl.server.tools import ToolParser
 
@@ -23,11 +22,6 @@ def sse(body: dict) -> str:
 def sse_event(name: str, body: dict) -> str:
     """One named event (`event:` then `data:`), as the Responses and Anthropic streams send them."""
     return f"event: {name}\n{sse(body)}"
-
-
-def check_model(asked: str | None, served: str) -> None:
-    if asked and asked != served:
-        raise ModelNotFound(f"The model '{asked}' does not exist; this server serves '{served}'.", param="model")
 
 
 def json_arguments(text: str) -> dict:

@@ -19,7 +19,7 @@ from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.admission import encode
 from llmctl.server.api import rules
-from llmctl.server.api.common import check_model, sse
+from llmctl.server.api.common import sse
 from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
 from llmctl.server.pipeline import Ask, Delta, Run
@@ -73,7 +73,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     arrived = time.monotonic()
     loaded, _ = service.admit()
     req = schemas.parse_body(CompletionRequest, body)
-    check_model(req.model, loaded.name)
+    model, adapter = service.served_model(req.model)
     if req.suffix:
         raise InvalidRequest("suffix (insertion after the completion) is not supported by this server.",
                              param="suffix")
@@ -92,17 +92,18 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     asks = [Ask(ids, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                 frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
                 logit_bias=req.logit_bias, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=req.logprobs,
-                stops=tuple(req.stops()), n=n, timeout=req.timeout, prompt_param="prompt") for ids in prompts]
+                stops=tuple(req.stops()), n=n, timeout=req.timeout, prompt_param="prompt", model=model, adapter=adapter)
+            for ids in prompts]
     run = service.start(asks, arrived, disconnected)
     echoes = [loaded.tokenizer.decode(ids) if req.echo else "" for ids in prompts for _ in range(n)]
     logprobs = _LegacyLogprobs(service, run, echoes) if req.logprobs is not None else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _events(run, run.stream(), echoes, loaded.name, logprobs, include_usage)
+        return _events(run, run.stream(), echoes, model, logprobs, include_usage)
     texts = run.collect()
     choices = [_choice(i, echoes[i] + text, gen.finish_reason or "stop", logprobs.take(i) if logprobs else None)
                for i, (gen, text) in enumerate(zip(run.gens, texts, strict=False))]
-    return _body(completion_id(), loaded.name, int(time.time()), choices,
+    return _body(completion_id(), model, int(time.time()), choices,
                  schemas.usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens))
 
 

@@ -27,7 +27,7 @@ from llmctl.engine.structured import Constraint
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.api import rules, stored
-from llmctl.server.api.common import ChoiceText, TextPieces, check_model, sse_event
+from llmctl.server.api.common import ChoiceText, TextPieces, sse_event
 from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
 from llmctl.server.constraints import (
@@ -238,7 +238,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     arrived = time.monotonic()
     loaded, _ = service.admit()
     req = schemas.parse_body(ResponsesRequest, body)
-    check_model(req.model, loaded.name)
+    model, adapter = service.served_model(req.model)
     turn = stored.prepare(service, req)
     tools, tool_choice = function_tools(req)
     constraint = output_constraint(structured_format(req.text), tool_choice, service.tool_format)
@@ -253,10 +253,11 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     ask = Ask(prompt, max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
               ignore_eos=req.ignore_eos, timeout=req.timeout or (MAX_TIMEOUT_S if turn.background else None),
               constraint=constraint, prompt_param="input", max_tokens_param="max_output_tokens",
-              thinking=engine_thinking(service.reasoning_parser(prompt), loaded.tokenizer, None))
+              thinking=engine_thinking(service.reasoning_parser(prompt), loaded.tokenizer, None), model=model,
+              adapter=adapter)
     run = service.start([ask], arrived, turn.disconnected(disconnected))
     parser = service.tool_parser(tools, tool_choice.mode != "none", tool_choice.forced)
-    answer = _Answer(req, loaded.name, ChoiceText(parser, thinking, service.count_tokens), turn.fields())
+    answer = _Answer(req, model, ChoiceText(parser, thinking, service.count_tokens), turn.fields())
     if turn.background:
         return stored.run_in_background(service, turn, answer.body(None, [], "queued"), run,
                                         lambda: _event_dicts(run, run.stream(), answer), bool(req.stream))

@@ -15,7 +15,6 @@ from llmctl.errors import InvalidRequest
 from llmctl.server import schemas
 from llmctl.server.admission import encode
 from llmctl.server.api import rules
-from llmctl.server.api.common import check_model
 from llmctl.server.api.limits import check_request
 from llmctl.server.generation import chat_prompt
 from llmctl.server.schemas import ChatMessage, _Lenient
@@ -44,7 +43,7 @@ class DetokenizeRequest(_Lenient):
 def tokenize(service: Service, body: object) -> dict:
     loaded, _ = service.require_ready()
     req = schemas.parse_body(TokenizeRequest, body)
-    check_model(req.model, loaded.name)
+    service.served_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise InvalidRequest("Send either 'prompt' (text) or 'messages' (chat messages).", param="prompt")
     tokenizer = loaded.tokenizer
@@ -64,7 +63,7 @@ def tokenize(service: Service, body: object) -> dict:
 def detokenize(service: Service, body: object) -> dict:
     loaded, _ = service.require_ready()
     req = schemas.parse_body(DetokenizeRequest, body)
-    check_model(req.model, loaded.name)
+    service.served_model(req.model)
     vocab = len(loaded.tokenizer)
     for token in req.tokens:
         if not 0 <= token < vocab:

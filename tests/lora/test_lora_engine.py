@@ -1,0 +1,88 @@
+"""The builtin engine with LoRA adapters: each row computes with its own adapter (or none), token for token what
+the adapter merged into the model (PEFT's merge_and_unload) generates, alone and in mixed batches."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmctl.core.adapters import AdapterSpec
+from llmctl.engine import Finish, SamplingParams, Sequence
+from tests.conftest import make_service
+from tests.lora.adapters import merged_greedy
+
+PROMPT = [5, 17, 33, 80, 91, 7, 8, 9]
+LONG = [(i * 37 + 11) % 500 for i in range(40)]  # over two prefix-cache blocks
+TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def lora_service(tiny_model, adapter_one, adapter_two):
+    service = make_service(tiny_model, loras=(AdapterSpec("one", adapter_one), AdapterSpec("two", adapter_two)))
+    yield service
+    service.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model, adapter_one, adapter_two):
+    """What each model generates from each prompt, greedily in float32: base, and each adapter merged."""
+    adapters = {None: None, "one": adapter_one, "two": adapter_two}
+    return {(name, tuple(p)): merged_greedy(tiny_model, path, p, TOKENS) for name, path in adapters.items()
+            for p in (PROMPT, LONG)}
+
+
+def submit(service, prompt: list[int], adapter: str | None) -> Sequence:
+    seq = Sequence(list(prompt), SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True), adapter=adapter)
+    return service.engine.submit(seq)
+
+
+def tokens(seq: Sequence) -> list[int]:
+    out = []
+    while not isinstance(event := seq.events.get(timeout=120), Finish):
+        out.append(event)
+    assert event.reason == "length", event
+    return out
+
+
+@pytest.mark.parametrize("adapter", [None, "one", "two"])
+def test_alone_equals_merged(lora_service, expected, adapter):
+    assert tokens(submit(lora_service, PROMPT, adapter)) == expected[(adapter, tuple(PROMPT))]
+
+
+def test_mixed_batch_equals_merged(lora_service, expected):
+    """Rows of both adapters and of the base model share prefills and decode steps, and rows join a running batch
+    half-way (a prefill of new rows while others decode)."""
+    plan = [(PROMPT, None), (PROMPT, "one"), (LONG, "two"), (LONG, "one"), (PROMPT, "two"), (LONG, None)]
+    first = [submit(lora_service, prompt, adapter) for prompt, adapter in plan[:3]]
+    head = first[0].events.get(timeout=120)  # the first rows are decoding when the others arrive
+    later = [submit(lora_service, prompt, adapter) for prompt, adapter in plan[3:]]
+    got = [[head, *tokens(first[0])]] + [tokens(seq) for seq in first[1:] + later]
+    assert lora_service.engine.stats.max_batch_size >= 2
+    for (prompt, adapter), out in zip(plan, got, strict=True):
+        assert out == expected[(adapter, tuple(prompt))], adapter
+
+
+def test_prefix_cache_keeps_adapters_apart(lora_service, expected):
+    """A prompt the base model prefilled is cached, but an adapter's row computes its own KV (the base model's
+    would give other tokens); the adapter's second request then reads its own cached prefix."""
+    engine = lora_service.engine
+    prompt = [(i * 53 + 7) % 500 for i in range(40)]  # a prompt no other test sends
+    want = {name: merged_greedy(lora_service.settings.load.model_path, path, prompt, TOKENS)
+            for name, path in ((None, None), ("one", lora_service.settings.loras[0].path))}
+    seq = submit(lora_service, prompt, None)
+    assert tokens(seq) == want[None]
+    first = submit(lora_service, prompt, "one")
+    assert tokens(first) == want["one"]
+    assert first.cached_tokens == 0  # the base model's blocks were there, and not used
+    again = submit(lora_service, prompt, "one")
+    assert tokens(again) == want["one"]
+    assert again.cached_tokens >= 32  # its own blocks
+    assert engine.stats.prefix_cache_hits > 0
+
+
+def test_n_choices_fork_with_the_adapter(lora_service, expected):
+    """n > 1 prefills once and forks the row: every choice keeps the adapter."""
+    seq = Sequence(list(PROMPT), SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True), adapter="two")
+    members = seq.fork(3)
+    lora_service.engine.submit(seq)
+    for member in members:
+        assert tokens(member) == expected[("two", tuple(PROMPT))]
