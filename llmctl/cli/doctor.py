@@ -49,6 +49,10 @@ def doctor(
     pipeline_parallel_size: Annotated[int, typer.Option(envvar=envvars.PIPELINE_PARALLEL_SIZE, min=1)] = 1,
     distributed_executor_backend: Annotated[Literal["auto", "mp", "ray"], typer.Option(
         envvar=envvars.DISTRIBUTED_EXECUTOR_BACKEND, help="--engine vllm: ray also checks the Ray cluster.")] = "auto",
+    lora: Annotated[list[str] | None, typer.Option(
+        "--lora", envvar=envvars.LORA, show_default=False,
+        help="A LoRA adapter folder serve will get (NAME=PATH or PATH; repeatable): its files, rank and layers "
+        "checked against the model.")] = None,
     config: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -64,7 +68,8 @@ def doctor(
                             vllm=VllmPlan(tensor_parallel_size, pipeline_parallel_size,
                                           None if distributed_executor_backend == "auto"
                                           else distributed_executor_backend,
-                                          kv_cache_tokens=kv_cache_tokens) if engine == "vllm" else None)
+                                          kv_cache_tokens=kv_cache_tokens) if engine == "vllm" else None,
+                            loras=tuple(lora or ()))
     # bitsandbytes logs its own import warnings; this command reports on it in its own words.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if json_output:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llmctl import envvars
 from llmctl.core import hardware
+from llmctl.core.adapters import DEFAULT_MAX_LORA_RANK, AdapterError, AdapterSpec, check_adapters
 from llmctl.core.threads import resolve_cpu_threads, usable_cores
 from llmctl.doctor.fit import (
     SERVE_KV_CACHE_TOKENS,
@@ -47,6 +48,7 @@ class DoctorOptions:
     url: str | None = None
     kv_cache_tokens: int = SERVE_KV_CACHE_TOKENS
     vllm: VllmPlan | None = None  # serve --engine vllm: its checks too
+    loras: tuple[str, ...] = ()  # serve's --lora adapters (NAME=PATH or PATH): checked against the model
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -351,6 +353,7 @@ def run_doctor(options: DoctorOptions) -> Report:
                                    options.kv_cache_tokens)
     except Exception as exc:
         fit_check, fit = _could_not_check("Fit", exc), None
+    checks += [_guarded(f"LoRA {text}", check_lora, text, info) for text in options.loras]
     checks += [fit_check, _guarded("Disk", check_disk, info, cache_dir()),
                _guarded("CPU load", check_cpu_load, os.environ.get(envvars.CPU_THREADS))]
     if options.vllm is not None:
@@ -363,6 +366,24 @@ def run_doctor(options: DoctorOptions) -> Report:
     else:
         checks.append(_guarded("Port", check_port, options.port))
     return Report(checks, fit, info.label if info else None)
+
+
+def check_lora(text: str, info: ModelInfo | None) -> Check:
+    """One --lora adapter, as serve's preflight checks it: its files, config and rank, and every adapted layer
+    against the model's weights (when the model is a safetensors folder)."""
+    try:
+        spec = AdapterSpec.parse(text)
+        (adapter,) = check_adapters([spec], info.source.folder if info and not info.is_gguf else None,
+                                    DEFAULT_MAX_LORA_RANK, 1)
+    except AdapterError as exc:
+        return Check(f"LoRA {text}", "failure", exc.message,
+                     "Serve it with a model it was trained for, or make it again with PEFT (save_pretrained).")
+    checked = "checked against the model's weights" if info and not info.is_gguf else \
+        "not checked against a GGUF model's layers (the server checks them when it loads the adapter)"
+    return Check(f"LoRA {adapter.name}", "ok", f"rank {adapter.rank}, {len(adapter.modules)} layers, "
+                 f"{fmt_bytes(adapter.weights_bytes)}; {checked}",
+                 details={"name": adapter.name, "path": str(adapter.path), "rank": adapter.rank,
+                          "layers": len(adapter.modules), "bytes": adapter.weights_bytes})
 
 
 def _guarded(name: str, check: Callable[..., Check], *args: object) -> Check:
