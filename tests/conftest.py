@@ -184,6 +184,17 @@ def server_process():
         proc.stop()
 
 
+@pytest.fixture(scope="module")
+def real_service() -> Iterator[tuple[Service, str]]:
+    """The real embedded SmolLM2 with the server's defaults (parsers `auto`), served on 127.0.0.1."""
+    service = Service(ServiceSettings(load=LoadOptions(), request_timeout=300))
+    service.load()
+    assert service.status == "ready", service.error
+    with serve_in_thread(service) as base:
+        yield service, base
+    service.shutdown()
+
+
 @contextlib.contextmanager
 def scripted_server(model: Path, store_url: str | None = None,
                     **settings) -> Iterator[tuple[str, Callable[[str | None], None]]]:

@@ -13,24 +13,10 @@ import pytest
 
 from llmctl.server.reasoning import PARSERS
 from llmctl.server.tools import PARSERS as TOOL_PARSERS
+
+# openai-harmony and its vocabulary (or the skip that says why not), as the tool-call tests load them.
+from tests.server.test_tool_parser_harmony import ENCODING, Message, Role, assistant, harmony
 from tests.server.test_tool_parsers import TOOLS
-
-harmony = pytest.importorskip("openai_harmony")
-try:
-    ENCODING = harmony.load_harmony_encoding(harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
-except harmony.HarmonyError as exc:  # pragma: no cover - depends on the machine
-    pytest.skip(f"openai-harmony cannot load its vocabulary ({exc}); set TIKTOKEN_ENCODINGS_BASE "
-                "(bash .ci/harmony_vocab.sh prepares it)", allow_module_level=True)
-
-Role, Message = harmony.Role, harmony.Message
-
-
-def assistant(text: str, channel: str, recipient: str | None = None) -> Message:
-    message = Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
-    if recipient:
-        message = message.with_recipient(recipient).with_content_type("<|constrain|>json")
-    return message
-
 
 ANSWERS = {
     "thinking then an answer": [assistant("The user greets. Reply briefly.", "analysis"),

@@ -20,20 +20,6 @@ THINKING_TEMPLATE = (
 MARKUP = ("<think>", "</think>")
 
 
-@pytest.fixture(scope="module")
-def real_service():
-    from llmctl.core.loader import LoadOptions
-    from llmctl.server.service import Service, ServiceSettings
-    from llmctl.server.testing import serve_in_thread
-
-    service = Service(ServiceSettings(load=LoadOptions(), request_timeout=300))  # --reasoning-parser auto
-    service.load()
-    assert service.status == "ready", service.error
-    with serve_in_thread(service) as base:
-        yield service, base
-    service.shutdown()
-
-
 def test_auto_finds_no_thinking_in_smollm2(real_service):
     from llmctl.server.reasoning import resolve_reasoning
 

@@ -19,20 +19,6 @@ WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def real_service():
-    from llmctl.core.loader import LoadOptions
-    from llmctl.server.service import Service, ServiceSettings
-    from llmctl.server.testing import serve_in_thread
-
-    service = Service(ServiceSettings(load=LoadOptions(), request_timeout=300))  # --tool-call-parser auto
-    service.load()
-    assert service.status == "ready", service.error
-    with serve_in_thread(service) as base:
-        yield service, base
-    service.shutdown()
-
-
 def test_auto_leaves_smollm2_text_alone(real_service):
     service, _ = real_service
     assert service.tool_format is None
