@@ -6,9 +6,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmctl.bench.prompts import Messages
-from llmctl.core.loader import LoadedModel
+from llmctl.core.loader import Device, Dtype, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class OfflineRun:
     levels: list[OfflineLevel]
 
 
-def load_offline_model(model_path, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+def load_offline_model(model_path: Path | None, dtype: Dtype = "auto", device: Device = "auto") -> LoadedModel:
     """Load a model for the offline baseline; ``model_path`` None means the embedded SmolLM2."""
     from transformers.utils import logging as hf_logging
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from llmctl import envvars
 from llmctl.bench.loadgen import BenchPlan, Endpoint, EndpointRun, Workload, run_benchmark
 from llmctl.bench.offline import OfflineRun
-from llmctl.bench.prompts import BenchError, builtin_prompts, load_prompts
+from llmctl.bench.prompts import BenchError, Messages, builtin_prompts, load_prompts
 from llmctl.bench.report import BenchReport, check_plot_available, write_plot
 from llmctl.bench.stats import LevelSummary, RequestResult
 from llmctl.bench.workers import WorkerCounts, read_counts, worker_shares
@@ -126,6 +127,7 @@ def bench(
     # One distinct prompt per request of every level, and others for the warm-up, so that no
     # server gains from a prefix cache.
     count = plan.prompt_count()
+    messages: Sequence[Messages]
     if prompts:
         messages = load_prompts(prompts)
         # The file's unused tail if it has one, else built-in prompts: never a prompt a level measures.
@@ -141,7 +143,7 @@ def bench(
     plan.workload = Workload(messages, max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos,
                              eos_bias_ids=tuple(eos_token_id or ()) if eos_bias else (),
                              request_timeout=request_timeout, warmup_prompts=warmup_messages)
-    config = {
+    run_settings = {
         "concurrency": levels, "requests": requests, "max_tokens": max_tokens,
         "prompt_tokens": None if prompts else prompt_tokens, "prompts_file": str(prompts) if prompts else None,
         "shared_prefix_tokens": None if prompts else shared_prefix_tokens,
@@ -167,7 +169,7 @@ def bench(
         if offline and not interrupted:
             offline_run, interrupted = _run_offline(model_path, dtype, device, plan, bar)
     shares = worker_shares(before, read_counts(replicas, api_key)) if before else None
-    report = BenchReport(config, runs, offline_run, interrupted, workers=shares)
+    report = BenchReport(run_settings, runs, offline_run, interrupted, workers=shares)
 
     _write_outputs(report, output, csv, plot)
     if as_json:
@@ -228,7 +230,7 @@ class _ProgressBar:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[failed]}"), TimeElapsedColumn(),
                                  console=err_console, transient=True, disable=not err_console.is_terminal)
-        self.tasks: dict[tuple[str, int], int] = {}
+        self.tasks: dict[tuple[str, int], TaskID] = {}
         self.failed: dict[tuple[str, int], int] = {}
 
     def __enter__(self) -> _ProgressBar:
@@ -238,7 +240,7 @@ class _ProgressBar:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
-    def _task(self, key: tuple[str, int], description: str, total: int) -> int:
+    def _task(self, key: tuple[str, int], description: str, total: int) -> TaskID:
         if key not in self.tasks:
             self.tasks[key] = self.progress.add_task(description, total=total, failed="")
         return self.tasks[key]

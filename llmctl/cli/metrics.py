@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -174,7 +175,8 @@ def latency_table(d: dict) -> Table:
     table.add_column("", no_wrap=True)
     for heading in ("count", "mean", "p50", "p95", "p99"):
         table.add_column(heading, justify="right", no_wrap=True)
-    rows = [(label, d.get(key) or {}, duration) for key, label in LATENCIES.items()]
+    rows: list[tuple[str, dict, Callable[[Any], str]]] = [(label, d.get(key) or {}, duration)
+                                                          for key, label in LATENCIES.items()]
     # The unit is in the row's name: "1,234.5 tok/s" in each cell wraps at 80 columns.
     rows.append(("Tokens/s", d.get("tokens_per_second_per_request") or {}, per_second))
     for label, summary, unit in rows:

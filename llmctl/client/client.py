@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -218,7 +219,7 @@ class Client:
             last = ep is candidates[-1]
             retrying = Retrying(
                 stop=stop_after_attempt(self.settings.retry_attempts + 1), wait=self._wait,
-                retry=retry_if_exception(lambda exc, last=last: self._should_retry(exc, last=last)),
+                retry=retry_if_exception(functools.partial(self._should_retry, last=last)),
                 sleep=self._sleep, reraise=True, before_sleep=self._log_retry,
             )
             try:

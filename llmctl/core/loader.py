@@ -170,7 +170,7 @@ def load_model(options: LoadOptions) -> LoadedModel:
     if source.is_gguf and options.quantization != "none":
         raise ModelLoadError("--load-in-8bit/--load-in-4bit apply to Hugging Face folders, not GGUF files.")
     quant = quantization_config(options.quantization, device, dtype)
-    where = f"{source.folder / source.gguf_file}" if source.is_gguf else str(source.folder)
+    where = str(source.path)
     log.info(
         "Loading %s (device=%s, dtype=%s, quantization=%s)",
         where, device, str(dtype).removeprefix("torch."), options.quantization,
@@ -225,7 +225,7 @@ def load_tokenizer(source: ModelSource) -> tuple[Any, tuple[str, ...]]:
     """The model's tokenizer, with a plain chat template where it has none (and the stops that template needs)."""
     from transformers import AutoTokenizer
 
-    where = f"{source.folder / source.gguf_file}" if source.is_gguf else str(source.folder)
+    where = str(source.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source.folder, **({"gguf_file": source.gguf_file} if source.is_gguf else {}))

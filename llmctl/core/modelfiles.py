@@ -35,6 +35,11 @@ class ModelSource:
     def is_gguf(self) -> bool:
         return self.gguf_file is not None
 
+    @property
+    def path(self) -> Path:
+        """The GGUF file, or the folder."""
+        return self.folder / self.gguf_file if self.gguf_file is not None else self.folder
+
 
 def is_gguf_file(path: Path) -> bool:
     try:
@@ -131,7 +136,7 @@ def inspect_model_path(path: Path) -> ModelSource:
     read_config(folder)
 
     index_path, missing = missing_shards(folder)
-    if missing:
+    if index_path is not None and missing:  # only an index names shards
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(
             f"{index_path.name} in {folder} names {len(missing)} weight shard(s) that are missing: {shown}. "

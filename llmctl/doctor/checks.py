@@ -85,8 +85,8 @@ def check_packages(machine: Machine) -> Check:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    too_old = [n for n in PACKAGES if versions[n] and n in minimums
-               and _version_tuple(versions[n]) < _version_tuple(minimums[n])]
+    too_old = [n for n in PACKAGES if n in minimums and (found := versions[n])
+               and _version_tuple(found) < _version_tuple(minimums[n])]
     problems = [f"{n} is not installed" for n in PACKAGES if versions[n] is None]
     problems += [f"{n} {versions[n]} is older than the required {minimums[n]}" for n in too_old]
     build = f"CUDA {machine.cuda_build} build" if machine.cuda_build else "CPU-only build"

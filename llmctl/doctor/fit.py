@@ -176,16 +176,19 @@ def tied_embeddings(config: dict) -> bool:
     for part in (text_config(config), config):
         if isinstance(part.get("tie_word_embeddings"), bool):
             return part["tie_word_embeddings"]
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return True
     try:
         from transformers import AutoConfig
 
-        resolved = AutoConfig.for_model(config.get("model_type"),
-                                        **{k: v for k, v in config.items() if k != "model_type"})
+        resolved = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
     except Exception:  # an unknown model_type, or values its config class rejects
         return True
-    for part in (resolved.get_text_config(), resolved):
-        if isinstance(getattr(part, "tie_word_embeddings", None), bool):
-            return part.tie_word_embeddings
+    for section in (resolved.get_text_config(), resolved):
+        tied = getattr(section, "tie_word_embeddings", None)
+        if isinstance(tied, bool):
+            return tied
     return True
 
 
@@ -402,10 +405,11 @@ def predict_fit(inventory: WeightInventory, attention: Attention | None, *, cont
     """
     problems = quantization_problem or {}
     compute_bytes = 4 if default == "fp32" else 2
-    half = "fp16" if default == "fp16" else "bf16"
+    half: Precision = "fp16" if default == "fp16" else "bf16"
     kv_tokens = min(context_length * batch_size, kv_cache_tokens)
     rows = []
-    for precision in ("fp32", half, "8bit", "4bit"):
+    precisions: tuple[Precision, ...] = ("fp32", half, "8bit", "4bit")
+    for precision in precisions:
         kv_element = 4 if precision == "fp32" else 2 if precision in ("bf16", "fp16") else compute_bytes
         weights = weights_bytes(inventory, precision, compute_bytes)
         per_token = attention.kv_bytes_per_token(kv_element) if attention else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -114,7 +115,7 @@ def check_model(model_path: Path | None) -> tuple[list[Check], ModelInfo | None]
     if info is None:
         return [found], None
     src = info.source
-    found.details = {"path": str(src.folder / src.gguf_file if src.gguf_file else src.folder),
+    found.details = {"path": str(src.path),
                      "format": "gguf" if src.is_gguf else "folder", "embedded": model_path is None}
     if info.is_gguf:
         return [found, *_gguf_checks(info)], info
@@ -199,7 +200,7 @@ def _check_weights(folder: Path) -> tuple[Check, list[TensorInfo] | None]:
         index_path, missing = missing_shards(folder)
     except ModelLoadError as exc:
         return Check("Weights", "failure", exc.message, REDOWNLOAD), None
-    if missing:
+    if index_path is not None and missing:  # only an index names shards
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         return Check("Weights", "failure", f"{index_path.name} names {len(missing)} missing shard(s): "
                      f"{shown}", "Download the missing shards into the folder (the download was incomplete).",
@@ -305,15 +306,18 @@ def template_error(template: object) -> str | None:
 
     if not isinstance(template, str):
         return f"it is {type(template).__name__}, not text"
+    compile_template: Callable[[str], object]
     try:
         # The compiler apply_chat_template uses: its filters and the {% generation %} tag are known to it.
         from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        compile_template = _compile_jinja_template
     except ImportError:  # a private helper: should it move, check the syntax with plain Jinja
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        _compile_jinja_template = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse
+        compile_template = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse
     try:
-        _compile_jinja_template(template)
+        compile_template(template)
     except jinja2.TemplateSyntaxError as exc:
         return f"line {exc.lineno}: {exc.message}"
     except jinja2.TemplateError as exc:
@@ -345,7 +349,7 @@ def _check_chat_template(folder: Path) -> Check:
 
 
 def _gguf_checks(info: ModelInfo) -> list[Check]:
-    path = info.source.folder / info.source.gguf_file
+    path = info.source.path
     size = path.stat().st_size
     try:
         from gguf import GGUFReader

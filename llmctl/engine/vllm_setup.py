@@ -131,7 +131,7 @@ def describe_model(load: LoadOptions, config: EngineConfig) -> tuple[LoadedModel
     context = context_length_of(model_config, load.max_model_len)
     # vLLM wants room for one full-length request in its KV cache: a smaller budget caps the context.
     context = min(context, config.kv_cache_tokens)
-    dtype = load.dtype
+    dtype: str = load.dtype  # vLLM's name for it, resolved below
     if dtype == "auto":  # as vLLM resolves it: the checkpoint's own dtype
         saved = str(model_config.get("torch_dtype") or model_config.get("dtype") or "float32")
         dtype = saved if saved in ("bfloat16", "float16", "float32") else "float32"

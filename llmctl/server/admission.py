@@ -83,9 +83,11 @@ class Admission:
     """The server's admission bounds, shared by every route."""
 
     def __init__(self, limits: AdmissionLimits) -> None:
-        if None in (limits.max_preparing, limits.max_preparing_bytes, limits.max_waiting_tokens):
+        if limits.max_preparing is None or limits.max_preparing_bytes is None or limits.max_waiting_tokens is None:
             raise ValueError("AdmissionLimits must be derived (AdmissionLimits.derive) before use")
         self.limits = limits
+        self.max_preparing, self.max_preparing_bytes = limits.max_preparing, limits.max_preparing_bytes
+        self.max_waiting_tokens = limits.max_waiting_tokens
         self._lock = threading.Lock()
         self.preparing = 0
         self.preparing_bytes = 0
@@ -111,15 +113,14 @@ class Admission:
             ticket.release()
 
     def _acquire(self, nbytes: int) -> _Ticket:
-        limits = self.limits
         with self._lock:
-            busy = self.preparing >= limits.max_preparing
+            busy = self.preparing >= self.max_preparing
             # A body alone larger than the budget still goes through when nothing else is being prepared.
-            full = self.preparing and self.preparing_bytes + nbytes > limits.max_preparing_bytes
+            full = self.preparing and self.preparing_bytes + nbytes > self.max_preparing_bytes
             if busy or full:
                 self.rejected += 1
                 what = (f"{self.preparing} requests" if busy
-                        else f"{self.preparing_bytes + nbytes} bytes of requests (limit {limits.max_preparing_bytes})")
+                        else f"{self.preparing_bytes + nbytes} bytes of requests (limit {self.max_preparing_bytes})")
                 raise QueueFull(f"The server is reading and tokenizing {what} already; retry shortly.",
                                 retry_after=RETRY_AFTER_S, code="server_busy")
             self.preparing += 1
@@ -145,7 +146,7 @@ class Admission:
 
         ``room``: prompt tokens the engine will admit at its next step (free KV slots while batch slots are
         free); those do not wait, so a burst fills a free batch before it counts against the bound."""
-        limit = self.limits.max_waiting_tokens
+        limit = self.max_waiting_tokens
         with self._lock:
             self._queued = [q for q in self._queued if not q.settled()]
             waiting = sum(q.tokens for q in self._queued)

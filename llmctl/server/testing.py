@@ -51,7 +51,7 @@ def build_tiny_model(folder: Path, *, vocab_size: int = 512, context: int = 256,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=init_std,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(config).float()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(folder)
     return folder

@@ -104,8 +104,8 @@ class SQLStore(ConversationRows):
         """One transaction; a database failure becomes a 503 that names the store."""
         try:
             if self.postgres:
-                with self._pool.connection() as conn, conn.transaction():
-                    yield _DB(conn, True)
+                with self._pool.connection() as pg, pg.transaction():
+                    yield _DB(pg, True)
                 return
             conn = self._sqlite()
             if not write:
