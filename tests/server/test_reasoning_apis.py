@@ -48,7 +48,9 @@ def family(request, tmp_path_factory):
     model = build_tiny_model(tmp_path_factory.mktemp(name) / "tiny-llama", context=512)
     with_template(model, (TEMPLATES / f"{name}.jinja").read_text())
     store = f"sqlite:///{tmp_path_factory.mktemp(name + '-store')}/responses.db"
-    with scripted_server(model, store) as (url, say):  # --reasoning-parser auto: the template tells the family
+    tool_format = "openai" if name == "openai_gptoss" else "hermes"
+    # --reasoning-parser auto: the template tells the family.
+    with scripted_server(model, store, tool_call_parser=tool_format) as (url, say):
         yield name, url, say
 
 
@@ -153,6 +155,69 @@ def test_langchain_sees_the_thinking_apart(family):
     # Streamed text comes as plain strings, which LangChain joins outside content_blocks.
     assert streamed.content_blocks[0]["type"] == "reasoning" and streamed.content_blocks[0]["reasoning"] == THOUGHT
     assert streamed.text == ANSWER
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+# Thinking that mentions a call, then the call: only the answer's call is a call.
+CALLS = {
+    "qwen3": f"<think>\nMaybe <tool_call>{{\"name\": \"get_time\", \"arguments\": {{}}}}</tool_call>? No.\n</think>\n\n"
+             f"<tool_call>\n{CALL}\n</tool_call>",
+    "deepseek_r1": f"Maybe <tool_call>{{\"name\": \"get_time\", \"arguments\": {{}}}}</tool_call>? No.\n</think>\n\n"
+                   f"<tool_call>\n{CALL}\n</tool_call>",
+    "openai_gptoss": "<|channel|>analysis<|message|>Maybe get_time? No.<|end|>"
+                     "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+                     '<|message|>{"city": "Paris"}<|call|>',
+}
+
+
+def test_tool_calls_come_from_the_answer_not_the_thinking(family):
+    name, url, say = family
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    say(CALLS[name])
+    out = sdk.chat.completions.create(model="tiny-llama", messages=USER, tools=TOOLS)
+    message = out.choices[0].message
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Paris"})]
+    assert "get_time" in message.reasoning and not message.content  # type: ignore[attr-defined]
+    assert out.choices[0].finish_reason == "tool_calls"
+    say(CALLS[name])
+    reasoning, calls = "", []
+    for chunk in sdk.chat.completions.create(model="tiny-llama", messages=USER, tools=TOOLS, stream=True):
+        delta = chunk.choices[0].delta
+        assert not delta.content
+        reasoning += getattr(delta, "reasoning", None) or ""
+        calls += [c.function.name for c in delta.tool_calls or []]
+    assert reasoning == message.reasoning and calls == ["get_weather"]  # type: ignore[attr-defined]
+    say(CALLS[name])
+    response = sdk.responses.create(model="tiny-llama", input="Hi",
+                                    tools=[{"type": "function", **TOOLS[0]["function"]}])
+    assert [i.type for i in response.output] == ["reasoning", "function_call"]
+    say(CALLS[name])
+    claude = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    reply = claude.messages.create(model="tiny-llama", max_tokens=300, messages=USER, tools=[
+        {"name": "get_weather", "input_schema": TOOLS[0]["function"]["parameters"]}])
+    assert [b.type for b in reply.content] == ["thinking", "tool_use"] and reply.stop_reason == "tool_use"
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x", "reasoning": 5},
+                                           *USER]}, "messages[0].reasoning"),
+    ("/v1/responses", {"input": [{"type": "reasoning", "content": [{"type": "reasoning_text", "text": 5}]},
+                                 *USER]}, "input[0].content[0].text"),
+    ("/v1/messages", {"max_tokens": 5, "messages": [*USER, {"role": "assistant", "content": [
+        {"type": "thinking", "signature": "x"}]}]}, None),
+])
+def test_malformed_thinking_sent_back_is_a_400_naming_it(family, path, body, param):
+    _, url, _ = family
+    reply = httpx.post(url + path, json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    if param is None:  # Anthropic's envelope names no field; its message does
+        assert error["type"] == "invalid_request_error" and "thinking" in error["message"]
+    else:
+        assert error["param"] == param
 
 
 def rendered(url: str, messages: list[dict]) -> str:
