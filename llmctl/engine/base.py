@@ -180,6 +180,10 @@ class Engine(Protocol):
     config: EngineConfig
     stats: EngineStats
 
+    def use_reasoning(self, parser: str | None) -> None:
+        """Before `start`: the server's reasoning parser (vLLM's names: deepseek_r1, qwen3, openai_gptoss), for an
+        engine that finds the end of thinking itself (vLLM's); others read each request's ``params.thinking``."""
+
     def start(self) -> None:
         """Start generating; called once, after the model is loaded."""
 

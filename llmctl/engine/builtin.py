@@ -78,6 +78,9 @@ class BuiltinEngine(Prefills):
         self.lora = LoraSet(self.model, max_loras, max_rank)
         return self.lora
 
+    def use_reasoning(self, parser: str | None) -> None:
+        """Nothing to set up: each request's ``params.thinking`` carries the token ids (`llmctl.engine.thinking`)."""
+
     def start(self) -> None:
         self._thread.start()
 

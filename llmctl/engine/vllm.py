@@ -30,7 +30,7 @@ IDLE_WAIT_S = 0.05  # how long the engine thread sleeps when nothing runs, betwe
 # The SamplingParams fields this engine maps onto vLLM's; any other field set to a non-default
 # value is a feature the builtin engine has and this one does not (yet): a 400, not a silent ignore.
 MAPPED_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty",
-                           "logit_bias", "seed", "ignore_eos", "logprobs", "constraint"})
+                           "logit_bias", "seed", "ignore_eos", "logprobs", "constraint", "thinking"})
 
 
 class VllmEngine:
@@ -53,11 +53,19 @@ class VllmEngine:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.vllm_engine = None  # vLLM's LLMEngine: only the engine thread calls it
+        # vLLM's reasoning parser (`use_reasoning`): its structured outputs start after the thinking, and its
+        # thinking_token_budget closes the thinking with the parser's end marker. Whether budgets work is
+        # known once the engine is built (the parser must name a start and an end marker).
+        self.reasoning_parser: str | None = None
+        self.budgets = False
         self._thread = threading.Thread(target=self._run, name="llmctl-vllm-engine", daemon=True)
 
     # ---- public, thread-safe -------------------------------------------------------------
     def enable_lora(self, max_loras: int, max_rank: int):
         raise ModelLoadError("LoRA adapters are served by the builtin engine; --engine vllm does not take them yet.")
+
+    def use_reasoning(self, parser: str | None) -> None:
+        self.reasoning_parser = parser
 
     def start(self) -> None:
         """Build vLLM's engine on the engine thread and wait for it (minutes on a CPU: it compiles)."""
@@ -95,6 +103,11 @@ class VllmEngine:
 
     def submit(self, seq: Sequence) -> Sequence:
         check_supported(seq.params)
+        thinking = seq.params.thinking
+        if thinking is not None and thinking.budget is not None and not self.budgets:
+            raise InvalidRequest(f"A thinking budget is not available on the vllm engine with the reasoning parser "
+                                 f"'{self.reasoning_parser}' (vLLM knows no start and end of its thinking); serve "
+                                 "with --engine builtin for it.", param="thinking_token_budget")
         # Each choice of n > 1 is a request of its own (vLLM's prefix cache shares the prompt).
         members, seq.forks = [seq, *seq.forks], []
         with self._cond:
@@ -251,11 +264,17 @@ class VllmEngine:
         _tolerate_context_proxies()
         # Constraints run on llguidance, the builtin engine's grammar engine (see _structured_outputs).
         args = EngineArgs(**engine_args(self.model, self.options, self.config),
-                          structured_outputs_config=StructuredOutputsConfig(backend="guidance"))
+                          structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
+                          **({"reasoning_parser": self.reasoning_parser} if self.reasoning_parser else {}))
         try:
             vllm_config = args.create_engine_config()
         except (ValueError, TypeError) as exc:
             raise ModelLoadError(f"vLLM rejected the settings: {_one_line(exc)}") from exc
+        reasoning = vllm_config.reasoning_config
+        self.budgets = reasoning is not None and reasoning.enabled
+        if self.reasoning_parser:
+            log.info("vLLM's reasoning parser %s: constraints start after the thinking; thinking budgets %s",
+                     self.reasoning_parser, "enforced" if self.budgets else "not available (no start/end markers)")
         self._size_kv_cache(vllm_config)
         return LLMEngine.from_vllm_config(vllm_config, stat_loggers=[self._stat_logger_factory()])
 
@@ -345,6 +364,9 @@ def to_vllm_params(params: SamplingParams, eos: frozenset[int]):
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
         structured_outputs=_structured_outputs(params.constraint),
+        # vLLM closes the thinking with its reasoning parser's end marker (the parser is set where the engine is
+        # built); where the thinking starts and whether the prompt opened it, vLLM reads from the token ids.
+        thinking_token_budget=params.thinking.budget if params.thinking is not None else None,
     )
 
 

@@ -89,6 +89,10 @@ class Service:
         try:
             loaded, engine = self.settings.engine_options.build(self.settings.load, self.settings.engine, self.loader)
             loras = self._serve_loras(engine, loaded.name)
+            # Before the engine starts: vLLM's engine builds its reasoning parser in (constraints after thinking).
+            self.reasoning_format, why = resolve_reasoning(self.settings.reasoning_parser, loaded.tokenizer)
+            log.info("Reasoning: %s (%s)", self.reasoning_format.name if self.reasoning_format else "not parsed", why)
+            engine.use_reasoning(self.reasoning_format.name if self.reasoning_format else None)
             engine.start()
         except LLMCtlError as exc:
             log.error("Model failed to load: %s", exc.message)
@@ -102,8 +106,6 @@ class Service:
         self.token_text = TokenText(loaded.tokenizer)
         self.tool_format, why = resolve_parser(self.settings.tool_call_parser, loaded.tokenizer)
         log.info("Tool calls: %s (%s)", self.tool_format.name if self.tool_format else "not parsed", why)
-        self.reasoning_format, why = resolve_reasoning(self.settings.reasoning_parser, loaded.tokenizer)
-        log.info("Reasoning: %s (%s)", self.reasoning_format.name if self.reasoning_format else "not parsed", why)
         self.hidden_specials = hidden_specials(loaded.tokenizer, self.tool_format, self.reasoning_format)
         self.status = "ready"
         log.info("Ready: serving %s", loaded.name)

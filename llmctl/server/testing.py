@@ -26,14 +26,16 @@ _CORPUS = [
 
 
 def build_tiny_model(folder: Path, *, vocab_size: int = 512, context: int = 256, layers: int = 2,
-                     hidden: int = 64, seed: int = 0, chat_template: bool = True, init_std: float = 0.2) -> Path:
-    """Write a tiny random Llama chat model (config, safetensors, tokenizer) to ``folder``."""
+                     hidden: int = 64, seed: int = 0, chat_template: bool = True, init_std: float = 0.2,
+                     extra_specials: tuple[str, ...] = ()) -> Path:
+    """Write a tiny random Llama chat model (config, safetensors, tokenizer) to ``folder`` (``extra_specials``:
+    more special tokens in its vocabulary, e.g. a reasoning model's ``<think>`` and ``</think>``)."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_specials]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(_CORPUS * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
                             show_progress=False)
