@@ -37,8 +37,11 @@ def chat_prompt(loaded: LoadedModel, messages: list[dict], tools: list[dict] | N
 
     extra = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
     messages = named_results(messages)
-    if NINE_CHAR_IDS in str(loaded.tokenizer.chat_template or ""):
+    template = str(loaded.tokenizer.chat_template or "")
+    if NINE_CHAR_IDS in template:
         messages = nine_char_ids(messages)
+    if ONE_ANALYSIS in template:
+        messages = one_analysis(messages)
     try:
         text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                     tokenize=False, **extra)
@@ -95,6 +98,22 @@ def nine_char_ids(messages: list[dict]) -> list[dict]:
                                                  else call for call in message["tool_calls"]]}
         if "tool_call_id" in message:
             message = {**message, "tool_call_id": short(message["tool_call_id"])}
+        out.append(message)
+    return out
+
+
+# gpt-oss' chat template refuses an assistant turn with tool calls that has both content and thinking, with this.
+ONE_ANALYSIS = "Cannot pass both content and thinking"
+
+
+def one_analysis(messages: list[dict]) -> list[dict]:
+    """Assistant turns with tool calls as gpt-oss' template takes them: its content (which that template
+    writes on the analysis channel anyway) joined to the thinking the client sent back, not a 400."""
+    out = []
+    for message in messages:
+        if message.get("tool_calls") and message.get("content") and message.get("thinking"):
+            thinking = f"{message['thinking']}\n\n{message['content']}"
+            message = {**message, "content": "", "thinking": thinking, "reasoning_content": thinking}
         out.append(message)
     return out
 

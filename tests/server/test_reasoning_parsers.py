@@ -146,3 +146,23 @@ def test_where_a_rendered_prompt_leaves_the_model(family, kwargs, opening, token
     assert parser_class.opening(prompt) == opening
     assert parser_class.starts_inside(prompt) == (opening == "thinking" or (
         opening == "either" and family == "deepseek_r1"))
+
+
+def test_gpt_oss_template_gets_content_and_thinking_of_a_calling_turn_as_one_analysis(tokenizer):
+    """gpt-oss' template refuses a calling turn with both content and thinking; both reach it as its thinking."""
+    from llmctl.server import schemas
+    from llmctl.server.generation import chat_prompt
+
+    tokenizer.chat_template = (
+        "{%- for message in messages %}{%- if message.role == 'assistant' and message.tool_calls %}"
+        "{%- if message.content and message.thinking %}{{ raise_exception('Cannot pass both content and thinking "
+        "in an assistant message with tool calls!') }}{%- endif %}"
+        "<|start|>assistant<|channel|>analysis<|message|>{{ message.thinking or message.content }}<|end|>"
+        "{%- else %}<|start|>{{ message.role }}<|message|>{{ message.content }}<|end|>{%- endif %}{%- endfor %}")
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    messages = [schemas.ChatMessage(role="user", content="Weather?"),
+                schemas.ChatMessage(role="assistant", content="Let me check.", tool_calls=[call],
+                                    reasoning="The user wants the weather.")]
+    text = tokenizer.decode(chat_prompt(SimpleNamespace(tokenizer=tokenizer), [m.for_template() for m in messages],
+                                        None))
+    assert "analysis<|message|>The user wants the weather.\n\nLet me check.<|end|>" in text
