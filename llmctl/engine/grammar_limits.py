@@ -287,13 +287,13 @@ class _Instances:
         for key in ("anyOf", "oneOf"):
             if isinstance(schema.get(key), list) and schema[key] and not any(self._check(s) for s in schema[key]):
                 return False
-        properties = schema.get("properties") if isinstance(schema.get("properties"), Mapping) else {}
+        properties = found if isinstance(found := schema.get("properties"), Mapping) else {}
         for name in schema.get("required") or ():
             if isinstance(name, str) and name in properties and not self._check(properties[name]):
                 return False
         min_items = schema.get("minItems")
         if isinstance(min_items, int) and min_items > 0:
-            prefix = schema.get("prefixItems") if isinstance(schema.get("prefixItems"), list) else []
+            prefix = found if isinstance(found := schema.get("prefixItems"), list) else []
             if not all(self._check(s) for s in prefix[:min_items]):
                 return False
             if len(prefix) < min_items and "items" in schema and not self._check(schema["items"]):

@@ -35,14 +35,17 @@ class _Worker:
         # The worker's own abort message (a Rust backtrace) is of no use to anyone: not logged.
         self.proc = subprocess.Popen([sys.executable, str(_SCRIPT), str(memory_bytes)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        if self.proc.stdin is None or self.proc.stdout is None:  # never with PIPE: for the type checker
+            raise RuntimeError("the grammar worker has no pipes")
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
 
     def ask(self, grammar: str, timeout: float) -> str | None:
         """llguidance's verdict ("" when valid); None when the worker died or ran out of time (then it is gone)."""
         try:
-            self.proc.stdin.write(json.dumps(grammar) + "\n")
-            self.proc.stdin.flush()
-            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-            line = self.proc.stdout.readline() if ready else ""
+            self.stdin.write(json.dumps(grammar) + "\n")
+            self.stdin.flush()
+            ready, _, _ = select.select([self.stdout], [], [], timeout)
+            line = self.stdout.readline() if ready else ""
         except (BrokenPipeError, OSError):
             line = ""
         if not line:

@@ -43,15 +43,15 @@ def choose(matches: list[Match | None], used: list[int], running: SharedPrefix |
     size = cache.block_size
     shared = running
     if shared is None:
-        firsts: dict[int, list[int]] = {}
+        firsts: dict[int, list[tuple[int, Match]]] = {}  # first block -> (row, its match)
         for row, (match, u) in enumerate(zip(matches, used, strict=False)):
             if match is not None and u >= min_tokens and match.blocks:
-                firsts.setdefault(id(match.blocks[0]), []).append(row)
+                firsts.setdefault(id(match.blocks[0]), []).append((row, match))
         if not firsts:
             return None, [0] * len(used)
         rows = max(firsts.values(), key=len)
-        seed = max(rows, key=lambda r: used[r])
-        blocks = matches[seed].blocks[:used[seed] // size]
+        seed, seed_match = max(rows, key=lambda found: used[found[0]])
+        blocks = seed_match.blocks[:used[seed] // size]
         shared = SharedPrefix(blocks, cache.gather(Match(blocks, len(blocks) * size, None)))
     lengths = []
     for match, u in zip(matches, used, strict=False):

@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from flask import Flask, Response, g, request
@@ -131,10 +132,10 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
 
     # Each API is a module with a handler that takes the decoded body; generation handlers also take the
     # client-disconnected check and may answer a stream.
-    for path, handle in GENERATION_ROUTES.items():
-        app.add_url_rule(path, path, _generation_view(service, handle), methods=["POST"])
-    for path, handle in JSON_ROUTES.items():
-        app.add_url_rule(path, path, _json_view(service, handle), methods=["POST"])
+    for path, generate in GENERATION_ROUTES.items():
+        app.add_url_rule(path, path, _generation_view(service, generate), methods=["POST"])
+    for path, answer in JSON_ROUTES.items():
+        app.add_url_rule(path, path, _json_view(service, answer), methods=["POST"])
     for path, methods in STATE_ROUTES.items():
         for method, handle in methods.items():
             reads_body = method == "POST" and handle is not stored.cancel
@@ -179,16 +180,19 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
     return app
 
 
-GENERATION_ROUTES = {"/v1/chat/completions": chat.handle, "/v1/completions": completions.handle,
-                     "/v1/responses": responses_api.handle, "/v1/messages": anthropic.handle}
-JSON_ROUTES = {"/v1/messages/count_tokens": anthropic.count_tokens, "/tokenize": tokenize.tokenize,
-               "/detokenize": tokenize.detokenize, "/v1/load_lora_adapter": lora.load,
-               "/v1/unload_lora_adapter": lora.unload}
+# (service, body, client-disconnected check) -> a JSON body or server-sent events
+GenerationHandler = Callable[[Service, object, Callable[[], bool] | None], dict | Iterator[str]]
+GENERATION_ROUTES: dict[str, GenerationHandler] = {
+    "/v1/chat/completions": chat.handle, "/v1/completions": completions.handle,
+    "/v1/responses": responses_api.handle, "/v1/messages": anthropic.handle}
+JSON_ROUTES: dict[str, Callable[[Service, object], dict]] = {
+    "/v1/messages/count_tokens": anthropic.count_tokens, "/tokenize": tokenize.tokenize,
+    "/detokenize": tokenize.detokenize, "/v1/load_lora_adapter": lora.load, "/v1/unload_lora_adapter": lora.unload}
 
 
 # Stored responses and conversations: rule -> method -> handler. A handler takes the JSON body (POSTs but
 # cancel, which has none) or None, the query string and the rule's parts.
-STATE_ROUTES = {
+STATE_ROUTES: dict[str, dict[str, Callable[..., dict | Iterator[str]]]] = {
     "/v1/responses/<response_id>": {"GET": stored.retrieve, "DELETE": stored.delete},
     "/v1/responses/<response_id>/cancel": {"POST": stored.cancel},
     "/v1/responses/<response_id>/input_items": {"GET": stored.input_items},
@@ -209,7 +213,7 @@ def _answer(result) -> Response:
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _generation_view(service: Service, handle):
+def _generation_view(service: Service, handle: GenerationHandler) -> Callable[[], Response]:
     def view():
         with _preparing(service):
             result = handle(service, read_json_body(), request.environ.get("waitress.client_disconnected"))
@@ -228,7 +232,7 @@ def _state_view(service: Service, handle, reads_body: bool):
     return view
 
 
-def _json_view(service: Service, handle):
+def _json_view(service: Service, handle: Callable[[Service, object], dict]) -> Callable[[], Response]:
     def view():
         with _preparing(service):
             return json_response(handle(service, read_json_body()))

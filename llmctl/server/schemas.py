@@ -22,7 +22,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from llmctl.errors import InvalidRequest
 from llmctl.server.api import rules
@@ -119,13 +119,15 @@ class ChatMessage(_Lenient):
             return ""
         if isinstance(self.content, str):
             return valid_unicode(self.content)
+        texts = []
         for part in self.content:
             if not isinstance(part, TextPart):
                 raise InvalidRequest(
                     f"Content parts of type '{part.type}' are not supported: this model reads text only.",
                     param="messages",
                 )
-        return valid_unicode("".join(part.text for part in self.content))
+            texts.append(part.text)
+        return valid_unicode("".join(texts))
 
 
 def _template_tool_call(call: dict) -> dict:
@@ -219,7 +221,7 @@ def parse_body(model: type[RequestT], body: object) -> RequestT:
         # catch-all part comes last.
         wrong = [e["loc"][:-1] for e in errors if e["type"] == "literal_error" and e["loc"][-1] == "type"]
 
-        def rank(error: dict) -> tuple:
+        def rank(error: ErrorDetails) -> tuple:
             loc = error["loc"]
             found = _walk(loc, body, missing=error["type"] == "missing")
             mismatch = error["type"].endswith("_type") or error["type"] == "literal_error"

@@ -49,7 +49,8 @@ STRUCTURED_OUTPUTS["description"] = ("vLLM's structured outputs: exactly one of 
 def response_format(nested: bool) -> dict:
     """OpenAI's `response_format` (chat: name/schema under `json_schema`) or `text.format` (Responses: beside
     `type`)."""
-    spec = {"type": "object", "properties": {"name": NAME, "schema": JSON_SCHEMA, "strict": {"type": "boolean"}}}
+    spec: dict[str, Any] = {"type": "object", "properties": {"name": NAME, "schema": JSON_SCHEMA,
+                                                             "strict": {"type": "boolean"}}}
     json_schema = {"required": ["type", "json_schema"], "properties": {"type": {"const": "json_schema"},
                                                                        "json_schema": spec}} if nested \
         else {"required": ["type", "schema"], "properties": {"type": {"const": "json_schema"}, **spec["properties"]}}
@@ -60,7 +61,7 @@ def response_format(nested: bool) -> dict:
 
 
 # ---- tools ---------------------------------------------------------------------------------------------
-FUNCTION = {"type": "object", "required": ["name"], "properties": {
+FUNCTION: dict[str, Any] = {"type": "object", "required": ["name"], "properties": {
     "name": NAME, "description": {"type": ["string", "null"]}, "parameters": OBJECT,
     "strict": {"type": ["boolean", "null"]}}}
 CHAT_TOOLS = {"type": "array", "items": {"type": "object", "required": ["function"], "properties": {
@@ -99,7 +100,7 @@ def given(field: str, schema: dict) -> dict:
 # A constraint comes from response_format or structured_outputs, not both.
 ONE_CONSTRAINT = {"not": {"allOf": [given("response_format", {"type": "object", "properties": {
     "type": {"enum": ["json_object", "json_schema"]}}, "required": ["type"]}), given("structured_outputs", OBJECT)]}}
-CHAT_RULES = [
+CHAT_RULES: list[Any] = [
     FORCED_TOOL_NEEDS_TOOLS, ONE_CONSTRAINT,
     {"if": given("top_logprobs", {"type": "integer", "minimum": 1}), "then": given("logprobs", {"const": True})},
 ]

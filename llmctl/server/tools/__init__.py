@@ -39,6 +39,7 @@ def parser_class(name: str | None) -> type[ToolParser] | None:
 
 def resolve_parser(name: str | None, tokenizer: Any) -> tuple[type[ToolParser] | None, str]:
     """The parser a server uses for ``--tool-call-parser name`` and this tokenizer, and why (for the log)."""
+    chosen: type[ToolParser] | None
     if name == "auto":
         found, why = detect_parser(tokenizer)
         if found is None:

@@ -103,8 +103,9 @@ class ToolParser:
 
     # ---- enforcement ------------------------------------------------------------------------------
     @classmethod
-    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str:
-        """A Lark grammar (llguidance's dialect) for calls to ``functions`` written in this family's format.
+    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str | None:
+        """A Lark grammar (llguidance's dialect) for calls to ``functions`` written in this family's format;
+        None where this family's calls are not enforced so.
 
         ``single``: exactly one call, else one or more. ``free_text``: the answer may be text with no
         call; a call it does make must still match.

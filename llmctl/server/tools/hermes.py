@@ -31,7 +31,7 @@ def json_call(text: str, keys: tuple[str, ...] = ("arguments", "parameters")) ->
 def object_call(value: object, keys: tuple[str, ...] = ("arguments", "parameters")) -> dict | None:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
-    arguments = next((value[k] for k in keys if k in value), {})
+    arguments: object = next((value[k] for k in keys if k in value), {})
     return openai_call(value["name"], arguments)
 
 

@@ -46,9 +46,11 @@ class MistralParser(ToolParser):
         else:  # a JSON list of calls (or one call), possibly split over several [TOOL_CALLS]
             values = json_objects(body.replace(TOOL_CALLS, " "))
             flat = [c for v in values or [] for c in (v if isinstance(v, list) else [v])]
-            calls = [object_call(v) for v in flat]
-            calls = None if not calls or None in calls else calls
-        return (head, calls) if calls else (text, [])  # type: ignore[return-value]
+            found = [object_call(v) for v in flat]
+            calls = [c for c in found if c is not None]
+            if len(calls) < len(found):  # one value that is not a call: the text is not calls
+                calls = []
+        return (head, calls) if calls else (text, [])
 
     @classmethod
     def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str:
