@@ -17,6 +17,7 @@ import typer
 from llmctl import envvars
 from llmctl.cli.options import ConfigOpt, ModelPathOpt
 from llmctl.client.config import configured_model_path
+from llmctl.core import speculation
 from llmctl.core.adapters import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, AdapterSpec, check_adapters
 from llmctl.core.loader import Device, Dtype, LoadOptions, files_preflight, safetensors_folder
 from llmctl.core.threads import configure_cpu_threads, resolve_cpu_threads, usable_cores
@@ -136,6 +137,13 @@ def serve(
         help="The builtin engine's attention. auto: llmctl's grouped-query function on CPU (several times faster "
         "decoding on long contexts), transformers' choice on GPUs. grouped: llmctl's everywhere. transformers: "
         "transformers' choice everywhere.")] = "auto",
+    speculative_config: Annotated[str | None, typer.Option(
+        envvar=envvars.SPECULATIVE_CONFIG,
+        help='Speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 5, '
+        '"prompt_lookup_max": 4} drafts from the request\'s own prompt and output; {"model": PATH, '
+        '"num_speculative_tokens": 4} from a smaller model of the same tokenizer. The builtin engine verifies the '
+        "drafts in one pass and speculates only while it pays; output is what it would be without it "
+        "(docs/engine.md).")] = None,
     request_timeout: Annotated[float, typer.Option(
         envvar=envvars.REQUEST_TIMEOUT, min=1, max=300,
         help="Default per-request timeout in seconds (a request's 'timeout' field overrides it).")] = 60.0,
@@ -276,6 +284,10 @@ def serve(
                     "(LLMCTL_HTTP_THREADS). Torch's compute threads are --cpu-threads.")
         http_threads = http_threads or threads
     model_path = configured_model_path(config, model_path)
+    speculative = speculation.parse(speculative_config, strict=engine_kind == "builtin") \
+        if speculative_config else None
+    if speculative is not None and engine_kind == "builtin":
+        speculation.check_draft_path(speculative)
     load = LoadOptions(
         model_path=model_path, dtype=dtype, device=device,
         quantization=LoadOptions.quantization_from_flags(load_in_8bit, load_in_4bit),
@@ -298,7 +310,8 @@ def serve(
     options.preflight(load)
     engine = EngineConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                           max_waiting=max_waiting, kv_cache_tokens=kv_cache_tokens,
-                          prefix_cache_tokens=prefix_cache_tokens)
+                          prefix_cache_tokens=prefix_cache_tokens,
+                          speculative=speculative)
     responses = open_responses(responses_store, responses_ttl, responses_max_mb)
     service = Service(ServiceSettings(load=load, engine=engine, engine_options=options,
                                       request_timeout=request_timeout,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from llmctl.core.loader import LoadedModel, LoadOptions
+from llmctl.core.speculation import SpeculativeConfig
 from llmctl.engine.sampling import SamplingParams, TokenLogprobs
 from llmctl.engine.structured import GrammarStats
 from llmctl.errors import LLMCtlError
@@ -38,6 +39,8 @@ class EngineConfig:
     kv_cache_tokens: int = 65536
     # Of kv_cache_tokens, how much the KV of computed prefixes may keep for later requests; 0: no cache.
     prefix_cache_tokens: int = 8192
+    # Speculative decoding (`--speculative-config`), None: off.
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_batched_tokens", "max_waiting", "kv_cache_tokens"):
@@ -139,6 +142,26 @@ class Sequence:
 
 
 @dataclass
+class SpeculativeStats:
+    """Counters of speculative decoding for /health and /metrics."""
+
+    drafts: int = 0  # row-steps that verified at least one draft token
+    draft_tokens: int = 0  # draft tokens verified
+    accepted_tokens: int = 0  # of those, accepted
+    emitted_tokens: int = 0  # tokens the speculating row-steps produced (accepted + one each)
+    stood_down_steps: int = 0  # decode steps that had drafts but found speculating would not pay
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens a speculating row got from one step (1 without speculation)."""
+        return self.emitted_tokens / self.drafts if self.drafts else 0.0
+
+
+@dataclass
 class EngineStats:
     """Counters every engine keeps; /health and /metrics read them without asking the engine."""
 
@@ -157,6 +180,7 @@ class EngineStats:
     prefix_cache_tokens: int = 0  # tokens the prefix cache holds now
     kv_cache_usage: float = 0.0  # share of the KV cache in use, 0..1
     grammar: GrammarStats = field(default_factory=GrammarStats)  # constraints compiled, cache hits
+    speculative: SpeculativeStats = field(default_factory=SpeculativeStats)  # drafts and acceptance
     recent: deque = field(default_factory=lambda: deque(maxlen=512))  # (time, tokens) per step
 
     def tokens_per_second(self, window: float = 10.0) -> float:

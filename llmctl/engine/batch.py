@@ -7,6 +7,7 @@ decode step is then one forward pass of [B, 1] tokens with per-row positions and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from llmctl.engine import thinking
 from llmctl.engine.base import Sequence
 from llmctl.engine.kv import SharedPrefix
 from llmctl.engine.sampling import BatchSampler
+
+# Stands in for a row that takes no token at this position (speculative verification): it has no thinking.
+_ASIDE = SimpleNamespace(thinking=None)
 
 
 @dataclass
@@ -154,6 +158,15 @@ def prefill_inputs(contexts: list[list[int]], used: list[int], fed: int, device:
 def sample(batch: Batch, logits: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Each row's next token from ``logits`` [B, V] with its own settings (sampled on ``device``, the
     model's input device); records logprobs and penalty counts; the tokens become the next input."""
+    tokens = sample_rows(batch, logits, device)
+    batch.last = tokens
+    return tokens
+
+
+def sample_rows(batch: Batch, logits: torch.Tensor, device: torch.device,
+                active: list[bool] | None = None) -> torch.Tensor:
+    """`sample` for the ``active`` rows only (all when None), leaving ``batch.last`` as it is: speculative
+    verification samples one position at a time, each for the rows whose drafts were accepted so far."""
     if batch.sampler is None:
         if any(s.params.penalized for s in batch.seqs) and batch.counts is None:
             batch.counts = torch.zeros((len(batch.seqs), logits.shape[-1]), device=device)
@@ -164,12 +177,12 @@ def sample(batch: Batch, logits: torch.Tensor, device: torch.device) -> torch.Te
         batch.sampler = BatchSampler(logits.shape[-1], device)
         batch.sampler.refresh([s.params for s in batch.seqs], [s.generator for s in batch.seqs], batch.counts,
                               [s.matcher for s in batch.seqs])
-    tokens = batch.sampler.sample(logits)
-    thinking.force(batch.seqs, tokens)  # rows at their thinking budget write its closing text
-    for row, logprobs in batch.sampler.logprobs(logits, tokens):
+    tokens = batch.sampler.sample(logits, active)
+    rows = batch.seqs if active is None else [s if on else _ASIDE for s, on in zip(batch.seqs, active, strict=True)]
+    thinking.force(rows, tokens)  # rows at their thinking budget write its closing text
+    for row, logprobs in batch.sampler.logprobs(logits, tokens, active):
         batch.seqs[row].logprobs.append(logprobs)
-    batch.sampler.observe(tokens)
-    if thinking.observe(batch.seqs, tokens):  # a row's answer grammar starts: masks to rebuild
+    batch.sampler.observe(tokens, active)
+    if thinking.observe(rows, tokens):  # a row's answer grammar starts: masks to rebuild
         batch.sampler = None
-    batch.last = tokens
     return tokens

@@ -25,11 +25,13 @@ from llmctl.engine import attention, thinking
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
 from llmctl.engine.batch import Batch, merge, sample, select_rows
 from llmctl.engine.builtin_setup import BuiltinOptions
+from llmctl.engine.draft import DraftModel
 from llmctl.engine.kv import SharedView
 from llmctl.engine.lora import LoraSet
 from llmctl.engine.prefill import Prefills
 from llmctl.engine.prefix_cache import KVLayoutError, PrefixCache, store_rows
 from llmctl.engine.shared import sharing_works
+from llmctl.engine.speculative import Speculator, verify
 from llmctl.engine.structured import Grammars, attach_matchers, end_reason
 from llmctl.errors import GenerationOutOfMemory, LLMCtlError, QueueFull, Unavailable
 
@@ -42,7 +44,7 @@ class BuiltinEngine(Prefills):
     """Runs generation for all requests on one background thread (the `Engine` protocol)."""
 
     def __init__(self, model, eos_token_ids: frozenset[int], config: EngineConfig | None = None,
-                 tokenizer=None, options: BuiltinOptions | None = None) -> None:
+                 tokenizer=None, options: BuiltinOptions | None = None, draft_model=None) -> None:
         self.model = model
         self.config = config or EngineConfig()
         self.options = options or BuiltinOptions()
@@ -63,6 +65,7 @@ class BuiltinEngine(Prefills):
             self._share = self._prefix is not None and sharing_works(model, self.attention, self._forward)
         if self._prefix is not None:
             log.info("Shared prefixes: %s", "on" if self._share else "off (each row holds its own copy)")
+        self.speculator = self._make_speculator(draft_model)
         self._waiting: deque[Sequence] = deque()
         self._prefilling: Sequence | None = None
         self._admitting: list[Sequence] = []  # taken from the queue, not yet in the batch
@@ -71,6 +74,19 @@ class BuiltinEngine(Prefills):
         self._stopping = False
         self._last_trim = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="llmctl-engine", daemon=True)
+
+    def _make_speculator(self, draft_model) -> Speculator | None:
+        spec = self.config.speculative
+        if spec is None:
+            return None
+        proposer = None
+        if spec.method == "draft_model":
+            if draft_model is None:
+                raise ValueError("the draft_model method needs the draft model, loaded")
+            proposer = DraftModel(draft_model, self.vocab_size)
+        log.info("Speculative decoding: %s", spec.describe())
+        return Speculator(spec, self.eos, self.config.kv_cache_tokens, proposer=proposer,
+                          stats=self.stats.speculative)
 
     # ---- public, thread-safe -------------------------------------------------------------
     def enable_lora(self, max_loras: int, max_rank: int) -> LoraSet:
@@ -273,15 +289,24 @@ class BuiltinEngine(Prefills):
         batch = self._batch
         assert batch is not None
         rows = len(batch.seqs)
+        drafts = self.speculator.plan(batch) if self.speculator is not None else None
+        started = time.perf_counter()
         try:
-            mask = torch.cat([batch.mask, torch.ones((rows, 1), dtype=batch.mask.dtype, device=self.device)], dim=1)
-            out = self._forward(input_ids=batch.last[:, None], attention_mask=mask,
-                                position_ids=batch.positions[:, None],
-                                cache=batch.cache, shared=SharedView.of(batch.shared, batch.shared_lengths),
-                                seqs=batch.seqs)
-            batch.mask = mask
-            batch.positions = batch.positions + 1
-            tokens = sample(batch, out.logits[:, -1, :], self.device)
+            if drafts is not None:
+                shared = SharedView.of(batch.shared, batch.shared_lengths)
+                accepted = verify(batch, drafts, lambda **kw: self._forward(cache=batch.cache, shared=shared,
+                                                                        seqs=batch.seqs, **kw)
+                                  .logits, self.device, self._emit_token)
+            else:
+                mask = torch.cat([batch.mask, torch.ones((rows, 1), dtype=batch.mask.dtype, device=self.device)],
+                                 dim=1)
+                out = self._forward(input_ids=batch.last[:, None], attention_mask=mask,
+                                    position_ids=batch.positions[:, None],
+                                    cache=batch.cache, shared=SharedView.of(batch.shared, batch.shared_lengths),
+                                    seqs=batch.seqs)
+                batch.mask = mask
+                batch.positions = batch.positions + 1
+                tokens = sample(batch, out.logits[:, -1, :], self.device)
         except torch.OutOfMemoryError:
             self._batch = None
             self._on_oom(batch.seqs)
@@ -289,28 +314,42 @@ class BuiltinEngine(Prefills):
         self.stats.steps += 1
         self.stats.last_batch_size = rows
         self.stats.max_batch_size = max(self.stats.max_batch_size, rows)
-        self._emit(batch, tokens)
+        if drafts is None:
+            self._emit(batch, tokens)
+        else:
+            self._count(rows + sum(accepted))
+        if self.speculator is not None:  # a step's time, to weigh what drafts cost against what they give
+            fed = rows + sum(map(len, drafts or ()))
+            self.speculator.record(batch.seqs, drafts or [[]] * rows, accepted if drafts else [0] * rows, fed,
+                                    time.perf_counter() - started)
         self._remember(batch, [i for i, s in enumerate(batch.seqs) if s.done], leaving=True)  # for a next turn
         self._select([i for i, s in enumerate(batch.seqs) if not s.done])
 
     def _emit(self, batch: Batch, tokens: torch.Tensor) -> None:
-        now = time.monotonic()
         for seq, token in zip(batch.seqs, tokens.tolist(), strict=False):
-            seq.generated += 1
-            # A grammar allows end of sequence only where it may end: there it ends even with ignore_eos.
-            if token in self.eos and (not seq.params.ignore_eos or seq.matcher is not None):
-                # A matcher that failed while computing its mask allows only end of sequence: that is its error.
-                ended = end_reason(seq.matcher)
-                self._finish(seq, *(ended if ended and ended[0] == "error" else ("stop",)))
-                continue
-            seq.output_ids.append(token)
-            seq.events.put(token)
-            if ended := end_reason(seq.matcher):  # the grammar is complete: nothing more may follow
-                self._finish(seq, *ended)
-            elif seq.generated >= seq.params.max_tokens:
-                self._finish(seq, "length")
-        self.stats.tokens_generated += len(batch.seqs)
-        self.stats.recent.append((now, len(batch.seqs)))
+            self._emit_token(seq, token)
+        self._count(len(batch.seqs))
+
+    def _count(self, tokens: int) -> None:
+        self.stats.tokens_generated += tokens
+        self.stats.recent.append((time.monotonic(), tokens))
+
+    def _emit_token(self, seq: Sequence, token: int) -> bool:
+        """Hand ``token`` to ``seq``'s reader, or finish the sequence on it; False once the sequence is over."""
+        seq.generated += 1
+        # A grammar allows end of sequence only where it may end: there it ends even with ignore_eos.
+        if token in self.eos and (not seq.params.ignore_eos or seq.matcher is not None):
+            # A matcher that failed while computing its mask allows only end of sequence: that is its error.
+            ended = end_reason(seq.matcher)
+            self._finish(seq, *(ended if ended and ended[0] == "error" else ("stop",)))
+            return False
+        seq.output_ids.append(token)
+        seq.events.put(token)
+        if ended := end_reason(seq.matcher):  # the grammar is complete: nothing more may follow
+            self._finish(seq, *ended)
+        elif seq.generated >= seq.params.max_tokens:
+            self._finish(seq, "length")
+        return not (seq.done or seq.cancelled)
 
     def _select(self, keep: list[int]) -> None:
         batch = self._batch

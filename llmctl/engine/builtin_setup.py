@@ -3,7 +3,7 @@ only by `build`, so the flags are checked before it loads)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
 from llmctl.core.loader import LoadOptions
@@ -47,4 +47,17 @@ class BuiltinOptions:
 
         loaded = loader(load)
         return loaded, BuiltinEngine(loaded.model, loaded.eos_token_ids, config, tokenizer=loaded.tokenizer,
-                                     options=self)
+                                     options=self, draft_model=_draft_model(load, config, loader, loaded))
+
+
+def _draft_model(load: LoadOptions, config: EngineConfig, loader: Loader, served: LoadedModel):
+    """The draft model of `--speculative-config`'s draft_model method, loaded as the served model is (dtype,
+    device); ModelLoadError when its tokenizer is another."""
+    spec = config.speculative
+    if spec is None or spec.model is None:
+        return None
+    from llmctl.engine.draft import check_same_tokenizer
+
+    draft = loader(replace(load, model_path=spec.model, served_model_name=None, max_model_len=None))
+    check_same_tokenizer(served.tokenizer, draft.tokenizer, str(spec.model))
+    return draft.model

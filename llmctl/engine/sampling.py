@@ -93,20 +93,21 @@ class BatchSampler:
             self.bias_index = (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device))
             self.bias_values = torch.tensor(vals, device=self.device)
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] -> next token ids [B] (long)."""
+    def sample(self, logits: torch.Tensor, active: list[bool] | None = None) -> torch.Tensor:
+        """logits [B, V] -> next token ids [B] (long). ``active``: the rows that take a token now (speculative
+        verification, one position at a time); the others' entries are meaningless and draw nothing."""
         logits = logits.float()
         if self.any_penalty and self.counts is not None:
             logits = logits - self.freq * self.counts - self.pres * (self.counts > 0).float()
         if self.any_bias:
             logits = logits.index_put(self.bias_index, self.bias_values, accumulate=True)
         if self.masks is not None:  # after the penalties and biases, so nothing lifts a forbidden token
-            logits = self.masks.apply(logits)
+            logits = self.masks.apply(logits, active)
         tokens = torch.argmax(logits, dim=-1)
         if self.all_greedy:
             return tokens
         for i, p in enumerate(self.params):
-            if not p.greedy:
+            if not p.greedy and (active is None or active[i]):
                 tokens[i] = self._sample_row(logits[i], p, self.generators[i])
         return tokens
 
@@ -126,12 +127,15 @@ class BatchSampler:
             return order[choice].squeeze(0)
         return torch.multinomial(probs, 1, generator=generator).squeeze(0)
 
-    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[tuple[int, TokenLogprobs]]:
-        """(row, log-probabilities) for the rows that asked for them, from the model's own distribution:
-        before temperature, top_p, penalties and logit_bias, as other OpenAI-compatible servers report it."""
-        if not self.logprob_rows:
+    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor,
+                 active: list[bool] | None = None) -> list[tuple[int, TokenLogprobs]]:
+        """(row, log-probabilities) for the (``active``) rows that asked for them, from the model's own
+        distribution: before temperature, top_p, penalties and logit_bias, as other OpenAI-compatible servers
+        report it."""
+        wanted = [i for i in self.logprob_rows if active is None or active[i]]
+        if not wanted:
             return []
-        rows = torch.tensor(self.logprob_rows, device=logits.device)
+        rows = torch.tensor(wanted, device=logits.device)
         logp = torch.log_softmax(logits[rows].float(), dim=-1)
         picked = tokens[rows]
         chosen = logp.gather(1, picked[:, None]).squeeze(1).tolist()
@@ -140,15 +144,18 @@ class BatchSampler:
             values, ids = logp.topk(self.top_k, dim=-1)
             values, ids = values.tolist(), ids.tolist()
         out = []
-        for j, row in enumerate(self.logprob_rows):
+        for j, row in enumerate(wanted):
             k = self.params[row].logprobs
             top = list(zip(ids[j][:k], values[j][:k], strict=False)) if k else []
             out.append((row, TokenLogprobs(picked[j], chosen[j], top)))
         return out
 
-    def observe(self, tokens: torch.Tensor) -> None:
-        """Count the sampled tokens for the penalties, and advance the rows' grammars."""
+    def observe(self, tokens: torch.Tensor, active: list[bool] | None = None) -> None:
+        """Count the (``active``) rows' sampled tokens for the penalties, and advance their grammars."""
         if self.counts is not None:
-            self.counts[torch.arange(tokens.shape[0], device=self.device), tokens] += 1
+            rows = torch.arange(tokens.shape[0], device=self.device)
+            if active is not None:
+                rows = rows[torch.tensor(active, device=self.device)]
+            self.counts[rows, tokens[rows]] += 1
         if self.masks is not None:
-            self.masks.accept(tokens.tolist())
+            self.masks.accept(tokens.tolist(), active)

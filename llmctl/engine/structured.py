@@ -260,11 +260,13 @@ class BatchMasks:
         self.bitmask = torch.zeros((len(self.rows), (vocab_size + 31) // 32), dtype=torch.int32)
         self.device = device
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] with every token the rows' grammars forbid at -inf (a new tensor)."""
-        pairs = [(m.raw, j) for j, m in enumerate(self.matchers)]
+    def apply(self, logits: torch.Tensor, active: list[bool] | None = None) -> torch.Tensor:
+        """Logits [B, V] with every token the rows' grammars forbid at -inf (a new tensor); only the ``active``
+        rows' masks are computed (the others' rows are left meaningless)."""
+        pairs = [(m.raw, j) for j, (row, m) in enumerate(zip(self.rows, self.matchers, strict=True))
+                 if active is None or active[row]]
         self.executor.unsafe_compute_mask_ptr(pairs, self.bitmask.data_ptr(), self.bitmask.shape[1] * 4,
-                                              len(pairs))
+                                              self.bitmask.shape[0])
         width = logits.shape[-1]
         # Token i is bit i % 32 of word i // 32 (little-endian words): numpy unpacks that in one pass.
         bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
@@ -277,10 +279,11 @@ class BatchMasks:
         rows = torch.where(allowed, logits.index_select(0, self.index), float("-inf"))
         return logits.index_put((self.index,), rows)
 
-    def accept(self, tokens: list[int]) -> None:
-        """Advance each constrained row by the token it sampled."""
+    def accept(self, tokens: list[int], active: list[bool] | None = None) -> None:
+        """Advance each (``active``) constrained row by the token it sampled."""
         for row, matcher in zip(self.rows, self.matchers, strict=False):
-            matcher.accept(tokens[row])
+            if active is None or active[row]:
+                matcher.accept(tokens[row])
 
 
 def attach_matchers(grammars: Grammars | None, seqs: Iterable) -> None:

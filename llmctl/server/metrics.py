@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmctl.engine import Engine
@@ -186,6 +186,22 @@ def prefix_cache_json(engine: Engine | None) -> dict:
     }
 
 
+def speculative_json(engine: Engine | None) -> dict | None:
+    """/metrics' ``speculative`` object: drafts verified and accepted (None when speculation is off)."""
+    if engine is None or engine.config.speculative is None:
+        return None
+    stats = engine.stats.speculative
+    return {
+        "method": engine.config.speculative.method,
+        "drafts_total": stats.drafts,
+        "draft_tokens_total": stats.draft_tokens,
+        "accepted_tokens_total": stats.accepted_tokens,
+        "acceptance_rate": round(stats.acceptance_rate, 4) if stats.draft_tokens else None,
+        "tokens_per_step": round(stats.tokens_per_step, 4) if stats.drafts else None,
+        "stood_down_steps_total": stats.stood_down_steps,
+    }
+
+
 class _EngineCollector(Collector):
     """The engine's counters as Prometheus metrics, read from its stats when /metrics is scraped."""
 
@@ -197,3 +213,19 @@ class _EngineCollector(Collector):
         stats = engine.stats if engine else None
         yield GaugeMetricFamily("llmctl_prefix_cache_tokens", "Tokens the prefix cache holds.",
                                 value=stats.prefix_cache_tokens if stats else 0)
+        if engine is None or engine.config.speculative is None:
+            return
+        spec = engine.stats.speculative
+        for name, text, value in (
+                ("drafts", "Row-steps that verified draft tokens.", spec.drafts),
+                ("draft_tokens", "Draft tokens verified.", spec.draft_tokens),
+                ("accepted_tokens", "Draft tokens accepted.", spec.accepted_tokens),
+                ("emitted_tokens", "Tokens the speculating row-steps produced (accepted drafts + one each).",
+                 spec.emitted_tokens),
+                ("stood_down_steps", "Decode steps whose drafts would not have paid, run without them.",
+                 spec.stood_down_steps)):
+            yield CounterMetricFamily(f"llmctl_spec_decode_{name}", text, value=value)
+        yield GaugeMetricFamily("llmctl_spec_decode_acceptance_ratio", "Draft tokens accepted / verified.",
+                                value=spec.acceptance_rate)
+        yield GaugeMetricFamily("llmctl_spec_decode_tokens_per_step", "Mean tokens a speculating row got from "
+                                "one step.", value=spec.tokens_per_step)

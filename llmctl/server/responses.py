@@ -7,9 +7,9 @@ fields forbidden, so the document cannot drift from what the service sends.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -178,6 +178,8 @@ class Health(_Strict):
     waiting: int
     lora_adapters: LoraAdapters | None = None  # null when the server does not serve LoRA adapters
     version: str
+    speculative: dict[str, Any] | None = Field(
+        default=None, description="The --speculative-config in effect, as given; absent when speculation is off.")
     error: str | None = None
 
 

@@ -21,7 +21,7 @@ from llmctl.server import schemas
 from llmctl.server.admission import Admission, AdmissionLimits
 from llmctl.server.generation import Generation
 from llmctl.server.loras import Loras
-from llmctl.server.metrics import ServiceMetrics, prefix_cache_json
+from llmctl.server.metrics import ServiceMetrics, prefix_cache_json, speculative_json
 from llmctl.server.pipeline import Ask, Run, TokenLimits, sampling_params
 from llmctl.server.reasoning import ReasoningParser, ReasoningParserName, resolve_reasoning
 from llmctl.server.store import ResponseState
@@ -192,6 +192,9 @@ class Service:
             "lora_adapters": self._lora_json(),
             "version": __version__,
         }
+        speculative = self.settings.engine.speculative
+        if speculative is not None:
+            body["speculative"] = speculative.as_dict()
         if self.error:
             body["error"] = self.error
         return body, 200 if status == "ready" else 503
@@ -236,6 +239,7 @@ class Service:
             "kv_cache_usage": round(engine.stats.kv_cache_usage, 4) if engine else 0.0,
             "prefix_cache": prefix_cache_json(engine),
             "lora_adapters": self._lora_json(),
+            "speculative": speculative_json(engine),
             **_grammar_metrics(engine),
         }
         return body
