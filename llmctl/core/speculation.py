@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from llmctl.errors import ConfigError
 
@@ -82,7 +82,8 @@ def parse(text: str, *, strict: bool = True) -> SpeculativeConfig:
     cap = _int(data, "disable_by_batch_size", None)
     if cap is not None and cap < 1:
         raise ConfigError(f"{FLAG}: disable_by_batch_size must be at least 1")
-    return SpeculativeConfig(method=method, num_speculative_tokens=k, prompt_lookup_max=high, prompt_lookup_min=low,
+    return SpeculativeConfig(method=cast(SpeculativeMethod, method), num_speculative_tokens=k,
+                             prompt_lookup_max=high, prompt_lookup_min=low,
                              model=Path(model).expanduser() if model else None, disable_by_batch_size=cap,
                              raw=tuple(data.items()))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -217,10 +218,9 @@ def drop_tail(batch: Batch, drop: list[int]) -> None:
     """Drop each row's last ``drop[row]`` cache columns (rejected drafts and padding) and right-align the rows
     again, trimming the left padding no row needs."""
     least = min(drop)
-    cache = batch.cache.layers
     if least:
         batch.mask = batch.mask[:, :-least]
-        for layer in cache:
+        for layer in _layers(batch):
             layer.keys, layer.values = layer.keys[:, :, :-least], layer.values[:, :, :-least]
     shifts = [d - least for d in drop]
     if any(shifts):
@@ -229,7 +229,7 @@ def drop_tail(batch: Batch, drop: list[int]) -> None:
         shift = torch.tensor(shifts, device=batch.mask.device)[:, None]
         source = (columns[None, :] - shift).clamp(min=0)  # [B, W]: column c takes column c - shift
         batch.mask = batch.mask.gather(1, source) * (columns[None, :] >= shift)
-        for layer in cache:
+        for layer in _layers(batch):
             index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             layer.keys = layer.keys.gather(2, index)
             index = source[:, None, :, None].expand(-1, layer.values.shape[1], -1, layer.values.shape[3])
@@ -237,5 +237,10 @@ def drop_tail(batch: Batch, drop: list[int]) -> None:
     trim = batch.mask.shape[1] - int(batch.own_lengths().max())
     if trim > 0:
         batch.mask = batch.mask[:, trim:]
-        for layer in cache:
+        for layer in _layers(batch):
             layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
+
+
+def _layers(batch: Batch) -> list[Any]:
+    """The batch cache's layers: full-attention layers (`batch.full_cache`) with keys and values [B, H, L, D]."""
+    return list(batch.cache.layers)

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 
 from llmctl.engine import structured
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
@@ -319,6 +320,12 @@ class VllmEngine:
                     if prefix is not None:
                         stats.prefix_cache_queries += prefix.queries
                         stats.prefix_cache_hits += prefix.hits
+                    spec = getattr(scheduler_stats, "spec_decoding_stats", None)
+                    if spec is not None:  # vLLM's drafts in llmctl's counters (one emitted token per draft too)
+                        stats.speculative.drafts += spec.num_drafts
+                        stats.speculative.draft_tokens += spec.num_draft_tokens
+                        stats.speculative.accepted_tokens += spec.num_accepted_tokens
+                        stats.speculative.emitted_tokens += spec.num_accepted_tokens + spec.num_drafts
                 if iteration_stats is not None:
                     stats.preemptions += iteration_stats.num_preempted_reqs
 
@@ -408,7 +415,18 @@ def _tolerate_context_proxies() -> None:
         except Exception:
             return False
 
+    # With speculative decoding the same scan reads vars() of every global that has a __dict__; llvmlite's
+    # library proxy (numba's, which vLLM's n-gram proposer imports) answers any attribute, __dict__ too, with
+    # a function wrapper, not a mapping: for the scan, such an object has no instance attributes.
+    def safe_vars(obj: object) -> Mapping:
+        try:
+            found = vars(obj)
+        except TypeError:
+            return {}
+        return found if isinstance(found, Mapping) else {}
+
     dispatcher.hasattr = safe_hasattr
+    dispatcher.vars = safe_vars
 
 
 def _one_line(exc: BaseException) -> str:

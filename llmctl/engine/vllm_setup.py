@@ -81,6 +81,8 @@ def engine_args(model: VllmModel, options: VllmOptions, config: EngineConfig) ->
         # llmctl tokenizes and detokenizes itself (requests carry token ids, detokenize=False); vLLM loads
         # the tokenizer only for constrained decoding (its backend is set where the engine is built).
         disable_log_stats=False,
+        # --speculative-config as given: vLLM checks it against its build (what it cannot run, it refuses).
+        speculative_config=config.speculative.as_dict() if config.speculative is not None else None,
     )
     return {k: v for k, v in args.items() if v is not None}
 

@@ -175,7 +175,7 @@ class Service:
     def health(self) -> tuple[dict, int]:
         gpu = hardware.gpu_memory()
         status = "shutting_down" if self.draining else self.status
-        body = {
+        body: dict[str, Any] = {
             "status": status,
             "model": self.loaded.name if self.loaded else None,
             "device": self.loaded.device if self.loaded else None,

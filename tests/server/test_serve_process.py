@@ -47,6 +47,10 @@ def test_underscore_flags_and_env(server_process, tiny_model):
     (["--engine", "vllm", "--attention", "grouped"], "--attention applies to the builtin engine"),
     (["--engine", "vllm", "--max-prefill-tokens", "64"], "--max-prefill-tokens applies to the builtin engine"),
     (["--engine", "vllm", "--prefill-wait-ms", "5"], "--prefill-wait-ms applies to the builtin engine"),
+    (["--speculative-config", '{"method": "ngram"'], "--speculative-config is not valid JSON"),
+    (["--speculative-config", '{"method": "medusa", "num_speculative_tokens": 2}'], "not 'medusa'"),
+    (["--speculative-config", '{"model": "/nonexistent/draft", "num_speculative_tokens": 2}'],
+     "is not a model folder"),
 ])
 def test_bad_start_fails_fast_with_one_line(args, message):
     result = run_cli("serve", "--port", "0", *args)

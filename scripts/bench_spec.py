@@ -1,0 +1,182 @@
+"""Speculative decoding, side by side: `llmctl serve` without and with n-gram speculation, in one run.
+
+    python scripts/bench_spec.py --out bench-spec.json
+    python scripts/bench_spec.py --rounds 3 --speculative-config '{"method": "ngram", "num_speculative_tokens": 5}'
+
+Starts two servers on 127.0.0.1 (the embedded SmolLM2 by default, bf16 on CPU, default threads), one plain
+and one with ``--speculative-config``, and runs three workloads against each in turn (plain, then
+speculative, ``--rounds`` times, so drift on a shared machine hits both alike):
+
+- repeat: one stream, greedy, prompts whose answer repeats the prompt (copy records into JSON, fix a
+  function, re-list items); the texts of both servers are compared token for token (identical: yes/no);
+- free: one stream, greedy, free text (stories, explanations);
+- 16 streams: 16 requests at once, free text and repeats mixed, sampled at temperature 0.7 with seeds.
+
+tok/s is completion tokens over wall time (one stream: summed over its requests, one after another; 16
+streams: all tokens over the time until the last one ended). The speculative server's /metrics give the
+acceptance rate and tokens per speculating step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SPEC = '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+RECORD = ("order_id: 48213\ncustomer: Maria Gonzalez\nemail: maria.gonzalez@example.com\nitems: 3 x blue widget, "
+          "1 x red gadget\nshipping: 12 Harbor Street, Portland, OR 97201\nstatus: shipped\ntotal: 84.50 USD")
+FUNCTION = '''def average(values):
+    total = 0
+    for value in values:
+        total += value
+    return total / len(values)  # fails on an empty list
+'''
+REPEAT = [
+    f"Copy the record below into a JSON object with the same keys and values.\n\n{RECORD}",
+    f"Fix this function so that it returns 0.0 for an empty list. Reply with the whole corrected function."
+    f"\n\n{FUNCTION}",
+    "Repeat this shopping list exactly, one item per line: apples, bread, milk, eggs, butter, cheese, rice, "
+    "tomatoes, onions, garlic, olive oil, coffee.",
+]
+FREE = [
+    "Write a short story about a lighthouse keeper and a storm.",
+    "Explain how a refrigerator keeps food cold, for a ten-year-old.",
+    "Describe a walk through a busy market on a summer morning.",
+]
+
+
+def start_server(port: int, args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "llmctl", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server at {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).json().get("status") == "ready":
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(1)
+    raise SystemExit(f"the server at {url} did not become ready")
+
+
+def ask(url: str, prompt: str, max_tokens: int, **fields) -> tuple[str, int]:
+    r = httpx.post(url + "/v1/chat/completions", timeout=900, json={
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0, **fields})
+    r.raise_for_status()
+    body = r.json()
+    return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"]
+
+
+def one_stream(url: str, prompts: list[str], max_tokens: int) -> tuple[float, int, float, list[str]]:
+    """(tok/s, tokens, seconds, texts) of ``prompts`` asked one after another."""
+    texts, tokens, seconds = [], 0, 0.0
+    for prompt in prompts:
+        started = time.perf_counter()
+        text, n = ask(url, prompt, max_tokens)
+        seconds += time.perf_counter() - started
+        texts.append(text)
+        tokens += n
+    return tokens / seconds, tokens, seconds, texts
+
+
+def many_streams(url: str, streams: int, max_tokens: int) -> tuple[float, int, float, list[str]]:
+    prompts = [(REPEAT + FREE)[i % (len(REPEAT) + len(FREE))] for i in range(streams)]
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        results = list(pool.map(lambda ip: ask(url, ip[1], max_tokens, temperature=0.7, seed=ip[0]),
+                                enumerate(prompts)))
+    seconds = time.perf_counter() - started
+    tokens = sum(n for _, n in results)
+    return tokens / seconds, tokens, seconds, [t for t, _ in results]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", default=None, help="Default: the embedded SmolLM2-135M-Instruct.")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--speculative-config", default=DEFAULT_SPEC)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here too.")
+    args = parser.parse_args()
+    common = ["--dtype", args.dtype, "--max-num-seqs", str(max(16, args.streams))]
+    if args.model_path:
+        common += ["--model-path", args.model_path]
+    servers = {"plain": 18461, "speculative": 18462}
+    procs = {"plain": start_server(servers["plain"], common),
+             "speculative": start_server(servers["speculative"],
+                                         [*common, "--speculative-config", args.speculative_config])}
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in servers.items()}
+    workloads = {
+        "repeat, 1 stream": lambda url: one_stream(url, REPEAT, args.max_tokens),
+        "free text, 1 stream": lambda url: one_stream(url, FREE, args.max_tokens),
+        f"{args.streams} streams": lambda url: many_streams(url, args.streams, args.max_tokens // 2),
+    }
+    results: dict = {w: {"plain": [], "speculative": []} for w in workloads}
+    texts: dict = {w: {} for w in workloads}
+    try:
+        for name, url in urls.items():
+            wait_ready(url, procs[name])
+            ask(url, "Hello", 8)  # warm-up
+        for round_ in range(args.rounds):
+            for workload, run in workloads.items():
+                for name in ("plain", "speculative"):
+                    rate, tokens, seconds, out = run(urls[name])
+                    results[workload][name].append({"tok_s": rate, "tokens": tokens, "seconds": seconds})
+                    texts[workload].setdefault(name, out)
+                    print(f"round {round_ + 1} {workload:>20} {name:>11}: {rate:6.2f} tok/s ({tokens} tokens, "
+                          f"{seconds:.1f} s)", flush=True)
+        metrics = httpx.get(urls["speculative"] + "/metrics").json()["speculative"]
+        threads = httpx.get(urls["plain"] + "/health").json().get("cpu_threads")
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(60)
+    report(results, texts, metrics, args, threads)
+
+
+def report(results: dict, texts: dict, metrics: dict, args, threads) -> None:
+    table = Table(title=f"Speculative decoding, SmolLM2 {args.dtype} on CPU ({os.cpu_count()} cores, {threads} "
+                        f"compute thread(s)), {args.rounds} round(s)")
+    for column in ("workload", "plain tok/s", "speculative tok/s", "speculative / plain", "identical text"):
+        table.add_column(column, justify="right" if "tok" in column or "/" in column else "left")
+    summary = {}
+    for workload, sides in results.items():
+        # Totals over the rounds: tokens over seconds, each server alike.
+        rate = {name: sum(r["tokens"] for r in runs) / sum(r["seconds"] for r in runs) for name, runs in sides.items()}
+        ratio = rate["speculative"] / rate["plain"]
+        greedy = "streams" not in workload
+        same = texts[workload]["plain"] == texts[workload]["speculative"] if greedy else None
+        summary[workload] = {"plain_tok_s": rate["plain"], "speculative_tok_s": rate["speculative"], "ratio": ratio,
+                             "identical_text": same, "runs": sides}
+        table.add_row(workload, f"{rate['plain']:.2f}", f"{rate['speculative']:.2f}", f"{ratio:.2f}x",
+                      "n/a (sampled)" if same is None else ("yes" if same else "NO"))
+    console = Console(width=140)
+    console.print(table)
+    console.print(f"speculative server: {json.dumps(metrics)}")
+    if args.out:
+        args.out.write_text(json.dumps({"config": args.speculative_config, "results": summary,
+                                        "speculative_metrics": metrics}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Speculative decoding: the same output as without it, through the real server and real forward passes.
+
+The tiny random model seldom repeats its prompt, so besides n-gram lookup these tests use the draft-model
+method with drafts that are mostly right (a slightly perturbed copy of the model) or always right (the
+model itself): rows then accept different numbers of drafts in one step, which is what the KV bookkeeping
+must get right. Greedy text, seeded sampling, logprobs, stop strings, structured outputs, penalties and n
+are compared with a server without speculation.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from llmctl.core.loader import LoadOptions, load_model
+from llmctl.core.speculation import parse
+from llmctl.engine import BuiltinEngine, EngineConfig, Finish, SamplingParams, Sequence
+from llmctl.server.testing import build_tiny_model, serve_in_thread
+from tests.conftest import make_service, slow_serving, wait_for
+
+NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
+PROMPTS = [f"Question number {i}: {'why ' * (i % 5)}? Repeat: one two three one two three" for i in range(8)]
+SHORT = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["a", "b"]}},
+         "required": ["ok", "tag"], "additionalProperties": False}
+
+
+def engine_config(spec: str | None, **bounds) -> EngineConfig:
+    return EngineConfig(**{"max_num_seqs": 16, "max_waiting": 64, "kv_cache_tokens": 16384, **bounds},
+                        speculative=parse(spec) if spec else None)
+
+
+@pytest.fixture(scope="module")
+def noisy_draft(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model with its weights nudged: its greedy drafts are right most of the time, not always."""
+    folder = tmp_path_factory.mktemp("draft") / "noisy"
+    model = load_model(LoadOptions(model_path=tiny_model, dtype="float32", device="cpu")).model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(torch.randn_like(weight) * 0.01)
+    model.save_pretrained(folder)
+    for name in tiny_model.iterdir():
+        if "token" in name.name or name.name.endswith(".jinja"):
+            shutil.copy(name, folder / name.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model, noisy_draft):
+    """Servers without speculation, with n-gram lookup, with the noisy draft model and with the model as its own
+    draft; yields {name: (service, url)}."""
+    specs = {"plain": None, "ngram": NGRAM,
+             "noisy": f'{{"model": "{noisy_draft}", "num_speculative_tokens": 4}}',
+             "same": f'{{"model": "{tiny_model}", "num_speculative_tokens": 3}}'}
+    services = {name: make_service(tiny_model, engine=engine_config(spec)) for name, spec in specs.items()}
+    try:
+        import contextlib
+
+        with contextlib.ExitStack() as stack:
+            yield {name: (service, stack.enter_context(serve_in_thread(service))) for name, service in services.items()}
+    finally:
+        for service in services.values():
+            service.shutdown()
+
+
+def chat(url: str, prompt: str, **fields) -> dict:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "temperature": 0,
+            "ignore_eos": True, **fields}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def texts(url: str, prompts: list[str], together: bool, **fields) -> list[str]:
+    def ask(prompt: str) -> str:
+        return chat(url, prompt, **fields)["choices"][0]["message"]["content"]
+
+    if not together:
+        return [ask(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(ask, prompts))
+
+
+@pytest.mark.parametrize("method", ["ngram", "noisy", "same"])
+def test_greedy_text_is_the_text_without_speculation(servers, method):
+    reference = texts(servers["plain"][1], PROMPTS, together=False)
+    service, url = servers[method]
+    before = service.engine.stats.speculative.draft_tokens
+    assert texts(url, PROMPTS, together=False) == reference
+    assert texts(url, PROMPTS, together=True) == reference
+    stats = service.engine.stats.speculative
+    assert stats.draft_tokens > before, "no draft was verified"
+    if method == "same":  # its own greedy continuation: every draft verified is accepted
+        assert stats.accepted_tokens == stats.draft_tokens and stats.tokens_per_step > 2
+    if method == "noisy":
+        assert 0 < stats.accepted_tokens < stats.draft_tokens
+
+
+def test_rows_that_do_not_speculate_share_the_batch(servers):
+    """Half the rows get no drafts (the proposer is wrapped to withhold them) while the others speculate."""
+    service, url = servers["noisy"]
+    speculator = service.engine.speculator
+    real = speculator.proposer
+    mixed = []
+
+    def half(seqs, limits):
+        drafts = [d if seq.id % 2 else [] for seq, d in zip(seqs, real(seqs, limits), strict=True)]
+        mixed.append(any(drafts) and not all(drafts))
+        return drafts
+
+    speculator.proposer = half
+    try:
+        assert texts(url, PROMPTS, together=True) == texts(servers["plain"][1], PROMPTS, together=False)
+    finally:
+        speculator.proposer = real
+    assert any(mixed), "no step had rows with and without drafts"
+
+
+def test_seeded_sampling_draws_the_same_tokens(servers):
+    """Each emitted token is drawn from the target distribution with the row's own generator, one draw per token,
+    as without speculation: a seeded request gives the same text."""
+    fields = {"temperature": 0.9, "top_p": 0.95, "seed": 7, "max_tokens": 60}
+    for prompt in PROMPTS[:3]:
+        plain = chat(servers["plain"][1], prompt, **fields)["choices"][0]["message"]["content"]
+        assert chat(servers["same"][1], prompt, **fields)["choices"][0]["message"]["content"] == plain
+
+
+def test_logprobs_penalties_stops_and_n_are_kept(servers):
+    plain, spec = servers["plain"][1], servers["same"][1]
+    fields = {"logprobs": True, "top_logprobs": 3}
+    a, b = chat(plain, PROMPTS[1], **fields), chat(spec, PROMPTS[1], **fields)
+    assert a["choices"][0]["message"] == b["choices"][0]["message"]
+    for x, y in zip(a["choices"][0]["logprobs"]["content"], b["choices"][0]["logprobs"]["content"], strict=True):
+        assert x["token"] == y["token"] and math.isclose(x["logprob"], y["logprob"], abs_tol=1e-4)
+        assert [t["token"] for t in x["top_logprobs"]] == [t["token"] for t in y["top_logprobs"]]
+    penalized = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "max_tokens": 60}
+    assert texts(spec, PROMPTS[:2], together=True, **penalized) == texts(plain, PROMPTS[:2], False, **penalized)
+    text = a["choices"][0]["message"]["content"]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    cut = [chat(url, PROMPTS[1], stop=[stop]) for url in (plain, spec)]
+    assert cut[0]["choices"] == cut[1]["choices"] and cut[1]["choices"][0]["finish_reason"] == "stop"
+    choices = [chat(url, PROMPTS[2], n=3, temperature=0.8, seed=11)["choices"] for url in (plain, spec)]
+    assert [c["message"]["content"] for c in choices[0]] == [c["message"]["content"] for c in choices[1]]
+
+
+@pytest.mark.parametrize("method", ["ngram", "same"])
+def test_structured_output_is_kept(servers, method):
+    fields = {"response_format": {"type": "json_schema", "json_schema": {"name": "short", "schema": SHORT}},
+              "ignore_eos": False, "max_tokens": 60}
+    reference = texts(servers["plain"][1], PROMPTS[:4], together=False, **fields)
+    assert texts(servers[method][1], PROMPTS[:4], together=True, **fields) == reference
+
+
+def test_grammar_cuts_drafts_it_would_reject(servers, tiny_model):
+    """Draft tokens the grammar forbids are not verified: a proposer offering only forbidden tokens gets none
+    verified for a constrained row, and the row's output is unchanged."""
+    service, url = servers["noisy"]
+    speculator = service.engine.speculator
+    real, forbidden = speculator.proposer, service.engine.eos  # end of sequence is never allowed mid-object
+    speculator.proposer = lambda seqs, limits: [[min(forbidden)] * k for k in limits]
+    before = speculator.stats.draft_tokens
+    fields = {"response_format": {"type": "json_schema", "json_schema": {"name": "short", "schema": SHORT}},
+              "ignore_eos": False, "max_tokens": 60}
+    try:
+        constrained = chat(url, PROMPTS[0], **fields)["choices"][0]["message"]["content"]
+    finally:
+        speculator.proposer = real
+    assert constrained == chat(servers["plain"][1], PROMPTS[0], **fields)["choices"][0]["message"]["content"]
+    assert speculator.stats.draft_tokens == before
+
+
+def test_metrics_and_health_report_speculation(servers):
+    service, url = servers["noisy"]
+    chat(url, PROMPTS[0])
+    health = httpx.get(url + "/health").json()
+    assert health["speculative"]["num_speculative_tokens"] == 4
+    assert "speculative" not in httpx.get(servers["plain"][1] + "/health").json()
+    spec = httpx.get(url + "/metrics").json()["speculative"]
+    assert spec["method"] == "draft_model" and spec["draft_tokens_total"] > 0
+    assert 0 < spec["acceptance_rate"] <= 1 and spec["tokens_per_step"] > 1
+    assert spec["accepted_tokens_total"] == service.engine.stats.speculative.accepted_tokens
+    text = httpx.get(url + "/metrics", params={"format": "prometheus"}).text
+    values = {name: float(value) for name, value in re.findall(r"^(llmctl_spec_decode_\w+) (\S+)$", text, re.M)}
+    assert values["llmctl_spec_decode_draft_tokens_total"] >= spec["draft_tokens_total"]
+    assert values["llmctl_spec_decode_accepted_tokens_total"] >= spec["accepted_tokens_total"]
+    assert 0 < values["llmctl_spec_decode_acceptance_ratio"] <= 1
+    assert values["llmctl_spec_decode_tokens_per_step"] > 1
+    assert httpx.get(servers["plain"][1] + "/metrics").json()["speculative"] is None
+
+
+def test_timeout_stops_a_speculating_request(tiny_model):
+    # 200 tokens at up to 4 a step and 50 ms a forward pass take well over the request's half second.
+    with slow_serving(tiny_model, 0.05, engine_config(f'{{"model": "{tiny_model}", "num_speculative_tokens": 3}}',
+                                                      max_num_seqs=4)) as (service, url):
+        r = httpx.post(url + "/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 200, "ignore_eos": True,
+            "timeout": 0.5})
+        assert r.status_code == 408 and r.json()["error"]["type"] == "timeout_error"
+        assert wait_for(lambda: service.engine.running == 0, 5)
+        assert service.engine.stats.speculative.draft_tokens > 0
+
+
+def test_draft_model_with_another_tokenizer_is_refused(tiny_model, tmp_path):
+    other = build_tiny_model(tmp_path / "other", vocab_size=300)
+    from llmctl.server.service import Service, ServiceSettings
+
+    service = Service(ServiceSettings(
+        load=LoadOptions(model_path=tiny_model, dtype="float32", device="cpu"),
+        engine=engine_config(f'{{"model": "{other}", "num_speculative_tokens": 3}}')))
+    service.load()
+    assert service.status == "error" and "different tokenizer" in service.error, service.error
+
+
+def test_sampling_follows_the_target_distribution(tiny_model):
+    """The rejection rule: with a draft the model gives probability p, the token at that place is still drawn
+    from the model's distribution (top_k 4, temperature 1). A chi-square test over 1,200 seeded draws, on the
+    second token given the most frequent first one."""
+    loaded = load_model(LoadOptions(model_path=tiny_model, dtype="float32", device="cpu"))
+    model, prompt = loaded.model, list(range(40, 60))
+    with torch.inference_mode():
+        first = model(torch.tensor([prompt])).logits[0, -1].topk(4).indices.tolist()
+        nexts = {t: model(torch.tensor([prompt + [t]])).logits[0, -1].float() for t in first}
+    # The draft for each first token is its second most likely follower: accepted about as often as it is likely.
+    drafts = {t: int(logits.topk(2).indices[1]) for t, logits in nexts.items()}
+    engine = BuiltinEngine(model, loaded.eos_token_ids, engine_config(NGRAM, max_num_seqs=64, max_waiting=2048),
+                           tokenizer=loaded.tokenizer)
+    speculator = engine.speculator
+    speculator.proposer = lambda seqs, limits: [[drafts[s.context_ids[len(prompt)]]][:k] for s, k in zip(
+        seqs, limits, strict=True)]
+    speculator.cost.coefficients = lambda: (1.0, 0.0)  # drafts cost nothing: verify every one of them
+    engine.start()
+    try:
+        seqs = [engine.submit(Sequence(prompt, SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=i)))
+                for i in range(1200)]
+        pairs = []
+        for seq in seqs:
+            tokens = []
+            while not isinstance(event := seq.events.get(timeout=120), Finish):
+                tokens.append(event)
+            pairs.append(tuple(tokens))
+    finally:
+        engine.stop()
+    assert speculator.stats.draft_tokens >= 1000
+    top = max(first, key=lambda t: sum(p[0] == t for p in pairs))
+    seconds = [p[1] for p in pairs if p[0] == top]
+    logits = nexts[top]
+    allowed = logits.topk(4).indices.tolist()
+    expected = torch.softmax(logits[allowed], dim=-1).tolist()
+    observed = [seconds.count(t) for t in allowed]
+    assert sum(observed) == len(seconds)
+    chi2 = sum((o - e * len(seconds)) ** 2 / (e * len(seconds)) for o, e in zip(observed, expected, strict=True))
+    assert chi2 < 16.27, (observed, expected)  # 3 degrees of freedom, p = 0.001
+    assert drafts[top] in allowed
+
+
+def test_ngram_draft_takes_what_followed_the_latest_match():
+    from llmctl.engine.speculative import ngram_draft
+
+    context = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert ngram_draft(context, 3, 1, 3) == [7, 8, 5]  # the later of two earlier "1 2 3"
+    assert ngram_draft(context, 10, 1, 3) == [7, 8, 5, 1, 2, 3]  # up to the end of the context
+    assert ngram_draft([4, 5, 6, 4], 2, 1, 3) == [5, 6]  # falls back to shorter n-grams
+    assert ngram_draft([4, 5, 6, 4], 2, 2, 3) == []  # but not below prompt_lookup_min
+    assert ngram_draft([1, 2, 3], 4, 1, 2) == []
+
+
+def test_speculation_stands_down_as_the_batch_grows():
+    """With steps timed at 30 ms plus 2 ms per token fed, drafts accepted 60% of the time pay for one row and not
+    for 32 (where a draft token costs nearly what it gives)."""
+    from llmctl.engine.speculative import Speculator
+
+    speculator = Speculator(parse(NGRAM), frozenset(), 1 << 20)
+    for tokens in (1, 2, 4, 8, 16, 24, 32, 5, 3):
+        speculator.cost.observe(tokens, 0.030 + 0.002 * tokens)
+    a, b = speculator.cost.coefficients()
+    assert math.isclose(a, 0.030, rel_tol=1e-6) and math.isclose(b, 0.002, rel_tol=1e-6)
+    speculator._global = (60.0, 100.0)  # acceptance seen so far: 60%
+
+    def kept(rows: int) -> float:
+        """Draft tokens verified per row."""
+        seqs = [Sequence([1, 2, 3], SamplingParams(max_tokens=50)) for _ in range(rows)]
+        return sum(map(len, speculator._worth(seqs, [[5, 6, 7, 8]] * rows))) / rows
+
+    assert kept(1) == 4 and kept(32) == 0 and kept(1) > kept(4) > kept(16) > kept(32)
