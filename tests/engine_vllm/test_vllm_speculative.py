@@ -35,7 +35,7 @@ def _greedy_texts(service: Service) -> tuple[list[str], dict]:
 
 def test_ngram_speculation_runs_on_vllm_with_the_same_greedy_text(vllm_model):
     spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
-    service = make_service(vllm_model, engine=_config(spec), engine_kind="vllm",
+    service = make_service(vllm_model, engine=_config(spec),
                            engine_options=VllmOptions(enforce_eager=True))
     try:
         health_spec = service.health()[0]["speculative"]
@@ -45,7 +45,7 @@ def test_ngram_speculation_runs_on_vllm_with_the_same_greedy_text(vllm_model):
     assert health_spec == {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
                            "prompt_lookup_min": 1}
     assert metrics["speculative"]["method"] == "ngram" and metrics["speculative"]["draft_tokens_total"] > 0
-    plain_service = make_service(vllm_model, engine=_config(None), engine_kind="vllm",
+    plain_service = make_service(vllm_model, engine=_config(None),
                                  engine_options=VllmOptions(enforce_eager=True))
     try:
         plain, _ = _greedy_texts(plain_service)
@@ -58,7 +58,7 @@ def test_a_method_this_build_cannot_run_is_a_clear_error(vllm_model):
     # EAGLE needs its draft head: vLLM refuses the settings before it loads anything.
     service = Service(ServiceSettings(load=LoadOptions(model_path=vllm_model, dtype="float32", device="cpu"),
                                       engine=_config('{"method": "eagle", "num_speculative_tokens": 2}'),
-                                      engine_kind="vllm", engine_options=VllmOptions(enforce_eager=True)))
+                                      engine_options=VllmOptions(enforce_eager=True)))
     service.load()
     assert service.status == "error"
     assert "speculative" in service.error.lower() and "\n" not in service.error and "Traceback" not in service.error
