@@ -80,7 +80,7 @@ class BatchSampler:
         self.any_bias = any(p.logit_bias for p in params)
         self.all_greedy = all(p.greedy for p in params)
         self.logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        self.top_k = max((params[i].logprobs for i in self.logprob_rows), default=0)
+        self.top_k = max((p.logprobs for p in params if p.logprobs is not None), default=0)
         if self.any_penalty:
             self.freq = torch.tensor([p.frequency_penalty for p in params], device=self.device)[:, None]
             self.pres = torch.tensor([p.presence_penalty for p in params], device=self.device)[:, None]
@@ -89,7 +89,9 @@ class BatchSampler:
             for i, p in enumerate(params):
                 for token, bias in p.logit_bias.items():
                     if 0 <= token < self.vocab_size:
-                        rows.append(i), cols.append(token), vals.append(bias)
+                        rows.append(i)
+                        cols.append(token)
+                        vals.append(bias)
             self.bias_index = (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device))
             self.bias_values = torch.tensor(vals, device=self.device)
 
@@ -139,15 +141,17 @@ class BatchSampler:
         logp = torch.log_softmax(logits[rows].float(), dim=-1)
         picked = tokens[rows]
         chosen = logp.gather(1, picked[:, None]).squeeze(1).tolist()
-        picked = picked.tolist()
+        picked_ids = picked.tolist()
+        top_values: list[list[float]] = []
+        top_ids: list[list[int]] = []
         if self.top_k:
             values, ids = logp.topk(self.top_k, dim=-1)
-            values, ids = values.tolist(), ids.tolist()
+            top_values, top_ids = values.tolist(), ids.tolist()
         out = []
         for j, row in enumerate(wanted):
             k = self.params[row].logprobs
-            top = list(zip(ids[j][:k], values[j][:k], strict=False)) if k else []
-            out.append((row, TokenLogprobs(picked[j], chosen[j], top)))
+            top = list(zip(top_ids[j][:k], top_values[j][:k], strict=False)) if k else []
+            out.append((row, TokenLogprobs(picked_ids[j], chosen[j], top)))
         return out
 
     def observe(self, tokens: torch.Tensor, active: list[bool] | None = None) -> None:

@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,10 @@ from llmctl.engine.grammar_limits import LimitExceeded, check_constraint
 from llmctl.engine.grammar_sandbox import sandbox
 from llmctl.errors import InvalidRequest
 
+if TYPE_CHECKING:
+    from llguidance import LLMatcher, LLTokenizer
+    from llguidance._lib import JsonCompileOptions
+
 log = logging.getLogger(__name__)
 
 ConstraintKind = Literal["json", "regex", "choice", "grammar"]
@@ -35,7 +39,7 @@ CACHE_SIZE = 256  # compiled grammars kept per server
 # JSON is written as json.dumps writes it (", " and ": ", no other whitespace): a model allowed
 # whitespace anywhere may produce nothing else until max_tokens. A schema can override this with
 # llguidance's "x-guidance" key, e.g. {"x-guidance": {"whitespace_flexible": true}, ...}.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 EXCERPT_CHARS = 300  # of a grammar or an engine error, in logs and messages: never the whole thing
 
 
@@ -121,8 +125,8 @@ class Grammars:
         self.eos = sorted(eos_token_ids)
         self.cache_size = cache_size
         self.stats = stats if stats is not None else GrammarStats()
-        self._ll_tokenizer = None
-        self._cache: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self._ll_tokenizer: LLTokenizer | None = None
+        self._cache: OrderedDict[tuple[str, str], LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
 
     def matcher(self, constraint: Constraint) -> Matcher:
@@ -148,7 +152,7 @@ class Grammars:
             log.info("Compiled a %s constraint in %.1f ms", constraint.kind, elapsed * 1000)
             return Matcher(compiled.deep_copy(), constraint.param)
 
-    def _compile(self, constraint: Constraint):
+    def _compile(self, constraint: Constraint) -> LLMatcher:
         import llguidance
 
         grammar = serialize(constraint)
@@ -159,7 +163,7 @@ class Grammars:
                                param=constraint.param)
         return matcher
 
-    def _tokenizer(self):
+    def _tokenizer(self) -> LLTokenizer:
         if self._ll_tokenizer is None:  # about a second for a 50k vocabulary: once per server
             import llguidance
             import llguidance.hf
@@ -254,7 +258,7 @@ class BatchMasks:
     def __init__(self, matchers: Sequence[Matcher | None], vocab_size: int, device) -> None:
         self.executor = _shared_executor()
         self.rows = [i for i, m in enumerate(matchers) if m is not None]
-        self.matchers = [matchers[i] for i in self.rows]
+        self.matchers = [m for m in matchers if m is not None]  # row self.rows[j]'s is matchers[j]
         self.vocab_size = vocab_size
         self.index = torch.tensor(self.rows, device=device)
         self.bitmask = torch.zeros((len(self.rows), (vocab_size + 31) // 32), dtype=torch.int32)
