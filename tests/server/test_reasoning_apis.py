@@ -107,6 +107,10 @@ def test_responses_reasoning_item_plain_and_streamed(family):
     assert added == [0, 1] and final.output[0].content[0].text == THOUGHT
     # The stored response keeps its reasoning item.
     assert [i.type for i in sdk.responses.retrieve(final.id).output] == ["reasoning", "message"]
+    say(OUTPUTS[name])
+    with sdk.responses.stream(model="tiny-llama", input="Hi") as stream:  # the SDK's own accumulating helper
+        helped = stream.get_final_response()
+    assert [i.type for i in helped.output] == ["reasoning", "message"] and helped.output_text == ANSWER
 
 
 def test_anthropic_thinking_block_plain_and_streamed(family):
@@ -143,6 +147,11 @@ def test_langchain_sees_the_thinking_apart(family):
     # Our reasoning item carries the raw thinking in `content` (summary stays empty, as vLLM's): LangChain
     # keeps it in the block's extras.
     assert reply.content_blocks[0]["extras"]["content"] == [{"type": "reasoning_text", "text": THOUGHT}]
+    say(OUTPUTS[name])
+    streamed = None
+    for chunk in chat.stream("Hi"):
+        streamed = chunk if streamed is None else streamed + chunk
+    assert streamed.text == ANSWER and "reasoning" in [b["type"] for b in streamed.content_blocks]
     claude = ChatAnthropic(model="tiny-llama", base_url=url, api_key="unused", max_tokens=200, max_retries=0)
     say(OUTPUTS[name])
     reply = claude.invoke("Hi")
