@@ -283,3 +283,9 @@ def test_a_response_continued_by_id_keeps_its_thinking_for_the_template(family):
     # The thinking of the first answer is read again (not for DeepSeek-R1, whose template leaves it out).
     assert (follow.usage.input_tokens > replayed.usage.input_tokens) == (name != "deepseek_r1")
     assert json.loads(first.model_dump_json())["output"][0]["type"] == "reasoning"
+    conversation = sdk.conversations.create()
+    say(OUTPUTS[name])
+    sdk.responses.create(model="tiny-llama", input="Hi", conversation=conversation.id)
+    items = sdk.conversations.items.list(conversation.id, order="asc").data
+    assert [i.type for i in items] == ["message", "reasoning", "message"]
+    assert items[1].content[0].text == THOUGHT
