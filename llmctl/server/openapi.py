@@ -15,7 +15,7 @@ from llmctl.server.api.conversations import ConversationRequest, ConversationUpd
 from llmctl.server.api.lora import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from llmctl.server.api.responses_api import ResponsesRequest
 from llmctl.server.api.shapes import SHAPES
-from llmctl.server.api.tokenize import DetokenizeRequest, TokenizeRequest
+from llmctl.server.api.tokenize import Detokenized, DetokenizeRequest, Tokenized, TokenizeRequest
 from llmctl.server.responses import RESPONSE_MODELS
 from llmctl.server.schemas import ChatCompletionRequest
 
@@ -64,7 +64,7 @@ def _ref(name: str) -> dict:
 def _schemas() -> dict:
     """The request and response models as components, their nested models beside them."""
     found: dict = {}
-    for model in (*REQUEST_MODELS, *RESPONSE_MODELS, *SHAPES):
+    for model in (*REQUEST_MODELS, *RESPONSE_MODELS, *SHAPES, Tokenized, Detokenized):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         found.update(schema.pop("$defs", {}))
         found[model.__name__] = schema

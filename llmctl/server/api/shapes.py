@@ -1,5 +1,5 @@
 """The shapes of the newer routes' answers, for the OpenAPI document (as `llmctl.server.responses` does for
-chat completions): legacy completions, Responses, Anthropic Messages, tokenize/detokenize.
+chat completions): legacy completions, Responses, Anthropic Messages. (/tokenize's are beside its handler.)
 
 Tests validate real answers against these models with unknown fields forbidden, so the document
 cannot drift from what the service sends.
@@ -211,16 +211,4 @@ class AnthropicError(_Strict):
     request_id: str | None = None  # the response's x-request-id, as in Anthropic's own API
 
 
-# ---- /tokenize, /detokenize -------------------------------------------------------------------
-class Tokenized(_Strict):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    token_strs: list[str] | None
-
-
-class Detokenized(_Strict):
-    prompt: str
-
-
-SHAPES = (TextCompletion, Response, AnthropicMessage, AnthropicTokenCount, AnthropicError, Tokenized, Detokenized)
+SHAPES = (TextCompletion, Response, AnthropicMessage, AnthropicTokenCount, AnthropicError)

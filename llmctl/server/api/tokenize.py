@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from llmctl.errors import InvalidRequest
 from llmctl.server import schemas
@@ -40,6 +40,21 @@ class DetokenizeRequest(_Lenient):
     tokens: list[StrictInt]
 
 
+class Tokenized(BaseModel):  # /tokenize's answer
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Detokenized(BaseModel):  # /detokenize's answer
+    prompt: str
+
+    model_config = ConfigDict(extra="forbid")
+
+
 def tokenize(service: Service, body: object) -> dict:
     loaded, _ = service.require_ready()
     req = schemas.parse_body(TokenizeRequest, body)
@@ -57,7 +72,8 @@ def tokenize(service: Service, body: object) -> dict:
                              add_special_tokens=bool(req.add_special_tokens))
     strs = [service.token_text.text_of(t) for t in tokens] if req.return_token_strs \
         else None
-    return {"count": len(tokens), "max_model_len": loaded.context_length, "tokens": tokens, "token_strs": strs}
+    return Tokenized(count=len(tokens), max_model_len=loaded.context_length, tokens=tokens,
+                     token_strs=strs).model_dump()
 
 
 def detokenize(service: Service, body: object) -> dict:
@@ -68,4 +84,4 @@ def detokenize(service: Service, body: object) -> dict:
     for token in req.tokens:
         if not 0 <= token < vocab:
             raise InvalidRequest(f"Token {token} is outside the vocabulary (0..{vocab - 1}).", param="tokens")
-    return {"prompt": loaded.tokenizer.decode(req.tokens)}
+    return Detokenized(prompt=loaded.tokenizer.decode(req.tokens)).model_dump()
