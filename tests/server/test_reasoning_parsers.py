@@ -166,3 +166,19 @@ def test_gpt_oss_template_gets_content_and_thinking_of_a_calling_turn_as_one_ana
     text = tokenizer.decode(chat_prompt(SimpleNamespace(tokenizer=tokenizer), [m.for_template() for m in messages],
                                         None))
     assert "analysis<|message|>The user wants the weather.\n\nLet me check.<|end|>" in text
+
+
+def test_the_server_logs_what_auto_chose_and_why(tiny_model, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from tests.conftest import make_service
+
+    with caplog.at_level(logging.INFO, logger="llmctl.server.service"):
+        make_service(tiny_model).shutdown()  # ChatML, a vocabulary without <think>
+        thinking = shutil.copytree(tiny_model, tmp_path / "tiny-llama")
+        (thinking / "chat_template.jinja").write_text((TEMPLATES / "qwen3.jinja").read_text())
+        make_service(thinking).shutdown()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Reasoning:")]
+    assert lines[0].startswith("Reasoning: not parsed (auto: neither the chat template nor the vocabulary")
+    assert lines[1] == "Reasoning: qwen3 (auto: the template writes <think>...</think> (Qwen3, QwQ, SmolLM3 and kin))"
