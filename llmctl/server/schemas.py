@@ -280,7 +280,8 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, re
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        # Counted from the thinking's text, which may tokenize into more pieces than were generated.
+        "completion_tokens_details": {"reasoning_tokens": min(reasoning_tokens, completion_tokens)},
     }
 
 

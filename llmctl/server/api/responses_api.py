@@ -289,7 +289,8 @@ class _Answer:
         if run is not None and status != "in_progress":
             usage = {"input_tokens": run.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
                      "output_tokens": run.completion_tokens,
-                     "output_tokens_details": {"reasoning_tokens": self.text.reasoning_tokens},
+                     "output_tokens_details": {"reasoning_tokens": min(self.text.reasoning_tokens,
+                                                                       run.completion_tokens)},
                      "total_tokens": run.prompt_tokens + run.completion_tokens}
         return {
             "id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None,
