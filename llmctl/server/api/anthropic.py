@@ -34,6 +34,7 @@ from llmctl.server.schemas import MAX_TIMEOUT_S, _Lenient, other_type
 from llmctl.server.thinking import TemplateKwargs, anthropic_switches, engine_thinking
 
 if TYPE_CHECKING:
+    from llmctl.core.loader import LoadedModel
     from llmctl.server.service import Service
 
 # Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors); 408 is llmctl's timeout.
@@ -182,9 +183,8 @@ def chat_tools(req: CountTokensRequest) -> tuple[list[dict] | None, ToolUse]:
     return out or None, tool_use(functions, "required" if kind == "any" else kind, parallel=parallel)
 
 
-def _prompt(service: Service, req: CountTokensRequest,
+def _prompt(service: Service, loaded: LoadedModel, req: CountTokensRequest,
             template_kwargs: dict | None = None) -> tuple[list[int], list[dict] | None, ToolUse]:
-    loaded = service.loaded
     tools, choice = chat_tools(req)
     messages = chat_messages(req)
     check_request(service, messages=len(messages))
@@ -197,7 +197,7 @@ def count_tokens(service: Service, body: object) -> dict:
     req = schemas.parse_body(CountTokensRequest, body)
     service.served_model(req.model)
     switches = anthropic_switches(req.thinking, None, req.chat_template_kwargs)
-    prompt, _, _ = _prompt(service, req, switches.template_kwargs)
+    prompt, _, _ = _prompt(service, loaded, req, switches.template_kwargs)
     return {"input_tokens": len(prompt)}
 
 
@@ -208,7 +208,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     req = schemas.parse_body(MessagesRequest, body)
     model, adapter = service.served_model(req.model)
     switches = anthropic_switches(req.thinking, req.max_tokens, req.chat_template_kwargs)
-    prompt, template_tools, tools = _prompt(service, req, switches.template_kwargs)
+    prompt, template_tools, tools = _prompt(service, loaded, req, switches.template_kwargs)
     stops = tuple(req.stop_sequences or ())
     ask = Ask(prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
               stops=stops, ignore_eos=req.ignore_eos, timeout=req.timeout,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import ConfigDict, Field, StrictBool, StrictInt
 
-from llmctl.errors import InvalidRequest, LLMCtlError
+from llmctl.errors import InvalidRequest, LLMCtlError, Unavailable
 from llmctl.server import schemas
 from llmctl.server.admission import encode
 from llmctl.server.api import rules
@@ -49,9 +49,13 @@ class CompletionRequest(schemas.OpenAISampling):
     model_config = ConfigDict(json_schema_extra={"allOf": rules.COMPLETION_RULES})
 
     def prompts(self) -> list[str | list[int]]:
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [self.prompt]
-        return list(self.prompt)
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        ids = [t for t in prompt if isinstance(t, int)]
+        if ids:  # one prompt of token ids (the field's type: all ids, or none)
+            return [ids]
+        return [p for p in prompt if not isinstance(p, int)]
 
 
 def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
@@ -126,6 +130,8 @@ class _LegacyLogprobs:
     """Each choice's logprobs in the legacy shape, taken as its tokens arrive."""
 
     def __init__(self, service: Service, run: Run, echoes: list[str]) -> None:
+        if service.token_text is None:  # set with the model: an admitted request finds it
+            raise Unavailable("The model is still loading; retry shortly.", retry_after=5, code="model_loading")
         self.token_text = service.token_text
         self.run = run
         self.offsets = [len(e) for e in echoes]  # text_offset runs on across a streamed choice's chunks

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
@@ -338,7 +338,7 @@ def _sse(events: Iterator[dict]) -> Iterator[str]:
         events.close()  # the client left: end the run now
 
 
-def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Iterator[dict]:
+def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Generator[dict, None, None]:
     """Responses' event sequence: created, in_progress, the output items with their deltas, completed.
 
     Thinking streams as a reasoning item, closed when the answer starts; thinking after that (gpt-oss

@@ -106,10 +106,10 @@ CHAT_RULES: list[Any] = [
 ]
 
 # /tokenize: a prompt (text) or chat messages, exactly one.
-PROMPT_OR_MESSAGES = {"anyOf": [given("prompt", NAME), given("messages", {"type": "array"})],
+PROMPT_OR_MESSAGES: dict[str, Any] = {"anyOf": [given("prompt", NAME), given("messages", {"type": "array"})],
                       "not": {"required": ["prompt", "messages"]}}
 # Legacy completions: echo does not go with logprobs, and suffix is not supported (empty or null only).
-COMPLETION_RULES = [{"if": given("echo", {"const": True}), "then": {"properties": {"logprobs": NULL}}}]
+COMPLETION_RULES: list[Any] = [{"if": given("echo", {"const": True}), "then": {"properties": {"logprobs": NULL}}}]
 
 # ---- Responses input -------------------------------------------------------------------------------------
 INPUT_PARTS = {"type": "array", "items": {"type": "object", "required": ["type"], "properties": {

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -84,7 +84,7 @@ class Turn:
         return (lambda: job.cancelled) if job is not None else client_gone
 
 
-def item_dicts(items: str | list[BaseModel], param: str) -> list[dict]:
+def item_dicts(items: str | Sequence[BaseModel], param: str) -> list[dict]:
     """Input items as stored and listed (OpenAI's shape: content as parts, an id on each)."""
     if isinstance(items, str):
         items = [_Text(content=items)]
@@ -169,7 +169,7 @@ def _extend_conversation(state: ResponseState, turn: Turn, body: dict) -> None:
         state.store.add_items(turn.conversation_id, turn.input_items + body["output"], state.ttl)
 
 
-def saving(service: Service, turn: Turn, events: Iterator[dict]) -> Iterator[dict]:
+def saving(service: Service, turn: Turn, events: Generator[dict, None, None]) -> Iterator[dict]:
     """A stream's events, the response saved as its final event goes out."""
     try:
         for event in events:

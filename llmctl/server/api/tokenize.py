@@ -59,19 +59,19 @@ def tokenize(service: Service, body: object) -> dict:
     loaded, _ = service.require_ready()
     req = schemas.parse_body(TokenizeRequest, body)
     service.served_model(req.model)
-    if (req.prompt is None) == (req.messages is None):
-        raise InvalidRequest("Send either 'prompt' (text) or 'messages' (chat messages).", param="prompt")
     tokenizer = loaded.tokenizer
-    if req.prompt is not None:
+    if req.prompt is not None and req.messages is None:
         special = req.add_special_tokens is not False
         tokens = encode(tokenizer, schemas.valid_unicode(req.prompt), special)
-    else:
+    elif req.messages is not None and req.prompt is None:
         check_request(service, messages=len(req.messages))
         tokens = chat_prompt(loaded, [m.for_template() for m in req.messages], req.tools, param="messages",
                              add_generation_prompt=req.add_generation_prompt,
                              add_special_tokens=bool(req.add_special_tokens))
-    strs = [service.token_text.text_of(t) for t in tokens] if req.return_token_strs \
-        else None
+    else:
+        raise InvalidRequest("Send either 'prompt' (text) or 'messages' (chat messages).", param="prompt")
+    text = service.token_text  # set with the model, which require_ready found
+    strs = [text.text_of(t) for t in tokens] if req.return_token_strs and text is not None else None
     return Tokenized(count=len(tokens), max_model_len=loaded.context_length, tokens=tokens,
                      token_strs=strs).model_dump()
 
