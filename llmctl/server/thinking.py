@@ -82,15 +82,19 @@ def anthropic_switches(thinking: dict | None, max_tokens: int | None, kwargs: di
     return ThinkingAsk(variables, budget)
 
 
-def engine_thinking(parser: ReasoningParser | None, tokenizer, budget: int | None) -> Thinking | None:
+def engine_thinking(parser: ReasoningParser | None, tokenizer, budget: int | None,
+                    forced_call: bool = False) -> Thinking | None:
     """Where the engine must look for the end of thinking, for a prompt whose output ``parser`` (made for that
     prompt: `Service.reasoning_parser`) reads; None when the output is all answer (no parser, or the prompt
-    closed the thinking), so a constraint applies from its first token and a budget has nothing to bound."""
+    closed the thinking), so a constraint applies from its first token and a budget has nothing to bound.
+    ``forced_call``: the constraint is an enforced tool call (which starts elsewhere in harmony)."""
     if parser is None or not parser.thinking:
         return None
 
     def ids(text: str) -> tuple[int, ...]:
         return tuple(tokenizer.encode(text, add_special_tokens=False))
 
-    return Thinking(end=ids(parser.end), close=ids(parser.close), start=ids(parser.start),
-                    inside=parser.expect_thinking, budget=budget)
+    end, close = (parser.call_start, parser.call_start) if forced_call and parser.call_start else \
+        (parser.end, parser.close)
+    return Thinking(end=ids(end), close=ids(close), start=ids(parser.start), inside=parser.expect_thinking,
+                    budget=budget)

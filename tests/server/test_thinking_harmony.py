@@ -36,10 +36,13 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required
 MESSAGES = [{"role": "user", "content": "Is it?"}]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    model = build_tiny_model(tmp_path_factory.mktemp("harmony") / "tiny-llama", extra_specials=SPECIALS)
-    service = make_service(model, reasoning_parser="openai_gptoss")
+@pytest.fixture(scope="module", params=["special tokens", "text"])
+def served(request, tmp_path_factory):
+    """The harmony markers as special tokens (gpt-oss' vocabulary), or as text (the tool-call grammar's view)."""
+    specials = SPECIALS if request.param == "special tokens" else ()
+    model = build_tiny_model(tmp_path_factory.mktemp("harmony") / "tiny-llama", extra_specials=specials,
+                             context=512)
+    service = make_service(model, reasoning_parser="openai_gptoss", tool_call_parser="openai")
     tokenizer = service.loaded.tokenizer
     tokenizer.chat_template = TEMPLATE
     script = tokenizer.encode(OPEN_ANALYSIS, add_special_tokens=False)
@@ -96,3 +99,20 @@ def test_a_budget_switches_to_the_final_channel_and_the_schema_holds_the_answer(
                                                                 harmony.Role.ASSISTANT)
         assert [(m.channel, m.content[0].text) for m in parsed] == [
             ("analysis", WORD * budget), ("final", message.content)]
+
+
+def test_a_forced_call_follows_the_analysis_on_the_commentary_channel(served):
+    service, url, _ = served
+    if "<|channel|>" in service.loaded.tokenizer.get_added_vocab():
+        pytest.skip("the harmony tool-call grammar writes harmony's markers as text, not as special tokens")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    tool = {"type": "function", "function": {"name": "answer", "parameters": SCHEMA}}
+    for budget in (0, 3):
+        out = client.chat.completions.create(
+            model="tiny-llama", messages=MESSAGES, max_tokens=300, tools=[tool], tool_choice="required",
+            extra_body={"thinking_token_budget": budget})
+        message = out.choices[0].message
+        assert (message.reasoning_content or "") == WORD * budget
+        call, = message.tool_calls
+        assert call.function.name == "answer" and json.loads(call.function.arguments) in ({"ok": True},
+                                                                                           {"ok": False})

@@ -40,7 +40,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
               logit_bias=req.logit_bias, seed=req.seed, ignore_eos=req.ignore_eos,
               logprobs=(req.top_logprobs or 0) if req.logprobs else None, stops=tuple(req.stops()), n=n,
               timeout=req.timeout, constraint=constraint, thinking=engine_thinking(
-                  service.reasoning_parser(prompt), loaded.tokenizer, switches.budget),
+                  service.reasoning_parser(prompt), loaded.tokenizer, switches.budget, tools.forced),
               max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
               model=model, adapter=adapter)
     run = service.start([ask], arrived, disconnected)

@@ -253,8 +253,8 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     ask = Ask(prompt, max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
               ignore_eos=req.ignore_eos, timeout=req.timeout or (MAX_TIMEOUT_S if turn.background else None),
               constraint=constraint, prompt_param="input", max_tokens_param="max_output_tokens",
-              thinking=engine_thinking(service.reasoning_parser(prompt), loaded.tokenizer, None), model=model,
-              adapter=adapter)
+              thinking=engine_thinking(service.reasoning_parser(prompt), loaded.tokenizer, None, tool_choice.forced),
+              model=model, adapter=adapter)
     run = service.start([ask], arrived, turn.disconnected(disconnected))
     parser = service.tool_parser(tools, tool_choice.mode != "none", tool_choice.forced)
     answer = _Answer(req, model, ChoiceText(parser, thinking, service.count_tokens), turn.fields())

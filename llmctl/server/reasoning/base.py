@@ -58,6 +58,9 @@ class ReasoningParser:
     close: ClassVar[str] = "\n</think>\n\n"
     special_tokens: ClassVar[tuple[str, ...]] = ("<think>", "</think>")  # must stay in the detokenized text
     answer_format: ClassVar[str | None] = None  # the tool-call parser that must read the answer (its markup)
+    # Where an enforced tool call's grammar starts, when not after ``end`` (harmony: a call is a message of its
+    # own, so its grammar starts with the next message's header); an engine's budget closes the thinking there.
+    call_start: ClassVar[str | None] = None
     # With no sign in the prompt, whether the output is thinking before its first sign: DeepSeek-R1 often
     # leaves out the opening tag; a hybrid model (Qwen3) that does not open it answers directly.
     thinks_unopened: ClassVar[bool] = False

@@ -24,6 +24,7 @@ class GptOssParser(ReasoningParser):
     close = f"<|end|>{START}assistant{CHANNEL}final{MESSAGE}"
     special_tokens = (START, CHANNEL, MESSAGE, CONSTRAIN, *END_TOKENS)
     answer_format = "openai"
+    call_start = f"<|end|>{START}assistant"
 
     def __init__(self, opening: Opening = "either") -> None:
         super().__init__(opening)
