@@ -147,11 +147,13 @@ def structured_format(text: dict | None) -> Constraint | None:
 def _content_text(content: Content, param: str) -> str:
     if isinstance(content, str):
         return content
+    texts = []
     for part in content:
         if not isinstance(part, InputText):
             raise InvalidRequest(f"Content parts of type '{part.type}' are not supported: this model reads text "
                                  "only.", param=param)
-    return "".join(part.text or part.refusal or "" for part in content)
+        texts.append(part.text or part.refusal or "")
+    return "".join(texts)
 
 
 def chat_messages(req: ResponsesRequest) -> list[schemas.ChatMessage]:
@@ -214,17 +216,17 @@ def function_tools(req: ResponsesRequest) -> tuple[list[dict] | None, ToolUse]:
 def _tool_use(choice: str | dict | None, functions: list[FunctionTool], parallel: bool) -> ToolUse:
     if choice is None or choice in ("none", "auto", "required"):
         return tool_use(functions, choice or "auto", parallel=parallel)
-    kind = choice.get("type") if isinstance(choice, dict) else None
-    if kind == "function" and isinstance(choice.get("name"), str):
-        return tool_use(functions, "required", choice["name"], parallel)
-    if kind == "allowed_tools" and choice.get("mode") in ("auto", "required") \
-            and isinstance(choice.get("tools"), list):
-        names = {t.get("name") for t in choice["tools"] if isinstance(t, dict)}
+    spec = choice if isinstance(choice, dict) else {}  # another string: no kind, refused below
+    kind = spec.get("type")
+    if kind == "function" and isinstance(spec.get("name"), str):
+        return tool_use(functions, "required", spec["name"], parallel)
+    if kind == "allowed_tools" and spec.get("mode") in ("auto", "required") and isinstance(spec.get("tools"), list):
+        names = {t.get("name") for t in spec["tools"] if isinstance(t, dict)}
         unknown = names - {f.name for f in functions}
         if unknown:
             raise InvalidRequest(f"tool_choice.tools names {sorted(map(str, unknown))}, which are not in 'tools'.",
                                  param="tool_choice.tools")
-        return tool_use([f for f in functions if f.name in names], choice["mode"], parallel=parallel)
+        return tool_use([f for f in functions if f.name in names], spec["mode"], parallel=parallel)
     if kind in ("function", "allowed_tools") or not isinstance(kind, str):
         raise InvalidRequest("tool_choice must be 'none', 'auto', 'required', {\"type\": \"function\", \"name\": ...} "
                              "or {\"type\": \"allowed_tools\", \"mode\": \"auto\" | \"required\", \"tools\": [...]}.",
@@ -330,7 +332,7 @@ def _output(text: str, calls: list[dict], finish_reason: str | None, answer: _An
     return items + [_function_call(call) for call in calls]
 
 
-def _sse(events: Iterator[dict]) -> Iterator[str]:
+def _sse(events: Generator[dict, None, None]) -> Iterator[str]:
     try:
         for event in events:
             yield sse_event(event["type"], event)
@@ -381,7 +383,8 @@ def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Generato
         yield event("response.output_item.done", output_index=thought["index"], item=item)
         done[thought["index"]], thought = item, None
 
-    def open_message() -> Iterator[dict]:
+    def open_message() -> Generator[dict, None, int]:
+        """The message item's events if it is not open yet; its output index."""
         nonlocal message_index
         if message_index is None:
             yield from close_reasoning()
@@ -390,6 +393,7 @@ def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Generato
                         item=answer.message("", "in_progress"))
             yield event("response.content_part.added", item_id=mid, output_index=message_index, content_index=0,
                         part=part(""))
+        return message_index
 
     def text_delta(text: str) -> Iterator[dict]:
         yield from open_message()
@@ -412,8 +416,7 @@ def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Generato
         yield from close_reasoning("incomplete" if cut else "completed")
         for item in _output(answer.text.text, calls, run.gens[0].finish_reason, answer, ""):
             if item["type"] == "message":
-                yield from open_message()
-                index = message_index
+                index = yield from open_message()
                 text = answer.text.text
                 yield event("response.output_text.done", item_id=mid, output_index=index, content_index=0, text=text,
                             logprobs=[])

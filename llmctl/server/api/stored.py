@@ -169,7 +169,7 @@ def _extend_conversation(state: ResponseState, turn: Turn, body: dict) -> None:
         state.store.add_items(turn.conversation_id, turn.input_items + body["output"], state.ttl)
 
 
-def saving(service: Service, turn: Turn, events: Generator[dict, None, None]) -> Iterator[dict]:
+def saving(service: Service, turn: Turn, events: Generator[dict, None, None]) -> Generator[dict, None, None]:
     """A stream's events, the response saved as its final event goes out."""
     try:
         for event in events:
