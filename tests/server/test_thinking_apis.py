@@ -149,3 +149,11 @@ def test_each_client_s_switch_turns_thinking_off_and_the_answer_is_constrained_f
                                         text={"format": {"type": "json_schema", "name": "ok", "schema": SCHEMA}})
     assert json.loads(responses.output_text) in ({"ok": True}, {"ok": False})
     assert [item.type for item in responses.output] == ["message"]
+
+
+def test_legacy_completions_take_the_budget_for_a_prompt_that_opens_thinking(served):
+    _, url = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    out = client.completions.create(model="tiny-llama", prompt="Is it?<think>", max_tokens=12,
+                                    extra_body={"thinking_token_budget": 3})
+    assert out.choices[0].text.startswith(WORD * 3 + "\n</think>\n\n"), out.choices[0].text

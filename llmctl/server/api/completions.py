@@ -24,6 +24,7 @@ from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.schemas import MIN_LOGPROB
+from llmctl.server.thinking import ThinkingBudget, chat_switches, engine_thinking
 
 if TYPE_CHECKING:
     from llmctl.engine.sampling import TokenLogprobs
@@ -45,6 +46,7 @@ class CompletionRequest(schemas.OpenAISampling):
     best_of: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
     # Not supported: documented as empty, and a 400 that says so otherwise.
     suffix: Annotated[str, documented({"type": "string", "maxLength": 0})] | None = None
+    thinking_token_budget: ThinkingBudget | None = None  # vLLM's, as on chat: for a prompt that opens thinking
 
     model_config = ConfigDict(json_schema_extra={"allOf": rules.COMPLETION_RULES})
 
@@ -96,7 +98,9 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     asks = [Ask(ids, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                 frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
                 logit_bias=req.logit_bias, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=req.logprobs,
-                stops=tuple(req.stops()), n=n, timeout=req.timeout, prompt_param="prompt", model=model, adapter=adapter)
+                stops=tuple(req.stops()), n=n, timeout=req.timeout, prompt_param="prompt", model=model, adapter=adapter,
+                thinking=engine_thinking(service.reasoning_parser(ids), loaded.tokenizer,
+                                         chat_switches(None, None, req.thinking_token_budget).budget))
             for ids in prompts]
     run = service.start(asks, arrived, disconnected)
     echoes = [loaded.tokenizer.decode(ids) if req.echo else "" for ids in prompts for _ in range(n)]
