@@ -8,7 +8,7 @@ DEFAULT_TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
 
 
 def make_adapter(base: Path, folder: Path, *, rank: int = 4, alpha: float = 8.0, seed: int = 1,
-                 targets: tuple[str, ...] = DEFAULT_TARGETS, **config) -> Path:
+                 targets: tuple[str, ...] = DEFAULT_TARGETS, std: float = 0.5, **config) -> Path:
     """Save a PEFT LoRA adapter for the model folder ``base`` with random weights into ``folder``."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -21,7 +21,7 @@ def make_adapter(base: Path, folder: Path, *, rank: int = 4, alpha: float = 8.0,
     with torch.no_grad():  # larger than PEFT's random init, so an adapter visibly changes the output
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
-                param.normal_(0.0, 0.5)
+                param.normal_(0.0, std)
     peft_model.save_pretrained(folder)
     return folder
 
