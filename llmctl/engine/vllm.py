@@ -10,6 +10,7 @@ Text, stop strings and the HTTP side stay llmctl's, as with the builtin engine.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 
+from llmctl.core.adapters import AdapterError, AdapterInfo, check_fits, folder_linear_shapes
 from llmctl.engine import structured
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
 from llmctl.engine.sampling import SamplingParams, TokenLogprobs
@@ -59,11 +61,14 @@ class VllmEngine:
         # known once the engine is built (the parser must name a start and an end marker).
         self.reasoning_parser: str | None = None
         self.budgets = False
+        self.lora: VllmAdapters | None = None
         self._thread = threading.Thread(target=self._run, name="llmctl-vllm-engine", daemon=True)
 
     # ---- public, thread-safe -------------------------------------------------------------
-    def enable_lora(self, max_loras: int, max_rank: int):
-        raise ModelLoadError("LoRA adapters are served by the builtin engine; --engine vllm does not take them yet.")
+    def enable_lora(self, max_loras: int, max_rank: int) -> VllmAdapters:
+        """Serve LoRA adapters with vLLM's own LoRA support (`max_loras`, `max_lora_rank`); before `start`."""
+        self.lora = VllmAdapters(max_loras, max_rank, self.model.folder)
+        return self.lora
 
     def use_reasoning(self, parser: str | None) -> None:
         self.reasoning_parser = parser
@@ -149,6 +154,9 @@ class VllmEngine:
                     return
                 new = list(self._inbox)
                 self._inbox.clear()
+            if self.lora is not None:  # adapters unloaded since the last step (no request uses them any more)
+                for lora_id in self.lora.take_removed():
+                    engine.remove_lora(lora_id)
             for seq in new:
                 self._add(seq)
             self._expire()
@@ -172,7 +180,8 @@ class VllmEngine:
         request_id = str(seq.id)
         try:
             self.vllm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(seq.prompt_ids)),
-                                     to_vllm_params(seq.params, self.eos))
+                                         to_vllm_params(seq.params, self.eos),
+                                         lora_request=self.lora.request(seq.adapter) if self.lora else None)
         except ValueError as exc:  # vLLM's own validation: a client mistake the service did not catch
             self._finish(seq, "error", InvalidRequest(f"vLLM rejected the request: {_one_line(exc)}"))
             return
@@ -267,6 +276,9 @@ class VllmEngine:
         args = EngineArgs(**engine_args(self.model, self.options, self.config),
                           structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
                           **({"reasoning_parser": self.reasoning_parser} if self.reasoning_parser else {}))
+        lora = self.lora.engine_args() if self.lora is not None else {}
+        args = EngineArgs(**engine_args(self.model, self.options, self.config), **lora,
+                          structured_outputs_config=StructuredOutputsConfig(backend="guidance"))
         try:
             vllm_config = args.create_engine_config()
         except (ValueError, TypeError) as exc:
@@ -432,3 +444,59 @@ def _tolerate_context_proxies() -> None:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:500]
+
+
+class VllmAdapters:
+    """The LoRA adapters vLLM serves (`llmctl.server.loras.AdapterHost`): each is a `LoRARequest` that goes with its
+    requests (vLLM loads it on first use and keeps up to ``max_loras`` in its cache); an unloaded one is removed
+    from vLLM on the engine thread before its next step."""
+
+    # vLLM's max_lora_rank takes these values only: the operator's bound is rounded up to one.
+    VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+    def __init__(self, max_loras: int, max_rank: int, folder) -> None:
+        self.max_loras, self.max_rank, self.folder = max_loras, max_rank, folder
+        self._adapters: dict[str, tuple[int, AdapterInfo]] = {}
+        self._removed: deque[int] = deque()
+        self._ids = itertools.count(1)
+        self._shapes: dict | None = None
+
+    def engine_args(self) -> dict:
+        rank = next((r for r in self.VLLM_RANKS if r >= self.max_rank), self.VLLM_RANKS[-1])
+        return {"enable_lora": True, "max_loras": self.max_loras, "max_cpu_loras": self.max_loras,
+                "max_lora_rank": rank}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.weights_bytes for _, info in list(self._adapters.values()))
+
+    def add(self, info: AdapterInfo) -> None:
+        if self._shapes is None:
+            self._shapes = folder_linear_shapes(self.folder) or {}
+        if self._shapes:
+            check_fits(info, self._shapes, "the served model")
+        if len(self._adapters) >= self.max_loras:
+            raise AdapterError(f"LoRA adapter '{info.name}': {self.max_loras} adapters are loaded already "
+                               "(--max-loras); unload one first.")
+        self._adapters[info.name] = (next(self._ids), info)
+
+    def remove(self, name: str) -> None:
+        found = self._adapters.pop(name, None)
+        if found is not None:
+            self._removed.append(found[0])
+
+    def take_removed(self) -> list[int]:
+        removed = []
+        while self._removed:
+            removed.append(self._removed.popleft())
+        return removed
+
+    def request(self, name: str | None):
+        """vLLM's LoRARequest for adapter ``name`` (None: the base model, or an adapter unloaded meanwhile)."""
+        found = self._adapters.get(name) if name else None
+        if found is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        lora_id, info = found
+        return LoRARequest(info.name, lora_id, str(info.path))

@@ -39,9 +39,10 @@ def merged_greedy(base: Path, adapter: Path | None, prompt_ids: list[int], max_t
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.eval()
+    # None: no end of sequence at all (the server's ignore_eos), not the model's default.
+    model.generation_config.eos_token_id = eos
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=0)
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
     tokens = out[0, len(prompt_ids):].tolist()
     if eos is not None and eos in tokens:
         tokens = tokens[:tokens.index(eos)]
