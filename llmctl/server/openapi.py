@@ -10,7 +10,7 @@ import json
 
 from llmctl import __version__
 from llmctl.server.api.anthropic import CountTokensRequest, MessagesRequest
-from llmctl.server.api.completions import CompletionRequest
+from llmctl.server.api.completions import CompletionRequest, TextCompletion
 from llmctl.server.api.conversations import ConversationRequest, ConversationUpdate, ItemsRequest
 from llmctl.server.api.lora import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from llmctl.server.api.responses_api import ResponsesRequest
@@ -64,7 +64,7 @@ def _ref(name: str) -> dict:
 def _schemas() -> dict:
     """The request and response models as components, their nested models beside them."""
     found: dict = {}
-    for model in (*REQUEST_MODELS, *RESPONSE_MODELS, *SHAPES, Tokenized, Detokenized):
+    for model in (*REQUEST_MODELS, *RESPONSE_MODELS, *SHAPES, TextCompletion, Tokenized, Detokenized):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         found.update(schema.pop("$defs", {}))
         found[model.__name__] = schema

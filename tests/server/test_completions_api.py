@@ -7,7 +7,7 @@ import re
 import openai
 import pytest
 
-from llmctl.server.api import shapes
+from llmctl.server.api.completions import TextCompletion
 from tests.conftest import sse_data
 
 
@@ -33,7 +33,7 @@ def test_sdk_plain_completion(sdk, tiny_service):
 
 def test_default_max_tokens_is_16(client):
     body = client.post("/v1/completions", json={"prompt": "Hello", "ignore_eos": True}).json()
-    shapes.TextCompletion.model_validate(body)
+    TextCompletion.model_validate(body)
     assert body["usage"]["completion_tokens"] == 16 and body["choices"][0]["finish_reason"] == "length"
 
 
@@ -49,7 +49,7 @@ def test_sdk_stream_matches_plain_and_ends_with_done(sdk, client):
     events = stream_events(client, prompt="Count", max_tokens=3)
     assert events[-1] == "[DONE]"
     for event in events[:-1]:
-        shapes.TextCompletion.model_validate(event)
+        TextCompletion.model_validate(event)
 
 
 def test_echo_puts_the_prompt_first(client):
@@ -65,7 +65,7 @@ def test_echo_puts_the_prompt_first(client):
 def test_legacy_logprobs_shape(client, tiny_service):
     body = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "logprobs": 2,
                                                 "ignore_eos": True}).json()
-    shapes.TextCompletion.model_validate(body)
+    TextCompletion.model_validate(body)
     choice = body["choices"][0]
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4

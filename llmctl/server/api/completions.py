@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from llmctl.errors import InvalidRequest, LLMCtlError, Unavailable
 from llmctl.server import schemas
@@ -23,6 +23,7 @@ from llmctl.server.api.common import sse
 from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
 from llmctl.server.pipeline import Ask, Delta, Run
+from llmctl.server.responses import Usage
 from llmctl.server.schemas import MIN_LOGPROB
 from llmctl.server.thinking import ThinkingBudget, chat_switches, engine_thinking
 
@@ -58,6 +59,42 @@ class CompletionRequest(schemas.OpenAISampling):
         if ids:  # one prompt of token ids (the field's type: all ids, or none)
             return [ids]
         return [p for p in prompt if not isinstance(p, int)]
+
+
+# ---- the answer's shape (the OpenAPI document's; tests validate real answers against it) ----------------
+class LegacyLogprobs(BaseModel):
+    """With `logprobs: N`: each token's text and log-probability, the chosen and N most likely tokens at its
+    place, and where the token starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: LegacyLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextCompletion(BaseModel):
+    """The answer to /v1/completions; when streamed, each event has this shape (without usage, except the
+    last one when `stream_options.include_usage` is true, whose choices are empty), then `data: [DONE]`."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:

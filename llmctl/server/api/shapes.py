@@ -1,5 +1,6 @@
 """The shapes of the newer routes' answers, for the OpenAPI document (as `llmctl.server.responses` does for
-chat completions): legacy completions, Responses, Anthropic Messages. (/tokenize's are beside its handler.)
+chat completions): Responses and Anthropic Messages. (Legacy completions' and /tokenize's are beside their
+handlers.)
 
 Tests validate real answers against these models with unknown fields forbidden, so the document
 cannot drift from what the service sends.
@@ -11,41 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from llmctl.server.responses import Usage
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-# ---- /v1/completions --------------------------------------------------------------------------
-class LegacyLogprobs(_Strict):
-    """With `logprobs: N`: each token's text and log-probability, the chosen and N most likely tokens at its
-    place, and where the token starts in the choice's text."""
-
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class CompletionChoice(_Strict):
-    index: int
-    text: str
-    logprobs: LegacyLogprobs | None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class TextCompletion(_Strict):
-    """The answer to /v1/completions; when streamed, each event has this shape (without usage, except the
-    last one when `stream_options.include_usage` is true, whose choices are empty), then `data: [DONE]`."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 # ---- /v1/responses ----------------------------------------------------------------------------
@@ -211,4 +180,4 @@ class AnthropicError(_Strict):
     request_id: str | None = None  # the response's x-request-id, as in Anthropic's own API
 
 
-SHAPES = (TextCompletion, Response, AnthropicMessage, AnthropicTokenCount, AnthropicError)
+SHAPES = (Response, AnthropicMessage, AnthropicTokenCount, AnthropicError)
