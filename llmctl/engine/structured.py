@@ -84,14 +84,18 @@ def parser_limits():
 class Matcher:
     """One sequence's position in its grammar."""
 
-    __slots__ = ("raw", "param")
+    __slots__ = ("raw", "param", "also")
 
     def __init__(self, raw, param: str = "response_format") -> None:
         self.raw = raw  # llguidance.LLMatcher
         self.param = param  # the request field the grammar came from
+        # One more token allowed besides the grammar's, which the grammar does not take (`engine.thinking`:
+        # the opening of a thinking the model may write before the answer); None: none.
+        self.also: int | None = None
 
     def accept(self, token: int) -> None:
-        self.raw.consume_token(token)
+        if token != self.also:
+            self.raw.consume_token(token)
 
     @property
     def stopped(self) -> bool:
@@ -275,6 +279,9 @@ class BatchMasks:
         # Token i is bit i % 32 of word i // 32 (little-endian words): numpy unpacks that in one pass.
         bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
         allowed = torch.from_numpy(bits).view(torch.bool)[:, :width]
+        for j, matcher in enumerate(self.matchers):
+            if matcher.also is not None and matcher.also < allowed.shape[1]:
+                allowed[j, matcher.also] = True
         if allowed.shape[1] < width:  # logits wider than the grammar's vocabulary: the rest stays masked
             allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[1]), value=False)
         allowed = allowed.to(logits.device, non_blocking=True)

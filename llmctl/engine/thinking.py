@@ -8,7 +8,10 @@ sequence (`ThinkingState`), the engine then:
 - counts the thinking tokens, and once the budget is spent writes the closing text itself, one token per
   step, in place of what the model sampled (vLLM's ``thinking_token_budget`` does the same);
 - holds the request's grammar (structured outputs, an enforced tool call) until the end marker, so the
-  thinking is free and the answer constrained: the matcher neither masks nor advances before it.
+  thinking is free and the answer constrained: the matcher neither masks nor advances before it. Where the
+  model may open its thinking or answer at once (the prompt did not open it: Qwen3), its first token is
+  the grammar's or the opening marker's first token: the answer is constrained from its start, as the
+  reasoning parser reads such an output as answer.
 """
 
 from __future__ import annotations
@@ -101,8 +104,11 @@ def attach(seqs: Iterable) -> None:
         if spec is None:
             seq.thinking = None
             continue
-        seq.thinking = ThinkingState(spec, seq.matcher)
-        seq.matcher = None
+        state = seq.thinking = ThinkingState(spec, seq.matcher)
+        if state.phase == "before" and seq.matcher is not None:
+            seq.matcher.also = spec.start[0]  # the first token: the answer's, or the opening of the thinking
+        else:
+            seq.matcher = None
 
 
 def force(seqs: Sequence, tokens) -> None:
@@ -119,10 +125,18 @@ def observe(seqs: Sequence, tokens) -> bool:
     answer grammar starts (the batch's masks must then be rebuilt)."""
     if all(seq.thinking is None for seq in seqs):
         return False
-    started = False
+    changed = False
     for seq, token in zip(seqs, tokens.tolist(), strict=False):
         state = seq.thinking
-        if state is not None and state.phase != "after" and state.observe(token) and state.held is not None:
+        if state is None or state.phase == "after":
+            continue
+        if seq.matcher is not None:  # the first token of an output that may open its thinking (see `attach`)
+            seq.matcher.also, changed = None, True
+            if token != state.spec.start[0]:  # the answer, which the grammar took: no thinking
+                state.phase, state.held = "after", None
+                continue
+            seq.matcher = None  # the thinking opens: the grammar waits for its end
+        if state.observe(token) and state.held is not None:
             seq.matcher, state.held = state.held, None
-            started = True
-    return started
+            changed = True
+    return changed

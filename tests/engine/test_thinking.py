@@ -120,3 +120,19 @@ def test_a_sampled_row_closes_at_its_budget_too(steered):
     out, = generate(service, SamplingParams(max_tokens=30, temperature=1.0, seed=3,
                                             thinking=Thinking(end=(DOG,), close=(DOG, SEA), budget=6)))
     assert out[:8] == [HMM] * 6 + [DOG, SEA]
+
+
+def test_an_output_that_may_open_its_thinking_is_constrained_unless_it_does(steered):
+    service, follow = steered
+    tokenizer = service.loaded.tokenizer
+    constraint = Constraint.json_schema(SCHEMA)
+    spec = Thinking(end=(DOG,), start=(ROME,), inside=False, budget=2)
+    # The model answers at once: the grammar holds from the first token (HMM is no JSON).
+    follow({PROMPT_END: HMM, HMM: HMM})
+    out, = generate(service, SamplingParams(max_tokens=60, temperature=0.0, constraint=constraint, thinking=spec))
+    assert HMM not in out and json.loads(tokenizer.decode(out)) in ({"ok": True}, {"ok": False})
+    # It opens its thinking: free until the budget closes it, then the grammar.
+    follow({PROMPT_END: ROME, ROME: HMM, HMM: HMM})
+    out, = generate(service, SamplingParams(max_tokens=60, temperature=0.0, constraint=constraint, thinking=spec))
+    assert out[:4] == [ROME, HMM, HMM, DOG]
+    assert json.loads(tokenizer.decode(out[4:])) in ({"ok": True}, {"ok": False})
