@@ -86,3 +86,34 @@ def test_n_choices_fork_with_the_adapter(lora_service, expected):
     lora_service.engine.submit(seq)
     for member in members:
         assert tokens(member) == expected[("two", tuple(PROMPT))]
+
+
+def test_shared_prefixes_keep_adapters_apart(lora_service, tiny_model, adapter_one):
+    """Rows that start with the same cached 48 tokens read one shared copy of their KV, but a shared prefix holds
+    one adapter's KV (or the base model's): rows of the other read their own, and every row's tokens stay exact."""
+    engine = lora_service.engine
+    system = [(i * 29 + 3) % 500 for i in range(48)]
+    prompts = [system + [100 + i, 200 + i] for i in range(4)]
+    plan = [(prompts[0], None), (prompts[1], "one"), (prompts[2], "one"), (prompts[3], None)]
+    for prompt, adapter in plan[:2]:  # both chains cached
+        tokens(submit(lora_service, prompt, adapter))
+    shared_reads: list[tuple[list, list]] = []
+    real_decode = engine._decode
+
+    def decode():
+        batch = engine._batch
+        if batch is not None and batch.shared is not None:
+            shared_reads.append(([s.adapter for s in batch.seqs], batch.shared_lengths.tolist()))
+        real_decode()
+
+    engine.share_min_tokens, engine._decode = 16, decode
+    try:
+        got = [tokens(seq) for seq in [submit(lora_service, p, a) for p, a in plan]]
+    finally:
+        del engine.share_min_tokens, engine._decode
+    paths = {None: None, "one": adapter_one}
+    for (prompt, adapter), out in zip(plan, got, strict=True):
+        assert out == merged_greedy(tiny_model, paths[adapter], prompt, TOKENS), adapter
+    assert shared_reads, "no row read a shared prefix"
+    for adapters, lengths in shared_reads:  # the readers of one shared prefix all run with one adapter (or none)
+        assert len({a for a, n in zip(adapters, lengths, strict=True) if n}) == 1
