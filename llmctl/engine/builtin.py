@@ -255,7 +255,7 @@ class BuiltinEngine(Prefills):
             raise RuntimeError(f"{len(cache.layers) - len(shared.layers)} layer(s) did not read the shared prefix")
         return out
 
-    def _make_room(self) -> None:
+    def _make_room(self, batch: Batch) -> None:
         """Preempt the newest rows while the next decode step would take the cache over the KV budget.
 
         A preempted sequence goes back to the front of the queue with what it generated so far; when
@@ -263,7 +263,6 @@ class BuiltinEngine(Prefills):
         stopped (recompute preemption, as vLLM does), the client seeing only a pause. The oldest row
         always stays: alone it fits, since no request may need more than the whole budget.
         """
-        batch = self._batch
         pending = self._prefilling.context_length if self._prefilling else 0  # its chunks hold cache too
         need = batch.kv_slots + len(batch.seqs) + pending
         self.stats.kv_cache_usage = min(1.0, need / self.config.kv_cache_tokens)
@@ -285,9 +284,9 @@ class BuiltinEngine(Prefills):
         log.info("KV budget full: preempted %d sequence(s); they resume when there is room", len(victims))
 
     def _decode(self) -> None:
-        self._make_room()
         batch = self._batch
         assert batch is not None
+        self._make_room(batch)  # in place: the batch loses its newest rows when the KV budget is full
         rows = len(batch.seqs)
         drafts = self.speculator.plan(batch) if self.speculator is not None else None
         started = time.perf_counter()
