@@ -158,3 +158,24 @@ def test_legacy_completions_take_the_budget_for_a_prompt_that_opens_thinking(ser
     out = client.completions.create(model="tiny-llama", prompt="Is it?<think>", max_tokens=12,
                                     extra_body={"thinking_token_budget": 3})
     assert out.choices[0].text.startswith(WORD * 3 + "\n</think>\n\n"), out.choices[0].text
+
+
+def test_a_streamed_budget_and_schema_come_as_reasoning_then_answer_deltas(served):
+    _, url = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=60, stream=True,
+                                            response_format=RESPONSE_FORMAT, extra_body={"thinking_token_budget": 4})
+    thinking, answer = "", ""
+    for chunk in stream:
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            thinking += getattr(delta, "reasoning_content", None) or ""
+            answer += delta.content or ""
+    assert thinking == WORD.strip() + WORD * 3 and json.loads(answer) in ({"ok": True}, {"ok": False})
+    events = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0).messages.create(
+        model="tiny-llama", messages=MESSAGES, max_tokens=160, tools=[TOOL], stream=True,
+        tool_choice={"type": "tool", "name": "answer"}, thinking={"type": "enabled", "budget_tokens": 2})
+    deltas = [event.delta for event in events if event.type == "content_block_delta"]
+    assert "".join(d.thinking for d in deltas if d.type == "thinking_delta") == WORD.strip() + WORD
+    arguments = "".join(d.partial_json for d in deltas if d.type == "input_json_delta")
+    assert json.loads(arguments) in ({"ok": True}, {"ok": False})
