@@ -272,11 +272,9 @@ class VllmEngine:
 
         _tolerate_context_proxies()
         # Constraints run on llguidance, the builtin engine's grammar engine (see _structured_outputs).
-        args = EngineArgs(**engine_args(self.model, self.options, self.config),
-                          structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
-                          **({"reasoning_parser": self.reasoning_parser} if self.reasoning_parser else {}))
         lora = self.lora.engine_args() if self.lora is not None else {}
-        args = EngineArgs(**engine_args(self.model, self.options, self.config), **lora,
+        reasoning_parser = {"reasoning_parser": self.reasoning_parser} if self.reasoning_parser else {}
+        args = EngineArgs(**engine_args(self.model, self.options, self.config), **lora, **reasoning_parser,
                           structured_outputs_config=StructuredOutputsConfig(backend="guidance"))
         try:
             vllm_config = args.create_engine_config()
