@@ -18,6 +18,7 @@ from llmctl.engine.vllm_setup import VllmOptions
 from llmctl.server.testing import serve_in_thread
 from tests.conftest import make_service
 from tests.server.test_thinking_apis import (
+    HYBRID,
     MESSAGES,
     OPENED,
     RESPONSE_FORMAT,
@@ -31,13 +32,17 @@ from tests.server.test_thinking_apis import (
 pytestmark = pytest.mark.vllm
 
 
+def vllm_serving(folder, parser: str, template: str):
+    model = thinking_model(folder, hidden=256, context=1024)
+    service = make_service(model, engine=EngineConfig(max_num_seqs=4, max_waiting=4, kv_cache_tokens=8192),
+                           engine_options=VllmOptions(enforce_eager=True), reasoning_parser=parser)
+    service.loaded.tokenizer.chat_template = template
+    return service
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    model = thinking_model(tmp_path_factory.mktemp("think-vllm") / "tiny-llama", hidden=256, context=1024)
-    service = make_service(model, engine=EngineConfig(max_num_seqs=4, max_waiting=4, kv_cache_tokens=8192),
-                           engine_options=VllmOptions(enforce_eager=True),
-                           reasoning_parser="deepseek_r1")
-    service.loaded.tokenizer.chat_template = OPENED
+    service = vllm_serving(tmp_path_factory.mktemp("think-vllm") / "tiny-llama", "deepseek_r1", OPENED)
     with serve_in_thread(service) as url:
         yield service, url
     service.shutdown()
@@ -75,3 +80,19 @@ def test_vllm_anthropic_budget_then_a_forced_tool_call(served):
         extra_body={"temperature": 0.0})
     calls = [block for block in out.content if block.type == "tool_use"]
     assert len(calls) == 1 and calls[0].input in ({"ok": True}, {"ok": False}), out
+
+
+def test_vllm_constrains_from_the_start_when_the_switch_turns_thinking_off(tmp_path_factory):
+    service = vllm_serving(tmp_path_factory.mktemp("hybrid-vllm") / "tiny-llama", "qwen3", HYBRID)
+    try:
+        with serve_in_thread(service) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            for switch in ({"extra_body": {"chat_template_kwargs": {"enable_thinking": False}}},
+                           {"reasoning_effort": "none"}):
+                out = client.chat.completions.create(
+                    model="tiny-llama", messages=MESSAGES, max_tokens=40, temperature=0.0,
+                    logit_bias=thinking_bias(service.loaded.tokenizer), response_format=RESPONSE_FORMAT, **switch)
+                thinking, answer = split(out.choices[0].message)
+                assert thinking == "" and json.loads(answer) in ({"ok": True}, {"ok": False}), switch
+    finally:
+        service.shutdown()
