@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llmctl.core.adapters import AdapterSpec
-from llmctl.engine import Finish, SamplingParams, Sequence
+from llmctl.engine import EngineConfig, Finish, SamplingParams, Sequence
 from tests.conftest import make_service
 from tests.lora.adapters import merged_greedy
 
@@ -117,3 +117,25 @@ def test_shared_prefixes_keep_adapters_apart(lora_service, tiny_model, adapter_o
     assert shared_reads, "no row read a shared prefix"
     for adapters, lengths in shared_reads:  # the readers of one shared prefix all run with one adapter (or none)
         assert len({a for a, n in zip(adapters, lengths, strict=True) if n}) == 1
+
+
+def test_speculative_decoding_verifies_with_the_adapter(tiny_model, adapter_one, adapter_two):
+    """n-gram drafts verified several tokens per row in one pass: each row of the pass runs with its adapter, so
+    greedy tokens stay the merged model's."""
+    from llmctl.core.speculation import parse
+
+    spec = parse('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}')
+    service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=8, kv_cache_tokens=8192, speculative=spec),
+                           loras=(AdapterSpec("one", adapter_one), AdapterSpec("two", adapter_two)))
+    try:
+        prompt = [7, 8, 9, 10, 11] * 6  # repeats: the n-gram drafter finds drafts in it
+        plan = [("one", adapter_one), ("two", adapter_two), (None, None)]
+        seqs = [Sequence(list(prompt), SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), adapter=name)
+                for name, _ in plan]
+        for seq in seqs:
+            service.engine.submit(seq)
+        for seq, (name, path) in zip(seqs, plan, strict=True):
+            assert tokens(seq) == merged_greedy(tiny_model, path, prompt, 24), name
+        assert service.engine.stats.speculative.draft_tokens > 0
+    finally:
+        service.shutdown()
