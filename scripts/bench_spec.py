@@ -166,8 +166,14 @@ def report(results: dict, texts: dict, metrics: dict, args, threads) -> None:
         ratio = rate["speculative"] / rate["plain"]
         greedy = "streams" not in workload
         same = texts[workload]["plain"] == texts[workload]["speculative"] if greedy else None
+        if greedy and not same:  # where each differing text parts, for the record
+            for i, (a, b) in enumerate(zip(texts[workload]["plain"], texts[workload]["speculative"], strict=True)):
+                if a != b:
+                    at = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+                    print(f"{workload}, prompt {i + 1}: the texts part at character {at} of {len(a)}: "
+                          f"plain {a[max(0, at - 40):at + 40]!r} / speculative {b[max(0, at - 40):at + 40]!r}")
         summary[workload] = {"plain_tok_s": rate["plain"], "speculative_tok_s": rate["speculative"], "ratio": ratio,
-                             "identical_text": same, "runs": sides}
+                             "identical_text": same, "runs": sides, "texts": texts[workload]}
         table.add_row(workload, f"{rate['plain']:.2f}", f"{rate['speculative']:.2f}", f"{ratio:.2f}x",
                       "n/a (sampled)" if same is None else ("yes" if same else "NO"))
     console = Console(width=140)

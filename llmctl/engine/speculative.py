@@ -14,6 +14,8 @@ The KV of the rejected drafts (the right end of each row) is then dropped and th
 Whether to speculate is decided per step by `CostModel`: it fits a step's time to the tokens fed
 (``seconds = a + b * tokens``) and adds a draft token only while its expected gain (the row's acceptance
 rate to the power of its depth) raises tokens per second, so drafts thin out and stop as the batch grows.
+`Speculator.pays` then checks the model against what was measured: at each batch size, steps with drafts
+run only while they have cost less per token than plain steps there.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 PRIOR_ACCEPTANCE = 0.5  # a new row's acceptance rate before the engine has seen any
 PRIOR_COST_RATIO = 1 / 16  # b / a before steps of different sizes were timed: 16 extra tokens double a step
 DECAY = 0.97  # weight of the past per new observation (timings and acceptance)
+RETRY_EVERY = 16  # at one batch size, the mode that measured slower is tried again once in this many steps
 
 
 def ngram_draft(context: list[int], k: int, low: int, high: int) -> list[int]:
@@ -95,6 +98,8 @@ class Speculator:
         self.stats = stats if stats is not None else SpeculativeStats()
         self._acceptance: dict[int, tuple[float, float]] = {}  # seq id -> (accepted, tried), decayed
         self._global = (PRIOR_ACCEPTANCE * 4, 4.0)
+        self._seconds_per_token: dict[tuple[int, bool], float] = {}  # (rows, with drafts) -> recent step cost
+        self._tries: dict[int, int] = {}  # steps that had drafts to verify, by batch size
 
     def _ngram(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
         c = self.config
@@ -116,10 +121,21 @@ class Speculator:
         if not any(drafts):
             return None
         drafts = self._worth(batch.seqs, drafts)
-        if not any(drafts):
+        if not any(drafts) or not self.pays(rows):
             self.stats.stood_down_steps += 1
             return None
         return drafts
+
+    def pays(self, rows: int) -> bool:
+        """Whether steps with drafts have given more tokens per second than plain steps at this batch size, as
+        measured (the cost model extrapolates; this checks it): each side is timed before it is trusted, and the
+        side that lost is tried again every `RETRY_EVERY` steps, as the rows' contents change."""
+        self._tries[rows] = self._tries.get(rows, 0) + 1
+        plain, spec = self._seconds_per_token.get((rows, False)), self._seconds_per_token.get((rows, True))
+        if spec is None or plain is None:
+            return plain is not None  # time a plain step at this size first, then one with drafts
+        better = spec < plain
+        return better != (self._tries[rows] % RETRY_EVERY == 0)
 
     @staticmethod
     def _legal(seq: Sequence, draft: list[int]) -> list[int]:
@@ -156,6 +172,10 @@ class Speculator:
         """Account one step: its timing, and each row's accepted drafts (a geometric acceptance model: a row
         tried its drafts in order until the first rejection). Rows no longer in the batch are forgotten."""
         self.cost.observe(tokens_fed, seconds)
+        key = (len(seqs), any(drafts))
+        per_token = seconds / (len(seqs) + sum(accepted))
+        last = self._seconds_per_token.get(key)
+        self._seconds_per_token[key] = per_token if last is None else last * 0.8 + per_token * 0.2
         ga, gt = self._global
         rates = {}
         for seq, draft, n in zip(seqs, drafts, accepted, strict=True):

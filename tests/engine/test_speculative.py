@@ -235,6 +235,7 @@ def test_sampling_follows_the_target_distribution(tiny_model):
     speculator.proposer = lambda seqs, limits: [[drafts[s.context_ids[len(prompt)]]][:k] for s, k in zip(
         seqs, limits, strict=True)]
     speculator.cost.coefficients = lambda: (1.0, 0.0)  # drafts cost nothing: verify every one of them
+    speculator.pays = lambda rows: True
     engine.start()
     try:
         seqs = [engine.submit(Sequence(prompt, SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=i)))
@@ -289,3 +290,22 @@ def test_speculation_stands_down_as_the_batch_grows():
         return sum(map(len, speculator._worth(seqs, [[5, 6, 7, 8]] * rows))) / rows
 
     assert kept(1) == 4 and kept(32) == 0 and kept(1) > kept(4) > kept(16) > kept(32)
+
+
+def test_speculation_runs_only_while_measured_faster():
+    """At each batch size a plain step and a step with drafts are timed first; drafts then run only while their
+    steps cost less per token, the slower mode being retried once in a while."""
+    from llmctl.engine.speculative import RETRY_EVERY, Speculator
+
+    speculator = Speculator(parse(NGRAM), frozenset(), 1 << 20)
+    seqs = [Sequence([1, 2, 3], SamplingParams(max_tokens=50)) for _ in range(4)]
+    assert not speculator.pays(4)  # nothing timed at 4 rows: a plain step first
+    speculator.record(seqs, [[]] * 4, [0] * 4, 4, 0.040)  # 10 ms a token
+    assert speculator.pays(4)  # then one with drafts
+    speculator.record(seqs, [[7, 8]] * 4, [0] * 4, 12, 0.080)  # 20 ms a token: slower
+    assert sum(speculator.pays(4) for _ in range(2 * RETRY_EVERY)) == 2  # only the retries
+    speculator.record(seqs, [[7, 8]] * 4, [2] * 4, 12, 0.048)  # 4 ms a token, again and again: faster now
+    for _ in range(10):
+        speculator.record(seqs, [[7, 8]] * 4, [2] * 4, 12, 0.048)
+    assert sum(speculator.pays(4) for _ in range(2 * RETRY_EVERY)) == 2 * RETRY_EVERY - 2
+    assert speculator.pays(1) is False  # another batch size is timed on its own
