@@ -86,6 +86,8 @@ class Sequence:
         self.prefilled = 0
         self.prefix: Any = None  # the builtin engine's prefix-cache match for the coming prefill
         self.prefix_tokens = 0  # and how many of its tokens that prefill may take
+        # Its first context tokens whose KV a reproducible prefill computed (`llmctl.engine.reproducible`).
+        self.exact_tokens = 0
         # n > 1: the other choices for this prompt, submitted with it; an engine prefills the prompt once
         # and then gives each its own row (the builtin engine's fork after prefill).
         self.forks: list[Sequence] = []

@@ -15,6 +15,10 @@ class Block:
     parent: int
     tokens: tuple[int, ...]
     kv: torch.Tensor  # [..., block_size, head_dim]
+    # Computed by a reproducible prefill (`llmctl.engine.reproducible`): what a cold prefill of these
+    # tokens computes, to the bit. Other KV (a batched prefill's, a decode step's) is reused only by prefills
+    # whose result may depend on their batch anyway.
+    exact: bool = False
 
 
 @dataclass

@@ -4,8 +4,10 @@ A step prefills new requests in passes of at most `prefill_pass_tokens` tokens (
 counting what their cached prefixes spare them) until the step's budget, ``max_batched_tokens``, is
 spent. A pass's requests get their first token when it ends, so on a CPU, where a pass costs in
 proportion to its tokens, several small passes give most requests their first token sooner than one
-large pass, for a few percent of throughput (each pass and merge has a fixed cost). A prompt longer
-than the step's budget is prefilled alone, in chunks, one per step.
+large pass, for a few percent of throughput (each pass and merge has a fixed cost). A request that an idle
+engine admits alone, a long prompt, and with ``--deterministic`` every request, is prefilled alone in
+reproducible chunks (`llmctl.engine.reproducible`), as many per step as the step's budget holds: its tokens
+do not depend on what the prefix cache held.
 
 Clients often send together: an agent's parallel calls, or every stream of a batch coming back with
 its next request when they all finish on the same step. Such a burst reaches an idle engine over a
@@ -26,6 +28,7 @@ from llmctl.engine.base import Sequence
 from llmctl.engine.batch import Batch, full_cache, prefill_inputs, prefill_plan, sample, select_rows
 from llmctl.engine.kv import SharedView
 from llmctl.engine.prefix_cache import prefix_rows_cache
+from llmctl.engine.reproducible import chunk_end, exact_part, exact_tokens
 from llmctl.engine.shared import choose
 from llmctl.errors import LLMCtlError
 
@@ -123,8 +126,8 @@ class Prefills:
                 longest = new_longest
                 if self._prefix is not None:
                     computing.update(self._prefix.keys(seq.context_ids, root=seq.cache_root))
-                if fresh > cfg.max_batched_tokens:
-                    break  # a long prompt is prefilled alone, in chunks
+                if fresh > cfg.max_batched_tokens or self.options.deterministic:
+                    break  # a long prompt is prefilled alone, in chunks; with --deterministic every prompt is
         return chosen
 
     def _look_up(self, seq: Sequence) -> int:
@@ -137,24 +140,32 @@ class Prefills:
     def _prefill_some(self, budget: int) -> int:
         """One prefill (of new rows, or the next chunk of a long prompt) within ``budget`` prompt
         tokens; returns the tokens it charged to the step (0: nothing to prefill)."""
-        full = self.config.max_batched_tokens
         if self._prefilling is None:
             chosen = self._admit(budget)
             if not chosen:
                 return 0
-            seq = chosen[0]
             fed = max(s.context_length - s.prefix_tokens for s in chosen)
-            if len(chosen) > 1 or fed <= full:
+            # A row alone on an idle engine (any row with --deterministic, and a long prompt) is prefilled
+            # reproducibly (llmctl.engine.reproducible): from the exact part of its cached prefix on, in
+            # chunks, as many as this step's budget holds. Rows that join running ones share a pass and may
+            # read the batch's shared prefix: their tokens depend on their batch anyway.
+            if len(chosen) > 1 or (self._batch is not None and fed <= self.config.max_batched_tokens
+                                   and not self.options.deterministic):
                 self._run_prefill(chosen, self._prefill_batch)
                 return len(chosen) * fed  # at least 1: a row's last token is always computed
-            self._prefilling = seq
-            prefix = self._take_prefix(seq, seq.prefix_tokens)
+            seq = self._prefilling = chosen[0]
+            seq.prefix = exact_part(seq.prefix, self._prefix.block_size) if self._prefix is not None else None
+            tokens = seq.prefix.tokens if seq.prefix is not None else 0
+            prefix = self._take_prefix(seq, tokens)
             if prefix is not None:  # the chunks start where the cached prefix ends
-                seq.prefill_cache, seq.prefilled = prefix_rows_cache([prefix]), seq.prefix_tokens
-        elif budget < full:
-            return 0  # a chunk takes a whole step's budget
-        self._run_prefill([self._prefilling], self._prefill_chunk)
-        return full
+                seq.prefill_cache, seq.prefilled = prefix_rows_cache([prefix]), tokens
+        seq = self._prefilling
+        if budget < self.config.max_batched_tokens and budget < chunk_end(seq.prefilled, seq.context_length) - \
+                seq.prefilled:
+            return 0  # its next chunk does not fit in what is left of this step
+        before = seq.prefilled
+        self._run_prefill([seq], lambda seqs: self._prefill_chunk(seqs, budget))
+        return max(1, seq.prefilled - before)
 
     def _run_prefill(self, seqs: list[Sequence], fn) -> None:
         self._admitting = list(seqs)
@@ -192,7 +203,7 @@ class Prefills:
         rows, seqs = [], []
         for row, seq in enumerate(batch.seqs):
             for member in (seq, *seq.forks):
-                member.admitted = seq.admitted
+                member.admitted, member.exact_tokens = seq.admitted, seq.exact_tokens
                 rows.append(row)
                 seqs.append(member)
             seq.forks = []
@@ -227,26 +238,32 @@ class Prefills:
         batch.last_logits = out.logits[:, -1, :]
         return batch
 
-    def _prefill_chunk(self, seqs: list[Sequence]) -> Batch | None:
+    def _prefill_chunk(self, seqs: list[Sequence], budget: int) -> Batch | None:
+        """The next chunks of one row's reproducible prefill, at least one and as many more as ``budget``
+        holds; the row's batch once its last chunk is computed."""
         (seq,) = seqs
         context = seq.context_ids
-        start, total = seq.prefilled, len(context)
-        end = min(total, start + self.config.max_batched_tokens)
+        total = len(context)
         if seq.prefill_cache is None:
             seq.prefill_cache = full_cache()
-        ids = torch.tensor([context[start:end]], device=self.device)
-        out = self._forward(
-            input_ids=ids,
-            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
-            position_ids=torch.arange(start, end, device=self.device)[None],
-            cache=seq.prefill_cache, logits_to_keep=1, seqs=seqs,
-        )
-        seq.prefilled = end
-        self.stats.prefill_tokens += end - start
-        if end < total:
-            return None
+        spent = 0
+        while seq.prefilled < total:
+            start = seq.prefilled
+            end = chunk_end(start, total)
+            if spent and spent + end - start > budget:
+                return None
+            ids = torch.tensor([context[start:end]], device=self.device)
+            out = self._forward(
+                input_ids=ids,
+                attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+                position_ids=torch.arange(start, end, device=self.device)[None],
+                cache=seq.prefill_cache, logits_to_keep=1, seqs=seqs,
+            )
+            seq.prefilled, spent = end, spent + end - start
+            self.stats.prefill_tokens += end - start
         self._prefilling = None
         cache, seq.prefill_cache = seq.prefill_cache, None
+        seq.exact_tokens = exact_tokens(total)
         batch = Batch(seqs=[seq], cache=cache, mask=torch.ones((1, total), dtype=torch.long, device=self.device),
                        positions=torch.tensor([total], device=self.device), last=ids[:, -1].clone())
         batch.last_logits = out.logits[:, -1, :]

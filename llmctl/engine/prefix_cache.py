@@ -72,7 +72,8 @@ class PrefixCache:
         the chain's start, one per LoRA adapter, so that no KV is shared between adapters).
 
         Costs one tuple, one hash and one dictionary lookup per matched block (and one for the miss).
-        The matched blocks become the most recently used.
+        The matched blocks become the most recently used. (`llmctl.engine.reproducible.exact_part` keeps
+        the part of it a reproducible prefill may take.)
         """
         size = self.block_size
         end = len(tokens) if limit is None else min(limit, len(tokens))
@@ -113,19 +114,21 @@ class PrefixCache:
         return kv[..., :span, :] if kv.shape[-2] != span else kv
 
     def insert(self, tokens: list[int], kv_of: Callable[[int, int], torch.Tensor], room: int | None = None,
-               root: int = ROOT) -> int:
+               root: int = ROOT, exact: int = 0) -> int:
         """Store the full blocks of ``tokens`` that are not cached yet; returns the tokens added.
 
         ``kv_of(start, end)`` gives the KV of tokens ``start:end`` (token dimension -2); it is called
         once, for the span of new blocks, and each block keeps a copy of its slice. Afterwards the
         cache holds at most ``min(capacity, room)`` tokens (LRU blocks evicted), and no more blocks of
-        ``tokens`` than fit are copied in the first place.
+        ``tokens`` than fit are copied in the first place. The first ``exact`` tokens' KV is exact
+        (`Block.exact`): their blocks are marked so, and a cached block that was not takes their KV.
         """
         bound = self.capacity if room is None else min(self.capacity, room)
         size = self.block_size
         usable = min(len(tokens), bound) // size * size
         chain: list[Block] = []
         new: list[tuple[int, int, int, tuple[int, ...]]] = []  # (start, key, parent, tokens)
+        upgrades: list[tuple[int, Block]] = []  # (start, block): cached, but not exact, and exact now
         parent = root
         for start in range(0, usable, size):
             chunk = tuple(tokens[start:start + size])
@@ -139,12 +142,17 @@ class PrefixCache:
                 if new:
                     break  # cached again after a gap: cannot happen in a consistent chain
                 chain.append(block)
+                if not block.exact and start + size <= exact:
+                    upgrades.append((start, block))
             parent = key
-        if new:
-            first = new[0][0]
-            kv = kv_of(first, new[-1][0] + size)
+        if new or upgrades:
+            first = upgrades[0][0] if upgrades else new[0][0]
+            kv = kv_of(first, new[-1][0] + size if new else upgrades[-1][0] + size)
+            for start, block in upgrades:
+                block.kv, block.exact = kv[..., start - first:start - first + size, :].clone(), True
             for start, key, parent, chunk in new:
-                block = Block(key, parent, chunk, kv[..., start - first:start - first + size, :].clone())
+                block = Block(key, parent, chunk, kv[..., start - first:start - first + size, :].clone(),
+                              exact=start + size <= exact)
                 self._blocks[key] = block
                 chain.append(block)
         self._touch(chain)
@@ -175,7 +183,8 @@ class KVLayoutError(ValueError):
 
 def store_rows(prefixes: PrefixCache, batch: Batch, rows: list[int], room: int) -> None:
     """Put the KV of batch rows ``rows`` (every token in their cache so far, a shared prefix's included)
-    into ``prefixes``, keeping it within ``room`` tokens; raises KVLayoutError for a cache it cannot store."""
+    into ``prefixes``, keeping it within ``room`` tokens; raises KVLayoutError for a cache it cannot store.
+    A row's first ``Sequence.exact_tokens`` are stored as exact (`Block.exact`)."""
     width = batch.mask.shape[1]
     own = batch.own_lengths().tolist()
     shared = batch.shared_lengths.tolist() if batch.shared is not None else [0] * len(batch.seqs)
@@ -183,7 +192,7 @@ def store_rows(prefixes: PrefixCache, batch: Batch, rows: list[int], room: int) 
         n, s = own[row], shared[row]  # the row's own tokens sit in the last n columns
         kv_of = functools.partial(row_kv, batch.cache, row, width - n, shared=batch.shared, shared_tokens=s)
         seq = batch.seqs[row]
-        prefixes.insert(seq.context_ids[:s + n], kv_of, room, root=seq.cache_root)
+        prefixes.insert(seq.context_ids[:s + n], kv_of, room, root=seq.cache_root, exact=seq.exact_tokens)
 
 
 def row_kv(cache: DynamicCache, row: int, offset: int, start: int, end: int, shared: SharedPrefix | None = None,

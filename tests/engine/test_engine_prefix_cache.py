@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from llmctl.engine import BuiltinEngine, EngineConfig, Sequence
+from llmctl.engine.reproducible import CHUNK_TOKENS
 from tests.engine.test_engine_architectures import CONFIGS, VOCAB, build, drain, greedy, reference, run_in_steps
 
 BLOCK = 16
@@ -52,7 +53,9 @@ def test_requests_served_from_the_cache_give_the_tokens_they_give_without_it(nam
     # Prefilled together, both rows feed the 31 uncached tokens of the longer one: it takes the
     # prefix's two whole blocks from the cache, the shorter one 14 tokens, so nothing is left between.
     assert on_cached[0] == 0 and on_cached[1:3] == [14, 32]
-    assert on_cached[3] == (len(prompts[0]) + 30) // BLOCK * BLOCK  # the first turn and its answer
+    # The second turn, prefilled alone, takes only whole reproducible chunks of exact KV (engine/reproducible.py):
+    # the first turn's 41 tokens are less than one chunk, and its answer's KV came from decode steps.
+    assert len(turn) < CHUNK_TOKENS and on_cached[3] == 0
     assert on_stats.prefix_cache_hits == sum(on_cached)
     assert on_stats.prefill_tokens == off_stats.prefill_tokens - sum(on_cached)
 
@@ -77,15 +80,15 @@ def test_sixteen_requests_with_the_same_long_prefix_compute_it_once():
 
 def test_the_cache_keeps_to_its_bound_evicting_the_least_recently_used():
     model = build("llama")
-    system = random_tokens(32, seed=4)
-    engine = BuiltinEngine(model, frozenset(), EngineConfig(prefix_cache_tokens=64))
+    system = random_tokens(CHUNK_TOKENS, seed=4)
+    engine = BuiltinEngine(model, frozenset(), EngineConfig(prefix_cache_tokens=CHUNK_TOKENS + 64))
     sizes = []
     for i in range(6):
         seq = Sequence(system + random_tokens(40, seed=200 + i), greedy(4))
         run_in_steps(engine, {0: [seq]})
         sizes.append(engine.stats.prefix_cache_tokens)
-        assert seq.cached_tokens == (0 if i == 0 else 32)  # the shared beginning survives eviction
-    assert max(sizes) == 64 == engine._prefix.tokens
+        assert seq.cached_tokens == (0 if i == 0 else CHUNK_TOKENS)  # the shared beginning survives eviction
+    assert max(sizes) == CHUNK_TOKENS + 64 == engine._prefix.tokens
     assert engine._prefix.evicted > 0
 
 

@@ -159,3 +159,25 @@ def test_rows_cache_right_aligns_each_prefix_and_the_prefill_writes_into_its_roo
     assert keys.shape == (3, 3, 7, 4)
     shared = prefix_cache.prefix_rows_cache([a, a])
     assert shared.layers[0].keys[:, 0, :, 0].tolist() == [[1, 2, 3, 4], [1, 2, 3, 4]]
+
+
+def test_exact_kv_is_marked_upgrades_what_was_not_and_is_taken_in_whole_chunks():
+    """Blocks within a reproducible prefill's exact tokens are marked exact; storing exact KV over a block that
+    was not replaces its KV; a reproducible prefill takes only leading exact blocks, in whole chunks."""
+    from llmctl.engine.reproducible import exact_part
+
+    cache = PrefixCache(capacity_tokens=1024, block_size=4)
+    tokens = list(range(200, 220))  # five blocks
+    kv_of, _ = kv_for(tokens)
+    cache.insert(tokens, kv_of)  # a batched prefill's KV: not exact
+    match = cache.match(tokens)
+    assert [b.exact for b in match.blocks] == [False] * 5 and exact_part(match, 4, chunk=8) is None
+    exact = [t * 10 for t in tokens]  # other values, to see which KV a block keeps
+    exact_kv, calls = kv_for(exact)
+    assert cache.insert(tokens, exact_kv, exact=12) == 0  # nothing new, three blocks upgraded
+    assert calls == [(0, 12)]
+    match = cache.match(tokens)
+    assert [b.exact for b in match.blocks] == [True, True, True, False, False]
+    assert held(match.blocks[2].kv) == exact[8:12] and held(match.blocks[3].kv) == tokens[12:16]
+    part = exact_part(match, 4, chunk=8)  # three exact blocks, one whole chunk of 8 tokens
+    assert part is not None and part.tokens == 8 and part.blocks == match.blocks[:2]

@@ -12,10 +12,9 @@ import httpx
 import pytest
 
 from llmctl.engine import EngineConfig
+from llmctl.engine.reproducible import CHUNK_TOKENS
 from llmctl.server.testing import serve_in_thread
 from tests.conftest import make_service
-
-BLOCK = 16
 
 
 def long_system_prompt() -> list[dict]:
@@ -55,8 +54,8 @@ def test_a_repeated_prompt_reports_its_cached_tokens_and_gives_the_same_text(bas
     text, first = ask(base_url, messages)
     assert first["prompt_tokens_details"] == {"cached_tokens": 0}
     again, second = ask(base_url, messages)
-    # Every whole block of the prompt but the last token, which is always computed.
-    expected = (second["prompt_tokens"] - 1) // BLOCK * BLOCK
+    # Every whole reproducible chunk of the prompt but the last token, which is always computed.
+    expected = (second["prompt_tokens"] - 1) // CHUNK_TOKENS * CHUNK_TOKENS
     assert expected > 0 and second["prompt_tokens_details"] == {"cached_tokens": expected}
     streamed, usage = ask(base_url, messages, stream=True)
     assert usage["prompt_tokens_details"] == {"cached_tokens": expected}
@@ -101,6 +100,6 @@ def test_n_choices_from_a_cached_prefix_are_the_choices_without_the_cache(base_u
     first, usage = choices(base_url)
     assert usage["prompt_tokens_details"] == {"cached_tokens": 0} and len(set(first)) > 1
     again, usage = choices(base_url)
-    expected = (usage["prompt_tokens"] - 1) // BLOCK * BLOCK
+    expected = (usage["prompt_tokens"] - 1) // CHUNK_TOKENS * CHUNK_TOKENS
     assert expected > 0 and usage["prompt_tokens_details"] == {"cached_tokens": expected}
     assert again == first == choices(cache_off_url)[0]

@@ -51,6 +51,7 @@ def test_underscore_flags_and_env(server_process, tiny_model):
     (["--speculative-config", '{"method": "medusa", "num_speculative_tokens": 2}'], "not 'medusa'"),
     (["--speculative-config", '{"model": "/nonexistent/draft", "num_speculative_tokens": 2}'],
      "is not a model folder"),
+    (["--engine", "vllm", "--deterministic"], "--deterministic applies to the builtin engine"),
 ])
 def test_bad_start_fails_fast_with_one_line(args, message):
     result = run_cli("serve", "--port", "0", *args)
