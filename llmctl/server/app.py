@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from llmctl.errors import InvalidRequest, LLMCtlError, UnsupportedMediaType
 from llmctl.server.admission import DEFAULT_MAX_BODY_BYTES
 from llmctl.server.api import anthropic, chat, completions, conversations, lora, responses_api, stored, tokenize
+from llmctl.server.api.common import with_request_id
 from llmctl.server.openapi import openapi_document
 from llmctl.server.security import install_auth, install_cors
 from llmctl.server.service import Service
@@ -209,7 +210,7 @@ def _answer(result) -> Response:
     """A handler's answer: a JSON body, or server-sent events."""
     if isinstance(result, dict):
         return json_response(result)
-    return Response(result, mimetype="text/event-stream",
+    return Response(with_request_id(result, request_id()), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

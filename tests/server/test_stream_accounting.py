@@ -99,6 +99,43 @@ def test_an_in_band_timeout_is_followed_by_done(gated, route):
     assert error["code"] == "request_timeout", error
 
 
+STREAMS = {  # route: (body, the error event's request_id from its data)
+    "/v1/chat/completions": (BODIES["/v1/chat/completions"], lambda data: data["error"]["request_id"]),
+    "/v1/completions": (BODIES["/v1/completions"], lambda data: data["error"]["request_id"]),
+    "/v1/responses": (lambda **kw: {"input": "Hello there", "max_output_tokens": kw.pop("max_tokens"), **kw},
+                      lambda data: data["type"] == "error" and data["request_id"]),
+    "/v1/messages": (lambda **kw: {"messages": USER, **kw},
+                     lambda data: data["type"] == "error" and data["request_id"]),
+}
+
+
+@pytest.mark.parametrize("route", list(STREAMS))
+def test_an_error_in_a_started_stream_names_the_request_id(gated, route):
+    """A timeout after the first token (the engine held past the deadline): the error event in the stream
+    carries the request's x-request-id, on every streaming API."""
+    service, url, gate = gated
+    body, request_id_of = STREAMS[route]
+    timeout = 1.0
+    gate.close(allow=4)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client, client.stream(
+                "POST", route, headers={"x-request-id": f"mid-stream-{route}"},
+                json=body(max_tokens=50, ignore_eos=True, timeout=timeout, temperature=0, stream=True)) as r:
+            assert r.status_code == 200 and r.headers["x-request-id"] == f"mid-stream-{route}"
+            started = time.monotonic()
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            assert wait_for(lambda: gate.blocked.is_set())
+            time.sleep(max(0.0, timeout - (time.monotonic() - started)) + 0.1)  # past the deadline, engine held
+            gate.open()
+            rest = [json.loads(line[len("data: "):]) for line in lines
+                    if line.startswith("data: ") and line != "data: [DONE]"]
+    finally:
+        gate.open()
+    errors = [data for data in rest if "error" in data or data.get("type") == "error"]
+    assert len(errors) == 1 and request_id_of(errors[0]) == f"mid-stream-{route}", rest[-2:]
+
+
 def test_a_burst_fills_free_slots_before_it_counts_as_waiting(gated):
     """With the engine busy on one request, a burst takes the other SLOTS - 1 slots and the QUEUE places:
     only the one arrival beyond both is a 429 (arrivals used to count as waiting until admitted)."""

@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.api import rules
-from llmctl.server.api.common import ChoiceText, TextPieces, json_arguments, sse_event
+from llmctl.server.api.common import ChoiceText, TextPieces, json_arguments, request_id_field, sse_event
 from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
 from llmctl.server.constraints import ToolUse, function_tool, output_constraint, tool_use
@@ -329,6 +329,7 @@ def _events(run: Run, deltas: Iterator[Delta], choice: _Choice) -> Iterator[str]
                     usage={"output_tokens": run.completion_tokens})
         yield event("message_stop")
     except LLMCtlError as exc:
-        yield event("error", error=error_body(exc.status, exc.message)["error"])  # headers already sent
+        # Headers are already sent: in the stream, with the request's id as Anthropic's error bodies carry it.
+        yield event("error", error=error_body(exc.status, exc.message)["error"], **request_id_field())
     finally:
         run.end()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
-from llmctl.server.api.common import ChoiceText, sse
+from llmctl.server.api.common import ChoiceText, sse, stream_error
 from llmctl.server.api.limits import check_request
 from llmctl.server.constraints import chat_tool_use, constraint_from_request, output_constraint
 from llmctl.server.generation import build_prompt
@@ -113,7 +113,7 @@ def _events(service: Service, run: Run, deltas: Iterator[Delta], texts: list[Cho
     except LLMCtlError as exc:
         # Headers are already sent: report the error in-band, as OpenAI's API does, and end the stream
         # as every stream ends (vLLM does the same), so clients waiting for [DONE] stop waiting.
-        yield sse(exc.to_body())
+        yield sse(stream_error(exc))
         yield "data: [DONE]\n\n"
     finally:
         run.end()

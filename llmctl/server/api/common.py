@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from llmctl.errors import LLMCtlError
 from llmctl.server.reasoning import Piece, ReasoningParser
 from llmctl.server.tools import ToolParser
 
@@ -22,6 +24,44 @@ def sse(body: dict) -> str:
 def sse_event(name: str, body: dict) -> str:
     """One named event (`event:` then `data:`), as the Responses and Anthropic streams send them."""
     return f"event: {name}\n{sse(body)}"
+
+
+# The x-request-id of the request whose stream is being produced (`with_request_id`): an error that comes after
+# the headers goes in the stream, and names it as an error body does.
+STREAM_REQUEST_ID: ContextVar[str | None] = ContextVar("llmctl_stream_request_id", default=None)
+
+
+def with_request_id(stream: Iterator[str], request_id: str) -> Iterator[str]:
+    """``stream``, each step of it run with `STREAM_REQUEST_ID` set to ``request_id`` (a stream is produced
+    after its request's handler returned, while the server writes it)."""
+    try:
+        while True:
+            token = STREAM_REQUEST_ID.set(request_id)
+            try:
+                chunk = next(stream)
+            except StopIteration:
+                return
+            finally:
+                STREAM_REQUEST_ID.reset(token)
+            yield chunk
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:  # a client gone: the stream's own cleanup (cancel the generation) runs now
+            close()
+
+
+def stream_error(exc: LLMCtlError) -> dict:
+    """OpenAI's error envelope for an error inside a stream, with the request's id."""
+    body = exc.to_body()
+    if (request_id := STREAM_REQUEST_ID.get()) is not None:
+        body["error"]["request_id"] = request_id
+    return body
+
+
+def request_id_field() -> dict:
+    """``{"request_id": ...}`` for an error event of a named-event stream (nothing outside a request's stream)."""
+    request_id = STREAM_REQUEST_ID.get()
+    return {} if request_id is None else {"request_id": request_id}
 
 
 def json_arguments(text: str) -> dict:

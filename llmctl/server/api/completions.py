@@ -19,7 +19,7 @@ from llmctl.errors import InvalidRequest, LLMCtlError, Unavailable
 from llmctl.server import schemas
 from llmctl.server.admission import encode
 from llmctl.server.api import rules
-from llmctl.server.api.common import sse
+from llmctl.server.api.common import sse, stream_error
 from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
 from llmctl.server.pipeline import Ask, Delta, Run
@@ -223,7 +223,7 @@ def _events(run: Run, deltas: Iterator[Delta], echoes: list[str], model: str, lo
                                                                      run.cached_tokens)))
         yield "data: [DONE]\n\n"
     except LLMCtlError as exc:
-        yield sse(exc.to_body())  # headers are already sent: in-band, as OpenAI does, then the stream's end
+        yield sse(stream_error(exc))  # headers are already sent: in-band, as OpenAI does, then the stream's end
         yield "data: [DONE]\n\n"
     finally:
         run.end()

@@ -27,7 +27,7 @@ from llmctl.engine.structured import Constraint
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
 from llmctl.server.api import rules, stored
-from llmctl.server.api.common import ChoiceText, TextPieces, sse_event
+from llmctl.server.api.common import ChoiceText, TextPieces, request_id_field, sse_event
 from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
 from llmctl.server.constraints import (
@@ -439,6 +439,6 @@ def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Generato
                     response=final)
     except LLMCtlError as exc:
         # Headers are already sent: the error goes in the stream, as OpenAI's API does.
-        yield event("error", code=exc.code, message=exc.message, param=exc.param)
+        yield event("error", code=exc.code, message=exc.message, param=exc.param, **request_id_field())
     finally:
         run.end()
