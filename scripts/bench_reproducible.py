@@ -14,13 +14,20 @@
 No server: the engine on its own thread. Prints JSON lines too (``--json``).
 """
 
+# ruff: noqa: E402 (torch is imported after its thread settings)
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
+
+from llmctl.core.threads import configure_cpu_threads, resolve_cpu_threads
+
+# Torch's threads as `llmctl serve` sets them (LLMCTL_CPU_THREADS, else its default), before torch loads.
+configure_cpu_threads(resolve_cpu_threads(int(os.environ.get("LLMCTL_CPU_THREADS", "0")) or None))
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
