@@ -64,7 +64,9 @@ def child(mode: str, model_path: str | None, seconds: float, max_tokens: int) ->
     for streams in STREAMS:
         enc = tok([text] * streams, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
-            loaded.model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
+            # Warm-up, bounded too: under contention torch's default may take most of a minute for 16 prompts.
+            loaded.model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id,
+                                  max_time=seconds / 4)
             started = time.perf_counter()
             out = loaded.model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
                                         max_time=seconds, pad_token_id=tok.pad_token_id)

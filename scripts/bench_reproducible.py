@@ -1,6 +1,7 @@
 """What reproducible answers cost on the builtin engine (docs/engine.md, "Reproducible answers").
 
-    python scripts/bench_reproducible.py [--prompt-tokens 512] [--streams 16] [--new-tokens 32] [--rounds 3]
+    python scripts/bench_reproducible.py [--prompt-tokens 512] [--streams 16] [--new-tokens 32] [--longest-prompt 300]
+                                         [--rounds 3]
 
 1. Reproducible prefills (the default): a prompt prefilled alone runs in chunks of `CHUNK_TOKENS`
    fixed by absolute position. This times one prompt of ``--prompt-tokens`` on the raw model
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--longest-prompt", type=int, default=300, help="Prompts run from 20 tokens to this.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -108,7 +110,7 @@ def main() -> None:
             print(json.dumps({"prefill_tokens": args.prompt_tokens, "chunk": chunk, "seconds": median}))
 
     generator = torch.Generator().manual_seed(1)
-    lengths = [20 + 280 * i // max(1, args.streams - 1) for i in range(args.streams)]
+    lengths = [20 + (args.longest_prompt - 20) * i // max(1, args.streams - 1) for i in range(args.streams)]
     prompts = [torch.randint(100, vocab - 1, (n,), generator=generator).tolist() for n in lengths]
     rates: dict[bool, list[float]] = {False: [], True: []}
     alone = [run_streams(model, [p], args.new_tokens, True)[1][0] for p in prompts[:1]]

@@ -28,7 +28,7 @@ from llmctl.engine.base import Sequence
 from llmctl.engine.batch import Batch, full_cache, prefill_inputs, prefill_plan, sample, select_rows
 from llmctl.engine.kv import SharedView
 from llmctl.engine.prefix_cache import prefix_rows_cache
-from llmctl.engine.reproducible import chunk_end, exact_part, exact_tokens
+from llmctl.engine.reproducible import CHUNK_TOKENS, chunk_end, exact_part, exact_tokens
 from llmctl.engine.shared import choose
 from llmctl.errors import LLMCtlError
 
@@ -54,6 +54,13 @@ class Prefills:
         if self.options.max_prefill_tokens is not None:
             return min(self.options.max_prefill_tokens, cfg.max_batched_tokens)
         return min(CPU_PASS_TOKENS, cfg.max_batched_tokens) if self.device.type == "cpu" else cfg.max_batched_tokens
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Size of a reproducible prefill's chunks: CHUNK_TOKENS, or within a smaller step budget the largest
+        power of two it holds (a whole number of prefix-cache blocks, or a whole block's fraction)."""
+        budget = self.config.max_batched_tokens
+        return CHUNK_TOKENS if budget >= CHUNK_TOKENS else 1 << (budget.bit_length() - 1)
 
     @property
     def prefill_wait_s(self) -> float:
@@ -154,14 +161,15 @@ class Prefills:
                 self._run_prefill(chosen, self._prefill_batch)
                 return len(chosen) * fed  # at least 1: a row's last token is always computed
             seq = self._prefilling = chosen[0]
-            seq.prefix = exact_part(seq.prefix, self._prefix.block_size) if self._prefix is not None else None
+            seq.prefix = exact_part(seq.prefix, self._prefix.block_size, self.chunk_tokens) \
+                if self._prefix is not None else None
             tokens = seq.prefix.tokens if seq.prefix is not None else 0
             prefix = self._take_prefix(seq, tokens)
             if prefix is not None:  # the chunks start where the cached prefix ends
                 seq.prefill_cache, seq.prefilled = prefix_rows_cache([prefix]), tokens
         seq = self._prefilling
-        if budget < self.config.max_batched_tokens and budget < chunk_end(seq.prefilled, seq.context_length) - \
-                seq.prefilled:
+        if budget < self.config.max_batched_tokens and \
+                budget < chunk_end(seq.prefilled, seq.context_length, self.chunk_tokens) - seq.prefilled:
             return 0  # its next chunk does not fit in what is left of this step
         before = seq.prefilled
         self._run_prefill([seq], lambda seqs: self._prefill_chunk(seqs, budget))
@@ -249,7 +257,7 @@ class Prefills:
         spent = 0
         while seq.prefilled < total:
             start = seq.prefilled
-            end = chunk_end(start, total)
+            end = chunk_end(start, total, self.chunk_tokens)
             if spent and spent + end - start > budget:
                 return None
             ids = torch.tensor([context[start:end]], device=self.device)
@@ -263,7 +271,7 @@ class Prefills:
             self.stats.prefill_tokens += end - start
         self._prefilling = None
         cache, seq.prefill_cache = seq.prefill_cache, None
-        seq.exact_tokens = exact_tokens(total)
+        seq.exact_tokens = exact_tokens(total, self.chunk_tokens)
         batch = Batch(seqs=[seq], cache=cache, mask=torch.ones((1, total), dtype=torch.long, device=self.device),
                        positions=torch.tensor([total], device=self.device), last=ids[:, -1].clone())
         batch.last_logits = out.logits[:, -1, :]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from llmctl.engine.kv import Match
 
-CHUNK_TOKENS = 128  # a multiple of the prefix cache's block size
+CHUNK_TOKENS = 128  # a multiple of the prefix cache's block size (a smaller step budget takes less: Prefills)
 
 
 def chunk_end(start: int, total: int, chunk: int = CHUNK_TOKENS) -> int:

@@ -7,7 +7,6 @@ request is still running when the test acts on it; the forward pass itself still
 from __future__ import annotations
 
 import concurrent.futures
-import statistics
 import threading
 import time
 
@@ -63,10 +62,11 @@ def test_timeout_answers_408_and_stops_generation(slow_server):
     elapsed = time.monotonic() - started
     assert r.status_code == 408
     assert r.json()["error"]["type"] == "timeout_error"
-    assert elapsed < 3
-    assert wait_for(lambda: service.engine.running == 0, 2)
+    assert wait_for(lambda: service.engine.running == 0, 60)  # a bound for a hang only
     generated = service.engine.stats.tokens_generated - before
-    assert generated < 120, f"generation went on after the timeout ({generated} tokens)"
+    # Each step sleeps 0.01 s, so at most ~50 tokens fit in the 0.5 s timeout (fewer on a busy machine); the answer
+    # came before the 200 tokens' time, and generation stopped with it.
+    assert elapsed < 200 * 0.01 and generated < 120, f"generation went on after the timeout ({generated} tokens)"
 
 
 def test_timeout_during_stream_reports_error_in_band(slow_server):
@@ -138,11 +138,12 @@ def test_full_queue_answers_429_at_once(slow_server):
     # At least the waiting queue (2) is accepted; what arrives while it is full is turned away.
     assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
     assert set(statuses) == {200, 429}
-    for r, elapsed in results:
+    for r, _ in results:
         if r.status_code == 429:
             assert r.headers["Retry-After"] == "1"
             assert r.json()["error"]["type"] == "rate_limit_error"
-            assert elapsed < 1.0
+    # At once: every refusal came before any accepted request could finish (100 steps of at least 0.01 s each).
+    assert max(t for r, t in results if r.status_code == 429) < min(t for r, t in results if r.status_code == 200)
 
 
 def test_health_never_waits_on_the_model(tiny_model):
@@ -154,19 +155,19 @@ def test_health_never_waits_on_the_model(tiny_model):
         with serve_in_thread(service) as url, concurrent.futures.ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=60)
                        for _ in range(4)]
-            assert wait_for(lambda: service.engine.running >= 4, 10)
-            timings = []
+            assert wait_for(lambda: service.engine.running >= 4, 120)  # a bound for a hang only
+            within_a_step = []
             for _ in range(10):
-                t = time.monotonic()
-                assert httpx.get(url + "/health", timeout=5).json()["running"] >= 1
-                timings.append(time.monotonic() - t)
+                steps = service.engine.stats.steps
+                assert httpx.get(url + "/health", timeout=60).json()["running"] >= 1
+                within_a_step.append(service.engine.stats.steps == steps)
             for f in futures:
                 assert f.result().status_code == 200
     finally:
         service.shutdown()
-    # Waiting on a step would cost 0.25 s on average; the median probe must stay clearly below that (on a
-    # busy machine a probe takes ~0.1 s by itself).
-    assert statistics.median(timings) < 0.18, timings
+    # A probe that waited on the model would always end after a step did: some end within the step they began in
+    # (on a busy machine a probe alone may take a good part of a 0.5 s step, so not all of them).
+    assert any(within_a_step), within_a_step
 
 
 def test_out_of_memory_fails_only_affected_requests(tiny_model):

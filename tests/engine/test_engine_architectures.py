@@ -17,6 +17,7 @@ import transformers
 
 from llmctl.engine import BuiltinEngine, EngineConfig, Finish, SamplingParams, Sequence, sampling
 from llmctl.engine import prefill as engine_module
+from tests.conftest import wait_for
 
 VOCAB, NEW_TOKENS = 300, 30
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -76,9 +77,9 @@ def test_rows_joining_at_different_steps_match_the_reference(name):
     engine.start()
     try:
         seqs = []
-        for prompt in prompts:  # each joins a batch that is already decoding
+        for prompt in prompts:  # each joins a batch that is already decoding: after the last one's second token
             seqs.append(engine.submit(Sequence(list(prompt), greedy())))
-            time.sleep(0.06)
+            assert wait_for(lambda: seqs[-1].generated >= 2 or seqs[-1].done, 120)  # a bound for a hang only
         results = [tokens_of(seq) for seq in seqs]
         assert engine.stats.max_batch_size >= 3  # they really overlapped
     finally:
