@@ -1,5 +1,6 @@
 """The builtin engine's side of thinking: a budget closed by the engine at exactly N tokens, and a grammar that
-starts where the thinking ends (free thinking, constrained answer), for plain, sampled and forked rows.
+starts where the thinking ends (free thinking, constrained answer), for plain, sampled and forked rows, without
+and with n-gram speculation.
 
 The tiny model is steered by a table of "after token a, write token b" (a bonus on b's logit after the real
 forward pass), so each test fixes what the model thinks and when it would end its thinking by itself.
@@ -12,11 +13,13 @@ import json
 import pytest
 import torch
 
+from llmctl.core.speculation import parse
 from llmctl.engine import EngineConfig, Finish, Sequence
 from llmctl.engine.sampling import SamplingParams
 from llmctl.engine.structured import Constraint
 from llmctl.engine.thinking import Thinking
 from tests.conftest import make_service
+from tests.engine.test_speculative import NGRAM
 
 PROMPT_END = 201  # "\n": the chat template's generation prompt ends with it
 HMM, DOG, PARIS, ROME, ONE, TWO, SEA = 403, 445, 442, 443, 405, 396, 412  # " fox" " dog" " Paris" ...
@@ -24,19 +27,24 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required
           "additionalProperties": False}
 
 
-@pytest.fixture(scope="module")
-def steered(tiny_model):
-    """The tiny model's engine, and a function that sets the table its model follows."""
-    service = make_service(tiny_model, engine=EngineConfig(max_num_seqs=8, max_waiting=16, kv_cache_tokens=4096))
+@pytest.fixture(scope="module", params=[None, NGRAM])
+def steered(request, tiny_model):
+    """The tiny model's engine (plain, and with n-gram speculation, whose drafts the thinking must not outrun),
+    and a function that sets the table its model follows."""
+    service = make_service(tiny_model, engine=EngineConfig(
+        max_num_seqs=8, max_waiting=16, kv_cache_tokens=4096,
+        speculative=parse(request.param) if request.param else None))
     model = service.engine.model
     real = model.forward
     table: dict[int, int] = {}
 
     def forward(*args, **kwargs):
         out = real(*args, **kwargs)
-        for row, last in enumerate(kwargs["input_ids"][:, -1].tolist()):
-            if last in table:
-                out.logits[row, -1, table[last]] += 100.0
+        width = out.logits.shape[1]  # a prefill keeps the last position's logits; a verification, every one's
+        for row, fed in enumerate(kwargs["input_ids"][:, -width:].tolist()):
+            for position, last in enumerate(fed):
+                if last in table:
+                    out.logits[row, position, table[last]] += 100.0
         return out
 
     model.forward = forward
@@ -77,6 +85,8 @@ def test_the_engine_closes_thinking_at_exactly_the_budget(steered):
         out, = generate(service, SamplingParams(max_tokens=40, temperature=0.0,
                                                 thinking=Thinking(spec.end, spec.close, budget=budget)))
         assert out == [HMM] * budget + [DOG, SEA, ONE]
+    if service.engine.config.speculative is not None:  # the drafts of HMM were verified, and some kept
+        assert service.engine.stats.speculative.accepted_tokens > 0
 
 
 def test_thinking_that_ends_by_itself_is_left_alone(steered):
