@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from llmctl.engine import structured
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
@@ -25,6 +26,9 @@ from llmctl.engine.sampling import SamplingParams, TokenLogprobs
 from llmctl.engine.vllm_lora import VllmAdapters
 from llmctl.engine.vllm_setup import VllmModel, VllmOptions, engine_args
 from llmctl.errors import InvalidRequest, LLMCtlError, ModelLoadError, QueueFull, Unavailable
+
+if TYPE_CHECKING:
+    from vllm import LLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class VllmEngine:
         self._stopping = False
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self.vllm_engine = None  # vLLM's LLMEngine: only the engine thread calls it
+        self.vllm_engine: LLMEngine | None = None  # only the engine thread calls it (`_llm`)
         # vLLM's reasoning parser (`use_reasoning`): its structured outputs start after the thinking, and its
         # thinking_token_budget closes the thinking with the parser's end marker. Whether budgets work is
         # known once the engine is built (the parser must name a start and an end marker).
@@ -143,8 +147,15 @@ class VllmEngine:
         finally:
             self._shutdown()
 
+    @property
+    def _llm(self) -> LLMEngine:
+        """vLLM's engine, once `_run` built it."""
+        if self.vllm_engine is None:
+            raise RuntimeError("vLLM's engine is not built")
+        return self.vllm_engine
+
     def _loop(self) -> None:
-        engine = self.vllm_engine
+        engine = self._llm
         while True:
             with self._cond:
                 if not self._stopping and not self._inbox and not self._active:
@@ -178,9 +189,9 @@ class VllmEngine:
             return
         request_id = str(seq.id)
         try:
-            self.vllm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(seq.prompt_ids)),
-                                         to_vllm_params(seq.params, self.eos),
-                                         lora_request=self.lora.request(seq.adapter) if self.lora else None)
+            self._llm.add_request(request_id, TokensPrompt(prompt_token_ids=list(seq.prompt_ids)),
+                                  to_vllm_params(seq.params, self.eos),
+                                  lora_request=self.lora.request(seq.adapter) if self.lora else None)
         except ValueError as exc:  # vLLM's own validation: a client mistake the service did not catch
             self._finish(seq, "error", InvalidRequest(f"vLLM rejected the request: {_one_line(exc)}"))
             return
@@ -198,7 +209,7 @@ class VllmEngine:
         if not gone:
             return
         # Frees the requests' KV blocks in vLLM before the next step.
-        self.vllm_engine.abort_request([rid for rid, _, _ in gone])
+        self._llm.abort_request([rid for rid, _, _ in gone])
         for rid, seq, reason in gone:
             del self._active[rid]
             self._finish(seq, reason)
@@ -241,7 +252,7 @@ class VllmEngine:
     def _fail_active(self, error: LLMCtlError) -> None:
         if self._active:
             try:
-                self.vllm_engine.abort_request(list(self._active))
+                self._llm.abort_request(list(self._active))
             except Exception:
                 log.exception("vLLM abort_request failed")
         for seq in self._active.values():
@@ -256,7 +267,7 @@ class VllmEngine:
         for seq in queued:
             self._finish(seq, "error", error)
         try:
-            self.vllm_engine.engine_core.shutdown()
+            self._llm.engine_core.shutdown()
         except Exception:
             log.debug("vLLM engine shutdown failed", exc_info=True)
 
