@@ -53,12 +53,12 @@ def closed_objects(schema: Any) -> Any:
     return out
 
 
-def output_constraint(from_format: Constraint | None, tools: ToolUse,
-                      parser: type[ToolParser] | None) -> Constraint | None:
+def output_constraint(from_format: Constraint | None, tools: ToolUse, parser: type[ToolParser] | None,
+                      specials: frozenset[str] = frozenset()) -> Constraint | None:
     """A request's constraint. An enforced tool call comes first (the answer is the call); then the
     requested format (response_format, structured_outputs, text.format); then calls to strict tools
-    under tool_choice "auto"."""
-    from_tools = tool_constraint(tools, parser)
+    under tool_choice "auto". ``specials``: the text of the vocabulary's special tokens (`tool_constraint`)."""
+    from_tools = tool_constraint(tools, parser, specials)
     if tools.forced or from_format is None:
         return from_tools or from_format
     return from_format
@@ -208,7 +208,8 @@ def chat_tool_use(tools: list[dict] | None, tool_choice: Any, parallel_tool_call
     return tool_use(functions, "required", name, parallel)
 
 
-def tool_constraint(tools: ToolUse, parser: type[ToolParser] | None) -> Constraint | None:
+def tool_constraint(tools: ToolUse, parser: type[ToolParser] | None,
+                    specials: frozenset[str] = frozenset()) -> Constraint | None:
     """The grammar of the tool calls a request must (or, with strict tools, may) make, in ``parser``'s format.
 
     - A forced call ("required", a named function, Anthropic's "any" or "tool"): the answer is one
@@ -219,22 +220,26 @@ def tool_constraint(tools: ToolUse, parser: type[ToolParser] | None) -> Constrai
       free text, but a call the model starts must name a tool and, for a strict tool, have valid
       arguments (a non-strict tool's arguments are any JSON object).
     - "none", or "auto" without strict tools: nothing is enforced.
+
+    A marker of the format that is one of ``specials`` (the vocabulary's special tokens, e.g. harmony's
+    `<|channel|>` in gpt-oss) is written in the grammar as that token, not as text no token sequence spells.
     """
     if tools.forced:
         chosen = [f for f in tools.functions if tools.name in (None, f.name)]
         return _calls_grammar(parser or HermesParser, chosen, strict_only=False,
-                              single=tools.name is not None or not tools.parallel)
+                              single=tools.name is not None or not tools.parallel, specials=specials)
     if tools.mode != "auto" or parser is None or not any(f.strict for f in tools.functions):
         return None
-    return _calls_grammar(parser, list(tools.functions), strict_only=True, single=not tools.parallel, free_text=True)
+    return _calls_grammar(parser, list(tools.functions), strict_only=True, single=not tools.parallel, free_text=True,
+                          specials=specials)
 
 
 def _calls_grammar(parser: type[ToolParser], functions: list[FunctionTool], *, strict_only: bool, single: bool,
-                   free_text: bool = False) -> Constraint | None:
+                   free_text: bool = False, specials: frozenset[str] = frozenset()) -> Constraint | None:
     """The parser's grammar of calls to ``functions``; a non-strict tool under "auto" takes any JSON object."""
     chosen = [Function(f.name, closed_objects(f.parameters) if f.strict or not strict_only else ANY_OBJECT)
               for f in functions]
-    grammar = parser.grammar(chosen, single=single, free_text=free_text)
+    grammar = parser.grammar(chosen, single=single, free_text=free_text, specials=specials)
     if grammar is None:
         return None
     return Constraint("grammar", grammar, functions[0].param if len(functions) == 1 else "tools")

@@ -26,7 +26,15 @@ from llmctl.server.metrics import ServiceMetrics, prefix_cache_json, speculative
 from llmctl.server.pipeline import Ask, Run, TokenLimits, sampling_params
 from llmctl.server.reasoning import ReasoningParser, ReasoningParserName, resolve_reasoning
 from llmctl.server.store import ResponseState
-from llmctl.server.tools import PARSERS, HermesParser, ToolCallParser, ToolParser, hidden_specials, resolve_parser
+from llmctl.server.tools import (
+    PARSERS,
+    HermesParser,
+    ToolCallParser,
+    ToolParser,
+    hidden_specials,
+    resolve_parser,
+    special_tokens,
+)
 
 log = logging.getLogger(__name__)
 PROMPT_TAIL_TOKENS = 32  # the end of a prompt, decoded, shows whether it opened or closed the thinking
@@ -76,6 +84,7 @@ class Service:
         self.tool_format: type[ToolParser] | None = None  # the family whose tool calls are parsed
         self.reasoning_format: type[ReasoningParser] | None = None  # the family whose thinking is split out
         self.hidden_specials: frozenset[int] | None = None  # special tokens left out of the text (None: all)
+        self.grammar_specials: frozenset[str] = frozenset()  # the text of the special tokens, named so in grammars
         self.draining = False
         self.created = int(time.time())
         self._inflight = 0
@@ -108,6 +117,7 @@ class Service:
         self.tool_format, why = resolve_parser(self.settings.tool_call_parser, loaded.tokenizer)
         log.info("Tool calls: %s (%s)", self.tool_format.name if self.tool_format else "not parsed", why)
         self.hidden_specials = hidden_specials(loaded.tokenizer, self.tool_format, self.reasoning_format)
+        self.grammar_specials = frozenset(special_tokens(loaded.tokenizer).values())
         self.status = "ready"
         log.info("Ready: serving %s", loaded.name)
 

@@ -212,7 +212,8 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     stops = tuple(req.stop_sequences or ())
     ask = Ask(prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
               stops=stops, ignore_eos=req.ignore_eos, timeout=req.timeout,
-              constraint=output_constraint(None, tools, service.tool_format), model=model, adapter=adapter,
+              constraint=output_constraint(None, tools, service.tool_format, service.grammar_specials),
+              model=model, adapter=adapter,
               thinking=engine_thinking(service.reasoning_parser(prompt), loaded.tokenizer, switches.budget,
                                        tools.forced))
     run = service.start([ask], arrived, disconnected)

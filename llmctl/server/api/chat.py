@@ -31,7 +31,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
     tools = chat_tool_use(req.tools, req.tool_choice, req.parallel_tool_calls)
     constraint = output_constraint(constraint_from_request(req.response_format, req.structured_outputs), tools,
-                                   service.tool_format)
+                                   service.tool_format, service.grammar_specials)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     switches = chat_switches(req.chat_template_kwargs, req.reasoning_effort, req.thinking_token_budget)
     prompt = build_prompt(loaded, req, switches.template_kwargs)

@@ -243,7 +243,8 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     model, adapter = service.served_model(req.model)
     turn = stored.prepare(service, req)
     tools, tool_choice = function_tools(req)
-    constraint = output_constraint(structured_format(req.text), tool_choice, service.tool_format)
+    constraint = output_constraint(structured_format(req.text), tool_choice, service.tool_format,
+                                   service.grammar_specials)
     # The model reads what the request continues (stored as it saw it), then the new input.
     messages = chat_messages(req.model_copy(update={"input": ResponsesRequest.model_validate(
         {"input": turn.prior + turn.input_items}).input}) if turn.prior else req)

@@ -27,7 +27,8 @@ ToolCallParser = Literal["auto", "none", "hermes", "llama3_json", "pythonic", "l
 HermesToolParser = HermesParser
 
 __all__ = ["ALIASES", "PARSERS", "Function", "HermesParser", "HermesToolParser", "ToolCallParser", "ToolParser",
-           "detect_parser", "hidden_specials", "openai_call", "parser_class", "resolve_parser"]
+           "detect_parser", "hidden_specials", "openai_call", "parser_class", "resolve_parser",
+           "special_tokens"]
 
 
 def parser_class(name: str | None) -> type[ToolParser] | None:
@@ -66,6 +67,14 @@ def hidden_specials(tokenizer: Any, *parsers: Any) -> frozenset[int] | None:
     kept = {vocab[t] for t in names if t in vocab}
     if not kept:
         return None
-    special = set(getattr(tokenizer, "all_special_ids", []))
-    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
-    return frozenset(special - kept)
+    return frozenset(set(special_tokens(tokenizer)) - kept)
+
+
+def special_tokens(tokenizer: Any) -> dict[int, str]:
+    """The vocabulary's special tokens (id to text): the named ones and the added tokens marked special, which
+    the grammar engine sees as tokens, never as text."""
+    special = dict(zip(getattr(tokenizer, "all_special_ids", []), getattr(tokenizer, "all_special_tokens", []),
+                       strict=False))  # the same tokens, in order (a wrapper missing one list gives none)
+    special |= {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                if getattr(t, "special", False)}
+    return special

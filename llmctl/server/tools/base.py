@@ -37,6 +37,12 @@ def lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def marker(text: str, specials: frozenset[str]) -> str:
+    """A format's marker in a Lark grammar: a reference to the special token ``text`` where the vocabulary has
+    one (llguidance's ``<|name|>`` syntax; a special token is never spelled by text tokens), else a literal."""
+    return text if text in specials else lit(text)
+
+
 def held_prefix(text: str, start: int, marker: str) -> int:
     """How many characters at the end of ``text[start:]`` may be the beginning of ``marker``."""
     for n in range(min(len(marker) - 1, len(text) - start), 0, -1):
@@ -103,12 +109,14 @@ class ToolParser:
 
     # ---- enforcement ------------------------------------------------------------------------------
     @classmethod
-    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str | None:
+    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool,
+                specials: frozenset[str] = frozenset()) -> str | None:
         """A Lark grammar (llguidance's dialect) for calls to ``functions`` written in this family's format;
         None where this family's calls are not enforced so.
 
         ``single``: exactly one call, else one or more. ``free_text``: the answer may be text with no
-        call; a call it does make must still match.
+        call; a call it does make must still match. ``specials``: the text of the vocabulary's special
+        tokens, which the grammar must name as tokens (`marker`).
         """
         raise NotImplementedError
 

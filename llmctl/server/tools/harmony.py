@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Sequence
 
-from llmctl.server.tools.base import Function, ToolParser, held_prefix, json_rule, lit, openai_call
+from llmctl.server.tools.base import Function, ToolParser, held_prefix, json_rule, lit, marker, openai_call
 
 START, CHANNEL, MESSAGE, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"
 ENDS = ("<|end|>", "<|call|>", "<|return|>", START)
@@ -95,12 +95,14 @@ class HarmonyParser(ToolParser):
         return rest, self.calls
 
     @classmethod
-    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str | None:
+    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool,
+                specials: frozenset[str] = frozenset()) -> str | None:
         if free_text:
             return None  # a call can follow reasoning on any channel: not enforced without forcing it
         lines = ["start: " + " | ".join(f"call_{i}" for i in range(len(functions)))]
         for i, f in enumerate(functions):
-            head = f"{CHANNEL}commentary to=functions.{f.name} {CONSTRAIN}json{MESSAGE}"
-            lines.append(f"call_{i}: {lit(head)} args_{i}")
+            head = (marker(CHANNEL, specials), lit(f"commentary to=functions.{f.name} "), marker(CONSTRAIN, specials),
+                    lit("json"), marker(MESSAGE, specials))
+            lines.append(f"call_{i}: {' '.join(head)} args_{i}")
             lines.append(f"args_{i}: {json_rule(f.schema)}")
         return "\n".join(lines)

@@ -55,7 +55,8 @@ class HermesParser(ToolParser):
         return rest, calls
 
     @classmethod
-    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str:
+    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool,
+                specials: frozenset[str] = frozenset()) -> str:
         call = "call: " + json_rule(call_schema(functions, "arguments"))
         close = lit("\n" + CLOSE)
         if not free_text:

@@ -45,7 +45,8 @@ class Llama3JsonParser(ToolParser):
         return head, calls  # type: ignore[return-value]
 
     @classmethod
-    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str:
+    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool,
+                specials: frozenset[str] = frozenset()) -> str:
         lines = ["calls: call" if single else f"calls: call ({lit(SEPARATOR)} call)*",
                  "call: " + json_rule(call_schema(functions, "parameters"))]
         if free_text:  # text that does not start like a call, or calls

@@ -53,7 +53,8 @@ class MistralParser(ToolParser):
         return (head, calls) if calls else (text, [])
 
     @classmethod
-    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str:
+    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool,
+                specials: frozenset[str] = frozenset()) -> str:
         lines = ['list: "[" call "]"' if single else 'list: "[" call (", " call)* "]"',
                  "call: " + json_rule(call_schema(functions, "arguments"))]
         if free_text:  # text without the marker, or text up to it and then the calls
@@ -66,7 +67,8 @@ class MistralNamedParser(MistralParser):
     """Mistral, tokenizer v11 on (an `[ARGS]` token): same parsing; enforced calls as `[TOOL_CALLS]name[ARGS]{...}`."""
 
     @classmethod
-    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str:
+    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool,
+                specials: frozenset[str] = frozenset()) -> str:
         lines = ["call: " + " | ".join(f"call_{i}" for i in range(len(functions)))]
         for i, f in enumerate(functions):
             lines.append(f"call_{i}: {lit(f.name + ARGS)} args_{i}")

@@ -66,7 +66,8 @@ class PythonicParser(ToolParser):
         return (head, calls) if calls else (text, [])
 
     @classmethod
-    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str:
+    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool,
+                specials: frozenset[str] = frozenset()) -> str:
         lines = ['calls: "[" call "]"' if single else 'calls: "[" call (", " call)* "]"',
                  "call: " + " | ".join(f"call_{i}" for i in range(len(functions)))]
         for i, f in enumerate(functions):

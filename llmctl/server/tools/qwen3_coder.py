@@ -63,7 +63,8 @@ class Qwen3CoderParser(ToolParser):
         return rest.replace(OPEN, "").replace(CLOSE, ""), calls
 
     @classmethod
-    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool) -> str:
+    def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool,
+                specials: frozenset[str] = frozenset()) -> str:
         lines = [f"call: {' | '.join(f'call_{i}' for i in range(len(functions)))}",
                  r"STRING_VALUE: /(?s:.*\n<\/parameter>)/ & ~/(?s:.*<\/parameter>.+)/"]
         for i, f in enumerate(functions):
