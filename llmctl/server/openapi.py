@@ -9,7 +9,13 @@ from __future__ import annotations
 import json
 
 from llmctl import __version__
-from llmctl.server.api.anthropic import CountTokensRequest, MessagesRequest
+from llmctl.server.api.anthropic import (
+    AnthropicError,
+    AnthropicMessage,
+    AnthropicTokenCount,
+    CountTokensRequest,
+    MessagesRequest,
+)
 from llmctl.server.api.completions import CompletionRequest, TextCompletion
 from llmctl.server.api.conversations import ConversationRequest, ConversationUpdate, ItemsRequest
 from llmctl.server.api.lora import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
@@ -64,7 +70,8 @@ def _ref(name: str) -> dict:
 def _schemas() -> dict:
     """The request and response models as components, their nested models beside them."""
     found: dict = {}
-    for model in (*REQUEST_MODELS, *RESPONSE_MODELS, *SHAPES, TextCompletion, Tokenized, Detokenized):
+    answers = (TextCompletion, AnthropicMessage, AnthropicTokenCount, AnthropicError, Tokenized, Detokenized)
+    for model in (*REQUEST_MODELS, *RESPONSE_MODELS, *SHAPES, *answers):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         found.update(schema.pop("$defs", {}))
         found[model.__name__] = schema

@@ -8,8 +8,7 @@ import pytest
 
 from llmctl.errors import InvalidRequest
 from llmctl.server import schemas
-from llmctl.server.api import shapes
-from llmctl.server.api.anthropic import MessagesRequest, chat_messages, chat_tools
+from llmctl.server.api.anthropic import AnthropicError, AnthropicMessage, MessagesRequest, chat_messages, chat_tools
 from llmctl.server.testing import serve_in_thread
 
 USER = [{"role": "user", "content": "Hello there"}]
@@ -89,7 +88,7 @@ def test_sdk_plain_message(sdk, client):
     assert out.usage.input_tokens > 0 and 1 <= out.usage.output_tokens <= 6
     body = client.post("/v1/messages", json={"max_tokens": 3, "messages": USER, "system": "Be brief.",
                                              "top_k": 5}).json()
-    shapes.AnthropicMessage.model_validate(body)
+    AnthropicMessage.model_validate(body)
 
 
 def test_sdk_count_tokens_matches_usage(sdk):
@@ -138,7 +137,7 @@ def test_sdk_stream_event_sequence(sdk):
 def test_errors_use_anthropics_envelope(client, body, kind):
     r = client.post("/v1/messages", json=body)
     assert r.status_code == (404 if kind == "not_found_error" else 400), r.text
-    shapes.AnthropicError.model_validate(r.json())
+    AnthropicError.model_validate(r.json())
     assert r.json()["error"]["type"] == kind
     assert "traceback" not in r.text.lower()
 

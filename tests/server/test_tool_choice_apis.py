@@ -19,6 +19,7 @@ import openai
 import pytest
 from pydantic import Field
 
+from llmctl.server.api import anthropic as anthropic_api
 from llmctl.server.api import shapes
 from llmctl.server.testing import serve_in_thread
 from tests.conftest import make_service
@@ -96,7 +97,7 @@ def test_anthropic_tool_choice_gives_one_valid_tool_use(claude, tool_choice):
         if tool_choice["type"] == "tool":
             assert use.name == "get_time"
         _valid(use.name, use.input)
-        shapes.AnthropicMessage.model_validate(out.model_dump(exclude_unset=True))
+        anthropic_api.AnthropicMessage.model_validate(out.model_dump(exclude_unset=True))
 
 
 def test_anthropic_forced_tool_use_streamed(claude):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import anthropic
 import openai
 
+from llmctl.server.api import anthropic as anthropic_api
 from llmctl.server.api import shapes
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -62,7 +63,7 @@ def test_anthropic_tool_use_plain_and_streamed(scripted):
     assert [b.type for b in out.content] == ["text", "tool_use"] and out.content[0].text == "Checking."
     use = out.content[1]
     assert use.name == "get_weather" and use.input == {"city": "Paris"} and use.id.startswith("toolu_")
-    shapes.AnthropicMessage.model_validate(out.model_dump(exclude_unset=True))
+    anthropic_api.AnthropicMessage.model_validate(out.model_dump(exclude_unset=True))
     say(CALL)
     with sdk.messages.stream(model="tiny-llama", max_tokens=100, messages=USER, tools=ANTHROPIC_TOOLS) as stream:
         final = stream.get_final_message()

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server import schemas
@@ -112,6 +112,70 @@ class MessagesRequest(CountTokensRequest):
     metadata: dict | None = None
     timeout: Annotated[StrictFloat, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
     ignore_eos: StrictBool = False  # llmctl extension, as on the chat route (fixed-length benchmarks)
+
+
+# ---- the answers' shapes (the OpenAPI document's; tests validate real answers against them) ----------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AnthropicText(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class AnthropicToolUse(_Strict):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict
+
+
+class AnthropicThinking(_Strict):
+    """The model's thinking (with `serve --reasoning-parser`); ``signature`` is opaque (clients send it back)."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+
+
+class AnthropicUsage(_Strict):
+    input_tokens: int
+    output_tokens: int
+
+
+class AnthropicMessage(_Strict):
+    """The answer to /v1/messages. Streamed, it comes as Anthropic's events: message_start, then per content
+    block content_block_start, content_block_delta (thinking_delta then signature_delta, text_delta or
+    input_json_delta), content_block_stop,
+    then message_delta (stop_reason, output tokens) and message_stop; an error after the stream started
+    comes as an `error` event."""
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[AnthropicThinking | AnthropicText | AnthropicToolUse]
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
+    stop_sequence: str | None
+    usage: AnthropicUsage
+
+
+class AnthropicTokenCount(_Strict):
+    input_tokens: int
+
+
+class AnthropicErrorDetail(_Strict):
+    type: str
+    message: str
+
+
+class AnthropicError(_Strict):
+    """Errors on /v1/messages routes, in Anthropic's envelope."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+    request_id: str | None = None  # the response's x-request-id, as in Anthropic's own API
 
 
 def _text(blocks: str | list, param: str) -> str:

@@ -1,5 +1,5 @@
 """The shapes of the newer routes' answers, for the OpenAPI document (as `llmctl.server.responses` does for
-chat completions): Responses and Anthropic Messages. (Legacy completions' and /tokenize's are beside their
+chat completions): Responses. (Legacy completions', Anthropic Messages' and /tokenize's are beside their
 handlers.)
 
 Tests validate real answers against these models with unknown fields forbidden, so the document
@@ -120,64 +120,4 @@ class Response(_Strict):
     usage: ResponseUsage | None
 
 
-# ---- /v1/messages -----------------------------------------------------------------------------
-class AnthropicText(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class AnthropicToolUse(_Strict):
-    type: Literal["tool_use"]
-    id: str
-    name: str
-    input: dict
-
-
-class AnthropicThinking(_Strict):
-    """The model's thinking (with `serve --reasoning-parser`); ``signature`` is opaque (clients send it back)."""
-
-    type: Literal["thinking"]
-    thinking: str
-    signature: str
-
-
-class AnthropicUsage(_Strict):
-    input_tokens: int
-    output_tokens: int
-
-
-class AnthropicMessage(_Strict):
-    """The answer to /v1/messages. Streamed, it comes as Anthropic's events: message_start, then per content
-    block content_block_start, content_block_delta (thinking_delta then signature_delta, text_delta or
-    input_json_delta), content_block_stop,
-    then message_delta (stop_reason, output tokens) and message_stop; an error after the stream started
-    comes as an `error` event."""
-
-    id: str
-    type: Literal["message"]
-    role: Literal["assistant"]
-    model: str
-    content: list[AnthropicThinking | AnthropicText | AnthropicToolUse]
-    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
-    stop_sequence: str | None
-    usage: AnthropicUsage
-
-
-class AnthropicTokenCount(_Strict):
-    input_tokens: int
-
-
-class AnthropicErrorDetail(_Strict):
-    type: str
-    message: str
-
-
-class AnthropicError(_Strict):
-    """Errors on /v1/messages routes, in Anthropic's envelope."""
-
-    type: Literal["error"]
-    error: AnthropicErrorDetail
-    request_id: str | None = None  # the response's x-request-id, as in Anthropic's own API
-
-
-SHAPES = (Response, AnthropicMessage, AnthropicTokenCount, AnthropicError)
+SHAPES = (Response,)
