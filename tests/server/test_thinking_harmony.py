@@ -49,18 +49,16 @@ def served(request, tmp_path_factory):
     word, = tokenizer.encode(WORD, add_special_tokens=False)
     model, engine = service.engine.model, service.engine
     real, submit = model.forward, engine.submit
-    submitted, steps = [], {"n": 0}
+    submitted = []
 
-    def forward(*args, **kwargs):  # one request at a time: the n-th pass gives the n-th generated token
-        out = real(*args, **kwargs)
-        token = script[steps["n"]] if steps["n"] < len(script) else word
-        out.logits[:, -1, token] += 100.0
-        steps["n"] += 1
+    def forward(*args, **kwargs):  # one request at a time: its n-th generated token is the script's n-th
+        out = real(*args, **kwargs)  # (counted by its output, not by passes: a long prompt prefills in chunks)
+        n = len(submitted[-1].output_ids) if submitted else 0
+        out.logits[:, -1, script[n] if n < len(script) else word] += 100.0
         return out
 
     def record(seq):
         submitted.append(seq)
-        steps["n"] = 0
         return submit(seq)
 
     model.forward, engine.submit = forward, record
