@@ -96,11 +96,11 @@ def test_a_failure_after_the_prefill_fails_only_the_new_request(monkeypatch):
     engine.start()
     real, armed = sampling.BatchSampler.sample, threading.Event()
 
-    def sample(self, logits):
+    def sample(self, logits, *args):
         if armed.is_set() and logits.shape[0] == 1 and engine._admitting:
             armed.clear()
             raise RuntimeError("injected failure while sampling a prefill")
-        return real(self, logits)
+        return real(self, logits, *args)
 
     monkeypatch.setattr(sampling.BatchSampler, "sample", sample)
     try:
