@@ -208,26 +208,31 @@ def scripted_server(model: Path, store_url: str | None = None,
         from llmctl.server.store import ResponseState, open_store
 
         service.responses = ResponseState(open_store(store_url), lease_s=0.2)
-    model, tokenizer = service.engine.model, service.loaded.tokenizer
-    real = model.forward
-    script = {"ids": [], "step": 0}
+    engine, tokenizer = service.engine, service.loaded.tokenizer
+    model = engine.model
+    real, submit = model.forward, engine.submit
+    script: dict = {"ids": None, "seq": None}
 
-    def forward(*args, **kwargs):
-        out = real(*args, **kwargs)
-        if script["step"] < len(script["ids"]) + 1:
-            token = (script["ids"] + [tokenizer.eos_token_id])[script["step"]]
-            out.logits[:, -1, :] = float("-inf")
-            out.logits[:, -1, token] = 0.0
-        script["step"] += 1
+    def forward(*args, **kwargs):  # the request's n-th generated token is the script's n-th, counted by its
+        out = real(*args, **kwargs)  # output rather than by passes (a long prompt is prefilled in chunks)
+        ids, seq = script["ids"], script["seq"]
+        if ids is not None and seq is not None:
+            n = len(seq.output_ids)
+            if n <= len(ids):
+                token = (ids + [tokenizer.eos_token_id])[n]
+                out.logits[:, -1, :] = float("-inf")
+                out.logits[:, -1, token] = 0.0
         return out
 
-    def say(text: str | None) -> None:
-        if text is None:  # the model's own output from now on
-            script["ids"], script["step"] = [], 1
-            return
-        script["ids"], script["step"] = tokenizer(text, add_special_tokens=False)["input_ids"], 0
+    def record(seq):
+        script["seq"] = seq
+        return submit(seq)
 
-    model.forward = forward
+    def say(text: str | None) -> None:
+        # None: the model's own output from now on.
+        script["ids"] = None if text is None else tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    model.forward, engine.submit = forward, record
     with serve_in_thread(service) as url:
         yield url, say
     service.shutdown()
