@@ -12,9 +12,9 @@ speculative, ``--rounds`` times, so drift on a shared machine hits both alike):
 - free: one stream, greedy, free text (stories, explanations);
 - 16 streams: 16 requests at once, free text and repeats mixed, sampled at temperature 0.7 with seeds.
 
-tok/s is completion tokens over wall time (one stream: summed over its requests, one after another; 16
-streams: all tokens over the time until the last one ended). The speculative server's /metrics give the
-acceptance rate and tokens per speculating step.
+tok/s is completion tokens over wall time (one stream: summed over its requests, one after another, the two
+servers taking turns request by request; 16 streams: all tokens over the time until the last one ended).
+The speculative server's /metrics give the acceptance rate and tokens per speculating step.
 """
 
 from __future__ import annotations
@@ -84,16 +84,10 @@ def ask(url: str, prompt: str, max_tokens: int, **fields) -> tuple[str, int]:
     return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"]
 
 
-def one_stream(url: str, prompts: list[str], max_tokens: int) -> tuple[float, int, float, list[str]]:
-    """(tok/s, tokens, seconds, texts) of ``prompts`` asked one after another."""
-    texts, tokens, seconds = [], 0, 0.0
-    for prompt in prompts:
-        started = time.perf_counter()
-        text, n = ask(url, prompt, max_tokens)
-        seconds += time.perf_counter() - started
-        texts.append(text)
-        tokens += n
-    return tokens / seconds, tokens, seconds, texts
+def timed(url: str, prompt: str, max_tokens: int) -> tuple[str, int, float]:
+    started = time.perf_counter()
+    text, n = ask(url, prompt, max_tokens)
+    return text, n, time.perf_counter() - started
 
 
 def many_streams(url: str, streams: int, max_tokens: int) -> tuple[float, int, float, list[str]]:
@@ -125,25 +119,33 @@ def main() -> None:
              "speculative": start_server(servers["speculative"],
                                          [*common, "--speculative-config", args.speculative_config])}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in servers.items()}
-    workloads = {
-        "repeat, 1 stream": lambda url: one_stream(url, REPEAT, args.max_tokens),
-        "free text, 1 stream": lambda url: one_stream(url, FREE, args.max_tokens),
-        f"{args.streams} streams": lambda url: many_streams(url, args.streams, args.max_tokens // 2),
-    }
+    one_stream = {"repeat, 1 stream": REPEAT, "free text, 1 stream": FREE}
+    workloads = [*one_stream, f"{args.streams} streams"]
     results: dict = {w: {"plain": [], "speculative": []} for w in workloads}
-    texts: dict = {w: {} for w in workloads}
+    texts: dict = {w: {"plain": [], "speculative": []} for w in workloads}
     try:
         for name, url in urls.items():
             wait_ready(url, procs[name])
             ask(url, "Hello", 8)  # warm-up
         for round_ in range(args.rounds):
-            for workload, run in workloads.items():
-                for name in ("plain", "speculative"):
-                    rate, tokens, seconds, out = run(urls[name])
-                    results[workload][name].append({"tok_s": rate, "tokens": tokens, "seconds": seconds})
-                    texts[workload].setdefault(name, out)
-                    print(f"round {round_ + 1} {workload:>20} {name:>11}: {rate:6.2f} tok/s ({tokens} tokens, "
-                          f"{seconds:.1f} s)", flush=True)
+            # Request by request, the two servers take turns (who goes first alternates by round), so a change in
+            # the machine's load hits both alike.
+            order = ("plain", "speculative") if round_ % 2 == 0 else ("speculative", "plain")
+            for workload, prompts in one_stream.items():
+                for prompt in prompts:
+                    for name in order:
+                        text, tokens, seconds = timed(urls[name], prompt, args.max_tokens)
+                        results[workload][name].append({"tokens": tokens, "seconds": seconds})
+                        if round_ == 0:
+                            texts[workload][name].append(text)
+                        print(f"round {round_ + 1} {workload:>20} {name:>11}: {tokens / seconds:6.2f} tok/s "
+                              f"({tokens} tokens, {seconds:.1f} s)", flush=True)
+            workload = workloads[-1]
+            for name in order:
+                rate, tokens, seconds, _ = many_streams(urls[name], args.streams, args.max_tokens // 2)
+                results[workload][name].append({"tokens": tokens, "seconds": seconds})
+                print(f"round {round_ + 1} {workload:>20} {name:>11}: {rate:6.2f} tok/s ({tokens} tokens, "
+                      f"{seconds:.1f} s)", flush=True)
         metrics = httpx.get(urls["speculative"] + "/metrics").json()["speculative"]
         threads = httpx.get(urls["plain"] + "/health").json().get("cpu_threads")
     finally:

@@ -98,8 +98,9 @@ class Speculator:
         self.stats = stats if stats is not None else SpeculativeStats()
         self._acceptance: dict[int, tuple[float, float]] = {}  # seq id -> (accepted, tried), decayed
         self._global = (PRIOR_ACCEPTANCE * 4, 4.0)
-        self._seconds_per_token: dict[tuple[int, bool], float] = {}  # (rows, with drafts) -> recent step cost
-        self._tries: dict[int, int] = {}  # steps that had drafts to verify, by batch size
+        # (batch size class, with drafts) -> recent cost per token; steps that had drafts, by size class
+        self._seconds_per_token: dict[tuple[int, bool], float] = {}
+        self._tries: dict[int, int] = {}
 
     def _ngram(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
         c = self.config
@@ -127,15 +128,17 @@ class Speculator:
         return drafts
 
     def pays(self, rows: int) -> bool:
-        """Whether steps with drafts have given more tokens per second than plain steps at this batch size, as
+        """Whether steps with drafts have given more tokens per second than plain steps at this batch size (in
+        powers of two, so that a draining batch is not timed anew at each size), as
         measured (the cost model extrapolates; this checks it): each side is timed before it is trusted, and the
         side that lost is tried again every `RETRY_EVERY` steps, as the rows' contents change."""
-        self._tries[rows] = self._tries.get(rows, 0) + 1
-        plain, spec = self._seconds_per_token.get((rows, False)), self._seconds_per_token.get((rows, True))
+        size = rows.bit_length()  # batch sizes by powers of two: 1, 2-3, 4-7, 8-15, 16-31, ...
+        self._tries[size] = self._tries.get(size, 0) + 1
+        plain, spec = self._seconds_per_token.get((size, False)), self._seconds_per_token.get((size, True))
         if spec is None or plain is None:
             return plain is not None  # time a plain step at this size first, then one with drafts
         better = spec < plain
-        return better != (self._tries[rows] % RETRY_EVERY == 0)
+        return better != (self._tries[size] % RETRY_EVERY == 0)
 
     @staticmethod
     def _legal(seq: Sequence, draft: list[int]) -> list[int]:
@@ -172,7 +175,7 @@ class Speculator:
         """Account one step: its timing, and each row's accepted drafts (a geometric acceptance model: a row
         tried its drafts in order until the first rejection). Rows no longer in the batch are forgotten."""
         self.cost.observe(tokens_fed, seconds)
-        key = (len(seqs), any(drafts))
+        key = (len(seqs).bit_length(), any(drafts))
         per_token = seconds / (len(seqs) + sum(accepted))
         last = self._seconds_per_token.get(key)
         self._seconds_per_token[key] = per_token if last is None else last * 0.8 + per_token * 0.2
