@@ -146,11 +146,10 @@ def serve(
         "(docs/engine.md).")] = None,
     deterministic: Annotated[bool, typer.Option(
         "--deterministic", envvar=envvars.DETERMINISTIC,
-        help="Builtin engine: compute each request as if it ran alone (prefills one at a time, decode attention "
-        "row by row, no shared prefixes or speculation), so that its tokens at temperature 0 (or with a seed) do "
-        "not depend on the other requests in its batch where the model's matrix products are row-independent "
-        "(docs/engine.md), at a cost in throughput (docs/benchmarks.md). Without it they already do not depend "
-        "on the prefix cache.")] = False,
+        help="Builtin engine: a request's tokens at temperature 0 (or with a seed) do not depend on the other "
+        "requests in its batch (each is computed as if it ran alone: prefills one at a time, each decode row a "
+        "pass of its own, no shared prefixes or speculation), at a cost in throughput (docs/benchmarks.md). "
+        "Without it they already do not depend on the prefix cache.")] = False,
     request_timeout: Annotated[float, typer.Option(
         envvar=envvars.REQUEST_TIMEOUT, min=1, max=300,
         help="Default per-request timeout in seconds (a request's 'timeout' field overrides it).")] = 60.0,

@@ -18,7 +18,6 @@ training, gradients) go to transformers' SDPA function, as before. Sliding windo
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import get_args
 
 import torch
@@ -50,11 +49,6 @@ def grouped_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     ``attention_mask`` is `grouped_mask`'s: None (causal and nothing else) or additive float32 [B, 1, Q, K].
     """
     shared = kwargs.pop("shared_prefix", None)
-    alone = kwargs.pop("rows_alone", None)
-    if alone is not None and not _unsupported(module, query, key, value, attention_mask, dropout, kwargs):
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        alone.layers.add(module.layer_idx)
-        return attend_rows_alone(query, key, value, attention_mask, scale), None
     if shared is not None:  # rows of this batch read a shared prefix: only this function knows how
         if _unsupported(module, query, key, value, attention_mask, dropout, kwargs):
             raise NotImplementedError("a shared prefix needs plain attention (no soft-capping, sinks, biases)")
@@ -90,33 +84,6 @@ def _attend_own(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mas
     if mask is not None:
         scores.view(count, kv_heads, -1, mask.shape[2], key.shape[2]).add_(mask[:, :, None])
     torch.matmul(scores.softmax(dim=-1).to(value.dtype), value, out=out)
-
-
-@dataclass(eq=False)
-class RowsAlone:
-    """Asks attention to compute each row of a decode step as if it ran alone (`attend_rows_alone`); every
-    layer that did counts itself in ``layers``, which the engine checks after the pass."""
-
-    layers: set[int] = field(default_factory=set)
-
-
-def attend_rows_alone(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                      scale: float) -> torch.Tensor:
-    """Attention of a decode step ([B, H, 1, D] queries) in which each row attends over only its own keys,
-    the last columns of its left-padded cache row, with no mask: the same operations at the same shapes as
-    when the row is alone in the batch, so its result does not depend on the other rows (`--deterministic`).
-    Returns [B, 1, H, D]."""
-    rows, heads, queries, dim = query.shape
-    kv_heads = key.shape[1]
-    stacked = query.reshape(rows, kv_heads, heads // kv_heads * queries, dim)
-    out = torch.empty(stacked.shape, dtype=value.dtype, device=value.device)
-    # A row's keys start at its first visible column (left padding before it; a decode step's mask hides
-    # nothing after it).
-    starts = [0] * rows if mask is None else (mask[:, 0, -1] == 0).int().argmax(-1).tolist()
-    for row, start in enumerate(starts):
-        _attend_own(stacked[row:row + 1], key[row:row + 1, :, start:], value[row:row + 1, :, start:], None, scale,
-                    out[row:row + 1])
-    return out.view(rows, heads, queries, dim).transpose(1, 2).contiguous()
 
 
 def attend_with_shared(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

@@ -30,6 +30,7 @@ from llmctl.engine.kv import SharedView
 from llmctl.engine.lora import LoraSet
 from llmctl.engine.prefill import Prefills
 from llmctl.engine.prefix_cache import KVLayoutError, PrefixCache, store_rows
+from llmctl.engine.reproducible import decode_rows_alone
 from llmctl.engine.shared import sharing_works
 from llmctl.engine.speculative import Speculator, verify
 from llmctl.engine.structured import Grammars, attach_matchers, end_reason
@@ -61,12 +62,6 @@ class BuiltinEngine(Prefills):
             if tokenizer is not None else None
         # transformers renamed `past_key_values` to `cache`; pass whichever this version takes.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        # Deterministic: decode attention computes each row over its own keys (attention.attend_rows_alone),
-        # which only llmctl's attention function does.
-        self._alone = self.options.deterministic and self.attention == attention.GROUPED
-        if self.options.deterministic and not self._alone:
-            log.warning("--deterministic needs llmctl's attention (--attention grouped): with %s attention a "
-                        "request's tokens may still depend on the other requests in its batch", self.attention)
         with torch.inference_mode():  # a row reading a shared prefix computes its attention differently
             self._share = self._prefix is not None and not self.options.deterministic and \
                 sharing_works(model, self.attention, self._forward)
@@ -254,13 +249,10 @@ class BuiltinEngine(Prefills):
             (self._prefilling.prefilled if self._prefilling else 0)
 
     def _forward(self, cache: DynamicCache, shared: SharedView | None = None, seqs: list[Sequence] | None = None,
-                 alone: attention.RowsAlone | None = None, **kwargs):
-        """One forward pass; ``seqs``: the sequence of each row, whose LoRA adapter it computes with; ``alone``:
-        attention computes each row as if alone (--deterministic)."""
+                 **kwargs):
+        """One forward pass; ``seqs``: the sequence of each row, whose LoRA adapter it computes with."""
         if shared is not None:
             kwargs["shared_prefix"] = shared
-        if alone is not None:
-            kwargs["rows_alone"] = alone
         rows = self.lora.rows([s.adapter for s in seqs]) if self.lora is not None and seqs else nullcontext()
         with rows:
             out = self.model(**kwargs, **{self._cache_kw: cache}, use_cache=True)
@@ -312,18 +304,16 @@ class BuiltinEngine(Prefills):
             else:
                 mask = torch.cat([batch.mask, torch.ones((rows, 1), dtype=batch.mask.dtype, device=self.device)],
                                  dim=1)
-                alone = attention.RowsAlone() if self._alone else None
-                out = self._forward(input_ids=batch.last[:, None], attention_mask=mask,
-                                    position_ids=batch.positions[:, None],
-                                    cache=batch.cache, shared=SharedView.of(batch.shared, batch.shared_lengths),
-                                    seqs=batch.seqs, alone=alone)
-                if alone is not None and len(alone.layers) != len(batch.cache.layers):
-                    self._alone = False
-                    log.warning("--deterministic is off: %d layer(s) of this model did not compute their rows "
-                                "alone", len(batch.cache.layers) - len(alone.layers))
+                if self.options.deterministic:  # every row a pass of its own: what it computes alone
+                    logits = decode_rows_alone(self._forward, batch)
+                else:
+                    logits = self._forward(input_ids=batch.last[:, None], attention_mask=mask,
+                                           position_ids=batch.positions[:, None], cache=batch.cache,
+                                           shared=SharedView.of(batch.shared, batch.shared_lengths),
+                                           seqs=batch.seqs).logits[:, -1, :]
                 batch.mask = mask
                 batch.positions = batch.positions + 1
-                tokens = sample(batch, out.logits[:, -1, :], self.device)
+                tokens = sample(batch, logits, self.device)
         except torch.OutOfMemoryError:
             self._batch = None
             self._on_oom(batch.seqs)

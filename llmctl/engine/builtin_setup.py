@@ -29,8 +29,8 @@ class BuiltinOptions:
     # How long an idle engine waits for the rest of a burst of requests before it prefills (ms); None: the
     # engine's choice for the device (see Prefills.prefill_wait_s).
     prefill_wait_ms: float | None = None
-    # Compute each request as if it ran alone (prefills one at a time, decode attention row by row, no shared
-    # prefixes): its tokens do not depend on the other requests in its batch (llmctl.engine.reproducible).
+    # Compute each request as if it ran alone (prefills one at a time, each decode row a pass of its own, no
+    # shared prefixes): its tokens do not depend on the other requests in its batch (llmctl.engine.reproducible).
     deterministic: bool = False
 
     def __post_init__(self) -> None:

@@ -12,11 +12,23 @@ chunk bound with the very tensors a cold one would have there, and computes the 
 
 The chunk size trades the cost of smaller passes against how much of a cached prefix is taken:
 `scripts/bench_reproducible.py` measures both (docs/benchmarks.md).
+
+With ``--deterministic`` a decode step runs each row as a pass of its own (`decode_rows_alone`), since a
+batched bf16 product may round a row differently with more rows beside it: a row's tokens then do not
+depend on the other requests at all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from llmctl.engine.batch import Batch
 from llmctl.engine.kv import Match
+from llmctl.engine.prefix_cache import PrefilledLayer
 
 CHUNK_TOKENS = 128  # a multiple of the prefix cache's block size (a smaller step budget takes less: Prefills)
 
@@ -44,3 +56,28 @@ def exact_part(match: Match | None, block_size: int, chunk: int = CHUNK_TOKENS) 
     if not tokens:
         return None
     return match if tokens == match.tokens else Match(match.blocks[:tokens // block_size], tokens, match.next_key)
+
+
+def decode_rows_alone(forward: Callable, batch: Batch) -> torch.Tensor:
+    """One decode step of ``batch`` in which every row is a forward pass of its own, over its own cache
+    columns only (`--deterministic`): the very computation it makes when it runs alone, whatever the other
+    rows (a batched product may round a row differently with more rows beside it). Appends each row's new
+    KV to the batch's cache; returns the logits ``[B, V]``. ``forward``: the engine's forward pass."""
+    width = batch.mask.shape[1]
+    layers: list[Any] = list(batch.cache.layers)
+    logits, new_kv = [], []
+    for row, own in enumerate(batch.own_lengths().tolist()):
+        # Views of the row's real columns: the pass appends its token to copies of them.
+        mine: list[Any] = [PrefilledLayer(layer.keys[row:row + 1, :, width - own:],
+                                          layer.values[row:row + 1, :, width - own:], 0) for layer in layers]
+        cache = DynamicCache()
+        cache.layers.extend(mine)
+        out = forward(input_ids=batch.last[row:row + 1, None], cache=cache, seqs=[batch.seqs[row]],
+                      attention_mask=torch.ones((1, own + 1), dtype=batch.mask.dtype, device=batch.mask.device),
+                      position_ids=batch.positions[row:row + 1, None])
+        logits.append(out.logits[:, -1, :])
+        new_kv.append([(layer.keys[:, :, -1:], layer.values[:, :, -1:]) for layer in mine])
+    for i, layer in enumerate(layers):
+        layer.keys = torch.cat([layer.keys, torch.cat([kv[i][0] for kv in new_kv])], dim=-2)
+        layer.values = torch.cat([layer.values, torch.cat([kv[i][1] for kv in new_kv])], dim=-2)
+    return torch.cat(logits)

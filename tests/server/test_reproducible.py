@@ -124,7 +124,7 @@ def test_deterministic_answers_do_not_depend_on_the_other_requests(deterministic
 
 
 @pytest.mark.parametrize("mark", [pytest.param(None, marks=REAL_MODEL)])
-def test_smollm2_answers_the_same_with_a_warm_prefix_cache(mark):
+def test_smollm2_answers_the_same_with_a_warm_prefix_cache_and_among_others(mark):
     from llmctl.core.embedded import ensure_embedded_model
 
     assert SMOLLM2_GGUF is not None
@@ -136,6 +136,7 @@ def test_smollm2_answers_the_same_with_a_warm_prefix_cache(mark):
     service.shutdown()
     assert all(u["prompt_tokens_details"]["cached_tokens"] >= CHUNK_TOKENS for _, u in runs[1:])
     assert all(tokens == runs[0][0] for tokens, _ in runs)
-    # Not asserted: SmolLM2 among 15 others with --deterministic. Its MLP's down projection rounds a row
-    # differently in a product of 16 rows than of 1 on this CPU, so batch invariance does not hold for it
-    # (docs/engine.md, "Reproducible answers").
+    service = bf16_service(ensure_embedded_model(), deterministic=True)
+    with serve_in_thread(service) as url:  # --deterministic: and among 15 others
+        repeat_test(url, messages, others(), max_tokens=24)
+    service.shutdown()
