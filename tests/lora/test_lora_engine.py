@@ -65,7 +65,8 @@ def test_prefix_cache_keeps_adapters_apart(lora_service, expected):
     """A prompt the base model prefilled is cached, but an adapter's row computes its own KV (the base model's
     would give other tokens); the adapter's second request then reads its own cached prefix."""
     engine = lora_service.engine
-    prompt = [(i * 53 + 7) % 500 for i in range(40)]  # a prompt no other test sends
+    # A prompt no other test sends, over one of the 128-token chunks whose KV the cache keeps exact.
+    prompt = [(i * 53 + 7) % 500 for i in range(200)]
     want = {name: merged_greedy(lora_service.settings.load.model_path, path, prompt, TOKENS)
             for name, path in ((None, None), ("one", lora_service.settings.loras[0].path))}
     seq = submit(lora_service, prompt, None)
@@ -75,7 +76,7 @@ def test_prefix_cache_keeps_adapters_apart(lora_service, expected):
     assert first.cached_tokens == 0  # the base model's blocks were there, and not used
     again = submit(lora_service, prompt, "one")
     assert tokens(again) == want["one"]
-    assert again.cached_tokens >= 32  # its own blocks
+    assert again.cached_tokens >= 128  # its own blocks
     assert engine.stats.prefix_cache_hits > 0
 
 
