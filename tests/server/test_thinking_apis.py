@@ -70,13 +70,18 @@ def split(message) -> tuple[str, str]:
     return reasoning or "", message.content or ""
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A server whose model thinks in `<think>`, with DeepSeek-R1's parser, on the template that opens thinking."""
-    service = steered_service(tmp_path_factory.mktemp("think") / "tiny-llama", OPENED, reasoning_parser="deepseek_r1")
+def steered_server(folder, template: str, parser: str):
+    """A served steered model (its service and URL), shut down when the module's tests end."""
+    service = steered_service(folder / "tiny-llama", template, reasoning_parser=parser)
     with serve_in_thread(service) as url:
         yield service, url
     service.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A server whose model thinks in `<think>`, with DeepSeek-R1's parser, on the template that opens thinking."""
+    yield from steered_server(tmp_path_factory.mktemp("think"), OPENED, "deepseek_r1")
 
 
 def test_a_budget_ends_the_thinking_at_exactly_n_tokens_and_the_schema_holds_the_answer(served):
@@ -117,10 +122,7 @@ def test_anthropic_budget_tokens_close_the_thinking_and_a_forced_tool_is_called(
 @pytest.fixture(scope="module")
 def hybrid(tmp_path_factory):
     """A server whose model thinks in `<think>` with Qwen3's parser and Qwen3's switch."""
-    service = steered_service(tmp_path_factory.mktemp("hybrid") / "tiny-llama", HYBRID, reasoning_parser="qwen3")
-    with serve_in_thread(service) as url:
-        yield service, url
-    service.shutdown()
+    yield from steered_server(tmp_path_factory.mktemp("hybrid"), HYBRID, "qwen3")
 
 
 def test_each_client_s_switch_turns_thinking_off_and_the_answer_is_constrained_from_its_start(hybrid):

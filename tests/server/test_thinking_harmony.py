@@ -16,12 +16,8 @@ import pytest
 from llmctl.server.testing import build_tiny_model, serve_in_thread
 from tests.conftest import make_service
 
-harmony = pytest.importorskip("openai_harmony")
-try:
-    ENCODING = harmony.load_harmony_encoding(harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
-except harmony.HarmonyError as exc:  # pragma: no cover - depends on the machine
-    pytest.skip(f"openai-harmony cannot load its vocabulary ({exc}); set TIKTOKEN_ENCODINGS_BASE "
-                "(bash .ci/harmony_vocab.sh prepares it)", allow_module_level=True)
+# openai-harmony and its vocabulary (or the skip that says why not), as the tool-call tests load them.
+from tests.server.test_tool_parser_harmony import ENCODING, harmony
 
 SPECIALS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>")
 # gpt-oss' template, reduced: the system message carries the effort as harmony writes it.
