@@ -10,7 +10,9 @@ from __future__ import annotations
 class LLMCtlError(Exception):
     """Base class: a problem that is explained to the user, not a bug."""
 
-    status: int = 500
+    # The HTTP status that goes with the error: the one llmctl's server answers with, or, for a client's error,
+    # the one a provider answered with (None where no answer came: `ProviderError`).
+    status: int | None = 500
     type: str = "server_error"
     code: str | None = None
 

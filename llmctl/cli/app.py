@@ -6,17 +6,21 @@ import functools
 import importlib
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import click
 import typer
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from llmctl import __version__, envvars
 from llmctl.cli import chat, health, metrics, router
 from llmctl.cli.output import err_console
 from llmctl.errors import LLMCtlError
+
+if TYPE_CHECKING:
+    # Typer (0.29 on) builds its commands of a click of its own, not of the click package: its groups take and
+    # hold these types, which it exports under no public name.
+    from typer._click import Command, Context
 
 # serve, bench and doctor import torch and transformers (seconds of start-up); chat, health and
 # metrics are plain HTTP clients. So the heavy three are imported only when one of them runs, and
@@ -48,7 +52,7 @@ def command(fn: Callable) -> Callable:
     return wrapper
 
 
-def load_command(name: str) -> click.Command:
+def load_command(name: str) -> Command:
     """Import one of the heavy commands and build its click command, with the same error policy."""
     module, _ = LAZY[name]
     single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -56,17 +60,20 @@ def load_command(name: str) -> click.Command:
     return typer.main.get_command(single)
 
 
+class StandIn(TyperCommand):
+    """A heavy command's summary in `llmctl --help`, replaced by the real command when it is invoked."""
+
+
 class LazyGroup(TyperGroup):
     """The root group: serve, bench and doctor stand in as summaries until one of them is invoked."""
 
-    def __init__(self, *, commands: dict[str, click.Command] | None = None, **kwargs: Any) -> None:
-        stand_ins = {name: click.Command(name, help=summary) for name, (_, summary) in LAZY.items()}
+    def __init__(self, *, commands: dict[str, Command] | None = None, **kwargs: Any) -> None:
+        stand_ins: dict[str, Command] = {name: StandIn(name, help=summary) for name, (_, summary) in LAZY.items()}
         super().__init__(commands={**stand_ins, **(commands or {})}, **kwargs)
 
-    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
-                                                                             list[str]]:
+    def resolve_command(self, ctx: Context, args: list[str]) -> tuple[str | None, Command | None, list[str]]:
         name, cmd, rest = super().resolve_command(ctx, args)
-        if name in LAZY and cmd is self.commands.get(name) and type(cmd) is click.Command:
+        if name is not None and isinstance(cmd, StandIn):
             cmd = self.commands[name] = load_command(name)
         return name, cmd, rest
 

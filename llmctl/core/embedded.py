@@ -77,8 +77,9 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are dense now; drop the GGUF quantizer so the folder saves and reloads as plain bf16.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # (torch annotates Module.__setattr__'s value as a tensor or module, but it sets any attribute.)
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = MODEL_NAME

@@ -42,7 +42,8 @@ def json_response(body: dict, status: int = 200, headers: dict | None = None) ->
 
 
 def error_response(exc: LLMCtlError) -> Response:
-    return json_response(error_body(exc.status, exc.to_body()), exc.status, exc.headers())
+    status = exc.status or 500  # every error the server raises has one; only a client's may have none
+    return json_response(error_body(status, exc.to_body()), status, exc.headers())
 
 
 def error_body(status: int, body: dict) -> dict:

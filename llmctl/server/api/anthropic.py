@@ -395,6 +395,6 @@ def _events(run: Run, deltas: Iterator[Delta], choice: _Choice) -> Iterator[str]
         yield event("message_stop")
     except LLMCtlError as exc:
         # Headers are already sent: in the stream, with the request's id as Anthropic's error bodies carry it.
-        yield event("error", error=error_body(exc.status, exc.message)["error"], **request_id_field())
+        yield event("error", error=error_body(exc.status or 500, exc.message)["error"], **request_id_field())
     finally:
         run.end()
