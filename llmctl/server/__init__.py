@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP service: the Flask app and its routes (`app`), the service's state and
-request handling (`service`, `generation`), request and response schemas, metrics, security (API keys,
+request handling (`service`, `generation`), each API's handler and models (`api`), metrics, security (API keys,
 CORS), the WSGI runner, and `engines`, which builds the engine `--engine` names.
 
 May import: llmctl.engine, llmctl.core, llmctl.keyfile, llmctl.errors, llmctl.envvars. Never the

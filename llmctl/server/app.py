@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from llmctl.errors import InvalidRequest, LLMCtlError, UnsupportedMediaType
 from llmctl.server.admission import DEFAULT_MAX_BODY_BYTES
-from llmctl.server.api import anthropic, chat, completions, conversations, lora, responses_api, stored, tokenize
+from llmctl.server.api import anthropic, chat, completions, conversations, lora, responses_api, status, stored, tokenize
 from llmctl.server.api.common import with_request_id
 from llmctl.server.openapi import openapi_document
 from llmctl.server.security import install_auth, install_cors
@@ -145,11 +145,11 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
 
     @app.get("/v1/models")
     def models():
-        return json_response(service.models())
+        return json_response(status.models(service))
 
     @app.get("/v1/models/<path:model_id>")
     def model(model_id: str):
-        return json_response(service.model(model_id))
+        return json_response(status.model(service, model_id))
 
     @app.get("/openapi.json")
     def openapi():
@@ -157,18 +157,18 @@ def create_app(service: Service, options: HTTPOptions | None = None) -> Flask:
 
     @app.get("/health")
     def health():
-        body, status = service.health()
+        body, code = status.health(service)
         headers = {"Retry-After": "5"} if body["status"] == "loading" else None
-        return json_response(body, status, headers)
+        return json_response(body, code, headers)
 
     # What request routers in front of several replicas ask of each (docs/scaling.md).
     @app.get("/get_load")
     def get_load():
-        return json_response(service.load_report())
+        return json_response(status.load(service))
 
     @app.get("/get_model_info")
     def get_model_info():
-        return json_response(service.model_info())
+        return json_response(status.model_info(service))
 
     @app.get("/metrics")
     def metrics():

@@ -15,7 +15,7 @@ from llmctl.engine.sampling import TokenLogprobs
 from llmctl.engine.text import IncrementalDetokenizer, StopMatcher
 from llmctl.errors import InvalidRequest, RequestTimeout
 from llmctl.server.admission import encode
-from llmctl.server.schemas import ChatCompletionRequest
+from llmctl.server.api.chat_models import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from llmctl import __version__
+from llmctl.server.api import chat_models, lora, responses_models, status
 from llmctl.server.api.anthropic import (
     AnthropicError,
     AnthropicMessage,
@@ -16,18 +17,17 @@ from llmctl.server.api.anthropic import (
     CountTokensRequest,
     MessagesRequest,
 )
+from llmctl.server.api.chat_models import ChatCompletionRequest
 from llmctl.server.api.completions import CompletionRequest, TextCompletion
 from llmctl.server.api.conversations import ConversationRequest, ConversationUpdate, ItemsRequest
 from llmctl.server.api.lora import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
-from llmctl.server.api.responses_api import ResponsesRequest
-from llmctl.server.api.shapes import SHAPES
+from llmctl.server.api.responses_models import ResponsesRequest
 from llmctl.server.api.tokenize import Detokenized, DetokenizeRequest, Tokenized, TokenizeRequest
-from llmctl.server.responses import RESPONSE_MODELS
-from llmctl.server.schemas import ChatCompletionRequest
 
 REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, ResponsesRequest, MessagesRequest, CountTokensRequest,
                   TokenizeRequest, DetokenizeRequest, ConversationRequest, ConversationUpdate, ItemsRequest,
                   LoadLoraAdapterRequest, UnloadLoraAdapterRequest)
+ANSWER_MODELS = (*chat_models.ANSWERS, *responses_models.ANSWERS, *status.ANSWERS, *lora.ANSWERS)
 
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 ANTHROPIC_ERROR = {"$ref": "#/components/schemas/AnthropicError"}
@@ -71,7 +71,7 @@ def _schemas() -> dict:
     """The request and response models as components, their nested models beside them."""
     found: dict = {}
     answers = (TextCompletion, AnthropicMessage, AnthropicTokenCount, AnthropicError, Tokenized, Detokenized)
-    for model in (*REQUEST_MODELS, *RESPONSE_MODELS, *SHAPES, *answers):
+    for model in (*REQUEST_MODELS, *ANSWER_MODELS, *answers):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         found.update(schema.pop("$defs", {}))
         found[model.__name__] = schema

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
 from llmctl import __version__
 from llmctl.core import hardware
@@ -18,8 +18,8 @@ from llmctl.engine.base import Engine, EngineConfig, EngineOptions, Loader, Sequ
 from llmctl.engine.builtin_setup import BuiltinOptions
 from llmctl.engine.text import TokenText
 from llmctl.errors import LLMCtlError, ModelNotFound, Unavailable
-from llmctl.server import schemas
 from llmctl.server.admission import Admission, AdmissionLimits
+from llmctl.server.api.chat_models import logprobs_body
 from llmctl.server.generation import Generation
 from llmctl.server.loras import Loras
 from llmctl.server.metrics import ServiceMetrics, prefix_cache_json, speculative_json
@@ -37,6 +37,7 @@ from llmctl.server.tools import (
 )
 
 log = logging.getLogger(__name__)
+Status = Literal["loading", "ready", "error", "shutting_down", "stopped"]  # /health's "status"
 PROMPT_TAIL_TOKENS = 32  # the end of a prompt, decoded, shows whether it opened or closed the thinking
 
 
@@ -75,7 +76,7 @@ class Service:
         self.loader = loader
         self.metrics = ServiceMetrics()
         self.metrics.watch_engine(lambda: self.engine)
-        self.status = "loading"
+        self.status: Status = "loading"
         self.error: str | None = None
         self.loaded: LoadedModel | None = None
         self.engine: Engine | None = None
@@ -183,45 +184,6 @@ class Service:
             raise Unavailable(f"The model failed to load: {self.error}", retry_after=None, code="model_load_failed")
         return self.loaded, self.engine
 
-    def health(self) -> tuple[dict, int]:
-        gpu = hardware.gpu_memory()
-        status = "shutting_down" if self.draining else self.status
-        body: dict[str, Any] = {
-            "status": status,
-            "model": self.loaded.name if self.loaded else None,
-            "device": self.loaded.device if self.loaded else None,
-            "cpu_threads": current_cpu_threads(),
-            "cuda_available": hardware.torch_cuda_available(),
-            "cuda_device_count": hardware.cuda_device_count(),
-            "memory_allocated_gb": round(gpu.allocated_gb, 3),
-            "memory_reserved_gb": round(gpu.reserved_gb, 3),
-            "dtype": self.loaded.dtype if self.loaded else None,
-            "quantization": self.loaded.quantization if self.loaded else None,
-            "context_length": self.loaded.context_length if self.loaded else None,
-            "running": self.engine.running if self.engine else 0,
-            "waiting": self.engine.waiting if self.engine else 0,
-            "lora_adapters": self._lora_json(),
-            "version": __version__,
-        }
-        speculative = self.settings.engine.speculative
-        if speculative is not None:
-            body["speculative"] = speculative.as_dict()
-        if self.error:
-            body["error"] = self.error
-        return body, 200 if status == "ready" else 503
-
-    def load_report(self) -> dict:
-        """Running plus waiting sequences: what a router's load-aware policies compare across replicas."""
-        running = self.engine.running if self.engine else 0
-        waiting = self.engine.waiting if self.engine else 0
-        return {"load": running + waiting, "running": running, "waiting": waiting}
-
-    def model_info(self) -> dict:
-        loaded, _ = self.require_ready()
-        # The name clients send as "model" (never a local file path): what a router groups replicas by.
-        return {"model_path": loaded.name, "tokenizer_path": loaded.name, "is_generation": True,
-                "served_model_name": loaded.name, "context_length": loaded.context_length}
-
     def metrics_json(self) -> dict:
         gpu = hardware.gpu_memory()
         engine = self.engine
@@ -249,13 +211,13 @@ class Service:
             "preemptions": engine.stats.preemptions if engine else 0,
             "kv_cache_usage": round(engine.stats.kv_cache_usage, 4) if engine else 0.0,
             "prefix_cache": prefix_cache_json(engine),
-            "lora_adapters": self._lora_json(),
+            "lora_adapters": self.lora_summary(),
             "speculative": speculative_json(engine),
             **_grammar_metrics(engine),
         }
         return body
 
-    def _lora_json(self) -> dict | None:
+    def lora_summary(self) -> dict | None:
         """The LoRA adapters served (None: adapters are off): names, how many may be resident, their memory."""
         loras = self.loras
         if loras is None:
@@ -278,19 +240,6 @@ class Service:
             m.g_kv_usage.set(self.engine.stats.kv_cache_usage)
             m.observe_prefix_cache(self.engine.stats.prefix_cache_queries, self.engine.stats.prefix_cache_hits)
 
-    def models(self) -> dict:
-        loaded, _ = self.require_ready()
-        return schemas.models_body(loaded.name, self.created, self.loras.adapters() if self.loras else [])
-
-    def model(self, model_id: str) -> dict:
-        loaded, _ = self.require_ready()
-        if model_id == loaded.name:
-            return schemas.model_card(loaded.name, self.created)
-        for info in self.loras.adapters() if self.loras else []:
-            if info.name == model_id:
-                return schemas.model_card(info.name, self.created, parent=loaded.name, root=str(info.path))
-        raise self._not_found(model_id, loaded.name)
-
     def served_model(self, asked: str | None) -> tuple[str, str | None]:
         """The model a request names (``asked``; none: the base model): its name for the answer, and the LoRA
         adapter it runs with (None: the base model). 404 for a name this server does not serve."""
@@ -299,11 +248,13 @@ class Service:
             return loaded.name, None
         if self.loras is not None and asked in self.loras:
             return asked, asked
-        raise self._not_found(asked, loaded.name)
+        raise self.not_found(asked)
 
-    def _not_found(self, name: str, base: str) -> ModelNotFound:
+    def not_found(self, name: str) -> ModelNotFound:
+        """404 for a model this server does not serve (naming the models it does)."""
         if self.loras is not None:
             return self.loras.not_found(name)
+        base = self.loaded.name if self.loaded else "no model yet"
         return ModelNotFound(f"The model '{name}' does not exist; this server serves '{base}'.", param="model")
 
     # ---- the request pipeline every API shares (see llmctl.server.pipeline) -----------------
@@ -348,7 +299,7 @@ class Service:
         adapter = asks[0].adapter if asks else None  # one model per request
         if adapter is not None:  # it stays loaded until this run ends (an unload waits for that)
             if self.loras is None:
-                raise self._not_found(adapter, loaded.name)
+                raise self.not_found(adapter)
             self.loras.acquire(adapter)
         try:
             queued = self.admission.queue(sum(len(ask.prompt) for ask in asks), _room(engine))  # 429: too many wait
@@ -384,7 +335,7 @@ class Service:
         """The logprobs of the tokens ``gen`` received since the last call, when the request asked."""
         if not wanted or self.token_text is None:
             return None
-        return schemas.logprobs_body(self.token_text, gen.take_logprobs())
+        return logprobs_body(self.token_text, gen.take_logprobs())
 
     def _ended(self, run: Run) -> None:
         model = run.model or (self.loaded.name if self.loaded else "")

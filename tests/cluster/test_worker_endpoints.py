@@ -7,7 +7,7 @@ import concurrent.futures
 import httpx
 
 from llmctl.engine import EngineConfig
-from llmctl.server import responses
+from llmctl.server.api import status
 from llmctl.server.testing import serve_in_thread
 from tests.conftest import slow_serving, wait_for
 
@@ -20,7 +20,7 @@ def test_get_load_counts_running_and_waiting_sequences(tiny_model):
     with slow_serving(tiny_model, 0.05, engine) as (_, url), httpx.Client(base_url=url, timeout=60) as client:
         idle = client.get("/get_load")
         assert idle.status_code == 200
-        assert responses.WorkerLoad.model_validate(idle.json()).load == 0
+        assert status.WorkerLoad.model_validate(idle.json()).load == 0
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "ignore_eos": True}
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(client.post, "/v1/chat/completions", json=body) for _ in range(3)]
@@ -36,7 +36,7 @@ def test_get_load_counts_running_and_waiting_sequences(tiny_model):
 def test_get_model_info_names_the_served_model(client, tiny_service):
     r = client.get("/get_model_info")
     assert r.status_code == 200
-    info = responses.ModelInfo.model_validate(r.json())
+    info = status.ModelInfo.model_validate(r.json())
     assert info.model_path == info.served_model_name == "tiny-llama"
     assert info.is_generation and info.context_length == tiny_service.loaded.context_length
 

@@ -17,7 +17,7 @@ import torch
 from llmctl.core.loader import LoadOptions, load_model
 from llmctl.engine import EngineConfig, Finish, SamplingParams, Sequence
 from llmctl.errors import ModelLoadError
-from llmctl.server import responses
+from llmctl.server.api import status
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.testing import serve_in_thread
 from tests.conftest import make_service, slow_down, slow_serving, wait_for
@@ -267,7 +267,7 @@ def test_loading_then_ready(tiny_model):
     with serve_in_thread(service) as url:
         r = httpx.get(url + "/health")
         assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["Retry-After"]
-        responses.Health.model_validate(r.json())  # the documented shape, while loading too
+        status.Health.model_validate(r.json())  # the documented shape, while loading too
         r = httpx.post(url + "/v1/chat/completions", json={"messages": USER})
         assert r.status_code == 503 and r.headers["Retry-After"]
         assert r.json()["error"]["code"] == "model_loading"

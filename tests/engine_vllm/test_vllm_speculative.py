@@ -8,6 +8,7 @@ import pytest
 from llmctl.core.speculation import parse
 from llmctl.engine import EngineConfig
 from llmctl.engine.vllm_setup import VllmOptions
+from llmctl.server.api import status
 from llmctl.server.service import Service, ServiceSettings
 from llmctl.server.testing import serve_in_thread
 from tests.conftest import LoadOptions, make_service
@@ -38,7 +39,7 @@ def test_ngram_speculation_runs_on_vllm_with_the_same_greedy_text(vllm_model):
     service = make_service(vllm_model, engine=_config(spec),
                            engine_options=VllmOptions(enforce_eager=True))
     try:
-        health_spec = service.health()[0]["speculative"]
+        health_spec = status.health(service)[0]["speculative"]
         speculated, metrics = _greedy_texts(service)
     finally:
         service.shutdown()

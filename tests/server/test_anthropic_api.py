@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from llmctl.errors import InvalidRequest
-from llmctl.server import schemas
 from llmctl.server.api.anthropic import AnthropicError, AnthropicMessage, MessagesRequest, chat_messages, chat_tools
+from llmctl.server.api.validation import parse_body
 from llmctl.server.testing import serve_in_thread
 
 USER = [{"role": "user", "content": "Hello there"}]
@@ -21,7 +21,7 @@ def sdk(base_url):
 
 # ---- mapping ---------------------------------------------------------------------------------
 def test_blocks_become_chat_messages():
-    req = schemas.parse_body(MessagesRequest, {"max_tokens": 5, "system": [{"type": "text", "text": "Be brief."}],
+    req = parse_body(MessagesRequest, {"max_tokens": 5, "system": [{"type": "text", "text": "Be brief."}],
                                                "messages": [
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"},
@@ -43,7 +43,7 @@ def test_blocks_become_chat_messages():
 
 
 def _tools(**body) -> tuple:
-    return chat_tools(schemas.parse_body(MessagesRequest, {"max_tokens": 5, "messages": USER, **body}))
+    return chat_tools(parse_body(MessagesRequest, {"max_tokens": 5, "messages": USER, **body}))
 
 
 def test_tools_map_and_server_tools_are_refused():

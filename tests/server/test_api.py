@@ -36,16 +36,16 @@ def test_health_ready(client, tiny_service):
 
 def test_answers_match_the_documented_schemas(client):
     """docs/openapi.json describes the answers with these models; unknown fields are forbidden in them."""
-    from llmctl.server import responses
+    from llmctl.server.api import chat_models, status
 
-    responses.Health.model_validate(client.get("/health").json())
-    responses.ModelList.model_validate(client.get("/v1/models").json())
-    responses.Model.model_validate(client.get("/v1/models/tiny-llama").json())
-    responses.ChatCompletion.model_validate(chat(client, max_tokens=3).json())
+    status.Health.model_validate(client.get("/health").json())
+    status.ModelList.model_validate(client.get("/v1/models").json())
+    status.Model.model_validate(client.get("/v1/models/tiny-llama").json())
+    chat_models.ChatCompletion.model_validate(chat(client, max_tokens=3).json())
     events = stream_events(client, max_tokens=3, stream_options={"include_usage": True})
     assert events[-1] == "[DONE]"
     for event in events[:-1]:
-        responses.ChatCompletionChunk.model_validate(event)
+        chat_models.ChatCompletionChunk.model_validate(event)
 
 
 def test_models(client):
@@ -236,7 +236,8 @@ def test_an_agents_tool_history_reaches_the_chat_template(tiny_service):
     import copy
     from types import SimpleNamespace
 
-    from llmctl.server import schemas
+    from llmctl.server.api.chat_models import ChatCompletionRequest
+    from llmctl.server.api.validation import parse_body
     from llmctl.server.generation import build_prompt
 
     tokenizer = copy.deepcopy(tiny_service.loaded.tokenizer)
@@ -244,7 +245,7 @@ def test_an_agents_tool_history_reaches_the_chat_template(tiny_service):
         "{% for m in messages %}[{{ m.role }}]{{ m.content }}"
         "{% for c in m.tool_calls or [] %}<call {{ c.function.name }} city={{ c.function.arguments.city }}>"
         "{% endfor %}{% if m.tool_call_id %}<result of {{ m.tool_call_id }}>{% endif %}{% endfor %}")
-    request = schemas.parse_body(schemas.ChatCompletionRequest, {"messages": [
+    request = parse_body(ChatCompletionRequest, {"messages": [
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
             "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from llmctl.engine.text import TokenText
-from llmctl.server import responses, schemas
+from llmctl.server.api import chat_models
+from llmctl.server.api.validation import parse_body
 from llmctl.server.generation import build_prompt
 from tests.server.test_api import USER, chat, stream_events
 
@@ -17,7 +18,7 @@ ASK = dict(messages=USER, max_tokens=6, temperature=0, ignore_eos=True, logprobs
 
 def test_logprobs_are_the_models_own(client, tiny_service):
     body = chat(client, **ASK).json()
-    responses.ChatCompletion.model_validate(body)
+    chat_models.ChatCompletion.model_validate(body)
     content = body["choices"][0]["logprobs"]["content"]
     assert len(content) == 6 == body["usage"]["completion_tokens"]
     # The bytes of the tokens make up the answer (a random model may emit invalid UTF-8: replaced in both).
@@ -31,7 +32,7 @@ def test_logprobs_are_the_models_own(client, tiny_service):
         assert entry["logprob"] <= 0
     # The first token's alternatives are those of a forward pass over the prompt, done here by hand.
     loaded = tiny_service.loaded
-    prompt = build_prompt(loaded, schemas.parse_body(schemas.ChatCompletionRequest, ASK))
+    prompt = build_prompt(loaded, parse_body(chat_models.ChatCompletionRequest, ASK))
     with torch.inference_mode():
         logits = loaded.model(input_ids=torch.tensor([prompt])).logits[0, -1].float()
     values, ids = torch.log_softmax(logits, -1).topk(5)
@@ -57,7 +58,7 @@ def test_streamed_logprobs_equal_the_plain_ones(client):
                 for e in ev["choices"][0]["logprobs"]["content"]]
     assert streamed == plain
     for event in events[:-1]:
-        responses.ChatCompletionChunk.model_validate(event)
+        chat_models.ChatCompletionChunk.model_validate(event)
 
 
 def test_requests_with_and_without_logprobs_side_by_side(base_url, client):

@@ -150,7 +150,7 @@ def test_where_a_rendered_prompt_leaves_the_model(family, kwargs, opening, token
 
 def test_gpt_oss_template_gets_content_and_thinking_of_a_calling_turn_as_one_analysis(tokenizer):
     """gpt-oss' template refuses a calling turn with both content and thinking; both reach it as its thinking."""
-    from llmctl.server import schemas
+    from llmctl.server.api.chat_models import ChatMessage
     from llmctl.server.generation import chat_prompt
 
     tokenizer.chat_template = (
@@ -160,8 +160,8 @@ def test_gpt_oss_template_gets_content_and_thinking_of_a_calling_turn_as_one_ana
         "<|start|>assistant<|channel|>analysis<|message|>{{ message.thinking or message.content }}<|end|>"
         "{%- else %}<|start|>{{ message.role }}<|message|>{{ message.content }}<|end|>{%- endif %}{%- endfor %}")
     call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
-    messages = [schemas.ChatMessage(role="user", content="Weather?"),
-                schemas.ChatMessage(role="assistant", content="Let me check.", tool_calls=[call],
+    messages = [ChatMessage(role="user", content="Weather?"),
+                ChatMessage(role="assistant", content="Let me check.", tool_calls=[call],
                                     reasoning="The user wants the weather.")]
     text = tokenizer.decode(chat_prompt(SimpleNamespace(tokenizer=tokenizer), [m.for_template() for m in messages],
                                         None))

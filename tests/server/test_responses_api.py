@@ -8,9 +8,10 @@ import openai
 import pytest
 
 from llmctl.errors import InvalidRequest
-from llmctl.server import schemas
-from llmctl.server.api import shapes
-from llmctl.server.api.responses_api import ResponsesRequest, chat_messages, function_tools, structured_format
+from llmctl.server.api import responses_models
+from llmctl.server.api.responses_api import chat_messages, function_tools, structured_format
+from llmctl.server.api.responses_models import ResponsesRequest
+from llmctl.server.api.validation import parse_body
 
 
 @pytest.fixture()
@@ -34,7 +35,7 @@ def events_of(client, **body) -> list[tuple[str, dict]]:
 
 # ---- mapping ---------------------------------------------------------------------------------
 def test_input_items_become_chat_messages():
-    req = schemas.parse_body(ResponsesRequest, {"instructions": "Be brief.", "input": [
+    req = parse_body(ResponsesRequest, {"instructions": "Be brief.", "input": [
         {"role": "user", "content": "Weather in Paris?"},
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
         {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
@@ -54,7 +55,7 @@ def test_input_items_become_chat_messages():
 
 
 def test_a_call_without_text_before_it_opens_an_assistant_turn():
-    req = schemas.parse_body(ResponsesRequest, {"input": [
+    req = parse_body(ResponsesRequest, {"input": [
         {"role": "user", "content": "Hi"},
         {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}]})
     messages = [m.for_template() for m in chat_messages(req)]
@@ -63,7 +64,7 @@ def test_a_call_without_text_before_it_opens_an_assistant_turn():
 
 
 def _tools(**body) -> tuple:
-    return function_tools(schemas.parse_body(ResponsesRequest, {"input": "hi", **body}))
+    return function_tools(parse_body(ResponsesRequest, {"input": "hi", **body}))
 
 
 def test_function_tools_map_and_built_in_tools_are_refused():
@@ -126,7 +127,7 @@ def test_sdk_plain_response(sdk, client):
     assert out.usage.total_tokens == out.usage.input_tokens + out.usage.output_tokens
     body = client.post("/v1/responses", json={"input": "Hello", "max_output_tokens": 3, "temperature": 0,
                                               "ignore_eos": True, "instructions": "Be brief."}).json()
-    shapes.Response.model_validate(body)
+    responses_models.Response.model_validate(body)
     assert body["instructions"] == "Be brief."
 
 
@@ -152,8 +153,8 @@ def test_sdk_stream_event_sequence(sdk, client):
     assert text == plain.output_text == events[-1].response.output_text
     assert events[-1].response.usage.output_tokens == plain.usage.output_tokens
     raw = events_of(client, input="Hi", max_output_tokens=3)
-    shapes.Response.model_validate(raw[-1][1]["response"])
-    shapes.Response.model_validate(raw[0][1]["response"])
+    responses_models.Response.model_validate(raw[-1][1]["response"])
+    responses_models.Response.model_validate(raw[0][1]["response"])
 
 
 @pytest.mark.parametrize("body, param", [

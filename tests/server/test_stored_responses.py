@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from llmctl.server.api import shapes
+from llmctl.server.api import responses_models
 from tests.conftest import stored_serving
 
 MODEL = "tiny-llama"
@@ -40,7 +40,7 @@ def test_a_response_is_stored_by_default_and_read_back(sdk, http):
     again = sdk.responses.retrieve(made.id)
     assert again.model_dump() == made.model_dump()
     raw = http.get(f"/v1/responses/{made.id}").json()
-    shapes.Response.model_validate(raw)
+    responses_models.Response.model_validate(raw)
     items = sdk.responses.input_items.list(made.id)
     assert [(i.type, i.role, i.content[0].text) for i in items.data] == [("message", "user", "Hello there")]
     assert items.data[0].id.startswith("msg_")

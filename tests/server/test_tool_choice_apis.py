@@ -20,7 +20,7 @@ import pytest
 from pydantic import Field
 
 from llmctl.server.api import anthropic as anthropic_api
-from llmctl.server.api import shapes
+from llmctl.server.api import responses_models
 from llmctl.server.testing import serve_in_thread
 from tests.conftest import make_service
 from tests.server.test_structured_outputs import Nudge
@@ -67,7 +67,7 @@ def test_responses_tool_choice_gives_one_valid_call(oai, tool_choice):
         if isinstance(tool_choice, dict):
             assert call.name == "get_time"
         _valid(call.name, call.arguments)
-        shapes.Response.model_validate(out.model_dump(exclude_unset=True))
+        responses_models.Response.model_validate(out.model_dump(exclude_unset=True))
 
 
 def test_responses_forced_call_streamed(oai):

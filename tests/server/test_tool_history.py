@@ -18,8 +18,9 @@ import jinja2
 import pytest
 from transformers import AutoTokenizer
 
-from llmctl.server import schemas
 from llmctl.server.api import anthropic, responses_api
+from llmctl.server.api.chat_models import ChatCompletionRequest
+from llmctl.server.api.validation import parse_body
 from llmctl.server.generation import chat_prompt, named_results
 from llmctl.server.testing import build_tiny_model, serve_in_thread
 from tests.conftest import make_service
@@ -62,9 +63,9 @@ ANTHROPIC = {
 
 def template_messages() -> dict[str, tuple[list[dict], list[dict] | None]]:
     """Each API's history as the template messages (and tools) its route renders."""
-    chat = schemas.parse_body(schemas.ChatCompletionRequest, CHAT)
-    responses = schemas.parse_body(responses_api.ResponsesRequest, RESPONSES)
-    messages = schemas.parse_body(anthropic.MessagesRequest, ANTHROPIC)
+    chat = parse_body(ChatCompletionRequest, CHAT)
+    responses = parse_body(responses_api.ResponsesRequest, RESPONSES)
+    messages = parse_body(anthropic.MessagesRequest, ANTHROPIC)
     return {
         "chat": ([m.for_template() for m in chat.messages], chat.tools),
         "responses": ([m.for_template() for m in responses_api.chat_messages(responses)],

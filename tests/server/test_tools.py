@@ -13,7 +13,7 @@ import json
 import httpx
 import pytest
 
-from llmctl.server import responses
+from llmctl.server.api import chat_models
 from llmctl.server.tools import HermesToolParser
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
@@ -104,10 +104,10 @@ def test_tool_call_answers_match_the_documented_schemas(scripted):
     body = {"messages": USER, "tools": TOOLS, "temperature": 0}
     say(CALL)
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
-    responses.ChatCompletion.model_validate(r.json())
+    chat_models.ChatCompletion.model_validate(r.json())
     say("Sure. " + CALL)
     with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     for event in events[:-1]:
-        responses.ChatCompletionChunk.model_validate_json(event)
+        chat_models.ChatCompletionChunk.model_validate_json(event)

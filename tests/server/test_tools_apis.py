@@ -10,7 +10,7 @@ import anthropic
 import openai
 
 from llmctl.server.api import anthropic as anthropic_api
-from llmctl.server.api import shapes
+from llmctl.server.api import responses_models
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -29,7 +29,7 @@ def test_responses_function_call_plain_and_streamed(scripted):
     assert out.output_text == "Checking."
     call = out.output[1]
     assert call.name == "get_weather" and call.arguments == '{"city": "Paris"}' and call.call_id.startswith("call_")
-    shapes.Response.model_validate(out.model_dump(exclude_unset=True))
+    responses_models.Response.model_validate(out.model_dump(exclude_unset=True))
     say(CALL)
     events = list(sdk.responses.create(model="tiny-llama", input="Weather?", tools=RESPONSES_TOOLS, stream=True))
     final = events[-1].response

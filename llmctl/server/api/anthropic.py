@@ -19,18 +19,18 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from llmctl.errors import InvalidRequest, LLMCtlError
-from llmctl.server import schemas
 from llmctl.server.api import rules
+from llmctl.server.api.chat_models import ChatMessage
 from llmctl.server.api.common import ChoiceText, TextPieces, json_arguments, request_id_field, sse_event
 from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
+from llmctl.server.api.validation import MAX_TIMEOUT_S, Lenient, Strict, other_type, parse_body
 from llmctl.server.constraints import ToolUse, function_tool, output_constraint, tool_use
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
-from llmctl.server.schemas import MAX_TIMEOUT_S, _Lenient, other_type
 from llmctl.server.thinking import TemplateKwargs, anthropic_switches, engine_thinking
 
 if TYPE_CHECKING:
@@ -51,29 +51,29 @@ def error_body(status: int, message: str) -> dict:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
 
 
-class TextBlock(_Lenient):
+class TextBlock(Lenient):
     type: Literal["text"]
     text: str
 
 
-class OtherBlock(_Lenient):
+class OtherBlock(Lenient):
     type: Annotated[str, other_type(BLOCK_TYPES, "block")]
 
 
-class ToolUseBlock(_Lenient):
+class ToolUseBlock(Lenient):
     type: Literal["tool_use"]
     id: str
     name: str
     input: dict
 
 
-class ThinkingBlock(_Lenient):
+class ThinkingBlock(Lenient):
     type: Literal["thinking"]
     thinking: str
     signature: str | None = None
 
 
-class ToolResultBlock(_Lenient):
+class ToolResultBlock(Lenient):
     type: Literal["tool_result"]
     tool_use_id: str
     content: str | Annotated[list[TextBlock | OtherBlock], documented(rules.ANTHROPIC_TEXT_BLOCKS)] | None = None
@@ -83,13 +83,13 @@ class ToolResultBlock(_Lenient):
 Block = TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | OtherBlock
 
 
-class Message(_Lenient):
+class Message(Lenient):
     role: Literal["user", "assistant"]
     # Documented with the blocks this model reads; others are a 400.
     content: str | Annotated[list[Block], documented(rules.ANTHROPIC_BLOCKS)]
 
 
-class CountTokensRequest(_Lenient):
+class CountTokensRequest(Lenient):
     messages: Annotated[list[Message], Field(min_length=1)]
     model: str | None = None
     system: str | list[TextBlock] | None = None
@@ -115,23 +115,19 @@ class MessagesRequest(CountTokensRequest):
 
 
 # ---- the answers' shapes (the OpenAPI document's; tests validate real answers against them) ----------
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AnthropicText(_Strict):
+class AnthropicText(Strict):
     type: Literal["text"]
     text: str
 
 
-class AnthropicToolUse(_Strict):
+class AnthropicToolUse(Strict):
     type: Literal["tool_use"]
     id: str
     name: str
     input: dict
 
 
-class AnthropicThinking(_Strict):
+class AnthropicThinking(Strict):
     """The model's thinking (with `serve --reasoning-parser`); ``signature`` is opaque (clients send it back)."""
 
     type: Literal["thinking"]
@@ -139,12 +135,12 @@ class AnthropicThinking(_Strict):
     signature: str
 
 
-class AnthropicUsage(_Strict):
+class AnthropicUsage(Strict):
     input_tokens: int
     output_tokens: int
 
 
-class AnthropicMessage(_Strict):
+class AnthropicMessage(Strict):
     """The answer to /v1/messages. Streamed, it comes as Anthropic's events: message_start, then per content
     block content_block_start, content_block_delta (thinking_delta then signature_delta, text_delta or
     input_json_delta), content_block_stop,
@@ -161,16 +157,16 @@ class AnthropicMessage(_Strict):
     usage: AnthropicUsage
 
 
-class AnthropicTokenCount(_Strict):
+class AnthropicTokenCount(Strict):
     input_tokens: int
 
 
-class AnthropicErrorDetail(_Strict):
+class AnthropicErrorDetail(Strict):
     type: str
     message: str
 
 
-class AnthropicError(_Strict):
+class AnthropicError(Strict):
     """Errors on /v1/messages routes, in Anthropic's envelope."""
 
     type: Literal["error"]
@@ -193,9 +189,9 @@ def _text(blocks: str | list, param: str) -> str:
 
 def chat_messages(req: CountTokensRequest) -> list[dict]:
     """The system prompt and messages as the chat template reads them, tool use and results included."""
-    messages: list[schemas.ChatMessage] = []
+    messages: list[ChatMessage] = []
     if req.system:
-        messages.append(schemas.ChatMessage(role="system", content=_text(req.system, "system")))
+        messages.append(ChatMessage(role="system", content=_text(req.system, "system")))
     for i, message in enumerate(req.messages):
         param = f"messages[{i}].content"
         blocks = [TextBlock(type="text", text=message.content)] if isinstance(message.content, str) \
@@ -206,14 +202,14 @@ def chat_messages(req: CountTokensRequest) -> list[dict]:
                 thinking.append(block.thinking)
             elif isinstance(block, ToolResultBlock):  # each result is a tool message, before the user's text
                 content = _text(block.content or "", param)
-                messages.append(schemas.ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=content))
+                messages.append(ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=content))
             elif isinstance(block, ToolUseBlock):
                 calls.append({"id": block.id, "type": "function", "function": {
                     "name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}})
             else:
                 text.append(_text([block], param))
         if text or calls or thinking or not blocks:
-            messages.append(schemas.ChatMessage(role=message.role, content="".join(text) if text or not calls
+            messages.append(ChatMessage(role=message.role, content="".join(text) if text or not calls
                                                 else None, tool_calls=calls or None,
                                                 reasoning_content="\n".join(thinking) or None))
     return [m.for_template() for m in messages]
@@ -258,7 +254,7 @@ def _prompt(service: Service, loaded: LoadedModel, req: CountTokensRequest,
 def count_tokens(service: Service, body: object) -> dict:
     """POST /v1/messages/count_tokens: the prompt's size, as the template renders it."""
     loaded, _ = service.require_ready()
-    req = schemas.parse_body(CountTokensRequest, body)
+    req = parse_body(CountTokensRequest, body)
     service.served_model(req.model)
     switches = anthropic_switches(req.thinking, None, req.chat_template_kwargs)
     prompt, _, _ = _prompt(service, loaded, req, switches.template_kwargs)
@@ -269,7 +265,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     """Answer one Messages request: a message, or Anthropic's event stream."""
     arrived = time.monotonic()
     loaded, _ = service.admit()
-    req = schemas.parse_body(MessagesRequest, body)
+    req = parse_body(MessagesRequest, body)
     model, adapter = service.served_model(req.model)
     switches = anthropic_switches(req.thinking, req.max_tokens, req.chat_template_kwargs)
     prompt, template_tools, tools = _prompt(service, loaded, req, switches.template_kwargs)

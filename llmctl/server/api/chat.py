@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from llmctl.errors import InvalidRequest, LLMCtlError
-from llmctl.server import schemas
+from llmctl.server.api import chat_models as schemas
 from llmctl.server.api.common import ChoiceText, sse, stream_error
 from llmctl.server.api.limits import check_request
+from llmctl.server.api.validation import parse_body
 from llmctl.server.constraints import chat_tool_use, constraint_from_request, output_constraint
 from llmctl.server.generation import build_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
@@ -23,7 +24,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     """Answer one chat completion: a response body, or an iterator of SSE lines when streaming."""
     arrived = time.monotonic()
     loaded, _ = service.admit()
-    req = schemas.parse_body(schemas.ChatCompletionRequest, body)
+    req = parse_body(schemas.ChatCompletionRequest, body)
     model, adapter = service.served_model(req.model)
     n = req.n or 1
     check_request(service, messages=len(req.messages), choices=n)

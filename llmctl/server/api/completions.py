@@ -13,18 +13,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import ConfigDict, Field, StrictBool, StrictInt
 
 from llmctl.errors import InvalidRequest, LLMCtlError, Unavailable
-from llmctl.server import schemas
 from llmctl.server.admission import encode
 from llmctl.server.api import rules
+from llmctl.server.api.chat_models import MIN_LOGPROB, OpenAISampling, Usage, usage
 from llmctl.server.api.common import sse, stream_error
 from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
+from llmctl.server.api.validation import Strict, parse_body, valid_unicode
 from llmctl.server.pipeline import Ask, Delta, Run
-from llmctl.server.responses import Usage
-from llmctl.server.schemas import MIN_LOGPROB
 from llmctl.server.thinking import ThinkingBudget, chat_switches, engine_thinking
 
 if TYPE_CHECKING:
@@ -38,7 +37,7 @@ TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1
 Text = Annotated[str, Field(min_length=1)]
 
 
-class CompletionRequest(schemas.OpenAISampling):
+class CompletionRequest(OpenAISampling):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = DEFAULT_MAX_TOKENS
@@ -62,7 +61,7 @@ class CompletionRequest(schemas.OpenAISampling):
 
 
 # ---- the answer's shape (the OpenAPI document's; tests validate real answers against it) ----------------
-class LegacyLogprobs(BaseModel):
+class LegacyLogprobs(Strict):
     """With `logprobs: N`: each token's text and log-probability, the chosen and N most likely tokens at its
     place, and where the token starts in the choice's text."""
 
@@ -71,19 +70,15 @@ class LegacyLogprobs(BaseModel):
     top_logprobs: list[dict[str, float]]
     text_offset: list[int]
 
-    model_config = ConfigDict(extra="forbid")
 
-
-class CompletionChoice(BaseModel):
+class CompletionChoice(Strict):
     index: int
     text: str
     logprobs: LegacyLogprobs | None
     finish_reason: Literal["stop", "length"] | None
 
-    model_config = ConfigDict(extra="forbid")
 
-
-class TextCompletion(BaseModel):
+class TextCompletion(Strict):
     """The answer to /v1/completions; when streamed, each event has this shape (without usage, except the
     last one when `stream_options.include_usage` is true, whose choices are empty), then `data: [DONE]`."""
 
@@ -94,12 +89,10 @@ class TextCompletion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
-    model_config = ConfigDict(extra="forbid")
-
 
 def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        ids = encode(tokenizer, schemas.valid_unicode(prompt))
+        ids = encode(tokenizer, valid_unicode(prompt))
         if not ids:
             raise InvalidRequest("The prompt is empty; send at least one token of text.", param="prompt")
         return ids
@@ -115,7 +108,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     """Answer one text completion: a response body, or an iterator of SSE lines when streaming."""
     arrived = time.monotonic()
     loaded, _ = service.admit()
-    req = schemas.parse_body(CompletionRequest, body)
+    req = parse_body(CompletionRequest, body)
     model, adapter = service.served_model(req.model)
     if req.suffix:
         raise InvalidRequest("suffix (insertion after the completion) is not supported by this server.",
@@ -149,7 +142,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     choices = [_choice(i, echoes[i] + text, gen.finish_reason or "stop", logprobs.take(i) if logprobs else None)
                for i, (gen, text) in enumerate(zip(run.gens, texts, strict=False))]
     return _body(completion_id(), model, int(time.time()), choices,
-                 schemas.usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens))
+                 usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens))
 
 
 def completion_id() -> str:
@@ -219,7 +212,7 @@ def _events(run: Run, deltas: Iterator[Delta], echoes: list[str], model: str, lo
         if run.cancelled:
             return
         if include_usage:
-            yield sse(_body(cid, model, created, [], schemas.usage(run.prompt_tokens, run.completion_tokens,
+            yield sse(_body(cid, model, created, [], usage(run.prompt_tokens, run.completion_tokens,
                                                                      run.cached_tokens)))
         yield "data: [DONE]\n\n"
     except LLMCtlError as exc:

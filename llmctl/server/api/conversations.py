@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import Field
 
 from llmctl.errors import NotFound
-from llmctl.server import schemas
 from llmctl.server.api import rules
-from llmctl.server.api.responses_api import FunctionCallItem, FunctionCallOutputItem, MessageItem, OtherItem
+from llmctl.server.api.responses_models import FunctionCallItem, FunctionCallOutputItem, MessageItem, OtherItem
 from llmctl.server.api.stored import item_dicts, new_id, owner, page, state_of
-from llmctl.server.schemas import _Lenient
+from llmctl.server.api.validation import Lenient, parse_body
 from llmctl.server.store import ResponseState
 
 if TYPE_CHECKING:
@@ -27,16 +26,16 @@ Item = MessageItem | FunctionCallItem | FunctionCallOutputItem | OtherItem
 Metadata = Annotated[dict[str, str], Field(max_length=16)]
 
 
-class ConversationRequest(_Lenient):
+class ConversationRequest(Lenient):
     items: Annotated[list[Item], Field(max_length=20), rules.documented(rules.conversation_items(0, 20))] | None = None
     metadata: Metadata | None = None
 
 
-class ConversationUpdate(_Lenient):
+class ConversationUpdate(Lenient):
     metadata: Metadata
 
 
-class ItemsRequest(_Lenient):
+class ItemsRequest(Lenient):
     items: Annotated[list[Item], Field(min_length=1, max_length=20), rules.documented(rules.conversation_items(1, 20))]
 
 
@@ -55,7 +54,7 @@ def _find(state: ResponseState, conversation_id: str) -> dict:
 def create(service: Service, body: object, _query: Mapping[str, str]) -> dict:
     """POST /v1/conversations: a new conversation, with its first items."""
     state = state_of(service, "Conversations")
-    req = schemas.parse_body(ConversationRequest, body)
+    req = parse_body(ConversationRequest, body)
     items = item_dicts(req.items or [], "items")
     return _conversation(state.store.create_conversation(new_id("conv"), owner(), req.metadata or {}, items,
                                                          state.ttl))
@@ -68,7 +67,7 @@ def retrieve(service: Service, _body: object, _query: Mapping[str, str], convers
 def update(service: Service, body: object, _query: Mapping[str, str], conversation_id: str) -> dict:
     """POST /v1/conversations/{id}: replace its metadata."""
     state = state_of(service, "Conversations")
-    req = schemas.parse_body(ConversationUpdate, body)
+    req = parse_body(ConversationUpdate, body)
     found = _find(state, conversation_id)
     state.store.update_conversation(conversation_id, owner(), req.metadata)
     return _conversation({**found, "metadata": req.metadata})
@@ -84,7 +83,7 @@ def delete(service: Service, _body: object, _query: Mapping[str, str], conversat
 def add_items(service: Service, body: object, _query: Mapping[str, str], conversation_id: str) -> dict:
     """POST /v1/conversations/{id}/items: append items; the list of those added."""
     state = state_of(service, "Conversations")
-    req = schemas.parse_body(ItemsRequest, body)
+    req = parse_body(ItemsRequest, body)
     _find(state, conversation_id)
     items = item_dicts(req.items, "items")
     state.store.add_items(conversation_id, items, state.ttl)

@@ -19,17 +19,24 @@ import itertools
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
-from typing import TYPE_CHECKING, Annotated, Literal
-
-from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from typing import TYPE_CHECKING
 
 from llmctl.engine.structured import Constraint
 from llmctl.errors import InvalidRequest, LLMCtlError
-from llmctl.server import schemas
-from llmctl.server.api import rules, stored
+from llmctl.server.api import stored
+from llmctl.server.api.chat_models import ChatMessage
 from llmctl.server.api.common import ChoiceText, TextPieces, request_id_field, sse_event
 from llmctl.server.api.limits import check_request
-from llmctl.server.api.rules import documented
+from llmctl.server.api.responses_models import (
+    Content,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    InputText,
+    MessageItem,
+    ReasoningItem,
+    ResponsesRequest,
+)
+from llmctl.server.api.validation import MAX_TIMEOUT_S, parse_body
 from llmctl.server.constraints import (
     FunctionTool,
     ToolUse,
@@ -40,99 +47,10 @@ from llmctl.server.constraints import (
 )
 from llmctl.server.generation import chat_prompt
 from llmctl.server.pipeline import Ask, Delta, Run
-from llmctl.server.schemas import MAX_TIMEOUT_S, _Lenient, other_type
-from llmctl.server.thinking import ReasoningEffort, TemplateKwargs, chat_switches, engine_thinking
+from llmctl.server.thinking import chat_switches, engine_thinking
 
 if TYPE_CHECKING:
     from llmctl.server.service import Service
-
-ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
-
-
-class InputText(_Lenient):
-    type: Literal["input_text", "output_text", "text", "refusal"]
-    text: str | None = None
-    refusal: str | None = None
-
-
-class OtherContent(_Lenient):
-    type: Annotated[str, other_type(("input_text", "output_text", "text", "refusal"), "part")]
-
-
-# Documented as text parts only: other parts are a 400 (this model reads text).
-Content = str | Annotated[list[InputText | OtherContent], documented(rules.INPUT_PARTS)]
-
-
-class MessageItem(_Lenient):
-    type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system", "developer"]
-    content: Content
-
-
-class FunctionCallItem(_Lenient):
-    type: Literal["function_call"]
-    call_id: str
-    name: str
-    arguments: str
-
-
-class FunctionCallOutputItem(_Lenient):
-    type: Literal["function_call_output"]
-    call_id: str
-    output: Content
-
-
-class ReasoningPart(_Lenient):
-    type: str | None = None  # "reasoning_text" in content, "summary_text" in summary
-    text: str = ""
-
-
-class ReasoningItem(_Lenient):
-    """Earlier thinking a client sends back: its text in `content` (reasoning_text parts), else in `summary`."""
-
-    type: Literal["reasoning"]
-    summary: list[ReasoningPart] | None = None
-    content: list[ReasoningPart] | None = None
-
-    def text(self) -> str:
-        return "\n".join(part.text for part in self.content or self.summary or [] if part.text)
-
-
-class OtherItem(_Lenient):
-    type: Annotated[str, other_type(ITEM_TYPES, "item")]
-
-
-class ReasoningOptions(_Lenient):
-    effort: ReasoningEffort | None = None
-    summary: str | None = None  # accepted; the thinking comes back whole
-
-
-class ResponsesRequest(_Lenient):
-    input: str | Annotated[list[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem | OtherItem],
-                           documented(rules.INPUT_ITEMS)]
-    model: str | None = None
-    instructions: str | None = None
-    max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
-    tools: Annotated[list[dict], documented(rules.RESPONSES_TOOLS)] | None = None
-    tool_choice: Annotated[str | dict, documented(rules.RESPONSES_TOOL_CHOICE)] | None = None
-    parallel_tool_calls: StrictBool | None = None
-    text: Annotated[dict, documented({"type": "object", "properties": {
-        "format": rules.response_format(nested=False)}})] | None = None
-    stream: StrictBool | None = False
-    store: StrictBool | None = None
-    previous_response_id: str | None = None
-    conversation: Annotated[str | dict, documented({"anyOf": [{"type": "string"}, {
-        "type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}]})] | None = None
-    background: StrictBool | None = None
-    metadata: dict | None = None
-    timeout: Annotated[StrictFloat, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
-    ignore_eos: StrictBool = False  # llmctl extension, as on the chat route (fixed-length benchmarks)
-    reasoning: ReasoningOptions | None = None
-    chat_template_kwargs: TemplateKwargs | None = None  # vLLM's extension, as on the chat route
-
-    model_config = ConfigDict(json_schema_extra={"allOf": rules.RESPONSES_RULES})
 
 
 def structured_format(text: dict | None) -> Constraint | None:
@@ -156,10 +74,10 @@ def _content_text(content: Content, param: str) -> str:
     return "".join(texts)
 
 
-def chat_messages(req: ResponsesRequest) -> list[schemas.ChatMessage]:
+def chat_messages(req: ResponsesRequest) -> list[ChatMessage]:
     """The request's instructions and input as chat messages, function calls and their outputs included; a
     reasoning item is the thinking of the assistant turn that follows it."""
-    messages = [schemas.ChatMessage(role="system", content=req.instructions)] if req.instructions else []
+    messages = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
     items = [MessageItem(role="user", content=req.input)] if isinstance(req.input, str) else req.input
     thinking: list[str] = []  # reasoning items not yet given to an assistant turn
     for i, item in enumerate(items):
@@ -168,7 +86,7 @@ def chat_messages(req: ResponsesRequest) -> list[schemas.ChatMessage]:
             thinking.append(item.text())
             continue
         if isinstance(item, MessageItem):
-            messages.append(schemas.ChatMessage(role=item.role, content=_content_text(item.content, param)))
+            messages.append(ChatMessage(role=item.role, content=_content_text(item.content, param)))
         elif isinstance(item, FunctionCallItem):
             call = {"id": item.call_id, "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments}}
@@ -176,9 +94,9 @@ def chat_messages(req: ResponsesRequest) -> list[schemas.ChatMessage]:
             if last is not None and last.role == "assistant" and not thinking:  # one turn: its text, then calls
                 last.tool_calls = [*(last.tool_calls or []), call]
             else:
-                messages.append(schemas.ChatMessage(role="assistant", content=None, tool_calls=[call]))
+                messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
         elif isinstance(item, FunctionCallOutputItem):
-            messages.append(schemas.ChatMessage(role="tool", tool_call_id=item.call_id,
+            messages.append(ChatMessage(role="tool", tool_call_id=item.call_id,
                                                 content=_content_text(item.output, param)))
         else:
             raise InvalidRequest(f"Input items of type '{item.type}' are not supported; send messages, "
@@ -239,7 +157,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     """Answer one Responses request: a response object, or its event stream."""
     arrived = time.monotonic()
     loaded, _ = service.admit()
-    req = schemas.parse_body(ResponsesRequest, body)
+    req = parse_body(ResponsesRequest, body)
     model, adapter = service.served_model(req.model)
     turn = stored.prepare(service, req)
     tools, tool_choice = function_tools(req)

@@ -9,21 +9,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import ConfigDict, Field, StrictBool, StrictInt
 
 from llmctl.errors import InvalidRequest
-from llmctl.server import schemas
 from llmctl.server.admission import encode
 from llmctl.server.api import rules
+from llmctl.server.api.chat_models import ChatMessage
 from llmctl.server.api.limits import check_request
+from llmctl.server.api.validation import Lenient, Strict, parse_body, valid_unicode
 from llmctl.server.generation import chat_prompt
-from llmctl.server.schemas import ChatMessage, _Lenient
 
 if TYPE_CHECKING:
     from llmctl.server.service import Service
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(Lenient):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
@@ -35,34 +35,30 @@ class TokenizeRequest(_Lenient):
     model_config = ConfigDict(json_schema_extra=rules.PROMPT_OR_MESSAGES)
 
 
-class DetokenizeRequest(_Lenient):
+class DetokenizeRequest(Lenient):
     model: str | None = None
     tokens: list[StrictInt]
 
 
-class Tokenized(BaseModel):  # /tokenize's answer
+class Tokenized(Strict):  # /tokenize's answer
     count: int
     max_model_len: int
     tokens: list[int]
     token_strs: list[str] | None
 
-    model_config = ConfigDict(extra="forbid")
 
-
-class Detokenized(BaseModel):  # /detokenize's answer
+class Detokenized(Strict):  # /detokenize's answer
     prompt: str
-
-    model_config = ConfigDict(extra="forbid")
 
 
 def tokenize(service: Service, body: object) -> dict:
     loaded, _ = service.require_ready()
-    req = schemas.parse_body(TokenizeRequest, body)
+    req = parse_body(TokenizeRequest, body)
     service.served_model(req.model)
     tokenizer = loaded.tokenizer
     if req.prompt is not None and req.messages is None:
         special = req.add_special_tokens is not False
-        tokens = encode(tokenizer, schemas.valid_unicode(req.prompt), special)
+        tokens = encode(tokenizer, valid_unicode(req.prompt), special)
     elif req.messages is not None and req.prompt is None:
         check_request(service, messages=len(req.messages))
         tokens = chat_prompt(loaded, [m.for_template() for m in req.messages], req.tools, param="messages",
@@ -78,7 +74,7 @@ def tokenize(service: Service, body: object) -> dict:
 
 def detokenize(service: Service, body: object) -> dict:
     loaded, _ = service.require_ready()
-    req = schemas.parse_body(DetokenizeRequest, body)
+    req = parse_body(DetokenizeRequest, body)
     service.served_model(req.model)
     vocab = len(loaded.tokenizer)
     for token in req.tokens:

@@ -1,7 +1,6 @@
-"""Request and response schemas of the OpenAI-compatible API.
+"""POST /v1/chat/completions' request and answer models (`llmctl.server.api.chat` answers with them).
 
-Fields the service does not know are accepted and ignored: the openai SDK, LangChain and LiteLLM
-send fields a given server may not implement, and rejecting them breaks those clients.
+The request's sampling fields (`OpenAISampling`) and the answer's `Usage` are shared with legacy completions.
 """
 
 from __future__ import annotations
@@ -10,30 +9,20 @@ import json
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    ValidationError,
-)
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic import AfterValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from llmctl.errors import InvalidRequest
 from llmctl.server.api import rules
 from llmctl.server.api.rules import documented
+from llmctl.server.api.validation import MAX_TIMEOUT_S, Lenient, Strict, other_type, valid_unicode
 from llmctl.server.thinking import ReasoningEffort, TemplateKwargs, ThinkingBudget
 
 if TYPE_CHECKING:
     from llmctl.engine.sampling import TokenLogprobs
     from llmctl.engine.text import TokenText
 
-MAX_TIMEOUT_S = 300.0
 TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: str.isdigit() also accepts '²'
 # Numbers are strict (StrictInt, StrictFloat): pydantic's lax mode reads true as 1, "10" as 10 and 4.0 as 4;
 # OpenAI's API rejects all three, and so do we. Bounds go in Field() so the JSON schema says minimum/maximum.
@@ -57,36 +46,16 @@ def stop_list(stop: Stop | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class TextPart(_Lenient):
+class TextPart(Lenient):
     type: Literal["text"]
     text: str
 
 
-CATCH_ALL = "known_type_in_catch_all"
-
-
-def other_type(known: tuple[str, ...], what: str) -> AfterValidator:
-    """For the catch-all member of a union of typed parts: a known type that reaches it is a known part
-    with a bad field, and must fail as one (not pass as 'some other type')."""
-
-    def check(value: str) -> str:
-        if value in known:
-            # Its own error type, so that parse_body prefers the known part's error (which names the field).
-            raise PydanticCustomError(CATCH_ALL, f"a '{value}' {what} is missing a field or has one of the wrong type")
-        return value
-
-    return AfterValidator(check)
-
-
-class OtherPart(_Lenient):
+class OtherPart(Lenient):
     type: Annotated[str, other_type(("text",), "part")]
 
 
-class ChatMessage(_Lenient):
+class ChatMessage(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # Documented as text parts only: other parts are a 400 (this model reads text).
     content: str | Annotated[list[TextPart | OtherPart], documented(rules.TEXT_PARTS)] | None = None
@@ -141,23 +110,11 @@ def _template_tool_call(call: dict) -> dict:
     return {**call, "function": {**function, "arguments": arguments}}
 
 
-def valid_unicode(text: str) -> str:
-    """JSON may carry lone surrogates (\\ud800) that no tokenizer accepts; replace them."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
-RequestT = TypeVar("RequestT", bound=BaseModel)
-
-
-class StreamOptions(_Lenient):
+class StreamOptions(Lenient):
     include_usage: StrictBool | None = False
 
 
-class OpenAISampling(_Lenient):
+class OpenAISampling(Lenient):
     """The fields OpenAI's chat and legacy completions share."""
 
     model: str | None = None
@@ -201,71 +158,118 @@ class ChatCompletionRequest(OpenAISampling):
     model_config = ConfigDict(json_schema_extra={"allOf": rules.CHAT_RULES})
 
 
-# pydantic's type errors, and the kinds of JSON value a value of that type is near to.
-NEAR_KINDS: dict[str, type | tuple[type, ...]] = {
-    "string_type": str, "int_type": (int, float), "float_type": (int, float), "list_type": list,
-    "dict_type": dict, "model_type": dict, "bool_type": bool}
+
+# ---- the answer ----------------------------------------------------------------------------------
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
-def parse_body(model: type[RequestT], body: object) -> RequestT:
-    """Validate a decoded JSON body against ``model``, turning the first problem into a 400 that names the field."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        errors = exc.errors()
-        # In a union (stop: str | list[str], or typed parts) pydantic reports each branch it tried. A part
-        # whose "type" is another part's is the wrong branch; of the rest, the one that got furthest into
-        # the body explains best, a bad field beats a wrong type, and a known type that fell through to the
-        # catch-all part comes last.
-        wrong = [e["loc"][:-1] for e in errors if e["type"] == "literal_error" and e["loc"][-1] == "type"]
-
-        def rank(error: ErrorDetails) -> tuple:
-            loc = error["loc"]
-            found = _walk(loc, body, missing=error["type"] == "missing")
-            mismatch = error["type"].endswith("_type") or error["type"] == "literal_error"
-            # A branch of the input's own kind (a number for an integer: 4.0) explains better than another.
-            near = isinstance(error.get("input"), NEAR_KINDS.get(error["type"], ()))
-            return (error["type"] == CATCH_ALL, any(loc[:len(w)] == w for w in wrong), -len(found),
-                    mismatch and not near, mismatch)
-
-        error = min(errors, key=rank)
-        param = field_path(error["loc"], body, missing=error["type"] == "missing")
-        if error["type"] == "missing":
-            message = f"Missing required parameter: '{param}'."
-        elif param in ("messages", "prompt", "input") and error["type"] == "too_short":
-            message = f"'{param}' must contain at least one item."
-        else:
-            message = f"Invalid value for '{param}': {error['msg']}."
-        raise InvalidRequest(message, param=param) from None
+class PromptTokensDetails(Strict):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache (not prefilled again)
 
 
-def field_path(loc: tuple[int | str, ...], body: object, *, missing: bool = False) -> str | None:
-    """pydantic's error location as the API spells the field: ``messages[0].content[0].text``."""
-    path = ""
-    for part in _walk(loc, body, missing=missing):
-        path = f"{path}[{part}]" if isinstance(part, int) else f"{path}.{part}" if path else part
-    return path or None
+class CompletionTokensDetails(Strict):
+    reasoning_tokens: int  # completion tokens that were thinking (with a reasoning parser; else 0)
 
 
-def _walk(loc: tuple[int | str, ...], body: object, *, missing: bool) -> list[int | str]:
-    """The keys and indexes of ``loc`` found along ``body`` (a missing field's own name ends it).
+class Usage(Strict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
 
-    pydantic puts the union branch it tried in the location (``str``, ``list[...]``, ``TextPart``); those
-    are not fields of the request, and are left out.
-    """
-    found: list[int | str] = []
-    value = body
-    for depth, part in enumerate(loc):
-        if isinstance(part, int) and isinstance(value, list) and -len(value) <= part < len(value):
-            found.append(part)
-            value = value[part]
-        elif isinstance(part, str) and isinstance(value, dict) and (
-                part in value or missing and depth == len(loc) - 1):
-            found.append(part)
-            value = value.get(part)
-    return found
+
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    """A call the model asked for (with `serve --tool-call-parser`)."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ToolCallDelta(ToolCall):
+    index: int
+
+
+class AssistantMessage(Strict):
+    role: Literal["assistant"]
+    content: str | None
+    # The thinking (with `serve --reasoning-parser`), under both names clients read; null when there was none.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(Strict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(Strict):
+    """Sent when the request has `logprobs: true`: the model's log-probabilities (before temperature,
+    top_p, penalties and logit_bias) of each generated token and of its `top_logprobs` alternatives."""
+
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class Choice(Strict):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(Strict):
+    """The answer to a request without `stream`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(Strict):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChunkChoice(Strict):
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(Strict):
+    """One server-sent event of a streamed answer (`data: {...}`); the stream ends with `data: [DONE]`.
+    The usage chunk, sent when `stream_options.include_usage` is true, has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+
+ANSWERS = (ChatCompletion, ChatCompletionChunk)
 
 
 def completion_id() -> str:
@@ -346,17 +350,3 @@ def chunk_body(cid: str, model: str, created: int, delta: dict, finish_reason: s
     if usage_ is not None:
         body["usage"] = usage_
     return body
-
-
-def model_card(model: str, created: int, parent: str | None = None, root: str | None = None) -> dict:
-    """A model's entry in /v1/models; a LoRA adapter's names its base model as ``parent`` (as vLLM does)."""
-    card = {"id": model, "object": "model", "created": created, "owned_by": "llmctl"}
-    if parent is not None:
-        card.update(parent=parent, root=root)
-    return card
-
-
-def models_body(model: str, created: int, adapters: list | None = None) -> dict:
-    """/v1/models: the base model, then each LoRA adapter (`llmctl.core.adapters.AdapterInfo`) it serves."""
-    return {"object": "list", "data": [model_card(model, created)] + [
-        model_card(a.name, created, parent=model, root=str(a.path)) for a in adapters or []]}
