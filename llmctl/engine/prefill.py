@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import DynamicCache
 
 from llmctl.engine.base import Sequence
 from llmctl.engine.batch import Batch, full_cache, prefill_inputs, prefill_plan, sample, select_rows
@@ -31,6 +34,14 @@ from llmctl.engine.prefix_cache import prefix_rows_cache
 from llmctl.engine.reproducible import CHUNK_TOKENS, chunk_end, exact_part, exact_tokens
 from llmctl.engine.shared import choose
 from llmctl.errors import LLMCtlError
+
+if TYPE_CHECKING:
+    import threading
+    from collections import deque
+
+    from llmctl.engine.base import EngineConfig, EngineStats
+    from llmctl.engine.builtin_setup import BuiltinOptions
+    from llmctl.engine.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +52,41 @@ CPU_WAIT_MS = 10.0  # an idle engine's wait for the rest of a burst on a CPU (--
 BURST_WINDOWS = 4  # it waits at most this many times that after the burst's first request
 
 
+# A prefill pass: its rows' batch and their last logits [rows, vocab], or None while a chunked prefill goes on.
+Pass = Callable[[list[Sequence]], tuple[Batch, torch.Tensor] | None]
+
+
 class Prefills:
     """The prefill half of `llmctl.engine.builtin.BuiltinEngine` (whose state it uses), run on its thread."""
 
     share_min_tokens = 256  # a row reads a shared prefix (llmctl.engine.shared) of at least this many tokens
+
+    if TYPE_CHECKING:  # the engine's state and steps used here, which `BuiltinEngine` sets and defines
+        config: EngineConfig
+        options: BuiltinOptions
+        device: torch.device
+        stats: EngineStats
+        _prefix: PrefixCache | None
+        _share: bool
+        _cond: threading.Condition
+        _stopping: bool
+        _waiting: deque[Sequence]
+        _prefilling: Sequence | None
+        _admitting: list[Sequence]
+        _batch: Batch | None
+
+        def _forward(self, cache: DynamicCache, shared: SharedView | None = None,
+                     seqs: list[Sequence] | None = None, **kwargs: Any) -> Any: ...
+
+        def _remember(self, batch: Batch, rows: list[int], extra: int = 0, leaving: bool = False) -> None: ...
+
+        def _emit(self, batch: Batch, tokens: torch.Tensor) -> None: ...
+
+        def _join(self, batch: Batch) -> None: ...
+
+        def _on_oom(self, seqs: list[Sequence]) -> None: ...
+
+        def _finish(self, seq: Sequence, reason: str, error: LLMCtlError | None = None) -> None: ...
 
     @property
     def prefill_pass_tokens(self) -> int:
@@ -175,18 +217,19 @@ class Prefills:
         self._run_prefill([seq], lambda seqs: self._prefill_chunk(seqs, budget))
         return max(1, seq.prefilled - before)
 
-    def _run_prefill(self, seqs: list[Sequence], fn) -> None:
+    def _run_prefill(self, seqs: list[Sequence], fn: Pass) -> None:
         self._admitting = list(seqs)
         try:
-            batch = fn(seqs)
-            if batch is None:
+            done = fn(seqs)
+            if done is None:
                 return  # more chunks to go
-            self._fork(batch)
+            batch, logits = done
+            logits = self._fork(batch, logits)
             self.stats.prefills += 1
             self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs if not s.preemptions)
             self._remember(batch, list(range(len(batch.seqs))), extra=batch.kv_slots)
-            self._emit(batch, sample(batch, batch.last_logits, self.device))
-            del batch.last_logits
+            self._emit(batch, sample(batch, logits, self.device))
+            del done, logits
             kept = [i for i, s in enumerate(batch.seqs) if not s.done]
             if kept:
                 if len(kept) < len(batch.seqs):
@@ -203,11 +246,11 @@ class Prefills:
         finally:
             self._admitting = []
 
-    def _fork(self, batch: Batch) -> None:
+    def _fork(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         """n > 1: the prompt was prefilled once; each other choice gets a copy of its row (KV cache included)
-        and samples on its own from the first token on."""
+        and samples on its own from the first token on. Returns the rows' last logits, forked alike."""
         if not any(seq.forks for seq in batch.seqs):
-            return
+            return logits
         rows, seqs = [], []
         for row, seq in enumerate(batch.seqs):
             for member in (seq, *seq.forks):
@@ -215,19 +258,21 @@ class Prefills:
                 rows.append(row)
                 seqs.append(member)
             seq.forks = []
-        logits = batch.last_logits[torch.tensor(rows, device=batch.last_logits.device)]
+        logits = logits[torch.tensor(rows, device=logits.device)]
         select_rows(batch, rows)
-        batch.seqs, batch.last_logits = seqs, logits
+        batch.seqs = seqs
         self._admitting += [s for s in seqs if s not in self._admitting]  # an OOM from here on fails them too
+        return logits
 
-    def _prefill_batch(self, seqs: list[Sequence]) -> Batch:
+    def _prefill_batch(self, seqs: list[Sequence]) -> tuple[Batch, torch.Tensor]:
         """One left-padded forward pass over the new rows; a row's cached prefix is not computed again, and
         the part of it the running batch's shared prefix holds (or a new one) is not copied either."""
         contexts = [s.context_ids for s in seqs]
         lengths = [len(c) for c in contexts]
         fed, used = prefill_plan(lengths, [s.prefix_tokens for s in seqs])
         shared, reads = choose([s.prefix for s in seqs], used, self._batch.shared if self._batch else None,
-                               self._prefix, self.share_min_tokens) if self._share else (None, [0] * len(seqs))
+                               self._prefix, self.share_min_tokens) \
+            if self._share and self._prefix is not None else (None, [0] * len(seqs))
         ids, mask, positions = prefill_inputs(contexts, used, fed, self.device, reads)
         gathered: dict = {}  # rows continuing the same cached blocks share one copy of them
         prefixes = [self._take_prefix(s, u, gathered, start=r) for s, u, r in zip(seqs, used, reads, strict=False)]
@@ -243,12 +288,11 @@ class Prefills:
                        positions=torch.tensor(lengths, device=self.device), last=ids[:, -1].clone())
         if view is not None:
             batch.shared, batch.shared_lengths = shared, reads_t
-        batch.last_logits = out.logits[:, -1, :]
-        return batch
+        return batch, out.logits[:, -1, :]
 
-    def _prefill_chunk(self, seqs: list[Sequence], budget: int) -> Batch | None:
+    def _prefill_chunk(self, seqs: list[Sequence], budget: int) -> tuple[Batch, torch.Tensor] | None:
         """The next chunks of one row's reproducible prefill, at least one and as many more as ``budget``
-        holds; the row's batch once its last chunk is computed."""
+        holds; the row's batch and last logits once its last chunk is computed."""
         (seq,) = seqs
         context = seq.context_ids
         total = len(context)
@@ -274,8 +318,7 @@ class Prefills:
         seq.exact_tokens = exact_tokens(total, self.chunk_tokens)
         batch = Batch(seqs=[seq], cache=cache, mask=torch.ones((1, total), dtype=torch.long, device=self.device),
                        positions=torch.tensor([total], device=self.device), last=ids[:, -1].clone())
-        batch.last_logits = out.logits[:, -1, :]
-        return batch
+        return batch, out.logits[:, -1, :]
 
     def _take_prefix(self, seq: Sequence, tokens: int, gathered: dict | None = None,
                      start: int = 0) -> torch.Tensor | None:
