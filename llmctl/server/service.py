@@ -19,7 +19,7 @@ from llmctl.engine.builtin_setup import BuiltinOptions
 from llmctl.engine.text import TokenText
 from llmctl.errors import LLMCtlError, ModelNotFound, Unavailable
 from llmctl.server.admission import Admission, AdmissionLimits
-from llmctl.server.api.chat_models import logprobs_body
+from llmctl.server.api.chat_models import ChoiceLogprobs
 from llmctl.server.generation import Generation
 from llmctl.server.loras import Loras
 from llmctl.server.metrics import ServiceMetrics, prefix_cache_json, speculative_json
@@ -331,11 +331,11 @@ class Service:
         if adapter is not None and self.loras is not None:
             self.loras.release(adapter)
 
-    def logprobs(self, gen: Generation, wanted: bool | None) -> dict | None:
+    def logprobs(self, gen: Generation, wanted: bool | None) -> ChoiceLogprobs | None:
         """The logprobs of the tokens ``gen`` received since the last call, when the request asked."""
         if not wanted or self.token_text is None:
             return None
-        return logprobs_body(self.token_text, gen.take_logprobs())
+        return ChoiceLogprobs.of(self.token_text, gen.take_logprobs())
 
     def _ended(self, run: Run) -> None:
         model = run.model or (self.loaded.name if self.loaded else "")

@@ -135,6 +135,10 @@ class AnthropicThinking(Strict):
     signature: str
 
 
+ContentBlock = AnthropicThinking | AnthropicText | AnthropicToolUse
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
+
+
 class AnthropicUsage(Strict):
     input_tokens: int
     output_tokens: int
@@ -151,8 +155,8 @@ class AnthropicMessage(Strict):
     type: Literal["message"]
     role: Literal["assistant"]
     model: str
-    content: list[AnthropicThinking | AnthropicText | AnthropicToolUse]
-    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
+    content: list[ContentBlock]
+    stop_reason: StopReason | None
     stop_sequence: str | None
     usage: AnthropicUsage
 
@@ -293,7 +297,7 @@ class _Choice:
         self.model, self.text, self.stops = model, text, stops
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
 
-    def stop(self, run: Run, calls: list[dict]) -> tuple[str, str | None]:
+    def stop(self, run: Run, calls: list[dict]) -> tuple[StopReason, str | None]:
         """Anthropic's stop_reason and stop_sequence."""
         gen = run.gens[0]
         if gen.finish_reason == "length":  # even with whole calls before the cut: the answer is not whole
@@ -304,11 +308,12 @@ class _Choice:
             return "stop_sequence", gen.stop_sequence
         return "end_turn", None
 
-    def message(self, content: list[dict], reason: str | None, sequence: str | None, input_tokens: int,
-                output_tokens: int) -> dict:
-        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
-                "stop_reason": reason, "stop_sequence": sequence,
-                "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+    def message(self, content: list[ContentBlock], reason: StopReason | None, sequence: str | None,
+                input_tokens: int, output_tokens: int) -> dict:
+        return AnthropicMessage(id=self.id, type="message", role="assistant", model=self.model, content=content,
+                                stop_reason=reason, stop_sequence=sequence,
+                                usage=AnthropicUsage(input_tokens=input_tokens, output_tokens=output_tokens)
+                                ).model_dump()
 
 
 def signature(thinking: str) -> str:
@@ -317,13 +322,18 @@ def signature(thinking: str) -> str:
     return base64.b64encode(hashlib.sha256(thinking.encode("utf-8")).digest()).decode("ascii")
 
 
-def _blocks(text: str, calls: list[dict], thinking: str = "") -> list[dict]:
-    blocks = [{"type": "thinking", "thinking": thinking, "signature": signature(thinking)}] if thinking else []
+def _blocks(text: str, calls: list[dict], thinking: str = "") -> list[ContentBlock]:
+    blocks: list[ContentBlock] = []
+    if thinking:
+        blocks.append(AnthropicThinking(type="thinking", thinking=thinking, signature=signature(thinking)))
     if text or not calls:
-        blocks.append({"type": "text", "text": text})
-    return blocks + [{"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
-                      "name": call["function"]["name"], "input": json_arguments(call["function"]["arguments"])}
-                     for call in calls]
+        blocks.append(AnthropicText(type="text", text=text))
+    return blocks + [_tool_use(call) for call in calls]
+
+
+def _tool_use(call: dict) -> AnthropicToolUse:
+    return AnthropicToolUse(type="tool_use", id="toolu_" + call["id"].removeprefix("call_"),
+                            name=call["function"]["name"], input=json_arguments(call["function"]["arguments"]))
 
 
 def _events(run: Run, deltas: Iterator[Delta], choice: _Choice) -> Iterator[str]:
@@ -334,7 +344,8 @@ def _events(run: Run, deltas: Iterator[Delta], choice: _Choice) -> Iterator[str]
     """
 
     def event(name: str, /, **fields) -> str:
-        return sse_event(name, {"type": name, **fields})
+        dumped = {k: v.model_dump() if isinstance(v, Strict) else v for k, v in fields.items()}
+        return sse_event(name, {"type": name, **dumped})
 
     index = 0
     kind: str | None = None  # the type of the open block
@@ -354,8 +365,8 @@ def _events(run: Run, deltas: Iterator[Delta], choice: _Choice) -> Iterator[str]
         if kind != block:
             yield from close()
             kind = block
-            start = {"type": "thinking", "thinking": "", "signature": ""} if block == "thinking" \
-                else {"type": "text", "text": ""}
+            start = AnthropicThinking(type="thinking", thinking="", signature="") if block == "thinking" \
+                else AnthropicText(type="text", text="")
             yield event("content_block_start", index=index, content_block=start)
         if block == "thinking":
             thought += text
@@ -379,10 +390,11 @@ def _events(run: Run, deltas: Iterator[Delta], choice: _Choice) -> Iterator[str]
         if not (wrote or calls):
             yield from delta("text", "")  # an empty answer still has its (empty) text block
         yield from close()
-        for block in _blocks("", calls) if calls else []:  # with calls and no text: tool_use blocks only
-            yield event("content_block_start", index=index, content_block={**block, "input": {}})
+        for call in calls:
+            block = _tool_use(call)
+            yield event("content_block_start", index=index, content_block=block.model_copy(update={"input": {}}))
             yield event("content_block_delta", index=index, delta={
-                "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)})
+                "type": "input_json_delta", "partial_json": json.dumps(block.input, ensure_ascii=False)})
             yield event("content_block_stop", index=index)
             index += 1
         reason, sequence = choice.stop(run, calls)

@@ -7,7 +7,19 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from llmctl.errors import InvalidRequest, LLMCtlError
-from llmctl.server.api import chat_models as schemas
+from llmctl.server.api.chat_models import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    FinishReason,
+    ToolCallDelta,
+    Usage,
+    completion_id,
+)
+from llmctl.server.api.chat_models import Delta as ChunkDelta
 from llmctl.server.api.common import ChoiceText, sse, stream_error
 from llmctl.server.api.limits import check_request
 from llmctl.server.api.validation import parse_body
@@ -24,7 +36,7 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     """Answer one chat completion: a response body, or an iterator of SSE lines when streaming."""
     arrived = time.monotonic()
     loaded, _ = service.admit()
-    req = parse_body(schemas.ChatCompletionRequest, body)
+    req = parse_body(ChatCompletionRequest, body)
     model, adapter = service.served_model(req.model)
     n = req.n or 1
     check_request(service, messages=len(req.messages), choices=n)
@@ -58,58 +70,65 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         text.feed(outs[index])
         _, calls = text.finish(cut=gen.finish_reason == "length")
         content: str | None = text.answer(calls)
-        finish_reason = _finish_reason(gen.finish_reason, calls)
         if calls:
             content = content or None
-        choices.append(schemas.choice(index, content, finish_reason, service.logprobs(gen, logprobs), calls or None,
-                                      reasoning=text.thinking if text.reasoning is not None else None))
-    return schemas.completion_body(schemas.completion_id(), model, choices, run.prompt_tokens,
-                                   run.completion_tokens, cached_tokens=run.cached_tokens,
-                                   reasoning_tokens=sum(t.reasoning_tokens for t in texts))
+        message = AssistantMessage.of(content, calls, text.thinking if text.reasoning is not None else None)
+        choices.append(Choice(index=index, message=message, logprobs=service.logprobs(gen, logprobs),
+                              finish_reason=_finish_reason(gen.finish_reason, calls)))
+    return ChatCompletion(id=completion_id(), object="chat.completion", created=int(time.time()), model=model,
+                          choices=choices, usage=Usage.of(run.prompt_tokens, run.completion_tokens, run.cached_tokens,
+                                                          sum(t.reasoning_tokens for t in texts))).model_dump()
 
 
-def _finish_reason(reason: str | None, calls: list[dict]) -> str:
+def _finish_reason(reason: str | None, calls: list[dict]) -> FinishReason:
     """"length" for an answer max_tokens cut, even one with complete calls before the cut (a half-written
     call is dropped, and the client must know the answer is not whole); else "tool_calls" when it calls."""
     if reason == "length":
-        return reason
-    return "tool_calls" if calls else reason or "stop"
+        return "length"
+    return "tool_calls" if calls else "stop"
 
 
 def _events(service: Service, run: Run, deltas: Iterator[Delta], texts: list[ChoiceText], model: str, logprobs: bool,
             include_usage: bool) -> Iterator[str]:
-    cid, created = schemas.completion_id(), int(time.time())
+    cid, created = completion_id(), int(time.time())
 
-    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> str:
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        body = ChatCompletionChunk(id=cid, object="chat.completion.chunk", created=created, model=model,
+                                   choices=choices)
+        if usage is not None:
+            body.usage = usage
+        return sse(body.model_dump())
+
+    def choice(index: int, delta: ChunkDelta, finish_reason: FinishReason | None = None) -> str:
         # Tokens whose text was held back (the start of a stop string or of a tool call) keep their
         # logprobs until a chunk goes out.
         lp = service.logprobs(run.gens[index], logprobs)
-        return sse(schemas.chunk_body(cid, model, created, delta, finish_reason,
-                                      logprobs=lp if lp and lp["content"] else None, index=index))
+        return chunk([ChunkChoice(index=index, delta=delta, logprobs=lp if lp and lp.content else None,
+                                  finish_reason=finish_reason)])
 
     try:
         for index in range(len(texts)):
-            yield sse(schemas.chunk_body(cid, model, created, {"role": "assistant", "content": ""}, index=index))
+            yield chunk([ChunkChoice(index=index, delta=ChunkDelta(role="assistant", content=""), logprobs=None,
+                                     finish_reason=None)])
         for delta in deltas:
             text, gen = texts[delta.index], run.gens[delta.index]
             shown = text.feed(delta.text)
             if shown.reasoning or shown.content:
-                yield chunk(delta.index, schemas.delta_fields(shown.reasoning, shown.content))
+                yield choice(delta.index, ChunkDelta.of(shown.reasoning, shown.content))
             if not delta.done or gen.finish_reason == "cancelled":
                 continue
             rest, calls = text.finish(cut=gen.finish_reason == "length")
             if rest.reasoning or rest.content:
-                yield chunk(delta.index, schemas.delta_fields(rest.reasoning, rest.content))
+                yield choice(delta.index, ChunkDelta.of(rest.reasoning, rest.content))
             if calls:
-                yield chunk(delta.index, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-            yield chunk(delta.index, {}, _finish_reason(gen.finish_reason, calls))
+                yield choice(delta.index, ChunkDelta(tool_calls=[ToolCallDelta(index=i, **call)
+                                                                 for i, call in enumerate(calls)]))
+            yield choice(delta.index, ChunkDelta(), _finish_reason(gen.finish_reason, calls))
         if run.cancelled:
             return
         if include_usage:
-            yield sse(schemas.chunk_body(cid, model, created, {}, None,
-                                         schemas.usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens,
-                                                       sum(t.reasoning_tokens for t in texts)),
-                                         with_choice=False))
+            yield chunk([], Usage.of(run.prompt_tokens, run.completion_tokens, run.cached_tokens,
+                                     sum(t.reasoning_tokens for t in texts)))
         yield "data: [DONE]\n\n"
     except LLMCtlError as exc:
         # Headers are already sent: report the error in-band, as OpenAI's API does, and end the stream

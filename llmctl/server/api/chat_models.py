@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import uuid
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -178,6 +177,18 @@ class Usage(Strict):
     prompt_tokens_details: PromptTokensDetails
     completion_tokens_details: CompletionTokensDetails
 
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+           reasoning_tokens: int = 0) -> Usage:
+        """OpenAI's usage object; ``cached_tokens``: prompt tokens served from the prefix cache;
+        ``reasoning_tokens``: completion tokens that were thinking."""
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+                   # Counted from the thinking's text, which may tokenize into more pieces than were generated.
+                   completion_tokens_details=CompletionTokensDetails(
+                       reasoning_tokens=min(reasoning_tokens, completion_tokens)))
+
 
 class FunctionCall(Strict):
     name: str
@@ -192,8 +203,11 @@ class ToolCall(Strict):
     function: FunctionCall
 
 
-class ToolCallDelta(ToolCall):
+class ToolCallDelta(Strict):
     index: int
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
 
 
 class AssistantMessage(Strict):
@@ -203,6 +217,17 @@ class AssistantMessage(Strict):
     reasoning: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
+
+    @classmethod
+    def of(cls, content: str | None, calls: list[dict], reasoning: str | None) -> AssistantMessage:
+        """The answer of one choice; ``reasoning`` (with a reasoning parser, else None) goes under both names
+        clients read: ``reasoning`` (vLLM, OpenRouter) and ``reasoning_content`` (DeepSeek's)."""
+        message = cls(role="assistant", content=content)
+        if reasoning is not None:
+            message.reasoning = message.reasoning_content = reasoning or None
+        if calls:
+            message.tool_calls = [ToolCall.model_validate(call) for call in calls]
+        return message
 
 
 class TopLogprob(Strict):
@@ -221,6 +246,17 @@ class ChoiceLogprobs(Strict):
 
     content: list[TokenLogprob] | None
     refusal: None = None
+
+    @classmethod
+    def of(cls, token_text: TokenText, items: list[TokenLogprobs]) -> ChoiceLogprobs:
+        """Each token's text, UTF-8 bytes and log-probability, and its alternatives."""
+
+        def entry(token: int, logprob: float) -> dict:
+            raw = token_text.bytes_of(token)
+            return {"token": raw.decode("utf-8", "replace"), "logprob": max(logprob, MIN_LOGPROB), "bytes": list(raw)}
+
+        return cls(content=[TokenLogprob(**entry(i.token, i.logprob), top_logprobs=[
+            TopLogprob(**entry(t, v)) for t, v in i.top]) for i in items], refusal=None)
 
 
 class Choice(Strict):
@@ -243,10 +279,19 @@ class ChatCompletion(Strict):
 
 class Delta(Strict):
     role: Literal["assistant"] | None = None
-    content: str | None = None
     reasoning: str | None = None
     reasoning_content: str | None = None
+    content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+
+    @classmethod
+    def of(cls, reasoning: str, content: str) -> Delta:
+        """Thinking under both names (as `AssistantMessage.of` gives it), and answer text; each only when there is
+        some."""
+        delta = cls(reasoning=reasoning, reasoning_content=reasoning) if reasoning else cls()
+        if content:
+            delta.content = content
+        return delta
 
 
 class ChunkChoice(Strict):
@@ -268,85 +313,10 @@ class ChatCompletionChunk(Strict):
     usage: Usage | None = None
 
 
-
 ANSWERS = (ChatCompletion, ChatCompletionChunk)
-
-
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0) -> dict:
-    """OpenAI's usage object; ``cached_tokens``: prompt tokens served from the prefix cache; ``reasoning_tokens``:
-    completion tokens that were thinking."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-        # Counted from the thinking's text, which may tokenize into more pieces than were generated.
-        "completion_tokens_details": {"reasoning_tokens": min(reasoning_tokens, completion_tokens)},
-    }
-
-
 # OpenAI's stand-in for a log-probability of minus infinity (JSON has no infinities).
 MIN_LOGPROB = -9999.0
 
 
-def logprobs_body(token_text: TokenText, items: list[TokenLogprobs]) -> dict:
-    """A choice's ``logprobs``: each token's text, UTF-8 bytes and log-probability, and its alternatives."""
-
-    def entry(token: int, logprob: float) -> dict:
-        raw = token_text.bytes_of(token)
-        return {"token": raw.decode("utf-8", "replace"), "logprob": max(logprob, MIN_LOGPROB), "bytes": list(raw)}
-
-    content = [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, v) for t, v in i.top]} for i in items]
-    return {"content": content, "refusal": None}
-
-
-def choice(index: int, text: str | None, finish_reason: str, logprobs: dict | None = None,
-           tool_calls: list[dict] | None = None, reasoning: str | None = None) -> dict:
-    """One choice of a chat completion; ``reasoning`` (with a reasoning parser) goes under both names clients
-    read: ``reasoning`` (vLLM, OpenRouter) and ``reasoning_content`` (DeepSeek's)."""
-    message: dict = {"role": "assistant", "content": text}
-    if reasoning is not None:
-        message["reasoning"] = message["reasoning_content"] = reasoning or None
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def completion_body(cid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int,
-                    created: int | None = None, cached_tokens: int = 0, reasoning_tokens: int = 0) -> dict:
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": created or int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens),
-    }
-
-
-def delta_fields(reasoning: str, content: str) -> dict:
-    """A streamed chunk's delta: thinking under both names (as `choice` gives it), and answer text."""
-    delta: dict = {"reasoning": reasoning, "reasoning_content": reasoning} if reasoning else {}
-    if content:
-        delta["content"] = content
-    return delta
-
-
-def chunk_body(cid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-               usage_: dict | None = None, with_choice: bool = True, logprobs: dict | None = None,
-               index: int = 0) -> dict:
-    body = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
-        if with_choice else [],
-    }
-    if usage_ is not None:
-        body["usage"] = usage_
-    return body
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"

@@ -18,7 +18,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictInt
 from llmctl.errors import InvalidRequest, LLMCtlError, Unavailable
 from llmctl.server.admission import encode
 from llmctl.server.api import rules
-from llmctl.server.api.chat_models import MIN_LOGPROB, OpenAISampling, Usage, usage
+from llmctl.server.api.chat_models import MIN_LOGPROB, OpenAISampling, Usage
 from llmctl.server.api.common import sse, stream_error
 from llmctl.server.api.limits import check_request
 from llmctl.server.api.rules import documented
@@ -139,25 +139,20 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _events(run, run.stream(), echoes, model, logprobs, include_usage)
     texts = run.collect()
-    choices = [_choice(i, echoes[i] + text, gen.finish_reason or "stop", logprobs.take(i) if logprobs else None)
+    choices = [CompletionChoice(index=i, text=echoes[i] + text, logprobs=logprobs.take(i) if logprobs else None,
+                                finish_reason=_finish_reason(gen.finish_reason))
                for i, (gen, text) in enumerate(zip(run.gens, texts, strict=False))]
-    return _body(completion_id(), model, int(time.time()), choices,
-                 usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens))
+    return TextCompletion(id=completion_id(), object="text_completion", created=int(time.time()), model=model,
+                          choices=choices,
+                          usage=Usage.of(run.prompt_tokens, run.completion_tokens, run.cached_tokens)).model_dump()
 
 
 def completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex[:24]}"
 
 
-def _choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def _body(cid: str, model: str, created: int, choices: list[dict], usage: dict | None = None) -> dict:
-    body = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices}
-    if usage is not None:
-        body["usage"] = usage
-    return body
+def _finish_reason(reason: str | None) -> Literal["stop", "length"]:
+    return "length" if reason == "length" else "stop"
 
 
 class _LegacyLogprobs:
@@ -170,7 +165,7 @@ class _LegacyLogprobs:
         self.run = run
         self.offsets = [len(e) for e in echoes]  # text_offset runs on across a streamed choice's chunks
 
-    def take(self, index: int) -> dict:
+    def take(self, index: int) -> LegacyLogprobs:
         items: list[TokenLogprobs] = self.run.gens[index].take_logprobs()
         tokens, offsets = [], []
         for item in items:
@@ -180,8 +175,8 @@ class _LegacyLogprobs:
         # The chosen token last: it keeps its own entry when an alternative has the same text.
         top = [{self._text(t): _clip(v) for t, v in item.top} | {self._text(item.token): _clip(item.logprob)}
                for item in items]
-        return {"tokens": tokens, "token_logprobs": [_clip(i.logprob) for i in items], "top_logprobs": top,
-                "text_offset": offsets}
+        return LegacyLogprobs(tokens=tokens, token_logprobs=[_clip(i.logprob) for i in items], top_logprobs=top,
+                              text_offset=offsets)
 
     def _text(self, token: int) -> str:
         return self.token_text.text_of(token)
@@ -195,25 +190,30 @@ def _events(run: Run, deltas: Iterator[Delta], echoes: list[str], model: str, lo
             include_usage: bool) -> Iterator[str]:
     cid, created = completion_id(), int(time.time())
 
-    def chunk(index: int, text: str, finish_reason: str | None = None) -> str:
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        body = TextCompletion(id=cid, object="text_completion", created=created, model=model, choices=choices)
+        if usage is not None:
+            body.usage = usage
+        return sse(body.model_dump())
+
+    def choice(index: int, text: str, finish_reason: Literal["stop", "length"] | None = None) -> str:
         lp = logprobs.take(index) if logprobs else None
-        return sse(_body(cid, model, created, [_choice(index, text, finish_reason, lp)]))
+        return chunk([CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=finish_reason)])
 
     try:
         for index, echo in enumerate(echoes):
             if echo:
-                yield sse(_body(cid, model, created, [_choice(index, echo, None, None)]))
+                yield chunk([CompletionChoice(index=index, text=echo, logprobs=None, finish_reason=None)])
         for delta in deltas:
             gen = run.gens[delta.index]
             if delta.text:
-                yield chunk(delta.index, delta.text)
+                yield choice(delta.index, delta.text)
             if delta.done and gen.finish_reason != "cancelled":
-                yield chunk(delta.index, "", gen.finish_reason or "stop")
+                yield choice(delta.index, "", _finish_reason(gen.finish_reason))
         if run.cancelled:
             return
         if include_usage:
-            yield sse(_body(cid, model, created, [], usage(run.prompt_tokens, run.completion_tokens,
-                                                                     run.cached_tokens)))
+            yield chunk([], Usage.of(run.prompt_tokens, run.completion_tokens, run.cached_tokens))
         yield "data: [DONE]\n\n"
     except LLMCtlError as exc:
         yield sse(stream_error(exc))  # headers are already sent: in-band, as OpenAI does, then the stream's end

@@ -30,13 +30,26 @@ from llmctl.server.api.limits import check_request
 from llmctl.server.api.responses_models import (
     Content,
     FunctionCallItem,
+    FunctionCallOutput,
     FunctionCallOutputItem,
+    IncompleteDetails,
     InputText,
+    InputTokensDetails,
+    ItemStatus,
     MessageItem,
+    OutputItem,
+    OutputMessage,
+    OutputText,
+    OutputTokensDetails,
     ReasoningItem,
+    ReasoningOutput,
+    ReasoningText,
+    Response,
     ResponsesRequest,
+    ResponseUsage,
+    Status,
 )
-from llmctl.server.api.validation import MAX_TIMEOUT_S, parse_body
+from llmctl.server.api.validation import MAX_TIMEOUT_S, Strict, parse_body
 from llmctl.server.constraints import (
     FunctionTool,
     ToolUse,
@@ -202,50 +215,54 @@ class _Answer:
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.reasoning_id = f"rs_{uuid.uuid4().hex}"
 
-    def body(self, run: Run | None, output: list[dict], status: str | None = None) -> dict:
+    def body(self, run: Run | None, output: list[OutputItem], status: Status | None = None) -> dict:
         req = self.req
         finish = run.gens[0].finish_reason if run is not None else None
         status = status or ("incomplete" if finish == "length" else "completed")
         usage = None
         if run is not None and status != "in_progress":
-            usage = {"input_tokens": run.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                     "output_tokens": run.completion_tokens,
-                     "output_tokens_details": {"reasoning_tokens": min(self.text.reasoning_tokens,
-                                                                       run.completion_tokens)},
-                     "total_tokens": run.prompt_tokens + run.completion_tokens}
-        return {
-            "id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.model,
-            "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "temperature": 1.0 if req.temperature is None else req.temperature,
-            "top_p": 1.0 if req.top_p is None else req.top_p,
-            "text": {**(req.text or {}), "format": (req.text or {}).get("format") or {"type": "text"}},
-            "tool_choice": req.tool_choice or "auto",
-            "tools": req.tools or [], "truncation": "disabled", "metadata": req.metadata or {}, "usage": usage,
-            **self.fields,
-        }
+            usage = ResponseUsage(
+                input_tokens=run.prompt_tokens, input_tokens_details=InputTokensDetails(cached_tokens=0),
+                output_tokens=run.completion_tokens, output_tokens_details=OutputTokensDetails(
+                    reasoning_tokens=min(self.text.reasoning_tokens, run.completion_tokens)),
+                total_tokens=run.prompt_tokens + run.completion_tokens)
+        return Response(
+            id=self.id, object="response", created_at=self.created, status=status, error=None,
+            incomplete_details=IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
+            instructions=req.instructions, max_output_tokens=req.max_output_tokens, model=self.model,
+            output=output, parallel_tool_calls=req.parallel_tool_calls is not False,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            text={**(req.text or {}), "format": (req.text or {}).get("format") or {"type": "text"}},
+            tool_choice=req.tool_choice or "auto", tools=req.tools or [], truncation="disabled",
+            metadata=req.metadata or {}, usage=usage, **self.fields,
+        ).model_dump()
 
-    def reasoning(self, text: str, status: str, item_id: str | None = None) -> dict:
-        content = [{"type": "reasoning_text", "text": text}] if status != "in_progress" else []
-        return {"type": "reasoning", "id": item_id or self.reasoning_id, "status": status, "summary": [],
-                "content": content}
+    def reasoning(self, text: str, status: ItemStatus, item_id: str | None = None) -> ReasoningOutput:
+        content = [ReasoningText(type="reasoning_text", text=text)] if status != "in_progress" else []
+        return ReasoningOutput(type="reasoning", id=item_id or self.reasoning_id, status=status, summary=[],
+                               content=content)
 
-    def message(self, text: str, status: str) -> dict:
-        content = [{"type": "output_text", "text": text, "annotations": []}] if status != "in_progress" else []
-        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
-                "content": content}
+    def message(self, text: str, status: ItemStatus) -> OutputMessage:
+        content = [_part(text)] if status != "in_progress" else []
+        return OutputMessage(type="message", id=self.message_id, status=status, role="assistant", content=content)
 
 
-def _function_call(call: dict) -> dict:
-    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
-            "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
+def _part(text: str) -> OutputText:
+    return OutputText(type="output_text", text=text, annotations=[])
 
 
-def _output(text: str, calls: list[dict], finish_reason: str | None, answer: _Answer, thinking: str) -> list[dict]:
+def _function_call(call: dict) -> FunctionCallOutput:
+    return FunctionCallOutput(type="function_call", id=f"fc_{uuid.uuid4().hex}", call_id=call["id"],
+                              name=call["function"]["name"], arguments=call["function"]["arguments"],
+                              status="completed")
+
+
+def _output(text: str, calls: list[dict], finish_reason: str | None, answer: _Answer,
+            thinking: str) -> list[OutputItem]:
     """The output items: the thinking (when the model thought), the message (unless only calls), the calls."""
-    status = "incomplete" if finish_reason == "length" else "completed"
-    items = [answer.reasoning(thinking, status)] if thinking else []
+    status: ItemStatus = "incomplete" if finish_reason == "length" else "completed"
+    items: list[OutputItem] = [answer.reasoning(thinking, status)] if thinking else []
     if text or not calls:
         items.append(answer.message(text, status))
     return items + [_function_call(call) for call in calls]
@@ -267,15 +284,13 @@ def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Generato
     """
     numbers = itertools.count()
     mid = answer.message_id
-    done: dict[int, dict] = {}  # output index -> finished item
+    done: dict[int, OutputItem] = {}  # output index -> finished item
     message_index: int | None = None
     thought: dict | None = None  # the reasoning item being streamed: its index, id and text
 
     def event(name: str, /, **fields) -> dict:
-        return {"type": name, "sequence_number": next(numbers), **fields}
-
-    def part(text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": []}
+        dumped = {k: v.model_dump() if isinstance(v, Strict) else v for k, v in fields.items()}
+        return {"type": name, "sequence_number": next(numbers), **dumped}
 
     def next_index() -> int:
         return len(done) + (thought is not None) + (message_index is not None)
@@ -292,7 +307,7 @@ def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Generato
         yield event("response.reasoning_text.delta", item_id=thought["id"], output_index=thought["index"],
                     content_index=0, delta=text)
 
-    def close_reasoning(status: str = "completed") -> Iterator[dict]:
+    def close_reasoning(status: ItemStatus = "completed") -> Iterator[dict]:
         nonlocal thought
         if thought is None:
             return
@@ -311,7 +326,7 @@ def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Generato
             yield event("response.output_item.added", output_index=message_index,
                         item=answer.message("", "in_progress"))
             yield event("response.content_part.added", item_id=mid, output_index=message_index, content_index=0,
-                        part=part(""))
+                        part=_part(""))
         return message_index
 
     def text_delta(text: str) -> Iterator[dict]:
@@ -334,21 +349,23 @@ def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Generato
         cut = run.gens[0].finish_reason == "length"
         yield from close_reasoning("incomplete" if cut else "completed")
         for item in _output(answer.text.text, calls, run.gens[0].finish_reason, answer, ""):
-            if item["type"] == "message":
+            if isinstance(item, OutputMessage):
                 index = yield from open_message()
                 text = answer.text.text
                 yield event("response.output_text.done", item_id=mid, output_index=index, content_index=0, text=text,
                             logprobs=[])
                 yield event("response.content_part.done", item_id=mid, output_index=index, content_index=0,
-                            part=part(text))
-            else:
+                            part=_part(text))
+            elif isinstance(item, FunctionCallOutput):
                 index = next_index()
                 yield event("response.output_item.added", output_index=index,
-                            item={**item, "arguments": "", "status": "in_progress"})
-                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                            delta=item["arguments"])
-                yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                            name=item["name"], arguments=item["arguments"])
+                            item=item.model_copy(update={"arguments": "", "status": "in_progress"}))
+                yield event("response.function_call_arguments.delta", item_id=item.id, output_index=index,
+                            delta=item.arguments)
+                yield event("response.function_call_arguments.done", item_id=item.id, output_index=index,
+                            name=item.name, arguments=item.arguments)
+            else:
+                continue  # the thinking went out as it streamed
             yield event("response.output_item.done", output_index=index, item=item)
             done[index] = item
             if index == message_index:

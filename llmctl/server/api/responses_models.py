@@ -102,6 +102,10 @@ class ResponsesRequest(Lenient):
 
 
 # ---- the answer ----------------------------------------------------------------------------------
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+Status = Literal["queued", "in_progress", "completed", "incomplete", "cancelled", "failed"]
+
+
 class OutputText(Strict):
     type: Literal["output_text"]
     text: str
@@ -111,7 +115,7 @@ class OutputText(Strict):
 class OutputMessage(Strict):
     type: Literal["message"]
     id: str
-    status: Literal["in_progress", "completed", "incomplete"]
+    status: ItemStatus
     role: Literal["assistant"]
     content: list[OutputText]
 
@@ -136,9 +140,12 @@ class ReasoningOutput(Strict):
 
     type: Literal["reasoning"]
     id: str
-    status: Literal["in_progress", "completed", "incomplete"]
+    status: ItemStatus
     summary: list[dict]
     content: list[ReasoningText]
+
+
+OutputItem = ReasoningOutput | OutputMessage | FunctionCallOutput
 
 
 class InputTokensDetails(Strict):
@@ -182,18 +189,14 @@ class Response(Strict):
     id: str
     object: Literal["response"]
     created_at: int
-    status: Literal["queued", "in_progress", "completed", "incomplete", "cancelled", "failed"]
+    status: Status
     error: ResponseError | None
     incomplete_details: IncompleteDetails | None
     instructions: str | None
     max_output_tokens: int | None
     model: str
-    output: list[ReasoningOutput | OutputMessage | FunctionCallOutput]
+    output: list[OutputItem]
     parallel_tool_calls: bool
-    previous_response_id: str | None
-    store: bool  # kept by the server (unless store: false, or --responses-store none): GET /v1/responses/{id}
-    background: bool  # generated after the answer (queued), read back by polling GET /v1/responses/{id}
-    conversation: ConversationRef | None
     temperature: float
     top_p: float
     text: dict
@@ -202,6 +205,10 @@ class Response(Strict):
     truncation: Literal["disabled"]
     metadata: dict
     usage: ResponseUsage | None
+    store: bool  # kept by the server (unless store: false, or --responses-store none): GET /v1/responses/{id}
+    previous_response_id: str | None
+    background: bool  # generated after the answer (queued), read back by polling GET /v1/responses/{id}
+    conversation: ConversationRef | None
 
 
 ANSWERS = (Response,)
