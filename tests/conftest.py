@@ -46,6 +46,40 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
     return False
 
 
+def probe_health(url: str) -> float:
+    """/health asked on a connection of its own, as a load balancer's probe: it answers 200; the seconds it took."""
+    started = time.monotonic()
+    with httpx.Client(timeout=60) as client:  # a bound for a hang only
+        assert client.get(url + "/health").status_code == 200
+    return time.monotonic() - started
+
+
+def while_health_answers(url: str, work: Callable[[], object]) -> object:
+    """Run ``work()`` while /health is probed; its result once /health was not held up by it.
+
+    Counted, not timed against a fixed limit: after the work, a few probes give what one takes on this
+    machine now. Work that lasted more than ten such probes must have seen at least two probes answered
+    while it ran (a server that held /health until the work was done answers none, or one sent before
+    the work reached it); shorter work cannot hold /health up for long, and must only leave it answering.
+    """
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        ended: list[float] = []
+        during: list[bool] = []
+        started = time.monotonic()
+        future = pool.submit(work)
+        future.add_done_callback(lambda _: ended.append(time.monotonic()))
+        while not future.done() or not during:
+            probe_health(url)
+            during.append(not future.done())
+        result = future.result()
+    lasted = ended[0] - started
+    one_probe = min(probe_health(url) for _ in range(3))
+    assert lasted <= 10 * one_probe or sum(during) >= 2, (lasted, one_probe, during)
+    return result
+
+
 def slow_down(service: Service, seconds: float) -> None:
     """Wrap the model's real forward pass with a sleep, so requests are still running when a test acts."""
     model = service.engine.model

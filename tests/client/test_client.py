@@ -272,12 +272,12 @@ def test_connection_errors_are_retried():
 
 
 def test_timeout_seconds_bounds_each_request(stand_in):
-    slow = stand_in("self", delay=2.0)
+    slow = stand_in("self", delay=20.0)
     started = time.monotonic()
     with quick_client(settings(slow.url, timeout_seconds=0.3, retry_attempts=0)) as client, \
             pytest.raises(ProviderError, match="did not answer within 0.3 s"):
         client.chat("hi")
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < slow.delay  # it gave up instead of waiting for the answer
 
 
 # ---- fallback ---------------------------------------------------------------------------------

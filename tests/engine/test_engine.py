@@ -56,17 +56,15 @@ def test_batched_output_equals_single_output(client, base_url, tiny_service):
 def test_timeout_answers_408_and_stops_generation(slow_server):
     service, url = slow_server
     before = service.engine.stats.tokens_generated
-    started = time.monotonic()
     r = httpx.post(url + "/v1/chat/completions", timeout=30, json={
         "messages": USER, "max_tokens": 200, "ignore_eos": True, "timeout": 0.5})
-    elapsed = time.monotonic() - started
     assert r.status_code == 408
     assert r.json()["error"]["type"] == "timeout_error"
     assert wait_for(lambda: service.engine.running == 0, 60)  # a bound for a hang only
     generated = service.engine.stats.tokens_generated - before
-    # Each step sleeps 0.01 s, so at most ~50 tokens fit in the 0.5 s timeout (fewer on a busy machine); the answer
-    # came before the 200 tokens' time, and generation stopped with it.
-    assert elapsed < 200 * 0.01 and generated < 120, f"generation went on after the timeout ({generated} tokens)"
+    # Each step sleeps 0.01 s, so at most ~50 tokens fit in the 0.5 s timeout (fewer on a busy machine): the answer
+    # came before the 200 tokens were made, and generation stopped with it.
+    assert generated < 120, f"generation went on after the timeout ({generated} tokens)"
 
 
 def test_timeout_during_stream_reports_error_in_band(slow_server):
@@ -76,7 +74,7 @@ def test_timeout_during_stream_reports_error_in_band(slow_server):
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert r.status_code == 200
     assert '"timeout_error"' in lines[-2] and lines[-1] == "data: [DONE]"  # the error, then the stream's end
-    assert wait_for(lambda: service.engine.running == 0, 2)
+    assert wait_for(lambda: service.engine.running == 0, 60)  # a bound for a hang only
 
 
 def test_metrics_count_how_generations_ended(slow_server):
@@ -107,7 +105,7 @@ def test_client_disconnect_cancels_generation(slow_server):
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:
                 break
-    assert wait_for(lambda: service.engine.running == 0, 5), "the sequence stayed in the batch"
+    assert wait_for(lambda: service.engine.running == 0, 60), "the sequence stayed in the batch"
     assert service.engine.stats.tokens_generated - before < 150
 
 
@@ -118,7 +116,7 @@ def test_non_streaming_disconnect_cancels_generation(slow_server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/chat/completions", timeout=0.4, json={
             "messages": USER, "max_tokens": 200, "ignore_eos": True})
-    assert wait_for(lambda: service.engine.running == 0, 5)
+    assert wait_for(lambda: service.engine.running == 0, 60)  # a bound for a hang only
     # 200 tokens take over 2 s here; the client left at 0.4 s and is noticed within about 0.2 s more.
     assert service.engine.stats.tokens_generated - before < 150
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import timeit
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -124,15 +124,45 @@ def test_keys_give_the_first_uncached_block_of_a_match():
     assert list(cache.keys(tokens, limit=8)) == keys[:2]
 
 
-def test_a_lookup_costs_microseconds():
-    """Not a speed target (those are in scripts/): a guard against a lookup that scans the cache."""
+class CountingBlocks(OrderedDict):
+    """The cache's block table, counting the lookups and the walks over it that a match makes."""
+
+    lookups = walks = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.lookups += 1
+        return super().__getitem__(key)
+
+    def __iter__(self):
+        self.walks += 1
+        return super().__iter__()
+
+    def values(self):
+        self.walks += 1
+        return super().values()
+
+    def items(self):
+        self.walks += 1
+        return super().items()
+
+
+def test_a_lookup_costs_one_dictionary_lookup_per_block():
+    """A guard against a lookup that scans the cache, counted rather than timed (speed targets are in scripts/)."""
     cache = PrefixCache(capacity_tokens=1 << 20, block_size=16)
     for n in range(200):
         tokens = [n] + list(range(1, 2048))
         cache.insert(tokens, lambda s, e: torch.zeros(1, e - s, 1))
-    miss = list(range(5000, 7000))
-    seconds = min(timeit.repeat(lambda: cache.match(miss), number=1000, repeat=3)) / 1000
-    assert seconds < 200e-6
+    cache._blocks = counted = CountingBlocks(cache._blocks)
+    assert cache.match(list(range(5000, 7000))).tokens == 0
+    assert (counted.lookups, counted.walks) == (1, 0)
+    counted.lookups = 0
+    hit = [7] + list(range(1, 100)) + [9999] * 20  # 6 cached blocks of 16, then a block not cached
+    assert cache.match(hit).tokens == 96
+    assert (counted.lookups, counted.walks) == (7, 0)
 
 
 def layer_kv(tokens: list[int], layers: int = 2) -> torch.Tensor:

@@ -15,8 +15,7 @@ from llmctl.engine import EngineConfig, SamplingParams, Sequence
 from llmctl.server.generation import Generation
 from llmctl.server.pipeline import Run
 from llmctl.server.testing import serve_in_thread
-from tests.conftest import make_service, wait_for
-from tests.server.test_grammar_bombs import while_health_answers
+from tests.conftest import make_service, wait_for, while_health_answers
 
 USER = [{"role": "user", "content": "Hello there"}]
 SLOTS, QUEUE = 8, 2
