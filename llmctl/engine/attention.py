@@ -53,7 +53,9 @@ def grouped_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         if _unsupported(module, query, key, value, attention_mask, dropout, kwargs):
             raise NotImplementedError("a shared prefix needs plain attention (no soft-capping, sinks, biases)")
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        return attend_with_shared(query, key, value, attention_mask, scale, shared, module.layer_idx), None
+        layer = module.layer_idx  # transformers' attention modules number their layer (torch types it as a module)
+        assert isinstance(layer, int)
+        return attend_with_shared(query, key, value, attention_mask, scale, shared, layer), None
     rows, heads, queries, dim = query.shape
     keys = key.shape[2]
     per_row = heads * queries * keys  # scores

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from llmctl.engine import thinking
 from llmctl.engine.base import Sequence
-from llmctl.engine.kv import SharedPrefix
+from llmctl.engine.kv import SharedPrefix, kv_layers
 from llmctl.engine.sampling import BatchSampler
 
 # Stands in for a row that takes no token at this position (speculative verification): it has no thinking.
@@ -40,7 +40,7 @@ class Batch:
 
     def own_lengths(self) -> torch.Tensor:
         """[B] tokens each row holds in its own cache row (its last columns)."""
-        return self.positions if self.shared is None else self.positions - self.shared_lengths
+        return self.positions if self.shared_lengths is None else self.positions - self.shared_lengths
 
     @property
     def kv_slots(self) -> int:
@@ -68,13 +68,13 @@ def select_rows(batch: Batch, keep: list[int]) -> None:
     batch.counts = batch.counts[index] if batch.counts is not None else None
     # The sampler holds per-row settings and the counts tensor just replaced: rebuild it next step.
     batch.sampler = None
-    if batch.shared is not None:
+    if batch.shared_lengths is not None:
         batch.shared_lengths = batch.shared_lengths[index]
         if not bool(batch.shared_lengths.any()):  # its last reader left
             batch.shared = batch.shared_lengths = None
     trim = batch.mask.shape[1] - int(batch.own_lengths().max())
     batch.mask = batch.mask[index, trim:]
-    for layer in batch.cache.layers:
+    for layer in kv_layers(batch.cache):
         layer.keys = layer.keys[index, :, trim:, :]
         layer.values = layer.values[index, :, trim:, :]
 
@@ -83,14 +83,14 @@ def merge(a: Batch, b: Batch) -> Batch:
     """Stack two batches' rows, left-padding the shorter cache so every row stays right-aligned."""
     width = max(a.mask.shape[1], b.mask.shape[1])
     pad_a, pad_b = width - a.mask.shape[1], width - b.mask.shape[1]
-    for la, lb in zip(a.cache.layers, b.cache.layers, strict=False):
+    for la, lb in zip(kv_layers(a.cache), kv_layers(b.cache), strict=False):
         la.keys = stack_right_aligned(la.keys, lb.keys, width)
         la.values = stack_right_aligned(la.values, lb.values, width)
     a.mask = torch.cat([F.pad(a.mask, (pad_a, 0)), F.pad(b.mask, (pad_b, 0))], dim=0)
     a.positions = torch.cat([a.positions, b.positions])
     a.last = torch.cat([a.last, b.last])
     if a.counts is not None or b.counts is not None:
-        vocab = (a.counts if a.counts is not None else b.counts).shape[1]
+        vocab = next(c for c in (a.counts, b.counts) if c is not None).shape[1]
         ca = a.counts if a.counts is not None else torch.zeros((len(a.seqs), vocab), device=a.mask.device)
         cb = b.counts if b.counts is not None else torch.zeros((len(b.seqs), vocab), device=a.mask.device)
         a.counts = torch.cat([ca, cb])
@@ -99,8 +99,8 @@ def merge(a: Batch, b: Batch) -> Batch:
             raise ValueError("cannot merge batches that read different shared prefixes")
         zeros = torch.zeros(len(a.seqs) if a.shared is None else len(b.seqs), dtype=torch.long,
                             device=a.mask.device)
-        a.shared_lengths = torch.cat([a.shared_lengths if a.shared is not None else zeros,
-                                      b.shared_lengths if b.shared is not None else zeros])
+        a.shared_lengths = torch.cat([a.shared_lengths if a.shared_lengths is not None else zeros,
+                                      b.shared_lengths if b.shared_lengths is not None else zeros])
         a.shared = a.shared or b.shared
     a.seqs = a.seqs + b.seqs
     return a

@@ -3,8 +3,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, TypeGuard
 
 import torch
+from transformers import DynamicCache
+
+
+class KVLayoutError(ValueError):
+    """The model's cache is not one key and one value tensor of the same shape in every layer."""
+
+
+class KVLayer(Protocol):
+    """A full-attention cache layer once the model has filled it: keys and values [rows, kv_heads, tokens,
+    head_dim]. transformers types a layer's tensors as optional (None until its first update) and a cache's
+    layers as possibly linear-attention ones, which have neither."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def _filled(layer: object) -> TypeGuard[KVLayer]:
+    return isinstance(getattr(layer, "keys", None), torch.Tensor) and \
+        isinstance(getattr(layer, "values", None), torch.Tensor)
+
+
+def kv_layers(cache: DynamicCache) -> list[KVLayer]:
+    """The layers of a cache the model has filled, as the engine makes them (full attention layers: see
+    `llmctl.engine.batch.full_cache`); KVLayoutError for a layer without a key and a value tensor."""
+    layers = [layer for layer in cache.layers if _filled(layer)]
+    if len(layers) != len(cache.layers):
+        raise KVLayoutError("a layer of its cache holds no key and value tensors")
+    return layers
 
 
 @dataclass(eq=False)

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from llmctl.engine.batch import Batch, fill_right_aligned
-from llmctl.engine.kv import Block, Match, SharedPrefix
+from llmctl.engine.kv import Block, KVLayoutError, Match, SharedPrefix, kv_layers
 
 ROOT = 0  # the parent key of a prompt's first block
 
@@ -177,17 +177,13 @@ class PrefixCache:
                 self._blocks.move_to_end(block.key)
 
 
-class KVLayoutError(ValueError):
-    """The model's cache is not one key and one value tensor of the same shape in every layer."""
-
-
 def store_rows(prefixes: PrefixCache, batch: Batch, rows: list[int], room: int) -> None:
     """Put the KV of batch rows ``rows`` (every token in their cache so far, a shared prefix's included)
     into ``prefixes``, keeping it within ``room`` tokens; raises KVLayoutError for a cache it cannot store.
     A row's first ``Sequence.exact_tokens`` are stored as exact (`Block.exact`)."""
     width = batch.mask.shape[1]
     own = batch.own_lengths().tolist()
-    shared = batch.shared_lengths.tolist() if batch.shared is not None else [0] * len(batch.seqs)
+    shared = batch.shared_lengths.tolist() if batch.shared_lengths is not None else [0] * len(batch.seqs)
     for row in rows:
         n, s = own[row], shared[row]  # the row's own tokens sit in the last n columns
         kv_of = functools.partial(row_kv, batch.cache, row, width - n, shared=batch.shared, shared_tokens=s)
@@ -200,7 +196,7 @@ def row_kv(cache: DynamicCache, row: int, offset: int, start: int, end: int, sha
     """KV of one batch row's tokens ``start:end``, all layers in one tensor
     ``[layers, 2, kv_heads, end - start, head_dim]``: the first ``shared_tokens`` from ``shared``, the
     rest from the row's cache columns from ``offset`` on."""
-    layers = cache.layers
+    layers = kv_layers(cache)
     shapes = {(layer.keys.shape[1:2] + layer.keys.shape[3:], layer.values.shape[1:2] + layer.values.shape[3:])
               for layer in layers}
     if len(shapes) != 1 or len({shape for pair in shapes for shape in pair}) != 1:
@@ -209,6 +205,8 @@ def row_kv(cache: DynamicCache, row: int, offset: int, start: int, end: int, sha
     own = torch.stack([torch.stack((layer.keys[row, :, a:b], layer.values[row, :, a:b])) for layer in layers])
     if start >= shared_tokens:
         return own
+    if shared is None:
+        raise ValueError(f"{shared_tokens} shared tokens without the shared prefix")
     return torch.cat([shared.kv[..., start:min(end, shared_tokens), :], own], dim=-2)
 
 
@@ -238,6 +236,11 @@ class PrefilledLayer(DynamicLayer):
     """A cache layer that already holds a prefix and has ``room`` columns after it for the next
     update, which it writes in place (DynamicLayer would concatenate: one more copy of the prefix).
     Later updates concatenate as usual."""
+
+    # Set when it is made (DynamicLayer's are None until its first update, and after a reset, which the engine's
+    # caches never get).
+    keys: torch.Tensor
+    values: torch.Tensor
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
         super().__init__()

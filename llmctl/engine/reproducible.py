@@ -21,13 +21,12 @@ depend on the other requests at all.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from llmctl.engine.batch import Batch
-from llmctl.engine.kv import Match
+from llmctl.engine.kv import Match, kv_layers
 from llmctl.engine.prefix_cache import PrefilledLayer
 
 CHUNK_TOKENS = 128  # a multiple of the prefix cache's block size (a smaller step budget takes less: Prefills)
@@ -64,12 +63,12 @@ def decode_rows_alone(forward: Callable, batch: Batch) -> torch.Tensor:
     rows (a batched product may round a row differently with more rows beside it). Appends each row's new
     KV to the batch's cache; returns the logits ``[B, V]``. ``forward``: the engine's forward pass."""
     width = batch.mask.shape[1]
-    layers: list[Any] = list(batch.cache.layers)
+    layers = kv_layers(batch.cache)
     logits, new_kv = [], []
     for row, own in enumerate(batch.own_lengths().tolist()):
         # Views of the row's real columns: the pass appends its token to copies of them.
-        mine: list[Any] = [PrefilledLayer(layer.keys[row:row + 1, :, width - own:],
-                                          layer.values[row:row + 1, :, width - own:], 0) for layer in layers]
+        mine = [PrefilledLayer(layer.keys[row:row + 1, :, width - own:], layer.values[row:row + 1, :, width - own:], 0)
+                for layer in layers]
         cache = DynamicCache()
         cache.layers.extend(mine)
         out = forward(input_ids=batch.last[row:row + 1, None], cache=cache, seqs=[batch.seqs[row]],
