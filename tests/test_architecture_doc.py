@@ -1,4 +1,5 @@
-"""docs/architecture.md names only code that exists: its `file.py: name`, `Class.method` and `file.py` citations."""
+"""docs/architecture.md names only code that exists: its `file.py: name`, `llmctl.module.name`, `Class.method` and
+`file.py` citations."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "llmctl"
 DOC = ROOT / "docs" / "architecture.md"
 
-FILE_NAME = re.compile(r"`([\w/]+(?:\.py)?): ([\w.]+)`")  # `server/api/chat.py: handle`, `engine/x.py: A.b`
+FILE_NAME = re.compile(r"`([\w/]+(?:\.py)?):\s+([\w.]+)`")  # `server/api/chat.py: handle`, `engine/x.py: A.b`
+DOTTED = re.compile(r"`(llmctl(?:\.\w+)+)`")  # `llmctl.engine.base.EngineOptions`
 CLASS_MEMBER = re.compile(r"`([A-Z]\w*)\.(\w+)(?:\(\))?`")  # `Service.start`
 FILE = re.compile(r"`([\w/]+\.py)`")  # `engine/shared.py`
 
@@ -45,6 +47,31 @@ def definitions(path: Path) -> dict[str, ast.stmt]:
     return _names(ast.parse(path.read_text(encoding="utf-8")).body)
 
 
+@functools.cache
+def exported(path: Path) -> set[str]:
+    """The names a module offers besides its own definitions: those it imports at its top level and those its
+    `__all__` lists (a package's `__init__.py` may load them lazily)."""
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    names = {(alias.asname or alias.name).split(".")[0] for node in body
+             if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    listed = definitions(path).get("__all__")
+    if isinstance(listed, ast.Assign):
+        names |= set(ast.literal_eval(listed.value))
+    return names
+
+
+def dotted_exists(dotted: str) -> bool:
+    """Whether ``llmctl.a.b`` is a module, or a module's name (defined or imported there; `Class.member` too)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        module = PACKAGE.parent.joinpath(*parts[:cut])
+        path = next((p for p in (module.with_suffix(".py"), module / "__init__.py") if p.is_file()), None)
+        if path is not None:
+            rest = ".".join(parts[cut:])
+            return not rest or defines(path, rest) or rest in exported(path)
+    return False
+
+
 def defines(path: Path, dotted: str) -> bool:
     """Whether ``path`` defines ``dotted`` (`name`, or `Class.member`)."""
     scope = definitions(path)
@@ -65,6 +92,9 @@ def problems(text: str) -> list[str]:
             found.append(f"`{cited}: {name}`: no such module under llmctl/")
         elif not defines(path, name):
             found.append(f"`{cited}: {name}`: {path.relative_to(ROOT)} defines no {name}")
+    for dotted in DOTTED.findall(text):
+        if not dotted_exists(dotted):
+            found.append(f"`{dotted}`: no such module or name under llmctl/")
     modules = sorted(PACKAGE.rglob("*.py"))
     for cls, member in CLASS_MEMBER.findall(text):
         if not any(defines(path, f"{cls}.{member}") for path in modules):
@@ -82,6 +112,9 @@ def test_architecture_doc_names_only_code_that_exists():
 def test_the_check_finds_what_the_doc_used_to_name():
     """The walk-through once named functions that had gone; each of these must be caught."""
     stale = ("`server/app.py: chat_completions` `server/service.py: Service.chat` `Service.chat` `Service._sse` "
-             "`Service._record` `engine/nowhere.py: run` `server/nowhere.py`")
-    assert len(problems(stale)) == 7, problems(stale)
-    assert not problems("`server/service.py: Service.start` `Run.end` `engine/batch.py: merge` `tools/detect.py`")
+             "`Service._record` `engine/nowhere.py: run` `server/nowhere.py` `engine/batch.py:\nnowhere` "
+             "`llmctl.engine.Nowhere` `llmctl.nowhere` `llmctl.engine.base.Engine.nowhere` `llmctl.schemas`")
+    assert len(problems(stale)) == 12, problems(stale)
+    assert not problems("`server/service.py: Service.start` `Run.end` `engine/batch.py: merge` `tools/detect.py` "
+                        "`engine/batch.py:\nmerge` `llmctl.engine.Engine` `llmctl.engine.base.EngineOptions` "
+                        "`llmctl.server` `llmctl.errors.LLMCtlError.to_body`")
