@@ -151,7 +151,7 @@ class SpeculativeStats:
     draft_tokens: int = 0  # draft tokens verified
     accepted_tokens: int = 0  # of those, accepted
     emitted_tokens: int = 0  # tokens the speculating row-steps produced (accepted + one each)
-    stood_down_steps: int = 0  # decode steps that had drafts but found speculating would not pay
+    stood_down_steps: int = 0  # decode steps run without drafts because drafts would not have paid
 
     @property
     def acceptance_rate(self) -> float:

@@ -32,7 +32,7 @@ from llmctl.engine.prefill import Prefills
 from llmctl.engine.prefix_cache import KVLayoutError, PrefixCache, store_rows
 from llmctl.engine.reproducible import decode_rows_alone
 from llmctl.engine.shared import sharing_works
-from llmctl.engine.speculative import Speculator, verify
+from llmctl.engine.speculative import Speculator, step_clock, verify
 from llmctl.engine.structured import Grammars, attach_matchers, end_reason
 from llmctl.errors import GenerationOutOfMemory, LLMCtlError, QueueFull, Unavailable
 
@@ -293,8 +293,9 @@ class BuiltinEngine(Prefills):
         assert batch is not None
         self._make_room(batch)  # in place: the batch loses its newest rows when the KV budget is full
         rows = len(batch.seqs)
+        clock = step_clock(self.device)
+        started = clock()  # a step's time includes proposing its drafts (a draft model's passes)
         drafts = self.speculator.plan(batch) if self.speculator is not None else None
-        started = time.perf_counter()
         try:
             if drafts is not None:
                 shared = SharedView.of(batch.shared, batch.shared_lengths)
@@ -328,7 +329,7 @@ class BuiltinEngine(Prefills):
         if self.speculator is not None:  # a step's time, to weigh what drafts cost against what they give
             fed = rows + sum(map(len, drafts or ()))
             self.speculator.record(batch.seqs, drafts or [[]] * rows, accepted if drafts else [0] * rows, fed,
-                                    time.perf_counter() - started)
+                                    clock() - started)
         self._remember(batch, [i for i, s in enumerate(batch.seqs) if s.done], leaving=True)  # for a next turn
         self._select([i for i, s in enumerate(batch.seqs) if not s.done])
 

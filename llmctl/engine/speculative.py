@@ -12,15 +12,17 @@ grammar and logprobs applied as in a plain step, and greedy rows emit the tokens
 The KV of the rejected drafts (the right end of each row) is then dropped and the rows right-aligned again.
 
 Whether to speculate is decided per step by `CostModel`: it fits a step's time to the tokens fed
-(``seconds = a + b * tokens``) and adds a draft token only while its expected gain (the row's acceptance
-rate to the power of its depth) raises tokens per second, so drafts thin out and stop as the batch grows.
-`Speculator.pays` then checks the model against what was measured: at each batch size, steps with drafts
-run only while they have cost less per token than plain steps there.
+(``seconds = a + b * tokens``; on a CPU in the process's CPU seconds, which other programs' work does not
+inflate) and adds a draft token only while its expected gain (the row's acceptance rate to the power of its
+depth) raises tokens per second, so drafts thin out and stop as the batch grows. `Speculator.pays`
+then checks the model against what was measured: at each batch size, steps with drafts run only while they
+have cost less per token than plain steps there.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +39,12 @@ PRIOR_ACCEPTANCE = 0.5  # a new row's acceptance rate before the engine has seen
 PRIOR_COST_RATIO = 1 / 16  # b / a before steps of different sizes were timed: 16 extra tokens double a step
 DECAY = 0.97  # weight of the past per new observation (timings and acceptance)
 RETRY_EVERY = 16  # at one batch size, the mode that measured slower is tried again once in this many steps
+
+
+def step_clock(device: torch.device) -> Callable[[], float]:
+    """The clock decode steps are timed with: on a CPU the process's CPU seconds (what the step computed, not
+    what other programs took meanwhile), elsewhere the wall clock (an accelerator's work is not CPU time)."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
 
 
 def ngram_draft(context: list[int], k: int, low: int, high: int) -> list[int]:
@@ -60,7 +68,11 @@ def ngram_draft(context: list[int], k: int, low: int, high: int) -> list[int]:
 
 
 class CostModel:
-    """A step's time as ``a + b * tokens fed``, fitted by least squares over recent decode steps."""
+    """A step's time as ``a + b * tokens fed``, fitted by least squares over recent decode steps.
+
+    Times are what `step_clock` reads: on a CPU the process's CPU time, which other programs running on the
+    machine meanwhile do not add to (wall time there can double from one step to the next on a shared machine,
+    and would charge drafts for the load of the moments they happened to run in)."""
 
     def __init__(self) -> None:
         self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
@@ -118,11 +130,14 @@ class Speculator:
         limits = [max(0, min(k, s.params.max_tokens - s.generated - 1)) for s in batch.seqs]
         if not any(limits):
             return None
+        if not self.pays(rows):  # asked before proposing: a draft model's proposals cost forward passes
+            self.stats.stood_down_steps += 1
+            return None
         drafts = [self._legal(seq, d) for seq, d in zip(batch.seqs, self.proposer(batch.seqs, limits), strict=True)]
         if not any(drafts):
             return None
         drafts = self._worth(batch.seqs, drafts)
-        if not any(drafts) or not self.pays(rows):
+        if not any(drafts):
             self.stats.stood_down_steps += 1
             return None
         return drafts

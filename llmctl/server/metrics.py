@@ -222,7 +222,7 @@ class _EngineCollector(Collector):
                 ("accepted_tokens", "Draft tokens accepted.", spec.accepted_tokens),
                 ("emitted_tokens", "Tokens the speculating row-steps produced (accepted drafts + one each).",
                  spec.emitted_tokens),
-                ("stood_down_steps", "Decode steps whose drafts would not have paid, run without them.",
+                ("stood_down_steps", "Decode steps run without drafts because drafts would not have paid.",
                  spec.stood_down_steps)):
             yield CounterMetricFamily(f"llmctl_spec_decode_{name}", text, value=value)
         yield GaugeMetricFamily("llmctl_spec_decode_acceptance_ratio", "Draft tokens accepted / verified.",

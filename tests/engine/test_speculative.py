@@ -13,6 +13,7 @@ import concurrent.futures
 import math
 import re
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -309,3 +310,33 @@ def test_speculation_runs_only_while_measured_faster():
         speculator.record(seqs, [[7, 8]] * 4, [2] * 4, 12, 0.048)
     assert sum(speculator.pays(4) for _ in range(2 * RETRY_EVERY)) == 2 * RETRY_EVERY - 2
     assert speculator.pays(5) is True and speculator.pays(1) is False  # 4-7 rows alike; 1 row on its own
+
+
+
+def test_steps_are_timed_in_cpu_seconds_on_a_cpu():
+    """Time the process waits for the CPU (here: sleeps) is not a step's cost on a CPU: on a shared machine other
+    programs' work would otherwise be charged to whichever steps ran beside it."""
+    from llmctl.engine.speculative import step_clock
+
+    clock = step_clock(torch.device("cpu"))
+    started = clock()
+    time.sleep(0.2)
+    assert clock() - started < 0.1
+    assert step_clock(torch.device("cuda")) is time.perf_counter  # an accelerator's work is not CPU time
+
+
+def test_a_speculation_that_stands_down_proposes_nothing():
+    """Whether drafts pay is decided before they are proposed: a draft model's proposals cost forward passes."""
+    from llmctl.engine.batch import Batch
+    from llmctl.engine.speculative import Speculator
+
+    calls = []
+    speculator = Speculator(parse(NGRAM), frozenset(), 1 << 20,
+                            proposer=lambda seqs, limits: calls.append(limits) or [[5] for _ in seqs])
+    seqs = [Sequence([1, 2, 3], SamplingParams(max_tokens=50))]
+    batch = Batch(seqs, None, torch.ones((1, 3)), torch.tensor([3]), torch.tensor([4]))  # type: ignore[arg-type]
+    assert speculator.plan(batch) is None and calls == []  # no plain step timed yet: this one is plain
+    speculator.record(seqs, [[]], [0], 1, 0.040)
+    assert speculator.plan(batch) == [[5]] and len(calls) == 1
+    speculator.record(seqs, [[5]], [0], 2, 0.090)  # slower per token than the plain step
+    assert speculator.plan(batch) is None and len(calls) == 1 and speculator.stats.stood_down_steps == 2
