@@ -146,6 +146,10 @@ class FunctionTool:
     param: str = "tools"
 
 
+ToolMode = Literal["none", "auto", "required"]
+TOOL_MODES: dict[str, ToolMode] = {"none": "none", "auto": "auto", "required": "required"}  # each API's, typed
+
+
 @dataclass(frozen=True)
 class ToolUse:
     """A request's tools and what its tool_choice asks of them, in one shape for every API.
@@ -155,7 +159,7 @@ class ToolUse:
     """
 
     functions: tuple[FunctionTool, ...] = ()
-    mode: Literal["none", "auto", "required"] = "auto"
+    mode: ToolMode = "auto"
     name: str | None = None
     parallel: bool = True
 
@@ -181,7 +185,7 @@ def tool_use(functions: list[FunctionTool], mode: str, name: str | None = None, 
         raise InvalidRequest("tool_choice asks for a tool call but the request has no 'tools'.", param=param)
     if name is not None and not any(f.name == name for f in functions):
         raise InvalidRequest(f"tool_choice names the function '{name}', which is not in 'tools'.", param=param)
-    return ToolUse(tuple(functions), mode, name, parallel)  # type: ignore[arg-type]
+    return ToolUse(tuple(functions), TOOL_MODES[mode], name, parallel)
 
 
 def chat_tool_use(tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> ToolUse:

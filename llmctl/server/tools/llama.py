@@ -40,9 +40,10 @@ class Llama3JsonParser(ToolParser):
         head, _, body = text.partition(PYTHON_TAG) if PYTHON_TAG in text else ("", "", text)
         values = json_objects(body)
         calls = [object_call(v, ("parameters", "arguments")) for v in values or []]
-        if not calls or None in calls:
+        found = [call for call in calls if call is not None]
+        if not found or len(found) < len(calls):
             return text, []
-        return head, calls  # type: ignore[return-value]
+        return head, found
 
     @classmethod
     def grammar(cls, functions: Sequence[Function], *, single: bool, free_text: bool,
