@@ -1,121 +1,22 @@
-"""One sequence's trip through the engine: chat prompts, and turning its tokens into text."""
+"""One sequence's trip through the engine: its tokens turned into text as they come."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from llmctl.core.loader import LoadedModel
 from llmctl.engine import Finish, Sequence
 from llmctl.engine.sampling import TokenLogprobs
 from llmctl.engine.text import IncrementalDetokenizer, StopMatcher
-from llmctl.errors import InvalidRequest, RequestTimeout
-from llmctl.server.admission import encode
-from llmctl.server.api.chat_models import ChatCompletionRequest
+from llmctl.errors import RequestTimeout
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often a handler checks whether its client went away
 DEADLINE_SLACK_S = 2.0  # past its deadline plus this, a handler gives up on its sequence by itself
-
-
-def build_prompt(loaded: LoadedModel, req: ChatCompletionRequest, template_kwargs: dict | None = None) -> list[int]:
-    """A chat completion request's messages (and tools) through the chat template, tokenized."""
-    return chat_prompt(loaded, [m.for_template() for m in req.messages], req.tools, template_kwargs=template_kwargs)
-
-
-def chat_prompt(loaded: LoadedModel, messages: list[dict], tools: list[dict] | None, *, param: str = "messages",
-                add_generation_prompt: bool = True, add_special_tokens: bool = False,
-                template_kwargs: dict | None = None) -> list[int]:
-    """Render the chat template over messages as templates read them (``template_kwargs``: a request's own
-    template variables, `llmctl.server.thinking`), and tokenize it."""
-    import jinja2
-
-    extra = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
-    messages = named_results(messages)
-    template = str(loaded.tokenizer.chat_template or "")
-    if NINE_CHAR_IDS in template:
-        messages = nine_char_ids(messages)
-    if ONE_ANALYSIS in template:
-        messages = one_analysis(messages)
-    try:
-        text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                    tokenize=False, **extra)
-    except jinja2.TemplateError as exc:
-        raise InvalidRequest(f"The model's chat template rejected these messages: {exc}", param=param) from exc
-    except RecursionError:
-        raise InvalidRequest("The messages or tools are nested too deeply to render.",
-                             param="tools" if tools else param) from None
-    except (TypeError, ValueError, AttributeError) as exc:
-        if not template_kwargs:  # without a request's own variables, a failing template is the server's
-            raise
-        raise InvalidRequest(f"The model's chat template failed with these chat_template_kwargs: {exc}",
-                             param="chat_template_kwargs") from exc
-    return encode(loaded.tokenizer, text, add_special_tokens)
-
-
-def named_results(messages: list[dict]) -> list[dict]:
-    """Tool results with the name of the function they answer, found by their tool_call_id among the calls
-    before them. OpenAI's tool messages, Responses' function_call_output items and Anthropic's
-    tool_result blocks carry only the call's id, but some templates print the function's name with its
-    result (Hermes 2 Pro's tool_response, gpt-oss' `functions.<name>` turn)."""
-    names: dict[str, str] = {}
-    out = []
-    for message in messages:
-        for call in message.get("tool_calls") or []:
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict) and isinstance(call.get("id"), str) and isinstance(function.get("name"), str):
-                names[call["id"]] = function["name"]
-        answers = message.get("tool_call_id")
-        name = names.get(answers) if message.get("role") == "tool" and isinstance(answers, str) else None
-        out.append({**message, "name": name} if name and not message.get("name") else message)
-    return out
-
-
-# Mistral's chat templates refuse a tool call id that is not 9 letters and digits, with this message.
-NINE_CHAR_IDS = "alphanumeric strings with length 9"
-
-
-def nine_char_ids(messages: list[dict]) -> list[dict]:
-    """Tool call ids as Mistral's templates require them (9 letters and digits), each call and its result
-    mapped alike: the last 9 letters and digits of the id (OpenAI's `call_...` and Anthropic's `toolu_...`
-    ids end in more than 9), or a hash of a shorter id."""
-
-    def short(call_id: object) -> object:
-        if not isinstance(call_id, str):
-            return call_id
-        alnum = "".join(c for c in call_id if c.isascii() and c.isalnum())
-        return alnum[-9:] if len(alnum) >= 9 else hashlib.sha256(call_id.encode()).hexdigest()[:9]
-
-    out = []
-    for message in messages:
-        if message.get("tool_calls"):
-            message = {**message, "tool_calls": [{**call, "id": short(call.get("id"))} if isinstance(call, dict)
-                                                 else call for call in message["tool_calls"]]}
-        if "tool_call_id" in message:
-            message = {**message, "tool_call_id": short(message["tool_call_id"])}
-        out.append(message)
-    return out
-
-
-# gpt-oss' chat template refuses an assistant turn with tool calls that has both content and thinking, with this.
-ONE_ANALYSIS = "Cannot pass both content and thinking"
-
-
-def one_analysis(messages: list[dict]) -> list[dict]:
-    """Assistant turns with tool calls as gpt-oss' template takes them: its content (which that template
-    writes on the analysis channel anyway) joined to the thinking the client sent back, not a 400."""
-    out = []
-    for message in messages:
-        if message.get("tool_calls") and message.get("content") and message.get("thinking"):
-            thinking = f"{message['thinking']}\n\n{message['content']}"
-            message = {**message, "content": "", "thinking": thinking, "reasoning_content": thinking}
-        out.append(message)
-    return out
 
 
 @dataclass

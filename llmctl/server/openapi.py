@@ -9,14 +9,8 @@ from __future__ import annotations
 import json
 
 from llmctl import __version__
-from llmctl.server.api import chat_models, lora, responses_models, status
-from llmctl.server.api.anthropic import (
-    AnthropicError,
-    AnthropicMessage,
-    AnthropicTokenCount,
-    CountTokensRequest,
-    MessagesRequest,
-)
+from llmctl.server.api import anthropic_models, chat_models, lora, responses_models, status
+from llmctl.server.api.anthropic_models import CountTokensRequest, MessagesRequest
 from llmctl.server.api.chat_models import ChatCompletionRequest
 from llmctl.server.api.completions import CompletionRequest, TextCompletion
 from llmctl.server.api.conversations import ConversationRequest, ConversationUpdate, ItemsRequest
@@ -27,7 +21,8 @@ from llmctl.server.api.tokenize import Detokenized, DetokenizeRequest, Tokenized
 REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, ResponsesRequest, MessagesRequest, CountTokensRequest,
                   TokenizeRequest, DetokenizeRequest, ConversationRequest, ConversationUpdate, ItemsRequest,
                   LoadLoraAdapterRequest, UnloadLoraAdapterRequest)
-ANSWER_MODELS = (*chat_models.ANSWERS, *responses_models.ANSWERS, *status.ANSWERS, *lora.ANSWERS)
+ANSWER_MODELS = (*chat_models.ANSWERS, TextCompletion, *responses_models.ANSWERS, *anthropic_models.ANSWERS, Tokenized,
+                 Detokenized, *status.ANSWERS, *lora.ANSWERS)
 
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 ANTHROPIC_ERROR = {"$ref": "#/components/schemas/AnthropicError"}
@@ -70,8 +65,7 @@ def _ref(name: str) -> dict:
 def _schemas() -> dict:
     """The request and response models as components, their nested models beside them."""
     found: dict = {}
-    answers = (TextCompletion, AnthropicMessage, AnthropicTokenCount, AnthropicError, Tokenized, Detokenized)
-    for model in (*REQUEST_MODELS, *ANSWER_MODELS, *answers):
+    for model in (*REQUEST_MODELS, *ANSWER_MODELS):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         found.update(schema.pop("$defs", {}))
         found[model.__name__] = schema

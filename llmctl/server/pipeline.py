@@ -1,9 +1,9 @@
 """The one request pipeline every API shares: token limits -> sampling settings -> submit -> text deltas.
 
 Each API module (`llmctl.server.api.*`) parses its own request shape, builds the prompt's token
-ids and fills an `Ask`; `Service.start` checks it against the server's limits, submits it to the
-engine (n choices as one group, prefilled once) and returns a `Run`, whose deltas the API module
-maps back to its own answer or event stream. Timeouts (408), a full queue (429), a client that
+ids (`llmctl.server.api.prompts`) and fills an `Ask`; `Service.start` checks it against the server's limits
+(`llmctl.server.limits`), submits it to the engine (n choices as one group, prefilled once) and returns a `Run`,
+whose deltas the API module renders as its own answer or event stream. Timeouts (408), a full queue (429), a client that
 goes away and the metrics are handled here, the same for every API.
 """
 
@@ -19,8 +19,9 @@ from llmctl.core.loader import LoadedModel
 from llmctl.engine import SamplingParams
 from llmctl.engine.structured import Constraint
 from llmctl.engine.thinking import Thinking
-from llmctl.errors import ContextLengthExceeded, InvalidRequest
+from llmctl.errors import InvalidRequest
 from llmctl.server.generation import Generation
+from llmctl.server.limits import RequestLimits, max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -49,50 +50,12 @@ class Ask:
     thinking: Thinking | None = None  # where the thinking ends, its budget (server.thinking builds it)
     prompt_param: str = "messages"
     max_tokens_param: str = "max_tokens"
-    model: str | None = None  # the served model the request named (None: the base model's name)
-    adapter: str | None = None  # the LoRA adapter it runs with (None: the base model)
 
 
-@dataclass(frozen=True)
-class TokenLimits:
-    """The server's limits on a request's tokens."""
-
-    kv_budget: int  # the engine's KV cache budget, in tokens
-    max_tokens_cap: int | None = None  # reject requests asking for more
-    default_max_tokens: int | None = None  # when a request names no max_tokens (None: what fits)
-
-
-def sampling_params(loaded: LoadedModel, ask: Ask, limits: TokenLimits) -> SamplingParams:
+def sampling_params(loaded: LoadedModel, ask: Ask, limits: RequestLimits) -> SamplingParams:
     """Check the request against the context window and the server's limits; turn it into engine settings."""
-    context, cap, budget = loaded.context_length, limits.max_tokens_cap, limits.kv_budget
-    prompt_tokens, asked, param, where = len(ask.prompt), ask.max_tokens, ask.max_tokens_param, ask.prompt_param
-    if cap is not None and asked is not None and asked > cap:
-        raise InvalidRequest(f"{param} is {asked}, above this server's limit of {cap}.", param=param)
-    if prompt_tokens >= context:
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {context} tokens, but the {where} use {prompt_tokens} "
-            f"tokens. Shorten the {where}.", param=where)
-    if asked is not None and prompt_tokens + asked > context:
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {context} tokens, but {prompt_tokens + asked} were requested "
-            f"({prompt_tokens} in the {where}, {asked} in the completion). Lower {param} to at most "
-            f"{context - prompt_tokens}.", param=param)
-    if asked is not None and prompt_tokens + asked > budget:
-        raise InvalidRequest(
-            f"This request needs {prompt_tokens + asked} tokens of KV cache ({prompt_tokens} in the {where}, "
-            f"{asked} in the completion) but the server's budget is {budget}; lower {param} to at most "
-            f"{max(1, budget - prompt_tokens)}.", param=param)
-    if asked is None:
-        # The rest of the context (the engine admits by what a sequence holds, so this costs no
-        # concurrency), unless the operator capped it or set a default.
-        asked = min(context, budget) - prompt_tokens
-        for limit in (cap, limits.default_max_tokens):
-            if limit is not None:
-                asked = min(asked, limit)
-        if asked < 1:
-            raise ContextLengthExceeded(
-                f"The {where} use {prompt_tokens} tokens, which leaves no room to answer within this server's "
-                f"KV budget of {budget} tokens.", param=where)
+    asked = max_new_tokens(limits, loaded.context_length, len(ask.prompt), ask.max_tokens,
+                           param=ask.max_tokens_param, where=ask.prompt_param)
     bias: dict[int, float] = {}
     vocab = len(loaded.tokenizer)
     for key, value in (ask.logit_bias or {}).items():

@@ -17,18 +17,17 @@ from llmctl.core.threads import current_cpu_threads
 from llmctl.engine.base import Engine, EngineConfig, EngineOptions, Loader, Sequence
 from llmctl.engine.builtin_setup import BuiltinOptions
 from llmctl.engine.text import TokenText
-from llmctl.errors import LLMCtlError, ModelNotFound, Unavailable
+from llmctl.errors import LLMCtlError, Unavailable
 from llmctl.server.admission import Admission, AdmissionLimits
-from llmctl.server.api.chat_models import ChoiceLogprobs
+from llmctl.server.context import RequestContext, not_found
 from llmctl.server.generation import Generation
+from llmctl.server.limits import RequestLimits
 from llmctl.server.loras import Loras
 from llmctl.server.metrics import ServiceMetrics, prefix_cache_json, speculative_json
-from llmctl.server.pipeline import Ask, Run, TokenLimits, sampling_params
+from llmctl.server.pipeline import Ask, Run, sampling_params
 from llmctl.server.reasoning import ReasoningParser, ReasoningParserName, resolve_reasoning
 from llmctl.server.store import ResponseState
 from llmctl.server.tools import (
-    PARSERS,
-    HermesParser,
     ToolCallParser,
     ToolParser,
     hidden_specials,
@@ -38,7 +37,6 @@ from llmctl.server.tools import (
 
 log = logging.getLogger(__name__)
 Status = Literal["loading", "ready", "error", "shutting_down", "stopped"]  # /health's "status"
-PROMPT_TAIL_TOKENS = 32  # the end of a prompt, decoded, shows whether it opened or closed the thinking
 
 
 @dataclass(frozen=True)
@@ -240,66 +238,40 @@ class Service:
             m.g_kv_usage.set(self.engine.stats.kv_cache_usage)
             m.observe_prefix_cache(self.engine.stats.prefix_cache_queries, self.engine.stats.prefix_cache_hits)
 
-    def served_model(self, asked: str | None) -> tuple[str, str | None]:
-        """The model a request names (``asked``; none: the base model): its name for the answer, and the LoRA
-        adapter it runs with (None: the base model). 404 for a name this server does not serve."""
-        loaded, _ = self.require_ready()
-        if not asked or asked == loaded.name:
-            return loaded.name, None
-        if self.loras is not None and asked in self.loras:
-            return asked, asked
-        raise self.not_found(asked)
-
-    def not_found(self, name: str) -> ModelNotFound:
-        """404 for a model this server does not serve (naming the models it does)."""
-        if self.loras is not None:
-            return self.loras.not_found(name)
-        base = self.loaded.name if self.loaded else "no model yet"
-        return ModelNotFound(f"The model '{name}' does not exist; this server serves '{base}'.", param="model")
-
     # ---- the request pipeline every API shares (see llmctl.server.pipeline) -----------------
-    def tool_parser(self, tools: list[dict] | None, enabled: bool = True, forced: bool = False) -> ToolParser | None:
-        """A parser for one choice's answer: when the request sends tools (and does not turn them off with
-        tool_choice "none"), or always for a format whose channels must be read (harmony, also when the
-        reasoning parser hands on a harmony answer). A forced call on a server without a parser is
-        written, and so parsed, in the Hermes format."""
-        answer_format = self.reasoning_format.answer_format if self.reasoning_format else None
-        family = self.tool_format or (PARSERS[answer_format] if answer_format else None) or (
-            HermesParser if forced else None)
-        if family is None or not (tools and enabled or family.always):
-            return None
-        return family(tools if enabled else None)
+    def limits(self) -> RequestLimits:
+        """The limits every request is checked against (llmctl.server.limits)."""
+        settings, engine = self.settings, self.settings.engine
+        kv_budget = self.engine.config.kv_cache_tokens if self.engine is not None else engine.kv_cache_tokens
+        return RequestLimits(max_messages=settings.max_messages, max_num_seqs=engine.max_num_seqs,
+                             kv_budget=kv_budget, max_tokens_cap=settings.max_tokens_cap,
+                             default_max_tokens=settings.default_max_tokens)
 
-    def reasoning_parser(self, prompt: list[int]) -> ReasoningParser | None:
-        """A parser for one choice's output, starting where the rendered ``prompt`` leaves the model."""
-        family = self.reasoning_format
-        if family is None or self.loaded is None:
-            return None
-        tail = self.loaded.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
-        return family(family.opening(tail))
+    def context(self) -> RequestContext:
+        """What a request is answered with, when the service is ready (else 503): see `RequestContext`."""
+        loaded, _ = self.require_ready()
+        if self.token_text is None:  # set with the model, before the status is "ready"
+            raise Unavailable("The model is still loading; retry shortly.", retry_after=5, code="model_loading")
+        return RequestContext(loaded, self.token_text, self.limits(), self.tool_format, self.reasoning_format,
+                              self.grammar_specials, self.loras, model=loaded.name)
 
-    def count_tokens(self, text: str) -> int:
-        """How many tokens ``text`` is in the served model's vocabulary (markup tokens counted as one)."""
-        if self.loaded is None:
-            return 0
-        return len(self.loaded.tokenizer.encode(text, add_special_tokens=False))
-
-    def admit(self) -> tuple[LoadedModel, Engine]:
-        """The model and engine, when the service is ready and its queue has room (else 503 or 429)."""
-        loaded, engine = self.require_ready()
+    def admit(self) -> RequestContext:
+        """The request's context, when the service is ready and its queue has room (else 503 or 429)."""
+        context = self.context()
+        _, engine = self.require_ready()
         engine.check_capacity()
-        return loaded, engine
+        return context
 
-    def start(self, asks: list[Ask], arrived: float, disconnected: Callable[[], bool] | None = None) -> Run:
-        """Check each ask against the limits, submit them (n choices as one group each) and return the run."""
+    def start(self, context: RequestContext, asks: list[Ask], arrived: float,
+              disconnected: Callable[[], bool] | None = None) -> Run:
+        """Check each ask against the limits, submit them (n choices as one group each, with the context's
+        model) and return the run."""
         loaded, engine = self.require_ready()
-        limits = TokenLimits(engine.config.kv_cache_tokens, self.settings.max_tokens_cap,
-                             self.settings.default_max_tokens)
-        params = [sampling_params(loaded, ask, limits) for ask in asks]  # every 400 before anything runs
-        adapter = asks[0].adapter if asks else None  # one model per request
+        params = [sampling_params(loaded, ask, context.limits) for ask in asks]  # every 400 before anything runs
+        adapter = context.adapter
         if adapter is not None:  # it stays loaded until this run ends (an unload waits for that)
             if self.loras is None:
-                raise self.not_found(adapter)
+                raise not_found(adapter, loaded.name, None)
             self.loras.acquire(adapter)
         try:
             queued = self.admission.queue(sum(len(ask.prompt) for ask in asks), _room(engine))  # 429: too many wait
@@ -325,17 +297,11 @@ class Service:
         queued.seqs = [gen.seq for gen in gens]
         self.admission.prepared()
         self._enter()
-        return Run(gens, sum(len(ask.prompt) for ask in asks), self._ended, model=asks[0].model if asks else None)
+        return Run(gens, sum(len(ask.prompt) for ask in asks), self._ended, model=context.model)
 
     def _release(self, adapter: str | None) -> None:
         if adapter is not None and self.loras is not None:
             self.loras.release(adapter)
-
-    def logprobs(self, gen: Generation, wanted: bool | None) -> ChoiceLogprobs | None:
-        """The logprobs of the tokens ``gen`` received since the last call, when the request asked."""
-        if not wanted or self.token_text is None:
-            return None
-        return ChoiceLogprobs.of(self.token_text, gen.take_logprobs())
 
     def _ended(self, run: Run) -> None:
         model = run.model or (self.loaded.name if self.loaded else "")

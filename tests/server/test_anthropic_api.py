@@ -7,7 +7,9 @@ import httpx
 import pytest
 
 from llmctl.errors import InvalidRequest
-from llmctl.server.api.anthropic import AnthropicError, AnthropicMessage, MessagesRequest, chat_messages, chat_tools
+from llmctl.server.api.anthropic import chat_tools
+from llmctl.server.api.anthropic_models import AnthropicError, AnthropicMessage, MessagesRequest
+from llmctl.server.api.prompts import anthropic_messages
 from llmctl.server.api.validation import parse_body
 from llmctl.server.testing import serve_in_thread
 
@@ -32,7 +34,7 @@ def test_blocks_become_chat_messages():
                                       "content": [{"type": "text", "text": "18 C"}]},
                                      {"type": "text", "text": "And tomorrow?"}]},
     ]})
-    messages = chat_messages(req)
+    messages = anthropic_messages(req)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "user"]
     assert messages[0]["content"] == "Be brief."
     assert messages[2]["content"] == "Checking."

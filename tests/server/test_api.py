@@ -237,8 +237,8 @@ def test_an_agents_tool_history_reaches_the_chat_template(tiny_service):
     from types import SimpleNamespace
 
     from llmctl.server.api.chat_models import ChatCompletionRequest
+    from llmctl.server.api.prompts import build_prompt
     from llmctl.server.api.validation import parse_body
-    from llmctl.server.generation import build_prompt
 
     tokenizer = copy.deepcopy(tiny_service.loaded.tokenizer)
     tokenizer.chat_template = (

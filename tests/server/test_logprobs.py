@@ -9,8 +9,8 @@ import torch
 
 from llmctl.engine.text import TokenText
 from llmctl.server.api import chat_models
+from llmctl.server.api.prompts import build_prompt
 from llmctl.server.api.validation import parse_body
-from llmctl.server.generation import build_prompt
 from tests.server.test_api import USER, chat, stream_events
 
 ASK = dict(messages=USER, max_tokens=6, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=5)

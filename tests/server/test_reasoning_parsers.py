@@ -151,7 +151,7 @@ def test_where_a_rendered_prompt_leaves_the_model(family, kwargs, opening, token
 def test_gpt_oss_template_gets_content_and_thinking_of_a_calling_turn_as_one_analysis(tokenizer):
     """gpt-oss' template refuses a calling turn with both content and thinking; both reach it as its thinking."""
     from llmctl.server.api.chat_models import ChatMessage
-    from llmctl.server.generation import chat_prompt
+    from llmctl.server.api.prompts import chat_prompt
 
     tokenizer.chat_template = (
         "{%- for message in messages %}{%- if message.role == 'assistant' and message.tool_calls %}"

@@ -9,7 +9,8 @@ import pytest
 
 from llmctl.errors import InvalidRequest
 from llmctl.server.api import responses_models
-from llmctl.server.api.responses_api import chat_messages, function_tools, structured_format
+from llmctl.server.api.prompts import responses_messages
+from llmctl.server.api.responses_api import function_tools, structured_format
 from llmctl.server.api.responses_models import ResponsesRequest
 from llmctl.server.api.validation import parse_body
 
@@ -44,7 +45,7 @@ def test_input_items_become_chat_messages():
         {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "noon"}]},
         {"type": "reasoning", "summary": []},
     ]})
-    messages = [m.for_template() for m in chat_messages(req)]
+    messages = [m.for_template() for m in responses_messages(req)]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "tool"]
     assert messages[0]["content"] == "Be brief."
     assert messages[2]["content"] == "Checking."
@@ -58,7 +59,7 @@ def test_a_call_without_text_before_it_opens_an_assistant_turn():
     req = parse_body(ResponsesRequest, {"input": [
         {"role": "user", "content": "Hi"},
         {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}]})
-    messages = [m.for_template() for m in chat_messages(req)]
+    messages = [m.for_template() for m in responses_messages(req)]
     assert messages[1]["role"] == "assistant" and messages[1]["content"] == ""
     assert messages[1]["tool_calls"][0]["id"] == "c1"
 

@@ -19,9 +19,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from llmctl.server.api import anthropic, responses_api
+from llmctl.server.api.anthropic_models import MessagesRequest
 from llmctl.server.api.chat_models import ChatCompletionRequest
+from llmctl.server.api.prompts import anthropic_messages, chat_prompt, named_results, responses_messages
+from llmctl.server.api.responses_models import ResponsesRequest
 from llmctl.server.api.validation import parse_body
-from llmctl.server.generation import chat_prompt, named_results
 from llmctl.server.testing import build_tiny_model, serve_in_thread
 from tests.conftest import make_service
 
@@ -64,13 +66,13 @@ ANTHROPIC = {
 def template_messages() -> dict[str, tuple[list[dict], list[dict] | None]]:
     """Each API's history as the template messages (and tools) its route renders."""
     chat = parse_body(ChatCompletionRequest, CHAT)
-    responses = parse_body(responses_api.ResponsesRequest, RESPONSES)
-    messages = parse_body(anthropic.MessagesRequest, ANTHROPIC)
+    responses = parse_body(ResponsesRequest, RESPONSES)
+    messages = parse_body(MessagesRequest, ANTHROPIC)
     return {
         "chat": ([m.for_template() for m in chat.messages], chat.tools),
-        "responses": ([m.for_template() for m in responses_api.chat_messages(responses)],
+        "responses": ([m.for_template() for m in responses_messages(responses)],
                       responses_api.function_tools(responses)[0]),
-        "anthropic": (anthropic.chat_messages(messages), anthropic.chat_tools(messages)[0]),
+        "anthropic": (anthropic_messages(messages), anthropic.chat_tools(messages)[0]),
     }
 
 

@@ -17,24 +17,32 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Annotated, Literal
-
-from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from typing import TYPE_CHECKING
 
 from llmctl.errors import InvalidRequest, LLMCtlError
-from llmctl.server.api import rules
-from llmctl.server.api.chat_models import ChatMessage
+from llmctl.server.api.anthropic_models import (
+    EVENTS,
+    AnthropicMessage,
+    AnthropicText,
+    AnthropicThinking,
+    AnthropicTokenCount,
+    AnthropicToolUse,
+    AnthropicUsage,
+    ContentBlock,
+    CountTokensRequest,
+    MessagesRequest,
+    StopReason,
+)
 from llmctl.server.api.common import ChoiceText, TextPieces, json_arguments, request_id_field, sse_event
-from llmctl.server.api.limits import check_request
-from llmctl.server.api.rules import documented
-from llmctl.server.api.validation import MAX_TIMEOUT_S, Lenient, Strict, other_type, parse_body
+from llmctl.server.api.prompts import anthropic_messages, chat_prompt
+from llmctl.server.api.validation import parse_body
 from llmctl.server.constraints import ToolUse, function_tool, output_constraint, tool_use
-from llmctl.server.generation import chat_prompt
+from llmctl.server.limits import check_request
 from llmctl.server.pipeline import Ask, Delta, Run
-from llmctl.server.thinking import TemplateKwargs, anthropic_switches, engine_thinking
+from llmctl.server.thinking import anthropic_switches, engine_thinking
 
 if TYPE_CHECKING:
-    from llmctl.core.loader import LoadedModel
+    from llmctl.server.context import RequestContext
     from llmctl.server.service import Service
 
 # Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors); 408 is llmctl's timeout.
@@ -42,181 +50,11 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
                500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
-BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking")
-IGNORED_BLOCKS = ("thinking", "redacted_thinking")  # in text-only places; redacted thinking is encrypted
 
 
 def error_body(status: int, message: str) -> dict:
     """Anthropic's error envelope for an HTTP status."""
     return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
-
-
-class TextBlock(Lenient):
-    type: Literal["text"]
-    text: str
-
-
-class OtherBlock(Lenient):
-    type: Annotated[str, other_type(BLOCK_TYPES, "block")]
-
-
-class ToolUseBlock(Lenient):
-    type: Literal["tool_use"]
-    id: str
-    name: str
-    input: dict
-
-
-class ThinkingBlock(Lenient):
-    type: Literal["thinking"]
-    thinking: str
-    signature: str | None = None
-
-
-class ToolResultBlock(Lenient):
-    type: Literal["tool_result"]
-    tool_use_id: str
-    content: str | Annotated[list[TextBlock | OtherBlock], documented(rules.ANTHROPIC_TEXT_BLOCKS)] | None = None
-    is_error: StrictBool | None = None
-
-
-Block = TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | OtherBlock
-
-
-class Message(Lenient):
-    role: Literal["user", "assistant"]
-    # Documented with the blocks this model reads; others are a 400.
-    content: str | Annotated[list[Block], documented(rules.ANTHROPIC_BLOCKS)]
-
-
-class CountTokensRequest(Lenient):
-    messages: Annotated[list[Message], Field(min_length=1)]
-    model: str | None = None
-    system: str | list[TextBlock] | None = None
-    tools: Annotated[list[dict], documented(rules.ANTHROPIC_TOOLS)] | None = None
-    tool_choice: Annotated[dict, documented(rules.ANTHROPIC_TOOL_CHOICE)] | None = None
-    # Checked by llmctl.server.thinking, which names the faulty field.
-    thinking: Annotated[dict, documented(rules.ANTHROPIC_THINKING)] | None = None
-    chat_template_kwargs: TemplateKwargs | None = None  # vLLM's extension, as on the chat route
-
-    model_config = ConfigDict(json_schema_extra={"allOf": rules.ANTHROPIC_RULES})
-
-
-class MessagesRequest(CountTokensRequest):
-    max_tokens: Annotated[StrictInt, Field(ge=1)]
-    temperature: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
-    top_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
-    top_k: Annotated[StrictInt, Field(ge=0)] | None = None
-    stop_sequences: Annotated[list[str], Field(max_length=16)] | None = None
-    stream: StrictBool | None = False
-    metadata: dict | None = None
-    timeout: Annotated[StrictFloat, Field(gt=0.0, le=MAX_TIMEOUT_S)] | None = None
-    ignore_eos: StrictBool = False  # llmctl extension, as on the chat route (fixed-length benchmarks)
-
-
-# ---- the answers' shapes (the OpenAPI document's; tests validate real answers against them) ----------
-class AnthropicText(Strict):
-    type: Literal["text"]
-    text: str
-
-
-class AnthropicToolUse(Strict):
-    type: Literal["tool_use"]
-    id: str
-    name: str
-    input: dict
-
-
-class AnthropicThinking(Strict):
-    """The model's thinking (with `serve --reasoning-parser`); ``signature`` is opaque (clients send it back)."""
-
-    type: Literal["thinking"]
-    thinking: str
-    signature: str
-
-
-ContentBlock = AnthropicThinking | AnthropicText | AnthropicToolUse
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
-
-
-class AnthropicUsage(Strict):
-    input_tokens: int
-    output_tokens: int
-
-
-class AnthropicMessage(Strict):
-    """The answer to /v1/messages. Streamed, it comes as Anthropic's events: message_start, then per content
-    block content_block_start, content_block_delta (thinking_delta then signature_delta, text_delta or
-    input_json_delta), content_block_stop,
-    then message_delta (stop_reason, output tokens) and message_stop; an error after the stream started
-    comes as an `error` event."""
-
-    id: str
-    type: Literal["message"]
-    role: Literal["assistant"]
-    model: str
-    content: list[ContentBlock]
-    stop_reason: StopReason | None
-    stop_sequence: str | None
-    usage: AnthropicUsage
-
-
-class AnthropicTokenCount(Strict):
-    input_tokens: int
-
-
-class AnthropicErrorDetail(Strict):
-    type: str
-    message: str
-
-
-class AnthropicError(Strict):
-    """Errors on /v1/messages routes, in Anthropic's envelope."""
-
-    type: Literal["error"]
-    error: AnthropicErrorDetail
-    request_id: str | None = None  # the response's x-request-id, as in Anthropic's own API
-
-
-def _text(blocks: str | list, param: str) -> str:
-    if isinstance(blocks, str):
-        return blocks
-    parts = []
-    for block in blocks:
-        if isinstance(block, TextBlock):
-            parts.append(block.text)
-        elif block.type not in IGNORED_BLOCKS:
-            raise InvalidRequest(f"Content blocks of type '{block.type}' are not supported here: this model reads "
-                                 "text only.", param=param)
-    return "".join(parts)
-
-
-def chat_messages(req: CountTokensRequest) -> list[dict]:
-    """The system prompt and messages as the chat template reads them, tool use and results included."""
-    messages: list[ChatMessage] = []
-    if req.system:
-        messages.append(ChatMessage(role="system", content=_text(req.system, "system")))
-    for i, message in enumerate(req.messages):
-        param = f"messages[{i}].content"
-        blocks = [TextBlock(type="text", text=message.content)] if isinstance(message.content, str) \
-            else message.content
-        text, calls, thinking = [], [], []
-        for block in blocks:
-            if isinstance(block, ThinkingBlock):
-                thinking.append(block.thinking)
-            elif isinstance(block, ToolResultBlock):  # each result is a tool message, before the user's text
-                content = _text(block.content or "", param)
-                messages.append(ChatMessage(role="tool", tool_call_id=block.tool_use_id, content=content))
-            elif isinstance(block, ToolUseBlock):
-                calls.append({"id": block.id, "type": "function", "function": {
-                    "name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}})
-            else:
-                text.append(_text([block], param))
-        if text or calls or thinking or not blocks:
-            messages.append(ChatMessage(role=message.role, content="".join(text) if text or not calls
-                                                else None, tool_calls=calls or None,
-                                                reasoning_content="\n".join(thinking) or None))
-    return [m.for_template() for m in messages]
 
 
 def chat_tools(req: CountTokensRequest) -> tuple[list[dict] | None, ToolUse]:
@@ -247,42 +85,42 @@ def chat_tools(req: CountTokensRequest) -> tuple[list[dict] | None, ToolUse]:
     return out or None, tool_use(functions, "required" if kind == "any" else kind, parallel=parallel)
 
 
-def _prompt(service: Service, loaded: LoadedModel, req: CountTokensRequest,
+def _prompt(context: RequestContext, req: CountTokensRequest,
             template_kwargs: dict | None = None) -> tuple[list[int], list[dict] | None, ToolUse]:
     tools, choice = chat_tools(req)
-    messages = chat_messages(req)
-    check_request(service, messages=len(messages))
-    return chat_prompt(loaded, messages, tools, param="messages", template_kwargs=template_kwargs), tools, choice
+    messages = anthropic_messages(req)
+    check_request(context.limits, messages=len(messages))
+    prompt = chat_prompt(context.loaded, messages, tools, param="messages", template_kwargs=template_kwargs)
+    return prompt, tools, choice
 
 
 def count_tokens(service: Service, body: object) -> dict:
     """POST /v1/messages/count_tokens: the prompt's size, as the template renders it."""
-    loaded, _ = service.require_ready()
+    context = service.context()
     req = parse_body(CountTokensRequest, body)
-    service.served_model(req.model)
+    context = context.serving(req.model)
     switches = anthropic_switches(req.thinking, None, req.chat_template_kwargs)
-    prompt, _, _ = _prompt(service, loaded, req, switches.template_kwargs)
-    return {"input_tokens": len(prompt)}
+    prompt, _, _ = _prompt(context, req, switches.template_kwargs)
+    return AnthropicTokenCount(input_tokens=len(prompt)).model_dump()
 
 
 def handle(service: Service, body: object, disconnected: Callable[[], bool] | None = None) -> dict | Iterator[str]:
     """Answer one Messages request: a message, or Anthropic's event stream."""
     arrived = time.monotonic()
-    loaded, _ = service.admit()
+    context = service.admit()
     req = parse_body(MessagesRequest, body)
-    model, adapter = service.served_model(req.model)
+    context = context.serving(req.model)
     switches = anthropic_switches(req.thinking, req.max_tokens, req.chat_template_kwargs)
-    prompt, template_tools, tools = _prompt(service, loaded, req, switches.template_kwargs)
+    prompt, template_tools, tools = _prompt(context, req, switches.template_kwargs)
     stops = tuple(req.stop_sequences or ())
     ask = Ask(prompt, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
               stops=stops, ignore_eos=req.ignore_eos, timeout=req.timeout,
-              constraint=output_constraint(None, tools, service.tool_format, service.grammar_specials),
-              model=model, adapter=adapter,
-              thinking=engine_thinking(service.reasoning_parser(prompt), loaded.tokenizer, switches.budget,
+              constraint=output_constraint(None, tools, context.tool_format, context.grammar_specials),
+              thinking=engine_thinking(context.reasoning_parser(prompt), context.loaded.tokenizer, switches.budget,
                                        tools.forced))
-    run = service.start([ask], arrived, disconnected)
-    parser = service.tool_parser(template_tools, tools.mode != "none", tools.forced)
-    choice = _Choice(model, ChoiceText(parser, service.reasoning_parser(prompt)), stops)
+    run = service.start(context, [ask], arrived, disconnected)
+    parser = context.tool_parser(template_tools, tools.mode != "none", tools.forced)
+    choice = _Choice(context.model, ChoiceText(parser, context.reasoning_parser(prompt)), stops)
     if req.stream:
         return _events(run, run.stream(), choice)
     choice.text.feed(run.collect()[0])
@@ -344,8 +182,7 @@ def _events(run: Run, deltas: Iterator[Delta], choice: _Choice) -> Iterator[str]
     """
 
     def event(name: str, /, **fields) -> str:
-        dumped = {k: v.model_dump() if isinstance(v, Strict) else v for k, v in fields.items()}
-        return sse_event(name, {"type": name, **dumped})
+        return sse_event(name, EVENTS[name].model_validate({"type": name, **fields}).model_dump())
 
     index = 0
     kind: str | None = None  # the type of the open block

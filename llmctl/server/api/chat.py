@@ -13,6 +13,7 @@ from llmctl.server.api.chat_models import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     FinishReason,
     ToolCallDelta,
@@ -21,49 +22,55 @@ from llmctl.server.api.chat_models import (
 )
 from llmctl.server.api.chat_models import Delta as ChunkDelta
 from llmctl.server.api.common import ChoiceText, sse, stream_error
-from llmctl.server.api.limits import check_request
+from llmctl.server.api.prompts import build_prompt
 from llmctl.server.api.validation import parse_body
 from llmctl.server.constraints import chat_tool_use, constraint_from_request, output_constraint
-from llmctl.server.generation import build_prompt
+from llmctl.server.limits import check_request
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.thinking import chat_switches, engine_thinking
 
 if TYPE_CHECKING:
+    from llmctl.server.context import RequestContext
+    from llmctl.server.generation import Generation
     from llmctl.server.service import Service
 
 
 def handle(service: Service, body: object, disconnected: Callable[[], bool] | None = None) -> dict | Iterator[str]:
     """Answer one chat completion: a response body, or an iterator of SSE lines when streaming."""
     arrived = time.monotonic()
-    loaded, _ = service.admit()
+    context = service.admit()
     req = parse_body(ChatCompletionRequest, body)
-    model, adapter = service.served_model(req.model)
+    context = context.serving(req.model)
     n = req.n or 1
-    check_request(service, messages=len(req.messages), choices=n)
+    check_request(context.limits, messages=len(req.messages), choices=n)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
     tools = chat_tool_use(req.tools, req.tool_choice, req.parallel_tool_calls)
     constraint = output_constraint(constraint_from_request(req.response_format, req.structured_outputs), tools,
-                                   service.tool_format, service.grammar_specials)
+                                   context.tool_format, context.grammar_specials)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     switches = chat_switches(req.chat_template_kwargs, req.reasoning_effort, req.thinking_token_budget)
-    prompt = build_prompt(loaded, req, switches.template_kwargs)
+    prompt = build_prompt(context.loaded, req, switches.template_kwargs)
     ask = Ask(prompt, max_tokens=asked, temperature=req.temperature, top_p=req.top_p,
               frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
               logit_bias=req.logit_bias, seed=req.seed, ignore_eos=req.ignore_eos,
               logprobs=(req.top_logprobs or 0) if req.logprobs else None, stops=tuple(req.stops()), n=n,
               timeout=req.timeout, constraint=constraint, thinking=engine_thinking(
-                  service.reasoning_parser(prompt), loaded.tokenizer, switches.budget, tools.forced),
-              max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
-              model=model, adapter=adapter)
-    run = service.start([ask], arrived, disconnected)
+                  context.reasoning_parser(prompt), context.loaded.tokenizer, switches.budget, tools.forced),
+              max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
+    run = service.start(context, [ask], arrived, disconnected)
     # Without a parser an enforced call is written in the Hermes format, and parsed as such.
-    texts = [ChoiceText(service.tool_parser(req.tools, tools.mode != "none", tools.forced),
-                        service.reasoning_parser(prompt), service.count_tokens) for _ in range(n)]
+    texts = [ChoiceText(context.tool_parser(req.tools, tools.mode != "none", tools.forced),
+                        context.reasoning_parser(prompt), context.count_tokens) for _ in range(n)]
     logprobs = bool(req.logprobs)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _events(service, run, run.stream(), texts, model, logprobs, include_usage)
+        return _events(context, run, run.stream(), texts, logprobs, include_usage)
+    return _answer(context, run, texts, logprobs)
+
+
+def _answer(context: RequestContext, run: Run, texts: list[ChoiceText], logprobs: bool) -> dict:
+    """The `chat.completion` body, once every choice has finished."""
     outs = run.collect()
     choices = []
     for index, (gen, text) in enumerate(zip(run.gens, texts, strict=False)):
@@ -73,11 +80,17 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
         if calls:
             content = content or None
         message = AssistantMessage.of(content, calls, text.thinking if text.reasoning is not None else None)
-        choices.append(Choice(index=index, message=message, logprobs=service.logprobs(gen, logprobs),
+        choices.append(Choice(index=index, message=message, logprobs=_logprobs(context, gen, logprobs),
                               finish_reason=_finish_reason(gen.finish_reason, calls)))
-    return ChatCompletion(id=completion_id(), object="chat.completion", created=int(time.time()), model=model,
-                          choices=choices, usage=Usage.of(run.prompt_tokens, run.completion_tokens, run.cached_tokens,
-                                                          sum(t.reasoning_tokens for t in texts))).model_dump()
+    usage = Usage.of(run.prompt_tokens, run.completion_tokens, run.cached_tokens,
+                     sum(t.reasoning_tokens for t in texts))
+    return ChatCompletion(id=completion_id(), object="chat.completion", created=int(time.time()),
+                          model=context.model, choices=choices, usage=usage).model_dump()
+
+
+def _logprobs(context: RequestContext, gen: Generation, wanted: bool) -> ChoiceLogprobs | None:
+    """The logprobs of the tokens ``gen`` received since the last call, when the request asked."""
+    return ChoiceLogprobs.of(context.token_text, gen.take_logprobs()) if wanted else None
 
 
 def _finish_reason(reason: str | None, calls: list[dict]) -> FinishReason:
@@ -88,12 +101,12 @@ def _finish_reason(reason: str | None, calls: list[dict]) -> FinishReason:
     return "tool_calls" if calls else "stop"
 
 
-def _events(service: Service, run: Run, deltas: Iterator[Delta], texts: list[ChoiceText], model: str, logprobs: bool,
+def _events(context: RequestContext, run: Run, deltas: Iterator[Delta], texts: list[ChoiceText], logprobs: bool,
             include_usage: bool) -> Iterator[str]:
     cid, created = completion_id(), int(time.time())
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        body = ChatCompletionChunk(id=cid, object="chat.completion.chunk", created=created, model=model,
+        body = ChatCompletionChunk(id=cid, object="chat.completion.chunk", created=created, model=context.model,
                                    choices=choices)
         if usage is not None:
             body.usage = usage
@@ -102,7 +115,7 @@ def _events(service: Service, run: Run, deltas: Iterator[Delta], texts: list[Cho
     def choice(index: int, delta: ChunkDelta, finish_reason: FinishReason | None = None) -> str:
         # Tokens whose text was held back (the start of a stop string or of a tool call) keep their
         # logprobs until a chunk goes out.
-        lp = service.logprobs(run.gens[index], logprobs)
+        lp = _logprobs(context, run.gens[index], logprobs)
         return chunk([ChunkChoice(index=index, delta=delta, logprobs=lp if lp and lp.content else None,
                                   finish_reason=finish_reason)])
 

@@ -15,19 +15,20 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import ConfigDict, Field, StrictBool, StrictInt
 
-from llmctl.errors import InvalidRequest, LLMCtlError, Unavailable
-from llmctl.server.admission import encode
+from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server.api import rules
 from llmctl.server.api.chat_models import MIN_LOGPROB, OpenAISampling, Usage
 from llmctl.server.api.common import sse, stream_error
-from llmctl.server.api.limits import check_request
+from llmctl.server.api.prompts import text_prompt
 from llmctl.server.api.rules import documented
-from llmctl.server.api.validation import Strict, parse_body, valid_unicode
+from llmctl.server.api.validation import Strict, parse_body
+from llmctl.server.limits import check_request
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.thinking import ThinkingBudget, chat_switches, engine_thinking
 
 if TYPE_CHECKING:
     from llmctl.engine.sampling import TokenLogprobs
+    from llmctl.engine.text import TokenText
     from llmctl.server.service import Service
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
@@ -90,26 +91,13 @@ class TextCompletion(Strict):
     usage: Usage | None = None
 
 
-def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
-    if isinstance(prompt, str):
-        ids = encode(tokenizer, valid_unicode(prompt))
-        if not ids:
-            raise InvalidRequest("The prompt is empty; send at least one token of text.", param="prompt")
-        return ids
-    vocab = len(tokenizer)
-    for token in prompt:
-        if not 0 <= token < vocab:
-            raise InvalidRequest(f"The prompt names token {token}, outside the vocabulary (0..{vocab - 1}).",
-                                 param="prompt")
-    return list(prompt)
-
-
 def handle(service: Service, body: object, disconnected: Callable[[], bool] | None = None) -> dict | Iterator[str]:
     """Answer one text completion: a response body, or an iterator of SSE lines when streaming."""
     arrived = time.monotonic()
-    loaded, _ = service.admit()
+    context = service.admit()
     req = parse_body(CompletionRequest, body)
-    model, adapter = service.served_model(req.model)
+    context = context.serving(req.model)
+    loaded = context.loaded
     if req.suffix:
         raise InvalidRequest("suffix (insertion after the completion) is not supported by this server.",
                              param="suffix")
@@ -120,24 +108,29 @@ def handle(service: Service, body: object, disconnected: Callable[[], bool] | No
     if req.echo and req.logprobs is not None:
         raise InvalidRequest("echo with logprobs is not supported: this server does not score prompt tokens.",
                              param="echo")
-    prompts = [_prompt_ids(loaded.tokenizer, p) for p in req.prompts()]
-    max_tokens = req.max_tokens
-    if "max_tokens" not in req.model_fields_set and service.settings.max_tokens_cap is not None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, service.settings.max_tokens_cap)  # the default obeys the cap
-    check_request(service, choices=n * len(prompts))
+    prompts = [text_prompt(loaded.tokenizer, p) for p in req.prompts()]
+    max_tokens, cap = req.max_tokens, context.limits.max_tokens_cap
+    if "max_tokens" not in req.model_fields_set and cap is not None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, cap)  # the default obeys the cap
+    check_request(context.limits, choices=n * len(prompts))
     asks = [Ask(ids, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                 frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
                 logit_bias=req.logit_bias, seed=req.seed, ignore_eos=req.ignore_eos, logprobs=req.logprobs,
-                stops=tuple(req.stops()), n=n, timeout=req.timeout, prompt_param="prompt", model=model, adapter=adapter,
-                thinking=engine_thinking(service.reasoning_parser(ids), loaded.tokenizer,
+                stops=tuple(req.stops()), n=n, timeout=req.timeout, prompt_param="prompt",
+                thinking=engine_thinking(context.reasoning_parser(ids), loaded.tokenizer,
                                          chat_switches(None, None, req.thinking_token_budget).budget))
             for ids in prompts]
-    run = service.start(asks, arrived, disconnected)
+    run = service.start(context, asks, arrived, disconnected)
     echoes = [loaded.tokenizer.decode(ids) if req.echo else "" for ids in prompts for _ in range(n)]
-    logprobs = _LegacyLogprobs(service, run, echoes) if req.logprobs is not None else None
+    logprobs = _LegacyLogprobs(context.token_text, run, echoes) if req.logprobs is not None else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _events(run, run.stream(), echoes, model, logprobs, include_usage)
+        return _events(run, run.stream(), echoes, context.model, logprobs, include_usage)
+    return _answer(run, echoes, context.model, logprobs)
+
+
+def _answer(run: Run, echoes: list[str], model: str, logprobs: _LegacyLogprobs | None) -> dict:
+    """The `text_completion` body, once every choice has finished."""
     texts = run.collect()
     choices = [CompletionChoice(index=i, text=echoes[i] + text, logprobs=logprobs.take(i) if logprobs else None,
                                 finish_reason=_finish_reason(gen.finish_reason))
@@ -158,10 +151,8 @@ def _finish_reason(reason: str | None) -> Literal["stop", "length"]:
 class _LegacyLogprobs:
     """Each choice's logprobs in the legacy shape, taken as its tokens arrive."""
 
-    def __init__(self, service: Service, run: Run, echoes: list[str]) -> None:
-        if service.token_text is None:  # set with the model: an admitted request finds it
-            raise Unavailable("The model is still loading; retry shortly.", retry_after=5, code="model_loading")
-        self.token_text = service.token_text
+    def __init__(self, token_text: TokenText, run: Run, echoes: list[str]) -> None:
+        self.token_text = token_text
         self.run = run
         self.offsets = [len(e) for e in echoes]  # text_offset runs on across a streamed choice's chunks
 

@@ -24,24 +24,18 @@ from typing import TYPE_CHECKING
 from llmctl.engine.structured import Constraint
 from llmctl.errors import InvalidRequest, LLMCtlError
 from llmctl.server.api import stored
-from llmctl.server.api.chat_models import ChatMessage
 from llmctl.server.api.common import ChoiceText, TextPieces, request_id_field, sse_event
-from llmctl.server.api.limits import check_request
+from llmctl.server.api.prompts import chat_prompt, responses_messages
 from llmctl.server.api.responses_models import (
-    Content,
-    FunctionCallItem,
+    EVENTS,
     FunctionCallOutput,
-    FunctionCallOutputItem,
     IncompleteDetails,
-    InputText,
     InputTokensDetails,
     ItemStatus,
-    MessageItem,
     OutputItem,
     OutputMessage,
     OutputText,
     OutputTokensDetails,
-    ReasoningItem,
     ReasoningOutput,
     ReasoningText,
     Response,
@@ -49,7 +43,7 @@ from llmctl.server.api.responses_models import (
     ResponseUsage,
     Status,
 )
-from llmctl.server.api.validation import MAX_TIMEOUT_S, Strict, parse_body
+from llmctl.server.api.validation import MAX_TIMEOUT_S, parse_body
 from llmctl.server.constraints import (
     FunctionTool,
     ToolUse,
@@ -58,7 +52,7 @@ from llmctl.server.constraints import (
     output_constraint,
     tool_use,
 )
-from llmctl.server.generation import chat_prompt
+from llmctl.server.limits import check_request
 from llmctl.server.pipeline import Ask, Delta, Run
 from llmctl.server.thinking import chat_switches, engine_thinking
 
@@ -73,53 +67,6 @@ def structured_format(text: dict | None) -> Constraint | None:
     "json_schema"); `constraint_from_request` reads both shapes, and names `text.format` in its 400s.
     """
     return constraint_from_request((text or {}).get("format"), format_param="text.format")
-
-
-def _content_text(content: Content, param: str) -> str:
-    if isinstance(content, str):
-        return content
-    texts = []
-    for part in content:
-        if not isinstance(part, InputText):
-            raise InvalidRequest(f"Content parts of type '{part.type}' are not supported: this model reads text "
-                                 "only.", param=param)
-        texts.append(part.text or part.refusal or "")
-    return "".join(texts)
-
-
-def chat_messages(req: ResponsesRequest) -> list[ChatMessage]:
-    """The request's instructions and input as chat messages, function calls and their outputs included; a
-    reasoning item is the thinking of the assistant turn that follows it."""
-    messages = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
-    items = [MessageItem(role="user", content=req.input)] if isinstance(req.input, str) else req.input
-    thinking: list[str] = []  # reasoning items not yet given to an assistant turn
-    for i, item in enumerate(items):
-        param = f"input[{i}]"
-        if isinstance(item, ReasoningItem):
-            thinking.append(item.text())
-            continue
-        if isinstance(item, MessageItem):
-            messages.append(ChatMessage(role=item.role, content=_content_text(item.content, param)))
-        elif isinstance(item, FunctionCallItem):
-            call = {"id": item.call_id, "type": "function",
-                    "function": {"name": item.name, "arguments": item.arguments}}
-            last = messages[-1] if messages else None
-            if last is not None and last.role == "assistant" and not thinking:  # one turn: its text, then calls
-                last.tool_calls = [*(last.tool_calls or []), call]
-            else:
-                messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
-        elif isinstance(item, FunctionCallOutputItem):
-            messages.append(ChatMessage(role="tool", tool_call_id=item.call_id,
-                                                content=_content_text(item.output, param)))
-        else:
-            raise InvalidRequest(f"Input items of type '{item.type}' are not supported; send messages, "
-                                 "function_call, function_call_output and reasoning items.", param=param)
-        if thinking and messages[-1].role == "assistant":
-            messages[-1].reasoning_content = "\n".join(t for t in thinking if t) or None
-        thinking = []
-    if not any(m.role != "system" for m in messages):
-        raise InvalidRequest("'input' must contain at least one message.", param="input")
-    return messages
 
 
 def function_tools(req: ResponsesRequest) -> tuple[list[dict] | None, ToolUse]:
@@ -169,29 +116,29 @@ def _tool_use(choice: str | dict | None, functions: list[FunctionTool], parallel
 def handle(service: Service, body: object, disconnected: Callable[[], bool] | None = None) -> dict | Iterator[str]:
     """Answer one Responses request: a response object, or its event stream."""
     arrived = time.monotonic()
-    loaded, _ = service.admit()
+    context = service.admit()
     req = parse_body(ResponsesRequest, body)
-    model, adapter = service.served_model(req.model)
+    context = context.serving(req.model)
     turn = stored.prepare(service, req)
     tools, tool_choice = function_tools(req)
-    constraint = output_constraint(structured_format(req.text), tool_choice, service.tool_format,
-                                   service.grammar_specials)
+    constraint = output_constraint(structured_format(req.text), tool_choice, context.tool_format,
+                                   context.grammar_specials)
     # The model reads what the request continues (stored as it saw it), then the new input.
-    messages = chat_messages(req.model_copy(update={"input": ResponsesRequest.model_validate(
+    messages = responses_messages(req.model_copy(update={"input": ResponsesRequest.model_validate(
         {"input": turn.prior + turn.input_items}).input}) if turn.prior else req)
-    check_request(service, messages=len(messages), messages_param="input", unit="input items")
+    check_request(context.limits, messages=len(messages), messages_param="input", unit="input items")
     switches = chat_switches(req.chat_template_kwargs, req.reasoning.effort if req.reasoning else None)
-    prompt = chat_prompt(loaded, [m.for_template() for m in messages], tools, param="input",
+    prompt = chat_prompt(context.loaded, [m.for_template() for m in messages], tools, param="input",
                          template_kwargs=switches.template_kwargs)
-    thinking = service.reasoning_parser(prompt)
+    thinking = context.reasoning_parser(prompt)
     ask = Ask(prompt, max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
               ignore_eos=req.ignore_eos, timeout=req.timeout or (MAX_TIMEOUT_S if turn.background else None),
               constraint=constraint, prompt_param="input", max_tokens_param="max_output_tokens",
-              thinking=engine_thinking(service.reasoning_parser(prompt), loaded.tokenizer, None, tool_choice.forced),
-              model=model, adapter=adapter)
-    run = service.start([ask], arrived, turn.disconnected(disconnected))
-    parser = service.tool_parser(tools, tool_choice.mode != "none", tool_choice.forced)
-    answer = _Answer(req, model, ChoiceText(parser, thinking, service.count_tokens), turn.fields())
+              thinking=engine_thinking(context.reasoning_parser(prompt), context.loaded.tokenizer, None,
+                                       tool_choice.forced))
+    run = service.start(context, [ask], arrived, turn.disconnected(disconnected))
+    parser = context.tool_parser(tools, tool_choice.mode != "none", tool_choice.forced)
+    answer = _Answer(req, context.model, ChoiceText(parser, thinking, context.count_tokens), turn.fields())
     if turn.background:
         return stored.run_in_background(service, turn, answer.body(None, [], "queued"), run,
                                         lambda: _event_dicts(run, run.stream(), answer), bool(req.stream))
@@ -289,8 +236,7 @@ def _event_dicts(run: Run, deltas: Iterator[Delta], answer: _Answer) -> Generato
     thought: dict | None = None  # the reasoning item being streamed: its index, id and text
 
     def event(name: str, /, **fields) -> dict:
-        dumped = {k: v.model_dump() if isinstance(v, Strict) else v for k, v in fields.items()}
-        return {"type": name, "sequence_number": next(numbers), **dumped}
+        return EVENTS[name].model_validate({"type": name, "sequence_number": next(numbers), **fields}).model_dump()
 
     def next_index() -> int:
         return len(done) + (thought is not None) + (message_index is not None)

@@ -3,7 +3,7 @@ responses and conversations, `llmctl.server.api.stored` and `conversations`, kee
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
@@ -211,4 +211,104 @@ class Response(Strict):
     conversation: ConversationRef | None
 
 
-ANSWERS = (Response,)
+# ---- the events of a streamed answer (named by their `type`; `sequence_number` counts them from 0) ----------
+class ResponseLifecycleEvent(Strict):
+    """response.created and response.in_progress (the response without output), then response.completed or
+    response.incomplete (the whole response)."""
+
+    type: Literal["response.created", "response.in_progress", "response.completed", "response.incomplete"]
+    sequence_number: int
+    response: Response
+
+
+class ResponseOutputItemEvent(Strict):
+    """response.output_item.added (an item as it starts: in progress, without its text) and .done."""
+
+    type: Literal["response.output_item.added", "response.output_item.done"]
+    sequence_number: int
+    output_index: int
+    item: OutputItem
+
+
+class ResponseContentPartEvent(Strict):
+    type: Literal["response.content_part.added", "response.content_part.done"]
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    part: OutputText
+
+
+class ResponseTextDeltaEvent(Strict):
+    type: Literal["response.output_text.delta"]
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+    logprobs: list
+
+
+class ResponseTextDoneEvent(Strict):
+    type: Literal["response.output_text.done"]
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+    logprobs: list
+
+
+class ResponseReasoningDeltaEvent(Strict):
+    type: Literal["response.reasoning_text.delta"]
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+
+
+class ResponseReasoningDoneEvent(Strict):
+    type: Literal["response.reasoning_text.done"]
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+
+
+class ResponseArgumentsDeltaEvent(Strict):
+    type: Literal["response.function_call_arguments.delta"]
+    sequence_number: int
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class ResponseArgumentsDoneEvent(Strict):
+    type: Literal["response.function_call_arguments.done"]
+    sequence_number: int
+    item_id: str
+    output_index: int
+    name: str
+    arguments: str
+
+
+class ResponseErrorEvent(Strict):
+    """An error after the stream started (its headers are sent: the error goes in the stream)."""
+
+    type: Literal["error"]
+    sequence_number: int
+    code: str | None
+    message: str
+    param: str | None
+    request_id: str | None = None  # the response's x-request-id
+
+
+ResponseEvent = ResponseLifecycleEvent | ResponseOutputItemEvent | ResponseContentPartEvent | \
+    ResponseTextDeltaEvent | ResponseTextDoneEvent | ResponseReasoningDeltaEvent | ResponseReasoningDoneEvent | \
+    ResponseArgumentsDeltaEvent | ResponseArgumentsDoneEvent | ResponseErrorEvent
+# Each event's model by its type (what `event:` names).
+EVENTS: dict[str, type[Strict]] = {name: model for model in get_args(ResponseEvent)
+                                   for name in get_args(model.model_fields["type"].annotation)}
+ANSWERS = (Response, *get_args(ResponseEvent))

@@ -11,6 +11,7 @@ from llmctl import __version__
 from llmctl.core import hardware
 from llmctl.core.threads import current_cpu_threads
 from llmctl.server.api.validation import Strict
+from llmctl.server.context import not_found
 from llmctl.server.service import Status
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def model(service: Service, model_id: str) -> dict:
     for card in listed:
         if card["id"] == model_id:
             return card
-    raise service.not_found(model_id)
+    raise not_found(model_id, listed[0]["id"], service.loras)
 
 
 def health(service: Service) -> tuple[dict, int]:

@@ -15,9 +15,9 @@ from llmctl.errors import InvalidRequest
 from llmctl.server.admission import encode
 from llmctl.server.api import rules
 from llmctl.server.api.chat_models import ChatMessage
-from llmctl.server.api.limits import check_request
+from llmctl.server.api.prompts import chat_prompt
 from llmctl.server.api.validation import Lenient, Strict, parse_body, valid_unicode
-from llmctl.server.generation import chat_prompt
+from llmctl.server.limits import check_request
 
 if TYPE_CHECKING:
     from llmctl.server.service import Service
@@ -52,30 +52,29 @@ class Detokenized(Strict):  # /detokenize's answer
 
 
 def tokenize(service: Service, body: object) -> dict:
-    loaded, _ = service.require_ready()
+    context = service.context()
     req = parse_body(TokenizeRequest, body)
-    service.served_model(req.model)
+    loaded = context.serving(req.model).loaded
     tokenizer = loaded.tokenizer
     if req.prompt is not None and req.messages is None:
         special = req.add_special_tokens is not False
         tokens = encode(tokenizer, valid_unicode(req.prompt), special)
     elif req.messages is not None and req.prompt is None:
-        check_request(service, messages=len(req.messages))
+        check_request(context.limits, messages=len(req.messages))
         tokens = chat_prompt(loaded, [m.for_template() for m in req.messages], req.tools, param="messages",
                              add_generation_prompt=req.add_generation_prompt,
                              add_special_tokens=bool(req.add_special_tokens))
     else:
         raise InvalidRequest("Send either 'prompt' (text) or 'messages' (chat messages).", param="prompt")
-    text = service.token_text  # set with the model, which require_ready found
-    strs = [text.text_of(t) for t in tokens] if req.return_token_strs and text is not None else None
+    strs = [context.token_text.text_of(t) for t in tokens] if req.return_token_strs else None
     return Tokenized(count=len(tokens), max_model_len=loaded.context_length, tokens=tokens,
                      token_strs=strs).model_dump()
 
 
 def detokenize(service: Service, body: object) -> dict:
-    loaded, _ = service.require_ready()
+    context = service.context()
     req = parse_body(DetokenizeRequest, body)
-    service.served_model(req.model)
+    loaded = context.serving(req.model).loaded
     vocab = len(loaded.tokenizer)
     for token in req.tokens:
         if not 0 <= token < vocab:
