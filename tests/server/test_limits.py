@@ -1,4 +1,4 @@
-"""The request limits every API shares (llmctl/server/api/limits.py): --max-messages and n within
+"""The request limits every API shares (llmctl/server/limits.py): --max-messages and n within
 --max-num-seqs, each refused with a 400 in the API's own envelope, naming the API's field."""
 
 from __future__ import annotations
