@@ -1,24 +1,31 @@
 """Compute threads on a shared CPU: llmctl's default vs torch's default, idle and with every core kept busy.
 
     python scripts/bench_contention.py --out bench-contention.json
-    python scripts/bench_contention.py --model-path /models/Qwen2.5-0.5B-Instruct --seconds 30
+    python scripts/bench_contention.py --rounds 5 --seconds 15 --max-tokens 48
 
-Each measurement is a fresh process (OpenMP reads its settings once, when torch loads) that sets its
-threads up the way it is named, loads the model as `llmctl serve` does (embedded SmolLM2 by default,
-its default dtype) and times greedy `model.generate` of one stream and of 16 streams at once, each
-for up to ``--seconds`` (tok/s = new tokens / elapsed). "llmctl" is what `llmctl serve` does without
---cpu-threads; "torch" leaves torch's defaults alone. "busy" runs while a second process keeps one
-worker spinning on every usable core. The four cells run one after another in one run, and the
-table puts them side by side with the ratios.
+One process loads the model as `llmctl serve` does (embedded SmolLM2 by default, at its default dtype)
+and builds two builtin engines on it: "llmctl", with `llmctl serve`'s default (the adaptive thread
+count), and "torch", pinned to torch's default (one thread per core). In each round, first idle and
+then while another process keeps every usable core busy (scripts/busy_cores.py: a session of its own,
+one spinning worker per core), each engine generates greedily for one stream and then for 16 streams
+at once, each stream up to ``--max-tokens`` new tokens or ``--seconds``, whichever ends first (tok/s =
+new tokens over the wall time, prefill included). The two engines take turns within the same minute,
+so on a machine whose other load comes and goes, each round's ratio compares them under about the
+same load; the table gives each cell's median over the rounds, and the median of the per-round
+ratios. The llmctl engine keeps its tuner across rounds, as a running server would. "cpu" is the
+cores' worth of CPU time this process got while it generated. Every measurement has a deadline, so
+a run takes at most rounds x 2 x 2 x 2 x ``--seconds`` plus the load; the busy workers end with the
+script however it ends (Ctrl-C, SIGTERM, an error, being killed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import multiprocessing
 import os
-import subprocess
+import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,108 +33,139 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-MODES = ("torch", "llmctl")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from busy_cores import BusyCores, on_sigterm  # noqa: E402  (scripts/ is not a package)
+
 CONDITIONS = ("idle", "busy")
+MODES = ("torch", "llmctl")
 STREAMS = (1, 16)
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
 
 
-def _spin() -> None:
-    while True:
-        pass
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
-def busy_process(cores: int) -> subprocess.Popen:
-    """A second process that keeps ``cores`` cores busy until it is killed."""
-    code = ("import multiprocessing, sys\nfrom scripts.bench_contention import _spin\n"
-            "ps = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(int(sys.argv[1]))]\n"
-            "[p.start() for p in ps]\n[p.join() for p in ps]\n")
-    return subprocess.Popen([sys.executable, "-c", code, str(cores)], cwd=Path(__file__).resolve().parents[1])
-
-
-def child(mode: str, model_path: str | None, seconds: float, max_tokens: int) -> dict:
-    """One measurement process: set the threads up as ``mode`` does, load, time 1 and 16 streams."""
-    if mode == "llmctl":
-        from llmctl.core.threads import configure_cpu_threads, resolve_cpu_threads
-
-        configure_cpu_threads(resolve_cpu_threads(None))
+def engines(model_path: str | None):
+    """The loaded model, and the two engines on it: llmctl's default and torch's default thread count."""
     import torch
 
-    from llmctl.bench.offline import chat_texts, load_offline_model
+    from llmctl.core import threads
+    from llmctl.core.loader import LoadOptions, load_model
+    from llmctl.engine import BuiltinEngine, EngineConfig
+    from llmctl.engine.builtin_setup import BuiltinOptions
 
-    loaded = load_offline_model(model_path)
+    torch_default = torch.get_num_threads()
+    policy = threads.configure_cpu_threads(None)  # what `llmctl serve` does without --cpu-threads
+    loaded, ours = BuiltinOptions().build(LoadOptions(model_path=Path(model_path) if model_path else None),
+                                          EngineConfig(), load_model)
+    # torch's default, set by its engine thread (torch's count is per thread in OpenMP); a fixed policy has no trials.
+    pinned = threads.ThreadTuner(threads.ThreadPolicy(cores=policy.cores, fixed=torch_default,
+                                                      current=torch_default))
+    theirs = BuiltinEngine(loaded.model, loaded.eos_token_ids, EngineConfig(), tokenizer=loaded.tokenizer,
+                           threads=pinned)
+    for engine in (ours, theirs):
+        engine.start()
+    return loaded, {"llmctl": ours, "torch": theirs}, policy
+
+
+def generate(engine, ids: list[int], streams: int, tokens: int, seconds: float) -> dict:
+    """``streams`` greedy streams of up to ``tokens`` tokens, ended at ``seconds``: tok/s and CPU share."""
+    from llmctl.engine import Finish, SamplingParams, Sequence
+
+    deadline = time.monotonic() + seconds
+    seqs = [Sequence(list(ids), SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True),
+                     deadline=deadline) for _ in range(streams)]
+    before, cpu, started = engine.stats.tokens_generated, _cpu_seconds(), time.perf_counter()
+    for seq in seqs:
+        engine.submit(seq)
+    for seq in seqs:
+        while not isinstance(seq.events.get(timeout=seconds + 120), Finish):  # a bound for a hang only
+            pass
+    wall = time.perf_counter() - started
+    return {"tok_s": (engine.stats.tokens_generated - before) / wall, "cpu": (_cpu_seconds() - cpu) / wall}
+
+
+def run(args: argparse.Namespace, console: Console) -> list[dict]:
+    """Every round's measurements, one dict per (round, condition, mode, streams)."""
+    from llmctl.bench.offline import chat_texts
+
+    loaded, by_mode, policy = engines(args.model_path)
     tok = loaded.tokenizer
-    tok.padding_side = "left"
-    text = chat_texts(tok, [PROMPT])[0]
-    result = {"mode": mode, "threads": torch.get_num_threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY", "-"),
-              "dtype": loaded.dtype}
-    for streams in STREAMS:
-        enc = tok([text] * streams, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            # Warm-up, bounded too: under contention torch's default may take most of a minute for 16 prompts.
-            loaded.model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id,
-                                  max_time=seconds / 4)
-            started = time.perf_counter()
-            out = loaded.model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                                        max_time=seconds, pad_token_id=tok.pad_token_id)
-            elapsed = time.perf_counter() - started
-        new = (out.shape[1] - enc["input_ids"].shape[1]) * streams
-        result[f"tok_s_{streams}"] = new / elapsed
-    return result
-
-
-def measure(mode: str, condition: str, args: argparse.Namespace, cores: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "LLMCTL_CPU_THREADS")}
-    cmd = [sys.executable, __file__, "--child", mode, "--seconds", str(args.seconds),
-           "--max-tokens", str(args.max_tokens)] + (["--model-path", args.model_path] if args.model_path else [])
-    busy = busy_process(cores) if condition == "busy" else None
+    ids = tok(chat_texts(tok, [PROMPT])[0], add_special_tokens=False)["input_ids"]
+    rows = []
     try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        for engine in by_mode.values():  # warm-up: the first passes are slower, and not what a server's user sees
+            generate(engine, ids, 1, 4, args.seconds)
+        for round_ in range(args.rounds):
+            for condition in CONDITIONS:
+                with BusyCores(policy.cores, args.busy_session == "own") if condition == "busy" \
+                        else contextlib.nullcontext():
+                    for mode in MODES if round_ % 2 == 0 else MODES[::-1]:  # neither always goes first
+                        for streams in STREAMS:
+                            cell = generate(by_mode[mode], ids, streams, args.max_tokens, args.seconds)
+                            engine = by_mode[mode]
+                            cell.update(round=round_, condition=condition, mode=mode, streams=streams,
+                                        threads=engine.threads.policy.current if engine.threads else None)
+                            rows.append(cell)
+                            console.print(json.dumps(cell), highlight=False)
     finally:
-        if busy is not None:
-            busy.kill()
-            busy.wait()
-    return {**json.loads(out.strip().splitlines()[-1]), "condition": condition}
+        for engine in by_mode.values():
+            engine.stop()
+    console.print(f"llmctl's thread count changed {policy.switches} time(s) over the run", highlight=False)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-path", default=None, help="Default: the embedded SmolLM2-135M-Instruct.")
-    parser.add_argument("--seconds", type=float, default=20.0, help="Most seconds one generate may take.")
-    parser.add_argument("--max-tokens", type=int, default=64, help="New tokens per stream (fewer if --seconds ends).")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds of every cell (the table gives medians).")
+    parser.add_argument("--seconds", type=float, default=15.0, help="Most seconds one measurement may take.")
+    parser.add_argument("--max-tokens", type=int, default=48, help="New tokens per stream (fewer if --seconds ends).")
+    parser.add_argument("--busy-session", choices=("own", "same"), default="own",
+                        help="The busy workers in a session of their own (another user's job; the default) or in "
+                        "this one (sharing its CPU thread by thread, as without autogroup scheduling).")
     parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
-    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child, args.model_path, args.seconds, args.max_tokens)))
-        return
+    signal.signal(signal.SIGTERM, on_sigterm)  # unwind: the busy workers end on the way out
+    for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "LLMCTL_CPU_THREADS"):
+        if name in os.environ:
+            sys.exit(f"unset {name}: this benchmark compares the defaults")
     from llmctl.core.threads import usable_cores
 
-    cores = usable_cores()
-    load = os.getloadavg()[0]
     console = Console(width=200 if not sys.stdout.isatty() else None)
-    rows = []
-    for condition in CONDITIONS:
-        for mode in MODES:
-            rows.append(measure(mode, condition, args, cores))
-            console.print(json.dumps(rows[-1]), highlight=False)
-    table = Table(title=f"tok/s, {cores} usable cores, 1-min load average {load:.1f} at the start")
-    for column in ("condition", "mode", "threads", "OMP_WAIT_POLICY", "1 stream", "16 streams"):
+    load = os.getloadavg()[0]
+    started = time.monotonic()
+    rows = run(args, console)
+    end_load = os.getloadavg()[0]
+
+    def cells(condition: str, mode: str, streams: int) -> list[dict]:
+        return [r for r in rows if (r["condition"], r["mode"], r["streams"]) == (condition, mode, streams)]
+
+    table = Table(title=f"tok/s through the builtin engine, median of {args.rounds} round(s); busy workers in "
+                        f"{args.busy_session} session; {usable_cores()} "
+                        f"usable cores; 1-min load average {load:.1f} at the start, {end_load:.1f} at the end; "
+                        f"{time.monotonic() - started:.0f} s")
+    for column in ("condition", "streams", "torch tok/s", "cpu", "llmctl tok/s", "cpu", "llmctl threads",
+                   "llmctl/torch (median of rounds)"):
         table.add_column(column)
-    for r in rows:
-        table.add_row(r["condition"], r["mode"], str(r["threads"]), r["wait_policy"], f"{r['tok_s_1']:.1f}",
-                      f"{r['tok_s_16']:.1f}")
+    ratios = {}
+    for condition in CONDITIONS:
+        for streams in STREAMS:
+            theirs, ours = cells(condition, "torch", streams), cells(condition, "llmctl", streams)
+            ratio = statistics.median(o["tok_s"] / t["tok_s"] for o, t in zip(ours, theirs, strict=True))
+            ratios[f"{condition}_{streams}"] = ratio
+            table.add_row(condition, str(streams), f"{statistics.median(r['tok_s'] for r in theirs):.1f}",
+                          f"{statistics.median(r['cpu'] for r in theirs):.2f}",
+                          f"{statistics.median(r['tok_s'] for r in ours):.1f}",
+                          f"{statistics.median(r['cpu'] for r in ours):.2f}",
+                          ",".join(str(r["threads"]) for r in ours), f"{ratio:.2f}x")
     console.print(table)
-    by = {(r["condition"], r["mode"]): r for r in rows}
-    ratios = {f"{c}_{s}": by[c, "llmctl"][f"tok_s_{s}"] / by[c, "torch"][f"tok_s_{s}"]
-              for c in CONDITIONS for s in STREAMS}
-    for c in CONDITIONS:
-        console.print(f"llmctl/torch {c}: 1 stream {ratios[f'{c}_1']:.2f}x, 16 streams {ratios[f'{c}_16']:.2f}x")
     if args.out:
-        args.out.write_text(json.dumps({"cores": cores, "load_average": load, "rows": rows, "ratios": ratios},
-                                       indent=2))
+        args.out.write_text(json.dumps({"cores": usable_cores(), "load_average": [load, end_load], "rows": rows,
+                                        "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":
-    multiprocessing.freeze_support()
     main()

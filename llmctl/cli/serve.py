@@ -20,7 +20,7 @@ from llmctl.client.config import configured_model_path
 from llmctl.core import speculation
 from llmctl.core.adapters import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, AdapterSpec, check_adapters
 from llmctl.core.loader import Device, Dtype, LoadOptions, files_preflight, safetensors_folder
-from llmctl.core.threads import configure_cpu_threads, resolve_cpu_threads, usable_cores
+from llmctl.core.threads import configure_cpu_threads
 from llmctl.doctor.network import check_port
 from llmctl.engine.builtin_setup import Attention
 from llmctl.engine.vllm_setup import ExecutorBackend
@@ -235,9 +235,10 @@ def serve(
         help="Size bound of the stored responses (their JSON, in MB): beyond it the oldest are deleted.")] = 1024,
     cpu_threads: Annotated[int | None, typer.Option(
         envvar=envvars.CPU_THREADS, min=1,
-        help="Torch's compute threads. Default: the cores this process may use (its CPU affinity and cgroup "
-        "quota) minus one, with idle threads sleeping instead of spinning, which holds up on a machine that "
-        "other work also uses.")] = None,
+        help="Torch's compute threads, fixed. Default: adaptive: the builtin engine starts with every core this "
+        "process may use (its CPU affinity and cgroup quota) and keeps whichever count (all of them, or fewer "
+        "down to 1) makes its decode steps faster, so it holds up on an idle machine and on one that other work "
+        "also uses.")] = None,
     http_threads: Annotated[int | None, typer.Option(
         envvar=envvars.HTTP_THREADS, min=4,
         help="HTTP server threads (each streaming request holds one). Default: max-num-seqs + max-waiting + "
@@ -304,10 +305,9 @@ def serve(
     adapters = lora_preflight(load, lora or [], max_loras, max_lora_rank)
     port_preflight(host, port)
     keys = load_api_keys(api_key or [], api_key_file)
-    compute_threads = resolve_cpu_threads(cpu_threads)
-    configure_cpu_threads(compute_threads)  # before torch is imported: OpenMP reads its wait policy then
-    log.info("Compute: %d torch thread(s) of %d usable core(s)%s", compute_threads, usable_cores(),
-             "" if cpu_threads else " (--cpu-threads to change)")
+    compute = configure_cpu_threads(cpu_threads)
+    if engine_kind == "builtin":
+        log.info("Compute: %s%s", compute.describe(), "" if cpu_threads else " (--cpu-threads N to fix the count)")
     quiet_libraries()
     from llmctl.engine import EngineConfig
     from llmctl.server.app import HTTPOptions, create_app

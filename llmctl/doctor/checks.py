@@ -14,7 +14,7 @@ from pathlib import Path
 from llmctl import envvars
 from llmctl.core import hardware
 from llmctl.core.adapters import DEFAULT_MAX_LORA_RANK, AdapterError, AdapterSpec, check_adapters
-from llmctl.core.threads import resolve_cpu_threads, usable_cores
+from llmctl.core.threads import ThreadPolicy, usable_cores
 from llmctl.doctor.fit import (
     SERVE_KV_CACHE_TOKENS,
     FitPrediction,
@@ -300,17 +300,23 @@ def check_disk(info: ModelInfo | None, cache: Path) -> Check:
 def check_cpu_load(requested: str | None = None, load: float | None = None) -> Check:
     """The compute threads `llmctl serve` would use here, and whether other work already fills the cores."""
     cores = usable_cores()
-    threads = resolve_cpu_threads(int(requested) if requested and requested.isdigit() else None)
+    fixed = int(requested) if requested and requested.isdigit() and int(requested) > 0 else None
+    plan = ThreadPolicy(cores=cores, fixed=fixed, current=fixed or cores, tuned=fixed is None and cores > 1)
     load = os.getloadavg()[0] if load is None else load
-    details = {"usable_cores": cores, "cpu_threads": threads, "load_average_1m": round(load, 2)}
-    finding = (f"llmctl serve would use {threads} compute thread(s) of {cores} usable core(s); load average "
-               f"{load:.1f}")
+    details = {"usable_cores": cores, "cpu_threads": plan.current, "cpu_threads_policy": plan.mode,
+               "load_average_1m": round(load, 2)}
+    finding = f"llmctl serve would use {plan.describe()}; load average {load:.1f}"
     if load > cores:
+        if fixed is None:
+            advice = "keep the adaptive default: it drops to fewer threads while the cores are busy"
+        elif fixed > 1:
+            advice = (f"unset LLMCTL_CPU_THREADS (the adaptive default follows the load) or lower it: {fixed} "
+                      "threads on busy cores decode several times slower than 1")
+        else:
+            advice = "1 thread, as set, is what suffers least on busy cores"
         return Check("CPU load", "warning", f"{finding}: other work keeps more than the {cores} core(s) busy, so "
                      "generation will be slow and uneven",
-                     "Stop or pause the other work, or serve on a machine with idle cores; keep the default "
-                     "--cpu-threads (or lower it, down to --cpu-threads 1): more threads than idle cores make "
-                     "decoding several times slower.", details)
+                     f"Stop or pause the other work, or serve on a machine with idle cores; {advice}.", details)
     return Check("CPU load", "ok", finding, details=details)
 
 

@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from llmctl.core import hardware
+from llmctl.core.threads import ThreadTuner
 from llmctl.engine import attention, thinking
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
 from llmctl.engine.batch import Batch, merge, sample, select_rows
@@ -45,8 +46,10 @@ class BuiltinEngine(Prefills):
     """Runs generation for all requests on one background thread (the `Engine` protocol)."""
 
     def __init__(self, model, eos_token_ids: frozenset[int], config: EngineConfig | None = None,
-                 tokenizer=None, options: BuiltinOptions | None = None, draft_model=None) -> None:
+                 tokenizer=None, options: BuiltinOptions | None = None, draft_model=None,
+                 threads: ThreadTuner | None = None) -> None:
         self.model = model
+        self.threads = threads  # None: torch's thread count is left as it is
         self.config = config or EngineConfig()
         self.options = options or BuiltinOptions()
         self.eos = eos_token_ids
@@ -296,6 +299,11 @@ class BuiltinEngine(Prefills):
         clock = step_clock(self.device)
         started = clock()  # a step's time includes proposing its drafts (a draft model's passes)
         drafts = self.speculator.plan(batch) if self.speculator is not None else None
+        # Steps are compared by what they compute: the rows, and the drafted tokens a verifying step adds.
+        fed = rows + sum(map(len, drafts or ()))
+        if self.threads is not None:
+            self.threads.before_step(fed)
+        computed = time.perf_counter()  # wall time: more threads spend more CPU seconds to take less of it
         try:
             if drafts is not None:
                 shared = SharedView.of(batch.shared, batch.shared_lengths)
@@ -319,6 +327,8 @@ class BuiltinEngine(Prefills):
             self._batch = None
             self._on_oom(batch.seqs)
             return
+        if self.threads is not None:
+            self.threads.after_step(fed, time.perf_counter() - computed)
         self.stats.steps += 1
         self.stats.last_batch_size = rows
         self.stats.max_batch_size = max(self.stats.max_batch_size, rows)
@@ -327,7 +337,6 @@ class BuiltinEngine(Prefills):
         else:
             self._count(rows + sum(accepted))
         if self.speculator is not None:  # a step's time, to weigh what drafts cost against what they give
-            fed = rows + sum(map(len, drafts or ()))
             self.speculator.record(batch.seqs, drafts or [[]] * rows, accepted if drafts else [0] * rows, fed,
                                     clock() - started)
         self._remember(batch, [i for i, s in enumerate(batch.seqs) if s.done], leaving=True)  # for a next turn

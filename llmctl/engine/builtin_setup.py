@@ -46,11 +46,13 @@ class BuiltinOptions:
 
     def build(self, load: LoadOptions, config: EngineConfig, loader: Loader) -> tuple[LoadedModel, Engine]:
         """llmctl's own continuous batching over a transformers model loaded in this process."""
+        from llmctl.core.threads import tuner
         from llmctl.engine.builtin import BuiltinEngine
 
         loaded = loader(load)
         return loaded, BuiltinEngine(loaded.model, loaded.eos_token_ids, config, tokenizer=loaded.tokenizer,
-                                     options=self, draft_model=_draft_model(load, config, loader, loaded))
+                                     options=self, draft_model=_draft_model(load, config, loader, loaded),
+                                     threads=tuner() if loaded.device == "cpu" else None)
 
 
 def _draft_model(load: LoadOptions, config: EngineConfig, loader: Loader, served: LoadedModel):

@@ -81,8 +81,8 @@ class ServiceMetrics:
                                  registry=r)
         self.g_gpu_reserved = Gauge("llmctl_gpu_memory_reserved_bytes", "GPU memory reserved by PyTorch.",
                                     registry=r)
-        self.g_cpu_threads = Gauge("llmctl_cpu_threads", "Torch's intra-op compute threads (--cpu-threads).",
-                                   registry=r)
+        self.g_cpu_threads = Gauge("llmctl_cpu_threads",
+                                   "Torch's intra-op compute threads now (adaptive, or --cpu-threads).", registry=r)
         self.g_lora_count = Gauge("llmctl_lora_adapters", "LoRA adapters loaded (--lora, /v1/load_lora_adapter).",
                                   registry=r)
         self.g_lora_bytes = Gauge("llmctl_lora_memory_bytes", "Memory the loaded LoRA adapters' weights take.",

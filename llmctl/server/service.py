@@ -13,7 +13,7 @@ from llmctl import __version__
 from llmctl.core import hardware
 from llmctl.core.adapters import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, AdapterSpec
 from llmctl.core.loader import LoadedModel, LoadOptions, load_model
-from llmctl.core.threads import current_cpu_threads
+from llmctl.core.threads import policy as thread_policy
 from llmctl.engine.base import Engine, EngineConfig, EngineOptions, Loader, Sequence
 from llmctl.engine.builtin_setup import BuiltinOptions
 from llmctl.engine.text import TokenText
@@ -197,7 +197,8 @@ class Service:
             "gpu_memory_reserved_gb": round(gpu.reserved_gb, 3),
             "gpu_name": names[0] if names else None,
             "process_rss_gb": round(hardware.process_rss_gb(), 3),
-            "cpu_threads": current_cpu_threads(),
+            **thread_policy().report(),
+            "cpu_thread_switches": thread_policy().switches,
             **self.metrics.snapshot(),
             "running": engine.running if engine else 0,
             "waiting": engine.waiting if engine else 0,
@@ -231,7 +232,7 @@ class Service:
         m.g_gpu_alloc.set(gpu.allocated_gb * hardware.GIB)
         m.g_gpu_reserved.set(gpu.reserved_gb * hardware.GIB)
         m.g_rss.set(hardware.process_rss_gb() * hardware.GIB)
-        m.g_cpu_threads.set(current_cpu_threads())
+        m.g_cpu_threads.set(thread_policy().current)
         m.g_lora_count.set(len(self.loras.names()) if self.loras else 0)
         m.g_lora_bytes.set(self.loras.host.nbytes if self.loras else 0)
         if self.engine is not None:

@@ -1,13 +1,15 @@
-"""Compute threads: the cores a process may use (affinity, cgroup quota) and llmctl's default from them."""
+"""Compute threads: the cores a process may use (affinity, cgroup quota), and the tuner that picks the count."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from llmctl.core.threads import cgroup_cpu_limit, default_cpu_threads, resolve_cpu_threads, usable_cores
+from llmctl.core import threads
+from llmctl.core.threads import ThreadPolicy, ThreadTuner, cgroup_cpu_limit, thread_levels, usable_cores
 
 
 def write(root: Path, name: str, text: str) -> None:
@@ -37,8 +39,121 @@ def test_usable_cores_is_affinity_capped_by_the_quota(tmp_path):
     assert usable_cores(tmp_path) == affinity
 
 
-def test_default_leaves_a_core_and_an_explicit_count_wins(tmp_path):
-    assert [default_cpu_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
-    write(tmp_path, "cpu.max", "300000 100000")
-    assert resolve_cpu_threads(None, tmp_path) == min(2, max(1, len(os.sched_getaffinity(0)) - 1))
-    assert resolve_cpu_threads(5, tmp_path) == 5
+def test_the_levels_halve_from_every_core_down_to_one():
+    assert [thread_levels(n) for n in (1, 2, 3, 4, 16)] == [[1], [1, 2], [1, 3], [1, 2, 4], [1, 2, 4, 8, 16]]
+
+
+@pytest.fixture()
+def configured():
+    """configure_cpu_threads sets the process's policy and torch's count: both put back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield threads.configure_cpu_threads
+    threads.reset_policy()
+    torch.set_num_threads(before)
+
+
+def test_adaptive_by_default_fixed_by_a_count(configured, tmp_path):
+    import torch
+
+    write(tmp_path, "cpu.max", "100000 100000")  # one core: nothing to choose between
+    assert threads.tuner() is None  # nothing configured (a service built in a process of its own)
+    assert configured(None, tmp_path).current == 1 and threads.tuner() is None
+    assert threads.policy().mode == "fixed"
+    cores = usable_cores()
+    adaptive = configured(None)
+    assert adaptive.current == cores == torch.get_num_threads()
+    if cores > 1:  # "adaptive" once an engine has a tuner for it
+        assert adaptive.mode == "fixed" and threads.tuner() is not None
+        assert threads.policy().report() == {"cpu_threads": cores, "cpu_threads_policy": "adaptive"}
+    fixed = configured(1)
+    assert fixed.mode == "fixed" and torch.get_num_threads() == 1 and threads.tuner() is None
+    assert "fixed by --cpu-threads" in fixed.describe()
+
+
+class Steps:
+    """A tuner driven by a fake clock and step times that depend on the thread count it applies."""
+
+    def __init__(self, cores: int, seconds_at: dict[int, float], **kw) -> None:
+        self.now, self.seconds_at, self.applied = 0.0, dict(seconds_at), []
+        self.load: Callable[[float], float] = lambda now: 1.0  # how much slower outside load makes a step now
+        self.policy = ThreadPolicy(cores=cores, fixed=None, current=cores)
+        self.tuner = ThreadTuner(self.policy, clock=lambda: self.now, apply=self.applied.append, **kw)
+
+    def run(self, n: int, rows: int = 1) -> list[int]:
+        """``n`` decode steps; the thread count each ran at."""
+        used = []
+        for _ in range(n):
+            self.tuner.before_step(rows)
+            threads_now = self.applied[-1]
+            used.append(threads_now)
+            seconds = self.seconds_at[threads_now] * self.load(self.now)
+            self.now += seconds
+            self.tuner.after_step(rows, seconds)
+        return used
+
+
+def test_the_tuner_keeps_every_core_on_an_idle_machine_and_backs_off_its_trials():
+    steps = Steps(2, {2: 0.04, 1: 0.06})
+    used = steps.run(3000)
+    assert steps.policy.current == 2 and steps.policy.switches == 0
+    assert used[:4] == [2] * 4 and 1 in used  # it measured 2 first, then tried 1
+    # Each losing trial is one step or a few; they come further apart each time, up to once a minute.
+    assert used.count(1) <= 3 * 8 and steps.tuner.interval_s == 60.0
+
+
+def test_the_tuner_drops_to_one_thread_when_the_cores_get_busy_and_comes_back():
+    steps = Steps(2, {2: 0.04, 1: 0.06})
+    steps.run(200)
+    steps.seconds_at = {2: 0.6, 1: 0.15}  # other work spins on both cores
+    used = steps.run(400)
+    assert steps.policy.current == 1 and steps.policy.switches == 1
+    # Steps 15 times slower call for a trial at once (the baseline's median moves within 5 steps), whatever
+    # the interval the losing trials on the idle machine had grown to. At 2 threads, then: those steps, the
+    # trial's 3 turns at the current count, and one step for each later trial of 2 (a minute: at most 6).
+    assert used[:6].count(1) >= 1 and used.count(2) <= 4 + 3 + 6
+    steps.seconds_at = {2: 0.04, 1: 0.06}  # the other work ended
+    steps.run(2000)
+    assert steps.policy.current == 2 and steps.policy.switches == 2
+
+
+def test_a_trial_is_judged_only_against_steps_of_the_same_batch():
+    steps = Steps(2, {2: 0.04, 1: 0.06})
+    steps.run(4, rows=1)  # the baseline: a trial is due at once
+    steps.tuner.before_step(1)
+    assert steps.applied[-1] == 1  # a trial began
+    steps.tuner.after_step(16, 0.001)  # the batch grew under it: a 16-row step says nothing about 1 row
+    assert steps.policy.current == 2 and steps.applied[-1] == 2 and steps.policy.switches == 0
+
+
+def test_a_small_gain_within_the_margin_does_not_switch():
+    steps = Steps(2, {2: 0.040, 1: 0.038})  # 5% faster: noise, not worth flapping for
+    steps.run(2000)
+    assert steps.policy.current == 2 and steps.policy.switches == 0
+
+
+def test_four_cores_step_down_one_level_at_a_time():
+    steps = Steps(4, {4: 0.5, 2: 0.1, 1: 0.2})
+    steps.run(400)
+    assert steps.policy.current == 2 and steps.tuner.levels == [1, 2, 4]
+
+
+def test_a_fixed_policy_only_sets_its_count():
+    applied: list[int] = []
+    policy = ThreadPolicy(cores=4, fixed=3, current=3)
+    tuner = ThreadTuner(policy, apply=applied.append, clock=lambda: 1000.0)
+    for seconds in [0.1] * 10 + [5.0] * 10:  # steps that slow down would call for a trial
+        tuner.before_step(1)
+        tuner.after_step(1, seconds)
+    assert applied == [3] and policy.mode == "fixed" and policy.switches == 0
+
+
+def test_outside_load_that_comes_and_goes_does_not_pass_for_a_faster_count():
+    """Both counts equally fast, on a machine whose other load swings steps between 1x and 3x their time
+    every 2 s: a trial measured after its baseline would often look faster (or slower); its turns with the
+    current count, step by step, do not."""
+    steps = Steps(2, {2: 0.05, 1: 0.05}, change=100.0)  # the swings alone must not call for trials either
+    steps.load = lambda now: 1.0 + abs((now % 4.0) - 2.0)
+    steps.run(3000)
+    assert steps.policy.switches == 0

@@ -557,11 +557,15 @@ def fake_server():
 def test_cpu_load_shows_the_threads_and_warns_when_the_cores_are_busy():
     cores = doc.usable_cores()
     calm = doc.check_cpu_load(None, load=0.0)
-    assert calm.status == "ok" and calm.details["cpu_threads"] == max(1, cores - 1)
-    assert f"{max(1, cores - 1)} compute thread(s) of {cores} usable core(s)" in calm.finding
-    busy = doc.check_cpu_load("1", load=cores + 5.0)
-    assert busy.status == "warning" and busy.details["cpu_threads"] == 1
-    assert "--cpu-threads" in busy.fix and "other work" in busy.finding
+    assert calm.status == "ok" and calm.details["cpu_threads"] == cores
+    assert calm.details["cpu_threads_policy"] == "adaptive" and "adaptive torch threads" in calm.finding
+    assert f"of {cores} usable core(s)" in calm.finding
+    busy = doc.check_cpu_load(None, load=cores + 5.0)
+    assert busy.status == "warning" and "keep the adaptive default" in busy.fix and "other work" in busy.finding
+    fixed = doc.check_cpu_load("4", load=cores + 5.0)
+    assert fixed.details == {"usable_cores": cores, "cpu_threads": 4, "cpu_threads_policy": "fixed",
+                             "load_average_1m": cores + 5.0}
+    assert "unset LLMCTL_CPU_THREADS" in fixed.fix and "fixed by --cpu-threads" in fixed.finding
 
 
 def test_free_port_is_ok():

@@ -123,12 +123,20 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(server_process, tmp_path)
 def test_compute_and_http_threads_are_reported(server_process, tiny_model):
     server = server_process("--model-path", str(tiny_model), "--dtype", "float32", "--cpu-threads", "1",
                             env={"LLMCTL_THREADS": "8"})
-    assert server.wait_status("ready")["cpu_threads"] == 1
-    assert httpx.get(server.url + "/metrics").json()["cpu_threads"] == 1
+    health = server.wait_status("ready")
+    assert (health["cpu_threads"], health["cpu_threads_policy"]) == (1, "fixed")
+    metrics = httpx.get(server.url + "/metrics").json()
+    assert (metrics["cpu_threads"], metrics["cpu_threads_policy"], metrics["cpu_thread_switches"]) == (1, "fixed", 0)
     assert "llmctl_cpu_threads 1.0" in httpx.get(server.url + "/metrics?format=prometheus").text
     log = server.output()
-    assert "Compute: 1 torch thread(s)" in log and "(8 HTTP threads)" in log
+    assert "Compute: 1 torch thread(s), fixed by --cpu-threads" in log and "(8 HTTP threads)" in log
     assert "--threads (LLMCTL_THREADS) is deprecated" in log
+    assert server.stop() == 0
+    adaptive = server_process("--model-path", str(tiny_model), "--dtype", "float32")
+    cores = len(os.sched_getaffinity(0))
+    health = adaptive.wait_status("ready")
+    assert health["cpu_threads_policy"] == "adaptive" and 1 <= health["cpu_threads"] <= cores
+    assert "Compute: adaptive torch threads" in adaptive.output()
 
 
 def test_preflight_fails_before_torch_is_imported(tmp_path):

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from llmctl import __version__
 from llmctl.core import hardware
-from llmctl.core.threads import current_cpu_threads
+from llmctl.core.threads import policy as thread_policy
 from llmctl.server.api.validation import Strict
 from llmctl.server.context import not_found
 from llmctl.server.service import Status
@@ -51,6 +51,7 @@ class Health(Strict):
     model: str | None
     device: str | None
     cpu_threads: int
+    cpu_threads_policy: Literal["adaptive", "fixed"]
     cuda_available: bool
     cuda_device_count: int
     memory_allocated_gb: float
@@ -116,7 +117,7 @@ def health(service: Service) -> tuple[dict, int]:
     lora = service.lora_summary()
     answer = Health(
         status=status, model=loaded.name if loaded else None, device=loaded.device if loaded else None,
-        cpu_threads=current_cpu_threads(), cuda_available=hardware.torch_cuda_available(),
+        **thread_policy().report(), cuda_available=hardware.torch_cuda_available(),
         cuda_device_count=hardware.cuda_device_count(), memory_allocated_gb=round(gpu.allocated_gb, 3),
         memory_reserved_gb=round(gpu.reserved_gb, 3), dtype=loaded.dtype if loaded else None,
         quantization=loaded.quantization if loaded else None,

@@ -1,0 +1,140 @@
+"""Run a command while every usable core is kept busy by another process: a shared, loaded machine on demand.
+
+    python scripts/busy_cores.py -- make test
+    python scripts/busy_cores.py --cores 1 -- python -m pytest -q tests/server
+
+The busy process is one session of its own (as another user's job would be: with the kernel's
+autogroup scheduling, the CPU is then shared between that job and the command, not thread by
+thread) holding one worker per usable core, each spinning in a loop. The workers end on every way
+out: when the command ends, on Ctrl-C or SIGTERM (which the command gets too), and if this script
+itself is killed (the kernel ends each worker with its parent: PR_SET_PDEATHSIG). The exit status is
+the command's. `BusyCores` is the same as a context manager (scripts/bench_contention.py uses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent ends (Linux); exit now if it already has."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+def _workers(count: int, parent: int) -> None:
+    """The busy process: ``count`` spinning workers (itself and count - 1 forks), each ending with its parent."""
+    _die_with_parent(parent)
+    if os.getpgid(0) != os.getpid():  # not a session of its own: a process group of its own, to be killed as one
+        os.setpgid(0, 0)
+    me = os.getpid()
+    for _ in range(count - 1):
+        if os.fork() == 0:
+            _die_with_parent(me)
+            _spin()
+    _spin()
+
+
+class BusyCores:
+    """Keep ``cores`` cores busy while the block runs; the workers are killed, as a group, when it ends.
+
+    ``own_session`` False puts the workers in this process's session instead: with autogroup scheduling
+    they then share this session's CPU thread by thread (as a `make -j` started from the same shell, or a
+    machine without autogroups), instead of taking a session's share of the machine.
+    """
+
+    def __init__(self, cores: int | None = None, own_session: bool = True) -> None:
+        if cores is None:
+            from llmctl.core.threads import usable_cores
+
+            cores = usable_cores()
+        self.cores, self.own_session = cores, own_session
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> BusyCores:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--workers", str(self.cores),
+                                      "--parent", str(os.getpid())], start_new_session=self.own_session)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the group it leads: every worker
+        # Stopped before it made its group (it has no forks then): the process itself; forks die with it anyway.
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: unwind (the workers and the command are ended on the way out)."""
+
+
+def on_sigterm(signum: int, frame: types.FrameType | None) -> None:
+    raise Terminated
+
+
+def run(command: list[str], cores: int | None, own_session: bool = True) -> int:
+    """``command``'s exit status, run while ``cores`` cores are kept busy."""
+    signal.signal(signal.SIGTERM, on_sigterm)
+    child: subprocess.Popen | None = None
+    try:
+        with BusyCores(cores, own_session) as busy:
+            print(f"busy_cores: {busy.cores} worker(s) spinning; running {' '.join(command)}", file=sys.stderr)
+            child = subprocess.Popen(command)
+            return child.wait()
+    except (KeyboardInterrupt, Terminated):
+        return 130
+    finally:
+        if child is not None and child.poll() is None:  # interrupted: the command ends too
+            child.terminate()
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        print("busy_cores: workers ended", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cores", type=int, default=None, help="Workers to run (default: every usable core).")
+    parser.add_argument("--same-session", action="store_true",
+                        help="Workers in this session, sharing its CPU thread by thread (see BusyCores).")
+    parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="The command, after --.")
+    args = parser.parse_args()
+    if args.workers:
+        _workers(args.workers, args.parent)
+        return
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --")
+    sys.exit(run(command, args.cores, not args.same_session))
+
+
+if __name__ == "__main__":
+    main()
