@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from busy_cores import BusyCores, on_sigterm  # noqa: E402  (scripts/ is not a package)
+from busy_cores import BusyCores, Terminated, on_sigterm  # noqa: E402  (scripts/ is not a package)
 
 CONDITIONS = ("idle", "busy")
 MODES = ("torch", "llmctl")
@@ -137,7 +137,10 @@ def main() -> None:
     console = Console(width=200 if not sys.stdout.isatty() else None)
     load = os.getloadavg()[0]
     started = time.monotonic()
-    rows = run(args, console)
+    try:
+        rows = run(args, console)
+    except (KeyboardInterrupt, Terminated):  # the busy workers and the engines were ended on the way out
+        sys.exit("interrupted")
     end_load = os.getloadavg()[0]
 
     def cells(condition: str, mode: str, streams: int) -> list[dict]:
