@@ -25,10 +25,11 @@ import statistics
 import time
 from pathlib import Path
 
-from llmctl.core.threads import configure_cpu_threads, resolve_cpu_threads
+from llmctl.core.threads import configure_cpu_threads
 
-# Torch's threads as `llmctl serve` sets them (LLMCTL_CPU_THREADS, else its default), before torch loads.
-configure_cpu_threads(resolve_cpu_threads(int(os.environ.get("LLMCTL_CPU_THREADS", "0")) or None))
+# Torch's threads: LLMCTL_CPU_THREADS, else every usable core (where `llmctl serve`'s adaptive count starts).
+# The engines here are not tuned: the runs it compares all compute at that one count.
+configure_cpu_threads(int(os.environ.get("LLMCTL_CPU_THREADS", "0")) or None)
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
