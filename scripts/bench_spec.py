@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SPEC = '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+DEFAULT_SPEC = '{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 4, "prompt_lookup_min": 1}'
 RECORD = ("order_id: 48213\ncustomer: Maria Gonzalez\nemail: maria.gonzalez@example.com\nitems: 3 x blue widget, "
           "1 x red gadget\nshipping: 12 Harbor Street, Portland, OR 97201\nstatus: shipped\ntotal: 84.50 USD")
 FUNCTION = '''def average(values):
@@ -110,11 +110,13 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here too.")
+    parser.add_argument("--port", type=int, default=18461, help="The plain server's port; the other takes the next.")
     args = parser.parse_args()
-    common = ["--dtype", args.dtype, "--max-num-seqs", str(max(16, args.streams))]
+    # No request may time out on a busy machine: the default per-request timeout is 60 s, this is the most it takes.
+    common = ["--dtype", args.dtype, "--max-num-seqs", str(max(16, args.streams)), "--request-timeout", "300"]
     if args.model_path:
         common += ["--model-path", args.model_path]
-    servers = {"plain": 18461, "speculative": 18462}
+    servers = {"plain": args.port, "speculative": args.port + 1}
     procs = {"plain": start_server(servers["plain"], common),
              "speculative": start_server(servers["speculative"],
                                          [*common, "--speculative-config", args.speculative_config])}

@@ -40,7 +40,11 @@ class DraftModel:
         self.model = model
         self.vocab_size = vocab_size  # the served model's logits width: a draft id beyond it is never proposed
         self.device = model.get_input_embeddings().weight.device
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in parameters else "past_key_values"
+        # Only the last position's logits are read: a row's first proposal feeds its whole context, and the head
+        # over every position of it cost more than the layers (a second for 8 rows of SmolLM2's 49k vocabulary).
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self._rows: dict[int, tuple[DynamicCache, list[int]]] = {}  # seq id -> (cache, the tokens it holds)
 
     def __call__(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
@@ -65,7 +69,8 @@ class DraftModel:
         while len(draft) < k:
             ids = torch.tensor([feed], device=self.device)
             positions = torch.arange(position, position + len(feed), device=self.device)[None]
-            out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache})
+            out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache},
+                             **self._last_logits)
             token = int(out.logits[0, -1, :self.vocab_size].argmax())
             position += len(feed)
             draft.append(token)

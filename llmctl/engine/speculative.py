@@ -22,6 +22,7 @@ have cost less per token than plain steps there.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -146,14 +147,18 @@ class Speculator:
         """Whether steps with drafts have given more tokens per second than plain steps at this batch size (in
         powers of two, so that a draining batch is not timed anew at each size), as
         measured (the cost model extrapolates; this checks it): each side is timed before it is trusted, and the
-        side that lost is tried again every `RETRY_EVERY` steps, as the rows' contents change."""
+        side that lost is tried again every `RETRY_EVERY` steps (drafts: times how many times slower they were),
+        as the rows' contents change."""
         size = rows.bit_length()  # batch sizes by powers of two: 1, 2-3, 4-7, 8-15, 16-31, ...
         self._tries[size] = self._tries.get(size, 0) + 1
         plain, spec = self._seconds_per_token.get((size, False)), self._seconds_per_token.get((size, True))
         if spec is None or plain is None:
             return plain is not None  # time a plain step at this size first, then one with drafts
-        better = spec < plain
-        return better != (self._tries[size] % RETRY_EVERY == 0)
+        if spec < plain:
+            return self._tries[size] % RETRY_EVERY != 0
+        # Drafts lost: retried the less often the more they lost, so that retries cost about 1 / RETRY_EVERY of the
+        # time (a draft model proposing for many rows, one row after another, can cost ten plain steps).
+        return self._tries[size] % (RETRY_EVERY * math.ceil(spec / plain)) == 0
 
     @staticmethod
     def _legal(seq: Sequence, draft: list[int]) -> list[int]:

@@ -303,8 +303,8 @@ def test_speculation_runs_only_while_measured_faster():
     assert not speculator.pays(4)  # nothing timed at 4 rows: a plain step first
     speculator.record(seqs, [[]] * 4, [0] * 4, 4, 0.040)  # 10 ms a token
     assert speculator.pays(4)  # then one with drafts
-    speculator.record(seqs, [[7, 8]] * 4, [0] * 4, 12, 0.080)  # 20 ms a token: slower
-    assert sum(speculator.pays(4) for _ in range(2 * RETRY_EVERY)) == 2  # only the retries
+    speculator.record(seqs, [[7, 8]] * 4, [0] * 4, 12, 0.080)  # 20 ms a token: twice as slow
+    assert sum(speculator.pays(4) for _ in range(4 * RETRY_EVERY)) == 2  # only the retries, half as often
     speculator.record(seqs, [[7, 8]] * 4, [2] * 4, 12, 0.048)  # 4 ms a token, again and again: faster now
     for _ in range(10):
         speculator.record(seqs, [[7, 8]] * 4, [2] * 4, 12, 0.048)
