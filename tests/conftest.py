@@ -103,6 +103,17 @@ def slow_serving(model: Path, seconds: float, engine: EngineConfig) -> Iterator[
     service.shutdown()
 
 
+@contextlib.contextmanager
+def serving_all(services: dict[str, Service]) -> Iterator[dict[str, tuple[Service, str]]]:
+    """Serve every loaded service in a thread; yields {name: (service, url)}, and shuts them all down after."""
+    try:
+        with contextlib.ExitStack() as stack:
+            yield {name: (service, stack.enter_context(serve_in_thread(service))) for name, service in services.items()}
+    finally:
+        for service in services.values():
+            service.shutdown()
+
+
 def sse_data(client: httpx.Client, path: str, body: dict) -> list:
     """The `data:` payloads of a streamed answer: decoded JSON, and "[DONE]" as it is."""
     events = []

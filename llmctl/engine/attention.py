@@ -39,6 +39,10 @@ SCORE_BLOCK = 1 << 21
 # Rows reading a shared prefix: their scores over prefix and own keys, in the model's dtype, at most this
 # many per block (2 MiB in bfloat16; larger blocks fell out of cache and ran twice as slow).
 SHARED_BLOCK = 1 << 20
+# A row of fewer keys than this is padded to it with masked keys: torch's CPU softmax computes a row shorter
+# than a vector register (16 floats with AVX-512) with scalar code, which rounds otherwise than the vector
+# code does, so a one-token step over 11 keys and a verifying pass over 24 (speculative decoding) would differ.
+MIN_KEYS = 32
 
 
 def grouped_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -82,10 +86,23 @@ def _attend_own(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mas
     """Attention of rows' stacked ``query`` [R, KVH, group * Q, D] over their own ``key``/``value``
     [R, KVH, K, D] under additive ``mask`` [R, 1, Q, K], into ``out``; scores and softmax in float32."""
     count, kv_heads, _, _ = query.shape
+    if key.shape[2] < MIN_KEYS:
+        key, value, mask = _pad_keys(key, value, mask)
     scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)
     if mask is not None:
         scores.view(count, kv_heads, -1, mask.shape[2], key.shape[2]).add_(mask[:, :, None])
     torch.matmul(scores.softmax(dim=-1).to(value.dtype), value, out=out)
+
+
+def _pad_keys(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``key``, ``value`` [R, KVH, K, D] and ``mask`` [R, 1, Q, K] (None: nothing hidden, one query) with zero
+    keys and values appended up to `MIN_KEYS`, hidden by the mask: their probabilities are exactly 0."""
+    pad = MIN_KEYS - key.shape[2]
+    if mask is None:
+        mask = torch.zeros((key.shape[0], 1, 1, key.shape[2]), dtype=torch.float32, device=key.device)
+    return (torch.nn.functional.pad(key, (0, 0, 0, pad)), torch.nn.functional.pad(value, (0, 0, 0, pad)),
+            torch.nn.functional.pad(mask, (0, pad), value=torch.finfo(torch.float32).min))
 
 
 def attend_with_shared(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from llmctl.core import hardware
 from llmctl.core.threads import ThreadTuner
-from llmctl.engine import attention, thinking
+from llmctl.engine import attention, invariant, thinking
 from llmctl.engine.base import EngineConfig, EngineStats, Finish, Sequence
 from llmctl.engine.batch import Batch, merge, sample, select_rows
 from llmctl.engine.builtin_setup import BuiltinOptions
@@ -58,6 +58,9 @@ class BuiltinEngine(Prefills):
         self.stats = EngineStats()
         self.attention = attention.select(model, self.options.attention)
         log.info("Attention: %s", self.attention)
+        # Always, not only with speculation: a verifying pass must compute what a plain step computes.
+        if invariant.widen(model):
+            log.info("One-row products run as two rows (the same rounding as a verifying pass's)")
         self.lora: LoraSet | None = None  # LoRA adapters (enable_lora), applied per row in every forward pass
         self._prefix = PrefixCache(self.config.prefix_cache_tokens) if self.config.prefix_cache_tokens else None
         # Constrained decoding maps grammars onto token ids: it needs the tokenizer.

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from llmctl.core.adapters import AdapterError, AdapterInfo, check_fits
+from llmctl.engine.invariant import as_two_rows
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,9 @@ class LoraSet:
                 return None
             a, b, columns = combined
             x = args[0]
-            low = (x.to(a.dtype) @ a) * bound.mask(columns, a.dtype)
-            return output + (low @ b).to(output.dtype)
+            # One row computed as two, as the layer itself is (llmctl.engine.invariant).
+            low = as_two_rows(x.to(a.dtype), lambda rows: rows @ a) * bound.mask(columns, a.dtype)
+            return output + as_two_rows(low, lambda rows: rows @ b).to(output.dtype)
 
         return hook
 

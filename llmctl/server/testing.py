@@ -27,9 +27,10 @@ _CORPUS = [
 
 def build_tiny_model(folder: Path, *, vocab_size: int = 512, context: int = 256, layers: int = 2,
                      hidden: int = 64, seed: int = 0, chat_template: bool = True, init_std: float = 0.2,
-                     extra_specials: tuple[str, ...] = ()) -> Path:
+                     extra_specials: tuple[str, ...] = (), intermediate: int | None = None) -> Path:
     """Write a tiny random Llama chat model (config, safetensors, tokenizer) to ``folder`` (``extra_specials``:
-    more special tokens in its vocabulary, e.g. a reasoning model's ``<think>`` and ``</think>``)."""
+    more special tokens in its vocabulary, e.g. a reasoning model's ``<think>`` and ``</think>``;
+    ``intermediate``: the MLP's width, twice ``hidden`` by default)."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -47,7 +48,8 @@ def build_tiny_model(folder: Path, *, vocab_size: int = 512, context: int = 256,
     tokenizer.save_pretrained(folder)
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
+        num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=init_std,

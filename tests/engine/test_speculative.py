@@ -23,8 +23,8 @@ import torch
 from llmctl.core.loader import LoadOptions, load_model
 from llmctl.core.speculation import parse
 from llmctl.engine import BuiltinEngine, EngineConfig, Finish, SamplingParams, Sequence
-from llmctl.server.testing import build_tiny_model, serve_in_thread
-from tests.conftest import make_service, slow_serving, wait_for
+from llmctl.server.testing import build_tiny_model
+from tests.conftest import make_service, serving_all, slow_serving, wait_for
 
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
 PROMPTS = [f"Question number {i}: {'why ' * (i % 5)}? Repeat: one two three one two three" for i in range(8)]
@@ -60,15 +60,9 @@ def servers(tiny_model, noisy_draft):
     specs = {"plain": None, "ngram": NGRAM,
              "noisy": f'{{"model": "{noisy_draft}", "num_speculative_tokens": 4}}',
              "same": f'{{"model": "{tiny_model}", "num_speculative_tokens": 3}}'}
-    services = {name: make_service(tiny_model, engine=engine_config(spec)) for name, spec in specs.items()}
-    try:
-        import contextlib
-
-        with contextlib.ExitStack() as stack:
-            yield {name: (service, stack.enter_context(serve_in_thread(service))) for name, service in services.items()}
-    finally:
-        for service in services.values():
-            service.shutdown()
+    with serving_all({name: make_service(tiny_model, engine=engine_config(spec)) for name, spec in specs.items()}) \
+            as served:
+        yield served
 
 
 def chat(url: str, prompt: str, **fields) -> dict:

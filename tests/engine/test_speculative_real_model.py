@@ -1,8 +1,8 @@
-"""Speculative decoding on the real SmolLM2 in bf16: copying records, the greedy text is the text without it.
+"""Speculative decoding on the real SmolLM2 in bf16: greedy tokens and log-probabilities are those without it.
 
-Free text is not compared here: in bf16 a one-row matrix product (a plain step of one stream) and a
-several-row one (the verification pass) can round a sum differently, which flips a near-tie now and then
-(docs/engine.md, "Exactness"); the tiny float32 models in test_speculative.py compare every kind of text."""
+Copying records and fixing a function (answers that repeat the prompt, where drafts are accepted): before
+one-row products ran as two rows (`llmctl.engine.invariant`), the function's fix parted from the plain text
+after 71 characters (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ from tests.conftest import REAL_MODEL, SMOLLM2_GGUF
 pytestmark = REAL_MODEL
 RECORDS = "\n".join(f"id={i}; name=Customer {i}; city=Springfield; plan=gold; balance={100 + 7 * i}.00"
                     for i in range(5))
+FUNCTION = ("def average(values):\n    total = 0\n    for value in values:\n        total += value\n"
+            "    return total / len(values)  # fails on an empty list\n")
 PROMPTS = [f"Copy these records exactly, one per line:\n{RECORDS}",
-           f"Turn these records into a JSON list of objects with the keys id, name, city, plan, balance:\n{RECORDS}"]
+           f"Turn these records into a JSON list of objects with the keys id, name, city, plan, balance:\n{RECORDS}",
+           f"Fix this function so that it returns 0.0 for an empty list. Reply with the whole corrected function."
+           f"\n\n{FUNCTION}"]
 
 
 def _service(spec: str | None) -> Service:
@@ -31,14 +35,17 @@ def _service(spec: str | None) -> Service:
     return service
 
 
-def _texts(service: Service) -> list[str]:
+def _texts(service: Service) -> list[tuple[str, list[float]]]:
+    """Each prompt's greedy answer and its tokens' log-probabilities."""
     with serve_in_thread(service) as url:
         out = []
         for prompt in PROMPTS:
             r = httpx.post(url + "/v1/chat/completions", timeout=600, json={
-                "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 120})
+                "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 120,
+                "logprobs": True})
             assert r.status_code == 200, r.text
-            out.append(r.json()["choices"][0]["message"]["content"])
+            choice = r.json()["choices"][0]
+            out.append((choice["message"]["content"], [t["logprob"] for t in choice["logprobs"]["content"]]))
         return out
 
 
@@ -51,11 +58,11 @@ def test_greedy_text_on_smollm2_bf16_is_the_text_without_speculation():
     spec = _service('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, '
                     '"prompt_lookup_min": 2}')
     try:
-        assert _texts(spec) == reference
+        assert _texts(spec) == reference  # log-probabilities compared exactly
         stats = spec.engine.stats.speculative
     finally:
         spec.shutdown()
-    assert "id=3; name=Customer 3" in reference[0]  # the model did copy: there was something to accept
+    assert "id=3; name=Customer 3" in reference[0][0]  # the model did copy: there was something to accept
     # How much is drafted depends on measured step times (the engine stands down where drafts do not pay),
     # so only that drafts were accepted is fixed, not the rate.
     assert stats.accepted_tokens >= 20, stats
