@@ -17,7 +17,6 @@ import typer
 from llmctl import envvars
 from llmctl.cli.options import ConfigOpt, ModelPathOpt
 from llmctl.client.config import configured_model_path
-from llmctl.core import speculation
 from llmctl.core.adapters import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, AdapterSpec, check_adapters
 from llmctl.core.loader import Device, Dtype, LoadOptions, files_preflight, safetensors_folder
 from llmctl.core.threads import configure_cpu_threads
@@ -291,23 +290,20 @@ def serve(
                     "(LLMCTL_HTTP_THREADS). Torch's compute threads are --cpu-threads.")
         http_threads = http_threads or threads
     model_path = configured_model_path(config, model_path)
-    speculative = speculation.parse(speculative_config, strict=engine_kind == "builtin") \
-        if speculative_config else None
-    if speculative is not None and engine_kind == "builtin":
-        speculation.check_draft_path(speculative)
+    options = engine_options(engine_kind, ctx.params)  # another engine's flags: refused before anything loads
+    speculative = options.speculative(speculative_config) if speculative_config else None
     load = LoadOptions(
         model_path=model_path, dtype=dtype, device=device,
         quantization=LoadOptions.quantization_from_flags(load_in_8bit, load_in_4bit),
         max_model_len=max_model_len, served_model_name=served_model_name,
     )
-    options = engine_options(engine_kind, ctx.params)  # another engine's flags: refused before anything loads
     files_preflight(load)
     adapters = lora_preflight(load, lora or [], max_loras, max_lora_rank)
     port_preflight(host, port)
     keys = load_api_keys(api_key or [], api_key_file)
     compute = configure_cpu_threads(cpu_threads)
-    if engine_kind == "builtin":
-        log.info("Compute: %s%s", compute.describe(), "" if cpu_threads else " (--cpu-threads N to fix the count)")
+    if note := options.compute_note(compute):
+        log.info("Compute: %s", note)
     quiet_libraries()
     from llmctl.engine import EngineConfig
     from llmctl.server.app import HTTPOptions, create_app

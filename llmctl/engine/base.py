@@ -25,6 +25,8 @@ from llmctl.errors import LLMCtlError
 if TYPE_CHECKING:
     import torch
 
+    from llmctl.core.threads import ThreadPolicy
+
 _ids = itertools.count(1)
 Loader = Callable[[LoadOptions], LoadedModel]  # how the builtin engine loads weights (tests pass their own)
 
@@ -244,6 +246,14 @@ class EngineOptions(Protocol):
 
     title: ClassVar[str]  # how messages name the engine: "vLLM's engine"
     __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def speculative(self, text: str) -> SpeculativeConfig:
+        """`--speculative-config` (``text``) checked as far as this engine checks it before anything loads;
+        ConfigError says what is wrong."""
+
+    def compute_note(self, threads: ThreadPolicy) -> str | None:
+        """What the start-up log says of torch's compute threads (``threads``, `--cpu-threads`), None where
+        the engine sets its own."""
 
     def preflight(self, load: LoadOptions) -> None:
         """The checks that take milliseconds (files, installed packages, devices), before the port opens."""

@@ -6,11 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
+from llmctl.core import speculation
 from llmctl.core.loader import LoadOptions
 from llmctl.core.loader import preflight as load_preflight
 
 if TYPE_CHECKING:
     from llmctl.core.loader import LoadedModel
+    from llmctl.core.speculation import SpeculativeConfig
+    from llmctl.core.threads import ThreadPolicy
     from llmctl.engine.base import Engine, EngineConfig, Loader
 
 Attention = Literal["auto", "grouped", "transformers"]  # see llmctl.engine.attention.select
@@ -40,6 +43,16 @@ class BuiltinOptions:
             raise ValueError("prefill_wait_ms must be between 0 and 1000")
         if self.attention not in get_args(Attention):
             raise ValueError(f"attention must be one of {', '.join(get_args(Attention))}")
+
+    def speculative(self, text: str) -> SpeculativeConfig:
+        """Only the keys and methods this engine implements, and a draft model's folder that is there."""
+        config = speculation.parse(text, strict=True)
+        speculation.check_draft_path(config)
+        return config
+
+    def compute_note(self, threads: ThreadPolicy) -> str | None:
+        # The engine runs torch on this process's threads: its tuner picks the count unless it is fixed.
+        return threads.describe() + ("" if threads.fixed else " (--cpu-threads N to fix the count)")
 
     def preflight(self, load: LoadOptions) -> None:
         load_preflight(load)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from llmctl.core import hardware
+from llmctl.core import hardware, speculation
 from llmctl.core.embedded import MODEL_NAME as EMBEDDED_NAME
 from llmctl.core.loader import LoadedModel, LoadOptions, context_length_of, eos_ids, load_tokenizer, resolve_source
 from llmctl.core.loader import preflight as load_preflight
@@ -17,6 +17,8 @@ from llmctl.core.modelfiles import inspect_model_path, read_config
 from llmctl.errors import ModelLoadError
 
 if TYPE_CHECKING:
+    from llmctl.core.speculation import SpeculativeConfig
+    from llmctl.core.threads import ThreadPolicy
     from llmctl.engine.base import Engine, EngineConfig, Loader
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,13 @@ class VllmOptions:
             raise ModelLoadError("--tensor-parallel-size and --pipeline-parallel-size must be at least 1.")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ModelLoadError("--gpu-memory-utilization is a fraction: above 0, at most 1.")
+
+    def speculative(self, text: str) -> SpeculativeConfig:
+        """The JSON's shape only: vLLM checks its own keys and methods (and loads a draft model) itself."""
+        return speculation.parse(text, strict=False)
+
+    def compute_note(self, threads: ThreadPolicy) -> str | None:
+        return None  # vLLM sets its workers' threads itself
 
     def preflight(self, load: LoadOptions) -> None:
         preflight(load, self)
