@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from llmctl import __version__
-from llmctl.server.api import anthropic_models, chat_models, lora, responses_models, status
+from llmctl.server.api import anthropic_models, chat_models, conversations, lora, responses_models, status
 from llmctl.server.api.anthropic_models import CountTokensRequest, MessagesRequest
 from llmctl.server.api.chat_models import ChatCompletionRequest
 from llmctl.server.api.completions import CompletionRequest, TextCompletion
@@ -22,7 +22,7 @@ REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, ResponsesRequest, Me
                   TokenizeRequest, DetokenizeRequest, ConversationRequest, ConversationUpdate, ItemsRequest,
                   LoadLoraAdapterRequest, UnloadLoraAdapterRequest)
 ANSWER_MODELS = (*chat_models.ANSWERS, TextCompletion, *responses_models.ANSWERS, *anthropic_models.ANSWERS, Tokenized,
-                 Detokenized, *status.ANSWERS, *lora.ANSWERS)
+                 Detokenized, *status.ANSWERS, *lora.ANSWERS, *conversations.ANSWERS)
 
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 ANTHROPIC_ERROR = {"$ref": "#/components/schemas/AnthropicError"}
@@ -97,24 +97,30 @@ def _stored_paths() -> dict:
             "get": _stored("retrieveResponse", "The stored response; with stream=true, a background response's "
                            "events after starting_after", answer="Response", parts=rid,
                            query=("stream", "starting_after")),
-            "delete": _stored("deleteResponse", "{id, object: response, deleted: true}", parts=rid)},
+            "delete": _stored("deleteResponse", "The response deleted", answer="ResponseDeleted", parts=rid)},
         "/v1/responses/{response_id}/cancel": {
             "post": _stored("cancelResponse", "The background response, cancelled", answer="Response", parts=rid)},
         "/v1/responses/{response_id}/input_items": {
-            "get": _stored("listInputItems", "A list page of the request's input items", parts=rid, query=PAGE)},
+            "get": _stored("listInputItems", "A list page of the request's input items", answer="ItemList", parts=rid,
+                           query=PAGE)},
         "/v1/conversations": {
-            "post": _stored("createConversation", "The conversation", request="ConversationRequest")},
+            "post": _stored("createConversation", "The conversation", answer="Conversation",
+                            request="ConversationRequest")},
         "/v1/conversations/{conversation_id}": {
-            "get": _stored("retrieveConversation", "The conversation", parts=cid),
-            "post": _stored("updateConversation", "The conversation, with the new metadata", parts=cid,
-                            request="ConversationUpdate"),
-            "delete": _stored("deleteConversation", "{id, object: conversation.deleted, deleted: true}", parts=cid)},
+            "get": _stored("retrieveConversation", "The conversation", answer="Conversation", parts=cid),
+            "post": _stored("updateConversation", "The conversation, with the new metadata",
+                            answer="Conversation", parts=cid, request="ConversationUpdate"),
+            "delete": _stored("deleteConversation", "The conversation deleted", answer="ConversationDeleted",
+                              parts=cid)},
         "/v1/conversations/{conversation_id}/items": {
-            "get": _stored("listConversationItems", "A list page of the items", parts=cid, query=PAGE),
-            "post": _stored("createConversationItems", "The items added", parts=cid, request="ItemsRequest")},
+            "get": _stored("listConversationItems", "A list page of the items", answer="ItemList", parts=cid,
+                           query=PAGE),
+            "post": _stored("createConversationItems", "The items added", answer="ItemList", parts=cid,
+                            request="ItemsRequest")},
         "/v1/conversations/{conversation_id}/items/{item_id}": {
             "get": _stored("retrieveConversationItem", "The item", parts=(*cid, "item_id")),
-            "delete": _stored("deleteConversationItem", "The conversation", parts=(*cid, "item_id"))},
+            "delete": _stored("deleteConversationItem", "The conversation", answer="Conversation",
+                              parts=(*cid, "item_id"))},
     }
 
 

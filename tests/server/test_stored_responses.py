@@ -150,6 +150,31 @@ def test_conversations_collect_every_turn(sdk):
         sdk.conversations.retrieve(conv.id)
 
 
+def test_stored_and_conversation_answers_are_their_documented_models(http):
+    """The bodies docs/openapi.json documents with ResponseDeleted, ItemList, Conversation and
+    ConversationDeleted, field for field (the openai SDK reads them)."""
+    from llmctl.server.api import conversations
+
+    made = http.post("/v1/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 2}).json()
+    items = http.get(f"/v1/responses/{made['id']}/input_items").json()
+    responses_models.ItemList.model_validate(items)
+    item = items["data"][0]
+    assert items == {"object": "list", "data": [item], "first_id": item["id"], "last_id": item["id"],
+                     "has_more": False}
+    deleted = http.delete(f"/v1/responses/{made['id']}").json()
+    assert deleted == {"id": made["id"], "object": "response", "deleted": True}
+    responses_models.ResponseDeleted.model_validate(deleted)
+    conv = http.post("/v1/conversations", json={"metadata": {"k": "v"}}).json()
+    conversations.Conversation.model_validate(conv)
+    assert conv == {"id": conv["id"], "object": "conversation", "created_at": conv["created_at"],
+                    "metadata": {"k": "v"}} and isinstance(conv["created_at"], int)
+    empty = http.get(f"/v1/conversations/{conv['id']}/items").json()
+    assert empty == {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+    gone = http.delete(f"/v1/conversations/{conv['id']}").json()
+    assert gone == {"id": conv["id"], "object": "conversation.deleted", "deleted": True}
+    conversations.ConversationDeleted.model_validate(gone)
+
+
 def test_a_response_belongs_to_the_key_that_made_it(tiny_model, tmp_path):
     db = tmp_path / "keys.db"
     with stored_serving(tiny_model, f"sqlite:///{db}", api_keys=("key-one-secret", "key-two-secret")) as (_, url):

@@ -8,15 +8,15 @@ A conversation is a list of items kept in the response store; a response created
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
 from llmctl.errors import NotFound
 from llmctl.server.api import rules
 from llmctl.server.api.responses_models import FunctionCallItem, FunctionCallOutputItem, MessageItem, OtherItem
-from llmctl.server.api.stored import item_dicts, new_id, owner, page, state_of
-from llmctl.server.api.validation import Lenient, parse_body
+from llmctl.server.api.stored import item_dicts, item_list, new_id, owner, page, state_of
+from llmctl.server.api.validation import Lenient, Strict, parse_body
 from llmctl.server.store import ResponseState
 
 if TYPE_CHECKING:
@@ -39,9 +39,29 @@ class ItemsRequest(Lenient):
     items: Annotated[list[Item], Field(min_length=1, max_length=20), rules.documented(rules.conversation_items(1, 20))]
 
 
+class Conversation(Strict):
+    """A conversation (its items are listed by GET /v1/conversations/{id}/items)."""
+
+    id: str
+    object: Literal["conversation"]
+    created_at: int
+    metadata: dict[str, str]
+
+
+class ConversationDeleted(Strict):
+    """The answer to DELETE /v1/conversations/{id}."""
+
+    id: str
+    object: Literal["conversation.deleted"]
+    deleted: Literal[True]
+
+
+ANSWERS = (Conversation, ConversationDeleted)
+
+
 def _conversation(conversation: dict) -> dict:
-    return {"id": conversation["id"], "object": "conversation", "created_at": int(conversation["created_at"]),
-            "metadata": conversation["metadata"]}
+    return Conversation(id=conversation["id"], object="conversation", created_at=int(conversation["created_at"]),
+                        metadata=conversation["metadata"]).model_dump()
 
 
 def _find(state: ResponseState, conversation_id: str) -> dict:
@@ -77,7 +97,7 @@ def delete(service: Service, _body: object, _query: Mapping[str, str], conversat
     state = state_of(service, "Conversations")
     if not state.store.delete_conversation(conversation_id, owner()):
         raise NotFound(f"Conversation with id '{conversation_id}' not found.")
-    return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+    return ConversationDeleted(id=conversation_id, object="conversation.deleted", deleted=True).model_dump()
 
 
 def add_items(service: Service, body: object, _query: Mapping[str, str], conversation_id: str) -> dict:
@@ -87,8 +107,7 @@ def add_items(service: Service, body: object, _query: Mapping[str, str], convers
     _find(state, conversation_id)
     items = item_dicts(req.items, "items")
     state.store.add_items(conversation_id, items, state.ttl)
-    return {"object": "list", "data": items, "first_id": items[0]["id"], "last_id": items[-1]["id"],
-            "has_more": False}
+    return item_list(items, has_more=False)
 
 
 def list_items(service: Service, _body: object, query: Mapping[str, str], conversation_id: str) -> dict:

@@ -3,7 +3,7 @@ responses and conversations, `llmctl.server.api.stored` and `conversations`, kee
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
@@ -311,4 +311,26 @@ ResponseEvent = ResponseLifecycleEvent | ResponseOutputItemEvent | ResponseConte
 # Each event's model by its type (what `event:` names).
 EVENTS: dict[str, type[Strict]] = {name: model for model in get_args(ResponseEvent)
                                    for name in get_args(model.model_fields["type"].annotation)}
-ANSWERS = (Response, *get_args(ResponseEvent))
+
+
+# ---- the routes that read stored responses back (`llmctl.server.api.stored`) ---------------------------------
+class ResponseDeleted(Strict):
+    """The answer to DELETE /v1/responses/{id}."""
+
+    id: str
+    object: Literal["response"]
+    deleted: Literal[True]
+
+
+class ItemList(Strict):
+    """One page of items (a response's input items, a conversation's), as OpenAI's cursor pages go: newest
+    first unless order=asc; the next page is the one after last_id."""
+
+    object: Literal["list"]
+    data: list[dict[str, Any]]  # the items as they were stored (input items, and a conversation's outputs)
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+ANSWERS = (Response, *get_args(ResponseEvent), ResponseDeleted, ItemList)

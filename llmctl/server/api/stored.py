@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from llmctl.errors import InvalidRequest, LLMCtlError, NotFound
 from llmctl.server.api.common import sse_event
+from llmctl.server.api.responses_models import ItemList, ResponseDeleted
 from llmctl.server.security import OWNER_ENV
 from llmctl.server.store import ResponseState, StoredResponse
 from llmctl.server.store.sql import UNFINISHED
@@ -283,7 +284,7 @@ def delete(service: Service, _body: object, _query: Mapping[str, str], response_
     if found.status in UNFINISHED:
         _cancel(state, found)
     state.store.delete_response(response_id, owner())
-    return {"id": response_id, "object": "response", "deleted": True}
+    return ResponseDeleted(id=response_id, object="response", deleted=True).model_dump()
 
 
 def cancel(service: Service, _body: object, _query: Mapping[str, str], response_id: str) -> dict:
@@ -325,8 +326,13 @@ def page(items: list[dict], query: Mapping[str, str]) -> dict:
             raise InvalidRequest(f"No item with id '{query['after']}' to list after.", param="after")
         start = ids.index(query["after"]) + 1
     chunk = ordered[start:start + limit]
-    return {"object": "list", "data": chunk, "first_id": chunk[0]["id"] if chunk else None,
-            "last_id": chunk[-1]["id"] if chunk else None, "has_more": start + limit < len(ordered)}
+    return item_list(chunk, has_more=start + limit < len(ordered))
+
+
+def item_list(items: list[dict], has_more: bool) -> dict:
+    """``items`` as a list page's answer."""
+    return ItemList(object="list", data=items, first_id=items[0]["id"] if items else None,
+                    last_id=items[-1]["id"] if items else None, has_more=has_more).model_dump()
 
 
 def _int(query: Mapping[str, str], name: str, default: int, low: int, high: int | None = None) -> int:
