@@ -12,8 +12,8 @@ grammar and logprobs applied as in a plain step, and greedy rows emit the tokens
 The KV of the rejected drafts (the right end of each row) is then dropped and the rows right-aligned again.
 
 Whether to speculate is decided per step by `CostModel`: it fits a step's time to the tokens fed
-(``seconds = a + b * tokens``; on a CPU in the process's CPU seconds, which other programs' work does not
-inflate) and adds a draft token only while its expected gain (the row's acceptance rate to the power of its
+(``seconds = a + b * tokens``; on a CPU in the engine thread's CPU seconds, which other programs' work does
+not inflate) and adds a draft token only while its expected gain (the row's acceptance rate to the power of its
 depth) raises tokens per second, so drafts thin out and stop as the batch grows. `Speculator.pays`
 then checks the model against what was measured: at each batch size, steps with drafts run only while they
 have cost less per token than plain steps there.
@@ -43,9 +43,11 @@ RETRY_EVERY = 16  # at one batch size, the mode that measured slower is tried ag
 
 
 def step_clock(device: torch.device) -> Callable[[], float]:
-    """The clock decode steps are timed with: on a CPU the process's CPU seconds (what the step computed, not
-    what other programs took meanwhile), elsewhere the wall clock (an accelerator's work is not CPU time)."""
-    return time.process_time if device.type == "cpu" else time.perf_counter
+    """The clock decode steps are timed with: on a CPU the engine thread's CPU seconds (the time it computed, not
+    the time other programs held the cores meanwhile), elsewhere the wall clock (an accelerator's work is not CPU
+    time). The engine thread's, not the process's: the process's would count every compute thread, and the engine
+    tries other thread counts while it runs (`llmctl.core.threads`)."""
+    return time.thread_time if device.type == "cpu" else time.perf_counter
 
 
 def ngram_draft(context: list[int], k: int, low: int, high: int) -> list[int]:
@@ -71,7 +73,7 @@ def ngram_draft(context: list[int], k: int, low: int, high: int) -> list[int]:
 class CostModel:
     """A step's time as ``a + b * tokens fed``, fitted by least squares over recent decode steps.
 
-    Times are what `step_clock` reads: on a CPU the process's CPU time, which other programs running on the
+    Times are what `step_clock` reads: on a CPU the engine thread's CPU time, which other programs running on the
     machine meanwhile do not add to (wall time there can double from one step to the next on a shared machine,
     and would charge drafts for the load of the moments they happened to run in)."""
 
@@ -131,17 +133,17 @@ class Speculator:
         limits = [max(0, min(k, s.params.max_tokens - s.generated - 1)) for s in batch.seqs]
         if not any(limits):
             return None
-        if not self.pays(rows):  # asked before proposing: a draft model's proposals cost forward passes
+        # Asked before proposing, as is how many drafts of each row would pay if proposed (what they pay depends on
+        # the row's acceptance and the step's cost, not on the tokens): a draft model's proposals cost forward passes.
+        if self.pays(rows):
+            limits = [len(d) for d in self._worth(batch.seqs, [[0] * n for n in limits])]
+        else:
+            limits = []
+        if not any(limits):
             self.stats.stood_down_steps += 1
             return None
         drafts = [self._legal(seq, d) for seq, d in zip(batch.seqs, self.proposer(batch.seqs, limits), strict=True)]
-        if not any(drafts):
-            return None
-        drafts = self._worth(batch.seqs, drafts)
-        if not any(drafts):
-            self.stats.stood_down_steps += 1
-            return None
-        return drafts
+        return drafts if any(drafts) else None
 
     def pays(self, rows: int) -> bool:
         """Whether steps with drafts have given more tokens per second than plain steps at this batch size (in
