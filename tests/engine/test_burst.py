@@ -16,6 +16,7 @@ import torch
 from llmctl.engine import BuiltinEngine, EngineConfig, Sequence
 from llmctl.engine import prefill as prefill_module
 from llmctl.engine.builtin_setup import BuiltinOptions
+from tests.conftest import wait_for
 from tests.engine.test_engine_architectures import build, greedy
 from tests.engine.test_engine_prefix_cache import random_tokens
 
@@ -87,6 +88,8 @@ def test_a_burst_that_does_not_end_waits_only_so_long():
     rows = passes_of(engine)
     engine.submit(Sequence(random_tokens(8, seed=59), greedy(2)))
     thread = feed(engine, 120, every_s=0.01)
+    # The burst has begun once the first fed request is queued (a busy machine may start the feeding late).
+    assert wait_for(lambda: engine.waiting >= 2, 60)
     with torch.inference_mode():
         engine._await_burst()
         feeding = thread.is_alive()  # the requests go on for 1.2 s (longer on a busy machine); the bound is 0.16 s
