@@ -204,9 +204,10 @@ class Speculator:
         ga, gt = self._global
         rates = {}
         for seq, draft, n in zip(seqs, drafts, accepted, strict=True):
-            if not draft:
+            if not draft:  # forgotten while the row verifies nothing, so that it is tried again (its text changes)
                 if seq.id in self._acceptance:
-                    rates[seq.id] = self._acceptance[seq.id]
+                    accepted_before, tried_before = self._acceptance[seq.id]
+                    rates[seq.id] = (accepted_before * DECAY, tried_before * DECAY)
                 continue
             tried = n + (n < len(draft))
             old_a, old_t = self._acceptance.get(seq.id, self._global)

@@ -360,3 +360,23 @@ def test_a_speculation_that_stands_down_proposes_nothing():
     assert speculator.plan(batch) == [[5]] and len(calls) == 1
     speculator.record(seqs, [[5]], [0], 2, 0.090)  # slower per token than the plain step
     assert speculator.plan(batch) is None and len(calls) == 1 and speculator.stats.stood_down_steps == 2
+
+
+def test_a_row_whose_drafts_failed_is_tried_again():
+    """A row whose drafts were rejected stops getting them (they would not pay), and its acceptance is forgotten
+    while it verifies nothing, so drafts come back: its text may have reached a part it copies."""
+    from llmctl.engine.speculative import Speculator
+
+    speculator = Speculator(parse(NGRAM), frozenset(), 1 << 20)
+    for tokens in (1, 5):
+        speculator.cost.observe(tokens, 0.040 + 0.008 * tokens)  # a draft token costs a fifth of a step
+    row = [Sequence([1, 2, 3], SamplingParams(max_tokens=50))]
+    for _ in range(40):
+        speculator.record(row, [[7, 8, 9, 10]], [0], 5, 0.080)  # rejected, every time
+        speculator.cost.observe(1, 0.048)  # another row's plain step
+    assert speculator._worth(row, [[7, 8, 9, 10]]) == [[]]
+    steps = 0
+    while not speculator._worth(row, [[7, 8, 9, 10]])[0] and steps < 1000:
+        speculator.record(row, [[]], [0], 1, 0.048)
+        steps += 1
+    assert 0 < steps < 200
