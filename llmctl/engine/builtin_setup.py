@@ -3,6 +3,7 @@ only by `build`, so the flags are checked before it loads)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from llmctl.engine.base import Engine, EngineConfig, Loader
 
 Attention = Literal["auto", "grouped", "transformers"]  # see llmctl.engine.attention.select
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,16 @@ class BuiltinOptions:
         from llmctl.engine.builtin import BuiltinEngine
 
         loaded = loader(load)
+        threads = tuner() if loaded.device == "cpu" else None
+        if threads is not None and config.speculative is not None:
+            # Whether drafts pay is judged from steps timed at one thread count; a tuner's trials, which switch
+            # the count step by step, made those timings disagree and speculation stand down where it paid.
+            log.info("Compute threads stay at %d with --speculative-config (--cpu-threads N to choose the count)",
+                     threads.policy.current)
+            threads.policy.tuned, threads = False, None
         return loaded, BuiltinEngine(loaded.model, loaded.eos_token_ids, config, tokenizer=loaded.tokenizer,
                                      options=self, draft_model=_draft_model(load, config, loader, loaded),
-                                     threads=tuner() if loaded.device == "cpu" else None)
+                                     threads=threads)
 
 
 def _draft_model(load: LoadOptions, config: EngineConfig, loader: Loader, served: LoadedModel):

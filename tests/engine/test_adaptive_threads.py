@@ -78,3 +78,26 @@ def test_smollm2_bf16_greedy_text_is_the_same_at_changing_thread_counts(torch_th
     tuner, applied = flapping()
     assert generate(loaded.model, loaded.eos_token_ids, prompts, 32, tuner) == fixed
     assert set(applied) == {1, 2} and tuner.policy.switches >= 12
+
+
+@pytest.mark.parametrize("spec", [None, '{"method": "ngram", "num_speculative_tokens": 4}'])
+def test_speculation_keeps_the_thread_count_it_starts_with(tmp_path, torch_threads, spec):
+    """With --speculative-config the engine has no tuner: whether drafts pay is judged from steps timed at one
+    count, and a tuner's trials switch it step by step."""
+    from llmctl.core import speculation
+    from llmctl.core.threads import configure_cpu_threads, reset_policy
+    from llmctl.engine.builtin_setup import BuiltinOptions
+    from llmctl.server.testing import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "model")
+    policy = configure_cpu_threads(None)
+    try:
+        if policy.cores < 2:
+            pytest.skip("one usable core: there is no other count to try")
+        config = EngineConfig(max_num_seqs=2, speculative=speculation.parse(spec) if spec else None)
+        _, engine = BuiltinOptions().build(LoadOptions(model_path=folder, dtype="float32", device="cpu"),
+                                           config, load_model)
+        assert (engine.threads is None) == (spec is not None)
+        assert policy.mode == ("fixed" if spec else "adaptive")
+    finally:
+        reset_policy()
