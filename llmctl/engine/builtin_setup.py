@@ -62,17 +62,16 @@ class BuiltinOptions:
 
     def build(self, load: LoadOptions, config: EngineConfig, loader: Loader) -> tuple[LoadedModel, Engine]:
         """llmctl's own continuous batching over a transformers model loaded in this process."""
-        from llmctl.core.threads import tuner
+        from llmctl.core.threads import policy, tuner
         from llmctl.engine.builtin import BuiltinEngine
 
         loaded = loader(load)
-        threads = tuner() if loaded.device == "cpu" else None
-        if threads is not None and config.speculative is not None:
-            # Whether drafts pay is judged from steps timed at one thread count; a tuner's trials, which switch
-            # the count step by step, made those timings disagree and speculation stand down where it paid.
+        # Whether drafts pay is judged from steps timed at one thread count; a tuner's trials, which switch the
+        # count step by step, made those timings disagree and speculation stand down where it paid.
+        threads = tuner() if loaded.device == "cpu" and config.speculative is None else None
+        if loaded.device == "cpu" and config.speculative is not None and not policy().fixed:
             log.info("Compute threads stay at %d with --speculative-config (--cpu-threads N to choose the count)",
-                     threads.policy.current)
-            threads.policy.tuned, threads = False, None
+                     policy().current)
         return loaded, BuiltinEngine(loaded.model, loaded.eos_token_ids, config, tokenizer=loaded.tokenizer,
                                      options=self, draft_model=_draft_model(load, config, loader, loaded),
                                      threads=threads)
