@@ -25,7 +25,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ import torch
 from llmctl.core.speculation import SpeculativeConfig
 from llmctl.engine.base import Sequence, SpeculativeStats
 from llmctl.engine.batch import Batch, sample_rows
+from llmctl.engine.kv import kv_layers
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def drop_tail(batch: Batch, drop: list[int]) -> None:
     least = min(drop)
     if least:
         batch.mask = batch.mask[:, :-least]
-        for layer in _layers(batch):
+        for layer in kv_layers(batch.cache):
             layer.keys, layer.values = layer.keys[:, :, :-least], layer.values[:, :, :-least]
     shifts = [d - least for d in drop]
     if any(shifts):
@@ -275,7 +275,7 @@ def drop_tail(batch: Batch, drop: list[int]) -> None:
         shift = torch.tensor(shifts, device=batch.mask.device)[:, None]
         source = (columns[None, :] - shift).clamp(min=0)  # [B, W]: column c takes column c - shift
         batch.mask = batch.mask.gather(1, source) * (columns[None, :] >= shift)
-        for layer in _layers(batch):
+        for layer in kv_layers(batch.cache):
             index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             layer.keys = layer.keys.gather(2, index)
             index = source[:, None, :, None].expand(-1, layer.values.shape[1], -1, layer.values.shape[3])
@@ -283,10 +283,5 @@ def drop_tail(batch: Batch, drop: list[int]) -> None:
     trim = batch.mask.shape[1] - int(batch.own_lengths().max())
     if trim > 0:
         batch.mask = batch.mask[:, trim:]
-        for layer in _layers(batch):
+        for layer in kv_layers(batch.cache):
             layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
-
-
-def _layers(batch: Batch) -> list[Any]:
-    """The batch cache's layers: full-attention layers (`batch.full_cache`) with keys and values [B, H, L, D]."""
-    return list(batch.cache.layers)
