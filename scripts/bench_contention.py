@@ -7,7 +7,8 @@ One process loads the model as `llmctl serve` does (embedded SmolLM2 by default,
 and builds two builtin engines on it: "llmctl", with `llmctl serve`'s default (the adaptive thread
 count), and "torch", pinned to torch's default (one thread per core). In each round, first idle and
 then while another process keeps every usable core busy (scripts/busy_cores.py: a session of its own,
-one spinning worker per core), each engine generates greedily for one stream and then for 16 streams
+one spinning worker per core; ``--busy-workers`` and ``--busy-sessions`` make that load heavier),
+each engine generates greedily for one stream and then for 16 streams
 at once, each stream up to ``--max-tokens`` new tokens or ``--seconds``, whichever ends first (tok/s =
 new tokens over the wall time, prefill included). The two engines take turns within the same minute,
 so on a machine whose other load comes and goes, each round's ratio compares them under about the
@@ -100,8 +101,11 @@ def run(args: argparse.Namespace, console: Console) -> list[dict]:
             generate(engine, ids, 1, 4, args.seconds)
         for round_ in range(args.rounds):
             for condition in CONDITIONS:
-                with BusyCores(policy.cores, args.busy_session == "own") if condition == "busy" \
-                        else contextlib.nullcontext():
+                with contextlib.ExitStack() as busy:
+                    if condition == "busy":
+                        for _ in range(args.busy_sessions):
+                            busy.enter_context(BusyCores(args.busy_workers or policy.cores,
+                                                         args.busy_session == "own"))
                     for mode in MODES if round_ % 2 == 0 else MODES[::-1]:  # neither always goes first
                         for streams in STREAMS:
                             cell = generate(by_mode[mode], ids, streams, args.max_tokens, args.seconds)
@@ -126,6 +130,10 @@ def main() -> None:
     parser.add_argument("--busy-session", choices=("own", "same"), default="own",
                         help="The busy workers in a session of their own (another user's job; the default) or in "
                         "this one (sharing its CPU thread by thread, as without autogroup scheduling).")
+    parser.add_argument("--busy-workers", type=int, default=None,
+                        help="Spinning workers in the busy process (default: one per usable core).")
+    parser.add_argument("--busy-sessions", type=int, default=1,
+                        help="Busy processes, each in a session of its own with --busy-session own.")
     parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, on_sigterm)  # unwind: the busy workers end on the way out
