@@ -5,7 +5,8 @@
 
 The busy process is one session of its own (as another user's job would be: with the kernel's
 autogroup scheduling, the CPU is then shared between that job and the command, not thread by
-thread) holding one worker per usable core, each spinning in a loop. The workers end on every way
+thread) holding one worker per usable core, each spinning in a loop (``--kind`` picks other work: bursts
+between sleeps, or torch's parallel products). The workers end on every way
 out: when the command ends, on Ctrl-C or SIGTERM (which the command gets too), and if this script
 itself is killed (the kernel ends each worker with its parent: PR_SET_PDEATHSIG). The exit status is
 the command's. `BusyCores` is the same as a context manager (scripts/bench_contention.py uses it).
@@ -39,17 +40,43 @@ def _spin() -> None:
         pass
 
 
-def _workers(count: int, parent: int) -> None:
-    """The busy process: ``count`` spinning workers (itself and count - 1 forks), each ending with its parent."""
+def _bursty() -> None:
+    """Work in bursts of 1 to 4 ms with sleeps of 0.2 to 2 ms between, as request-serving processes do: a
+    waking task takes its core back from whatever runs there."""
+    import random
+    import time
+
+    rng = random.Random(os.getpid())
+    while True:
+        end = time.perf_counter() + rng.uniform(0.001, 0.004)
+        while time.perf_counter() < end:
+            pass
+        time.sleep(rng.uniform(0.0002, 0.002))
+
+
+def _torch() -> None:
+    """Parallel matrix products with torch's default threads (one per core), as another model's job would."""
+    import torch
+
+    weights, x = torch.randn(1024, 1024), torch.randn(16, 1024)
+    while True:
+        torch.nn.functional.gelu(x @ weights)
+
+
+KINDS = {"spin": _spin, "bursty": _bursty, "torch": _torch}
+
+
+def _workers(count: int, parent: int, kind: str = "spin") -> None:
+    """The busy process: ``count`` workers of ``kind`` (itself and count - 1 forks), each ending with its parent."""
     _die_with_parent(parent)
     if os.getpgid(0) != os.getpid():  # not a session of its own: a process group of its own, to be killed as one
         os.setpgid(0, 0)
-    me = os.getpid()
+    me, work = os.getpid(), KINDS[kind]
     for _ in range(count - 1):
         if os.fork() == 0:
             _die_with_parent(me)
-            _spin()
-    _spin()
+            work()
+    work()
 
 
 class BusyCores:
@@ -60,17 +87,18 @@ class BusyCores:
     machine without autogroups), instead of taking a session's share of the machine.
     """
 
-    def __init__(self, cores: int | None = None, own_session: bool = True) -> None:
+    def __init__(self, cores: int | None = None, own_session: bool = True, kind: str = "spin") -> None:
         if cores is None:
             from llmctl.core.threads import usable_cores
 
             cores = usable_cores()
-        self.cores, self.own_session = cores, own_session
+        self.cores, self.own_session, self.kind = cores, own_session, kind
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> BusyCores:
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--workers", str(self.cores),
-                                      "--parent", str(os.getpid())], start_new_session=self.own_session)
+                                      "--parent", str(os.getpid()), "--kind", self.kind],
+                                     start_new_session=self.own_session)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -96,13 +124,13 @@ def on_sigterm(signum: int, frame: types.FrameType | None) -> None:
     raise Terminated
 
 
-def run(command: list[str], cores: int | None, own_session: bool = True) -> int:
-    """``command``'s exit status, run while ``cores`` cores are kept busy."""
+def run(command: list[str], cores: int | None, own_session: bool = True, kind: str = "spin") -> int:
+    """``command``'s exit status, run while ``cores`` workers of ``kind`` keep the cores busy."""
     signal.signal(signal.SIGTERM, on_sigterm)
     child: subprocess.Popen | None = None
     try:
-        with BusyCores(cores, own_session) as busy:
-            print(f"busy_cores: {busy.cores} worker(s) spinning; running {' '.join(command)}", file=sys.stderr)
+        with BusyCores(cores, own_session, kind) as busy:
+            print(f"busy_cores: {busy.cores} {kind} worker(s); running {' '.join(command)}", file=sys.stderr)
             child = subprocess.Popen(command)
             return child.wait()
     except (KeyboardInterrupt, Terminated):
@@ -123,17 +151,20 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=None, help="Workers to run (default: every usable core).")
     parser.add_argument("--same-session", action="store_true",
                         help="Workers in this session, sharing its CPU thread by thread (see BusyCores).")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="spin",
+                        help="spin: busy loops (default); bursty: 1-4 ms bursts between short sleeps; torch: "
+                        "parallel matrix products on torch's default threads.")
     parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="The command, after --.")
     args = parser.parse_args()
     if args.workers:
-        _workers(args.workers, args.parent)
+        _workers(args.workers, args.parent, args.kind)
         return
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
-    sys.exit(run(command, args.cores, not args.same_session))
+    sys.exit(run(command, args.cores, not args.same_session, args.kind))
 
 
 if __name__ == "__main__":

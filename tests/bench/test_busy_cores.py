@@ -39,15 +39,16 @@ def start(*command: str, flags: tuple[str, ...] = ()) -> subprocess.Popen:
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
 
 
-def test_the_command_runs_beside_the_workers_and_its_status_is_kept():
+@pytest.mark.parametrize("kind", ["spin", "bursty", "torch"])
+def test_the_command_runs_beside_the_workers_and_its_status_is_kept(kind):
     # The command exits 3 when it sees its parent's two workers running, 4 otherwise.
     code = ("import os; from tests.bench.test_busy_cores import workers_of; "
             "raise SystemExit(3 if len(workers_of(os.getppid())) == 2 else 4)")
-    busy = start(sys.executable, "-c", code)
+    busy = start(sys.executable, "-c", code, flags=("--kind", kind))
     _, err = busy.communicate(timeout=120)
     assert busy.returncode == 3, err
     assert workers_of(busy.pid) == []
-    assert "2 worker(s) spinning" in err and "workers ended" in err
+    assert f"2 {kind} worker(s)" in err and "workers ended" in err
 
 
 @pytest.mark.parametrize("flags", [(), ("--same-session",)])
