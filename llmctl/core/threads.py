@@ -19,8 +19,8 @@ import math
 import os
 import statistics
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,8 +147,10 @@ def tuner() -> ThreadTuner | None:
 class _Trial:
     threads: int  # the count on trial
     current: int  # the count it is compared with
-    rows: int
+    shape: Hashable  # the steps it is measured on
     steps: int  # its steps at each count
+    usual: float  # the current count's median step of this shape just before the trial
+    others: int = 0  # steps of other shapes since its last step
     times: dict[int, list[float]] = field(default_factory=dict)
 
     def next_count(self) -> int:
@@ -165,28 +167,47 @@ class _Trial:
         return statistics.median(self.times[self.threads]), statistics.median(self.times[self.current])
 
 
+@dataclass
+class _Baseline:
+    """The latest steps of one shape at the current count, and their median when it was last judged."""
+
+    times: deque[tuple[float, float]]  # (when, seconds)
+    settled: float | None = None
+
+    def median(self, latest: int | None = None) -> float:
+        """The median of the ``latest`` steps (all by default)."""
+        return statistics.median(s for _, s in list(self.times)[-(latest or len(self.times)):])
+
+
 class ThreadTuner:
     """Keeps the faster compute-thread count, measured on the engine's own decode steps.
 
-    Decode steps of the same batch size take about the same time at one count, so the tuner keeps the
-    last few step times at the current count and, when a trial is due, runs ``trial_steps`` steps at a
-    neighbouring count (the next one down and the next one up, in turn), taking turns step by step with
-    as many at the current count, so that both are measured under the same outside load even when it
-    changes by the second. The trial count is kept when its median step is at least ``1 - margin``
-    times the current count's over the trial; a trial step ``give_up`` times as slow as the current
-    count's usual step ends the trial at once, so a losing trial costs about one slow step. Trials come
-    ``first_interval_s``
-    apart after a switch and twice as far apart after each loss, up to ``max_interval_s``: on a machine
-    whose load does not change, they cost a few percent at most. When the steps at the current count
-    become ``change`` times slower or faster than they settled at (other work started or stopped), a
-    trial comes at once. The engine calls `before_step` and
-    `after_step` around each decode step, on its own thread (torch's thread count is set by the thread
-    that computes).
+    Steps are compared only with steps of the same shape (the engine passes the rows and the tokens fed, which a
+    speculating step's drafts add to): those take about the same time at one count. The tuner keeps the last
+    ``baseline_steps`` step times of each shape at the current count and, when a trial is due, runs
+    ``trial_steps`` steps of the commonest recent shape at a neighbouring count (the next one down and the next
+    one up, in turn), taking turns with as many steps of that shape at the current count, so that both are
+    measured under the same outside load even when it changes by the second. Steps of other shapes meanwhile run
+    at the current count and leave the trial alone; a trial whose shape does not come in ``2 * baseline_steps``
+    steps ends without a verdict. The trial count is kept when its median step is at least ``1 - margin`` times
+    the current count's over the trial; a trial step ``give_up`` times as slow as the current count's latest
+    steps of that shape ends the trial at once, so a losing trial costs about one slow step.
+
+    Trials come ``first_interval_s`` apart after a switch and twice as far apart after each loss, up to
+    ``max_interval_s`` at every usable core and ``below_top_interval_s`` below (where the end of other work may
+    not show in the steps: one thread on a core of its own can be nearly as fast beside it), but never closer
+    than keeps the time a lost trial cost within ``budget`` of the time to the next one: on a machine whose load
+    does not change, trials cost 3% at most. When the median of a shape's full baseline becomes ``change`` times
+    slower or faster than it settled at (other work started or stopped), a trial comes at once, towards fewer
+    threads when the steps slowed and more when they sped up (none when there is no count that way). The engine
+    calls `before_step` and `after_step` around each decode step, on its own thread (torch's thread count is set
+    by the thread that computes).
     """
 
-    def __init__(self, policy: ThreadPolicy, *, trial_steps: int = 3, baseline_steps: int = 8,
-                 margin: float = 0.15, give_up: float = 2.0, change: float = 1.5, first_interval_s: float = 2.0,
-                 max_interval_s: float = 60.0, stale_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, policy: ThreadPolicy, *, trial_steps: int = 3, baseline_steps: int = 16,
+                 margin: float = 0.15, give_up: float = 2.0, change: float = 1.25, first_interval_s: float = 2.0,
+                 max_interval_s: float = 60.0, below_top_interval_s: float = 20.0, budget: float = 0.03,
+                 stale_s: float = 10.0, shapes: int = 32, clock: Callable[[], float] = time.monotonic,
                  apply: Callable[[int], None] = set_torch_threads) -> None:
         self.policy = policy
         policy.tuned = not policy.fixed  # a fixed policy's tuner only sets its count in the engine's thread
@@ -194,63 +215,101 @@ class ThreadTuner:
         if policy.current not in self.levels:
             self.levels = sorted({*self.levels, policy.current})
         self.trial_steps, self.margin, self.give_up, self.change = trial_steps, margin, give_up, change
-        self.min_baseline = min(4, baseline_steps)
+        self.baseline_steps, self.min_baseline = baseline_steps, min(4, baseline_steps)
         self.first_interval_s, self.max_interval_s, self.stale_s = first_interval_s, max_interval_s, stale_s
+        self.below_top_interval_s, self.budget, self.shapes = below_top_interval_s, budget, shapes
         self.interval_s = first_interval_s
         self.clock, self.apply = clock, apply
-        self._baseline: deque[tuple[float, float]] = deque(maxlen=baseline_steps)  # (when, seconds)
-        self._rows = 0  # the batch size the baseline was measured at
-        self._settled: float | None = None  # the baseline's median step when it was last judged
+        self._baselines: dict[Hashable, _Baseline] = {}  # by shape, the least recently measured first
+        self._recent: deque[Hashable] = deque(maxlen=2 * baseline_steps)  # the latest steps' shapes
         self._trial: _Trial | None = None
         self._next_trial = 0.0  # the first trial as soon as there is a baseline
         self._down = True  # the direction of the next trial
+        self._toward: bool | None = None  # a change's direction (True: fewer threads) for the trial it calls
         self._applied: int | None = None  # the count this thread set last
 
-    def before_step(self, rows: int) -> None:
-        """Start a trial when one is due and the current count has a baseline at this batch size."""
-        now = self.clock()
-        if self._trial is None and now >= self._next_trial and rows == self._rows and \
-                len(self._baseline) >= self.min_baseline:
-            candidate = self._neighbour()
-            if candidate is not None:
-                self._trial = _Trial(candidate, self.policy.current, rows, self.trial_steps)
-        self._use(self._trial.next_count() if self._trial else self.policy.current)
+    @property
+    def applied(self) -> int | None:
+        """The count the step between `before_step` and `after_step` runs at (a trial's or the current one)."""
+        return self._applied
 
-    def after_step(self, rows: int, seconds: float) -> None:
-        """Record a decode step of ``rows`` rows that took ``seconds``."""
+    def before_step(self, shape: Hashable) -> None:
+        """Start a trial when one is due and the current count has a baseline for steps of this shape."""
         now = self.clock()
         trial = self._trial
-        if trial is None:
-            if rows != self._rows or (self._baseline and now - self._baseline[-1][0] > self.stale_s):
-                self._baseline.clear()  # another batch size, or measured before a pause: not comparable
-                self._rows, self._settled = rows, None
-            self._baseline.append((now, seconds))
-            if len(self._baseline) >= self.min_baseline:
-                median = statistics.median(s for _, s in self._baseline)
-                if self._settled is None:
-                    self._settled = median
-                elif not self._settled / self.change < median < self._settled * self.change:
-                    self._next_trial, self.interval_s, self._settled = now, self.first_interval_s, median
-            return
-        if rows != trial.rows:  # the batch changed under the trial: no verdict, try again soon
-            self._end_trial(now, won=None)
-            return
+        if trial is not None and shape != trial.shape:
+            trial.others += 1
+            if trial.others > 2 * self.baseline_steps:  # its shape stopped coming: no verdict
+                self._end_trial(now, won=None)
+                trial = None
+        self._recent.append(shape)
+        if trial is None and not self.policy.fixed and now >= self._next_trial and \
+                shape == Counter(self._recent).most_common(1)[0][0]:
+            baseline = self._baseline(shape, now)  # trials are run on the commonest shape: they end sooner
+            if len(baseline.times) >= self.min_baseline:
+                candidate = self._neighbour()
+                if candidate is not None:
+                    trial = self._trial = _Trial(candidate, self.policy.current, shape, self.trial_steps,
+                                                 baseline.median(self.min_baseline))
+        self._use(trial.next_count() if trial is not None and trial.shape == shape else self.policy.current)
+
+    def after_step(self, shape: Hashable, seconds: float) -> None:
+        """Record a decode step of this shape that took ``seconds``."""
+        now = self.clock()
         used = self._applied if self._applied is not None else self.policy.current
-        trial.times.setdefault(used, []).append(seconds)
-        if used == trial.threads and seconds > self.give_up * statistics.median(s for _, s in self._baseline):
-            self._end_trial(now, won=False)
-        elif trial.complete:
-            ours, theirs = trial.medians()
-            self._end_trial(now, won=ours < (1 - self.margin) * theirs)
+        trial = self._trial
+        if trial is not None and shape == trial.shape:
+            trial.times.setdefault(used, []).append(seconds)
+            trial.others = 0
+            if used == trial.threads and seconds > self.give_up * trial.usual:
+                self._end_trial(now, won=False)
+            elif trial.complete:
+                ours, theirs = trial.medians()
+                self._end_trial(now, won=ours < (1 - self.margin) * theirs)
+        elif used == self.policy.current:
+            self._observe(shape, now, seconds)
+
+    def _baseline(self, shape: Hashable, now: float) -> _Baseline:
+        """The shape's baseline (a new one where there is none, forgetting the least recent shape's), emptied when
+        its last step is older than ``stale_s``: measured before a pause, not comparable."""
+        baseline = self._baselines.pop(shape, None)
+        if baseline is None:
+            baseline = _Baseline(deque(maxlen=self.baseline_steps))
+            while len(self._baselines) >= self.shapes:
+                del self._baselines[next(iter(self._baselines))]
+        elif baseline.times and now - baseline.times[-1][0] > self.stale_s:
+            baseline.times.clear()
+            baseline.settled = None
+        self._baselines[shape] = baseline  # now the most recent
+        return baseline
+
+    def _observe(self, shape: Hashable, now: float, seconds: float) -> None:
+        baseline = self._baseline(shape, now)
+        baseline.times.append((now, seconds))
+        if len(baseline.times) < self.baseline_steps:
+            return
+        median = baseline.median()
+        if baseline.settled is None:
+            baseline.settled = median
+        elif not baseline.settled / self.change < median < baseline.settled * self.change:
+            slower, baseline.settled = median > baseline.settled, median
+            if self._neighbours()[0 if slower else 1] is not None:  # else there is no count that way to try
+                self._next_trial, self._toward = now, slower
+
+    def _neighbours(self) -> tuple[int | None, int | None]:
+        """The next count down and the next one up, where there is one."""
+        i = self.levels.index(self.policy.current)
+        return (self.levels[i - 1] if i > 0 else None), (self.levels[i + 1] if i + 1 < len(self.levels) else None)
 
     def _neighbour(self) -> int | None:
         if self.policy.fixed:
             return None
-        i = self.levels.index(self.policy.current)
-        lower = self.levels[i - 1] if i > 0 else None
-        higher = self.levels[i + 1] if i + 1 < len(self.levels) else None
-        first, second = (lower, higher) if self._down else (higher, lower)
-        self._down = not self._down
+        lower, higher = self._neighbours()
+        down = self._toward if self._toward is not None else self._down
+        if self._toward is None:
+            self._down = not self._down
+        self._toward = None
+        first, second = (lower, higher) if down else (higher, lower)
         return first if first is not None else second
 
     def _end_trial(self, now: float, won: bool | None) -> None:
@@ -262,13 +321,18 @@ class ThreadTuner:
                      100 * (theirs / ours - 1))
             self.policy.current = trial.threads
             self.policy.switches += 1
-            self._baseline.clear()
-            self._baseline.extend((now, s) for s in trial.times[trial.threads])
-            self._settled = ours
-            self.interval_s = self.first_interval_s
+            self._baselines.clear()  # measured at the count before
+            self._baseline(trial.shape, now).times.extend((now, s) for s in trial.times[trial.threads])
+            self.interval_s, self._toward = self.first_interval_s, None
         elif won is False:
-            self.interval_s = min(self.max_interval_s, 2 * self.interval_s)
-        self._next_trial = now + (self.first_interval_s if won is None else self.interval_s)
+            top = self.policy.current == self.levels[-1]
+            cap = self.max_interval_s if top else min(self.max_interval_s, self.below_top_interval_s)
+            lost = sum(s - trial.usual for s in trial.times.get(trial.threads, ()))  # what the trial cost
+            self.interval_s = max(min(cap, 2 * self.interval_s), lost / self.budget)
+        if self._toward is not None:  # the load changed during the trial: another one at once
+            self._next_trial = now
+        else:
+            self._next_trial = now + (self.first_interval_s if won is None else self.interval_s)
         self._use(self.policy.current)
 
     def _use(self, threads: int) -> None:

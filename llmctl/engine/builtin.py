@@ -301,11 +301,13 @@ class BuiltinEngine(Prefills):
         rows = len(batch.seqs)
         clock = step_clock(self.device)
         started = clock()  # a step's time includes proposing its drafts (a draft model's passes)
+        if self.speculator is not None and self.threads is not None:  # drafts are weighed at the count in use
+            self.speculator.threads = self.threads.policy.current
         drafts = self.speculator.plan(batch) if self.speculator is not None else None
         # Steps are compared by what they compute: the rows, and the drafted tokens a verifying step adds.
         fed = rows + sum(map(len, drafts or ()))
         if self.threads is not None:
-            self.threads.before_step(fed)
+            self.threads.before_step((rows, fed))
         computed = time.perf_counter()  # wall time: more threads spend more CPU seconds to take less of it
         try:
             if drafts is not None:
@@ -331,7 +333,7 @@ class BuiltinEngine(Prefills):
             self._on_oom(batch.seqs)
             return
         if self.threads is not None:
-            self.threads.after_step(fed, time.perf_counter() - computed)
+            self.threads.after_step((rows, fed), time.perf_counter() - computed)
         self.stats.steps += 1
         self.stats.last_batch_size = rows
         self.stats.max_batch_size = max(self.stats.max_batch_size, rows)
@@ -341,7 +343,7 @@ class BuiltinEngine(Prefills):
             self._count(rows + sum(accepted))
         if self.speculator is not None:  # a step's time, to weigh what drafts cost against what they give
             self.speculator.record(batch.seqs, drafts or [[]] * rows, accepted if drafts else [0] * rows, fed,
-                                    clock() - started)
+                                   clock() - started, self.threads.applied if self.threads is not None else None)
         self._remember(batch, [i for i, s in enumerate(batch.seqs) if s.done], leaving=True)  # for a next turn
         self._select([i for i, s in enumerate(batch.seqs) if not s.done])
 

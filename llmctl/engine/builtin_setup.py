@@ -3,7 +3,6 @@ only by `build`, so the flags are checked before it loads)."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
@@ -18,8 +17,6 @@ if TYPE_CHECKING:
     from llmctl.engine.base import Engine, EngineConfig, Loader
 
 Attention = Literal["auto", "grouped", "transformers"]  # see llmctl.engine.attention.select
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,16 +59,11 @@ class BuiltinOptions:
 
     def build(self, load: LoadOptions, config: EngineConfig, loader: Loader) -> tuple[LoadedModel, Engine]:
         """llmctl's own continuous batching over a transformers model loaded in this process."""
-        from llmctl.core.threads import policy, tuner
+        from llmctl.core.threads import tuner
         from llmctl.engine.builtin import BuiltinEngine
 
         loaded = loader(load)
-        # Whether drafts pay is judged from steps timed at one thread count; a tuner's trials, which switch the
-        # count step by step, made those timings disagree and speculation stand down where it paid.
-        threads = tuner() if loaded.device == "cpu" and config.speculative is None else None
-        if loaded.device == "cpu" and config.speculative is not None and not policy().fixed:
-            log.info("Compute threads stay at %d with --speculative-config (--cpu-threads N to choose the count)",
-                     policy().current)
+        threads = tuner() if loaded.device == "cpu" else None
         return loaded, BuiltinEngine(loaded.model, loaded.eos_token_ids, config, tokenizer=loaded.tokenizer,
                                      options=self, draft_model=_draft_model(load, config, loader, loaded),
                                      threads=threads)

@@ -16,7 +16,9 @@ Whether to speculate is decided per step by `CostModel`: it fits a step's time t
 not inflate) and adds a draft token only while its expected gain (the row's acceptance rate to the power of its
 depth) raises tokens per second, so drafts thin out and stop as the batch grows. `Speculator.pays`
 then checks the model against what was measured: at each batch size, steps with drafts run only while they
-have cost less per token than plain steps there.
+have cost less per token than plain steps there. Both are kept for each compute-thread count the engine runs at
+(`Timings`): the engine thread's CPU seconds for one step differ by count, and the thread tuner
+(`llmctl.core.threads`) runs trial steps at another count now and then.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -99,6 +102,16 @@ class CostModel:
         return a, a * PRIOR_COST_RATIO
 
 
+@dataclass
+class Timings:
+    """What decode steps cost at one compute-thread count: the cost model, and by batch size class (with drafts
+    or not) the recent cost per token emitted; how often `Speculator.pays` was asked at each size class."""
+
+    cost: CostModel = field(default_factory=CostModel)
+    seconds_per_token: dict[tuple[int, bool], float] = field(default_factory=dict)
+    tries: dict[int, int] = field(default_factory=dict)
+
+
 class Speculator:
     """Proposes drafts for a batch's rows, decides how many pay, and keeps each row's acceptance rate."""
 
@@ -109,13 +122,21 @@ class Speculator:
         self.eos = eos
         self.kv_cache_tokens = kv_cache_tokens
         self.proposer = proposer or self._ngram
-        self.cost = CostModel()
         self.stats = stats if stats is not None else SpeculativeStats()
         self._acceptance: dict[int, tuple[float, float]] = {}  # seq id -> (accepted, tried), decayed
         self._global = (PRIOR_ACCEPTANCE * 4, 4.0)
-        # (batch size class, with drafts) -> recent cost per token; steps that had drafts, by size class
-        self._seconds_per_token: dict[tuple[int, bool], float] = {}
-        self._tries: dict[int, int] = {}
+        self.threads: int | None = None  # the compute-thread count steps run at (None: not tuned)
+        self._timings: dict[int | None, Timings] = {}
+
+    def timings(self, threads: int | None = None) -> Timings:
+        """The timings of steps at ``threads`` compute threads (default: the count steps run at)."""
+        key = self.threads if threads is None else threads
+        return self._timings.setdefault(key, Timings())
+
+    @property
+    def cost(self) -> CostModel:
+        """The cost model of the count steps run at."""
+        return self.timings().cost
 
     def _ngram(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
         c = self.config
@@ -152,15 +173,16 @@ class Speculator:
         side that lost is tried again every `RETRY_EVERY` steps (drafts: times how many times slower they were),
         as the rows' contents change."""
         size = rows.bit_length()  # batch sizes by powers of two: 1, 2-3, 4-7, 8-15, 16-31, ...
-        self._tries[size] = self._tries.get(size, 0) + 1
-        plain, spec = self._seconds_per_token.get((size, False)), self._seconds_per_token.get((size, True))
+        timings = self.timings()
+        tries = timings.tries[size] = timings.tries.get(size, 0) + 1
+        plain, spec = timings.seconds_per_token.get((size, False)), timings.seconds_per_token.get((size, True))
         if spec is None or plain is None:
             return plain is not None  # time a plain step at this size first, then one with drafts
         if spec < plain:
-            return self._tries[size] % RETRY_EVERY != 0
+            return tries % RETRY_EVERY != 0
         # Drafts lost: retried the less often the more they lost, so that retries cost about 1 / RETRY_EVERY of the
         # time (a draft model proposing for many rows, one row after another, can cost ten plain steps).
-        return self._tries[size] % (RETRY_EVERY * math.ceil(spec / plain)) == 0
+        return tries % (RETRY_EVERY * math.ceil(spec / plain)) == 0
 
     @staticmethod
     def _legal(seq: Sequence, draft: list[int]) -> list[int]:
@@ -193,14 +215,16 @@ class Speculator:
         return (accepted + 1) / (tried + 2)
 
     def record(self, seqs: list[Sequence], drafts: list[list[int]], accepted: list[int], tokens_fed: int,
-               seconds: float) -> None:
-        """Account one step: its timing, and each row's accepted drafts (a geometric acceptance model: a row
-        tried its drafts in order until the first rejection). Rows no longer in the batch are forgotten."""
-        self.cost.observe(tokens_fed, seconds)
+               seconds: float, threads: int | None = None) -> None:
+        """Account one step: its timing, with those at the compute-thread count it ran at (``threads``; default: the
+        count steps run at), and each row's accepted drafts (a geometric acceptance model: a row tried its drafts in
+        order until the first rejection). Rows no longer in the batch are forgotten."""
+        timings = self.timings(threads)
+        timings.cost.observe(tokens_fed, seconds)
         key = (len(seqs).bit_length(), any(drafts))
         per_token = seconds / (len(seqs) + sum(accepted))
-        last = self._seconds_per_token.get(key)
-        self._seconds_per_token[key] = per_token if last is None else last * 0.8 + per_token * 0.2
+        last = timings.seconds_per_token.get(key)
+        timings.seconds_per_token[key] = per_token if last is None else last * 0.8 + per_token * 0.2
         ga, gt = self._global
         rates = {}
         for seq, draft, n in zip(seqs, drafts, accepted, strict=True):

@@ -1,4 +1,5 @@
-"""The builtin engine with adaptive compute threads: a count that changes between decode steps changes no token."""
+"""The builtin engine with adaptive compute threads: a count that changes between decode steps changes no token
+(with speculative decoding too)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import pytest
 import torch
 import transformers
 
+from llmctl.core import speculation
 from llmctl.core.loader import LoadOptions, load_model
 from llmctl.core.threads import ThreadPolicy, ThreadTuner, set_torch_threads
 from llmctl.engine import BuiltinEngine, EngineConfig, Finish, SamplingParams, Sequence
 from tests.conftest import REAL_MODEL, SMOLLM2_GGUF
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
+NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
 
 
 def flapping() -> tuple[ThreadTuner, list[int]]:
@@ -29,9 +32,12 @@ def flapping() -> tuple[ThreadTuner, list[int]]:
     return tuner, applied
 
 
-def generate(model, eos: frozenset[int], prompts: list[list[int]], tokens: int,
-             threads: ThreadTuner | None = None) -> list[list[int]]:
-    engine = BuiltinEngine(model, eos, EngineConfig(max_num_seqs=len(prompts)), threads=threads)
+def generate(model, eos: frozenset[int], prompts: list[list[int]], tokens: int, threads: ThreadTuner | None = None,
+             speculative: str | None = None) -> tuple[list[list[int]], BuiltinEngine]:
+    """Each prompt's greedy tokens, and the engine that made them."""
+    spec = speculation.parse(speculative) if speculative else None
+    config = EngineConfig(max_num_seqs=len(prompts), speculative=spec)
+    engine = BuiltinEngine(model, eos, config, threads=threads)
     engine.start()
     try:
         seqs = [engine.submit(Sequence(list(p), SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)))
@@ -42,9 +48,16 @@ def generate(model, eos: frozenset[int], prompts: list[list[int]], tokens: int,
             while not isinstance(event := seq.events.get(timeout=600), Finish):  # a bound for a hang only
                 ids.append(event)
             out.append(ids)
-        return out
+        return out, engine
     finally:
         engine.stop()
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512)).float().eval()
 
 
 @pytest.fixture()
@@ -55,14 +68,27 @@ def torch_threads():
 
 
 def test_tokens_do_not_change_when_the_thread_count_does(torch_threads):
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512)).float().eval()
-    fixed = generate(model, frozenset(), PROMPTS, 40)
+    model = tiny_llama()
+    fixed, _ = generate(model, frozenset(), PROMPTS, 40)
     tuner, applied = flapping()
-    assert generate(model, frozenset(), PROMPTS, 40, tuner) == fixed
+    assert generate(model, frozenset(), PROMPTS, 40, tuner)[0] == fixed
     assert set(applied) == {1, 2} and tuner.policy.switches >= 15
+
+
+def test_a_speculating_engine_tunes_its_threads_and_keeps_its_text(torch_threads):
+    """Speculation and the tuner together: the tuner's trials run on steps of one shape (rows, tokens fed) while
+    the drafts change the shape from step to step, and the speculator keeps each count's timings apart. The
+    greedy text is the plain engine's, drafts are verified and accepted, and both counts were run and timed."""
+    model = tiny_llama()
+    prompts = [[5, 6, 7, 8, 9] * 4, [20, 21, 22] * 5, [14, 15]]  # the tiny model's answers repeat themselves
+    plain, _ = generate(model, frozenset(), prompts, 60)
+    tuner, applied = flapping()
+    text, engine = generate(model, frozenset(), prompts, 60, tuner, NGRAM)
+    assert text == plain
+    assert set(applied) == {1, 2} and tuner.policy.switches >= 1
+    speculator = engine.speculator
+    assert speculator is not None and speculator.stats.drafts > 0 and speculator.stats.accepted_tokens > 0
+    assert speculator.timings(1).seconds_per_token and speculator.timings(2).seconds_per_token
 
 
 @REAL_MODEL[0]
@@ -74,17 +100,14 @@ def test_smollm2_bf16_greedy_text_is_the_same_at_changing_thread_counts(torch_th
     tok = loaded.tokenizer
     prompts = [tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
                    add_special_tokens=False)["input_ids"] for m in chat]
-    fixed = generate(loaded.model, loaded.eos_token_ids, prompts, 32)
+    fixed, _ = generate(loaded.model, loaded.eos_token_ids, prompts, 32)
     tuner, applied = flapping()
-    assert generate(loaded.model, loaded.eos_token_ids, prompts, 32, tuner) == fixed
+    assert generate(loaded.model, loaded.eos_token_ids, prompts, 32, tuner)[0] == fixed
     assert set(applied) == {1, 2} and tuner.policy.switches >= 12
 
 
-@pytest.mark.parametrize("spec", [None, '{"method": "ngram", "num_speculative_tokens": 4}'])
-def test_speculation_keeps_the_thread_count_it_starts_with(tmp_path, torch_threads, spec):
-    """With --speculative-config the engine has no tuner: whether drafts pay is judged from steps timed at one
-    count, and a tuner's trials switch it step by step."""
-    from llmctl.core import speculation
+@pytest.mark.parametrize("spec", [None, NGRAM])
+def test_the_engine_on_cpu_tunes_its_threads_with_or_without_speculation(tmp_path, torch_threads, spec):
     from llmctl.core.threads import configure_cpu_threads, reset_policy
     from llmctl.engine.builtin_setup import BuiltinOptions
     from llmctl.server.testing import build_tiny_model
@@ -97,7 +120,26 @@ def test_speculation_keeps_the_thread_count_it_starts_with(tmp_path, torch_threa
         config = EngineConfig(max_num_seqs=2, speculative=speculation.parse(spec) if spec else None)
         _, engine = BuiltinOptions().build(LoadOptions(model_path=folder, dtype="float32", device="cpu"),
                                            config, load_model)
-        assert (engine.threads is None) == (spec is not None)
-        assert policy.mode == ("fixed" if spec else "adaptive")
+        assert engine.threads is not None and policy.mode == "adaptive"
+        assert (engine.speculator is not None) == (spec is not None)
     finally:
         reset_policy()
+
+
+@REAL_MODEL[0]
+@REAL_MODEL[1]
+def test_smollm2_bf16_speculating_stream_keeps_its_text_at_changing_thread_counts(torch_threads):
+    """One stream copying records (drafts accepted), n-gram speculation beside a tuner that switches at most steps:
+    the greedy text without either."""
+    loaded = load_model(LoadOptions(model_path=SMOLLM2_GGUF, dtype="bfloat16", device="cpu"))
+    records = "\n".join(f"id={i}; name=Customer {i}; city=Springfield; plan=gold" for i in range(4))
+    tok = loaded.tokenizer
+    prompt = tok(tok.apply_chat_template([{"role": "user", "content": f"Copy these records exactly:\n{records}"}],
+                                         add_generation_prompt=True, tokenize=False),
+                 add_special_tokens=False)["input_ids"]
+    plain, _ = generate(loaded.model, loaded.eos_token_ids, [prompt], 64)
+    tuner, applied = flapping()
+    text, engine = generate(loaded.model, loaded.eos_token_ids, [prompt], 64, tuner, NGRAM)
+    assert text == plain
+    assert set(applied) == {1, 2} and tuner.policy.switches >= 1
+    assert engine.speculator is not None and engine.speculator.stats.accepted_tokens > 0

@@ -380,3 +380,26 @@ def test_a_row_whose_drafts_failed_is_tried_again():
         speculator.record(row, [[]], [0], 1, 0.048)
         steps += 1
     assert 0 < steps < 200
+
+
+def test_timings_are_kept_for_each_thread_count():
+    """A thread tuner's trial steps run at another compute-thread count, where the engine thread's CPU seconds
+    differ: they change neither what steps cost at the count in use nor whether drafts pay there."""
+    from llmctl.engine.speculative import RETRY_EVERY, Speculator
+
+    speculator = Speculator(parse(NGRAM), frozenset(), 1 << 20)
+    speculator.threads = 2
+    seqs = [Sequence([1, 2, 3], SamplingParams(max_tokens=50)) for _ in range(4)]
+    speculator.record(seqs, [[]] * 4, [0] * 4, 4, 0.040)  # at 2 threads: 10 ms a token
+    speculator.record(seqs, [[7, 8]] * 4, [2] * 4, 12, 0.048)  # with drafts: 4 ms a token
+    for tokens in (4, 12, 8):
+        speculator.cost.observe(tokens, 0.030 + 0.002 * tokens)
+    before = speculator.cost.coefficients()
+    for _ in range(20):  # trial steps at 1 thread: plain ones cheap, drafted ones dear
+        speculator.record(seqs, [[]] * 4, [0] * 4, 4, 0.010, threads=1)
+        speculator.record(seqs, [[7, 8]] * 4, [0] * 4, 12, 0.200, threads=1)
+    assert speculator.cost.coefficients() == before
+    assert sum(speculator.pays(4) for _ in range(RETRY_EVERY)) == RETRY_EVERY - 1  # drafts pay, retrying plain
+    speculator.threads = 1  # the tuner switched: what was measured at 1 thread decides
+    assert not any(speculator.pays(4) for _ in range(RETRY_EVERY))
+    assert speculator.cost.coefficients() != before
