@@ -324,15 +324,16 @@ class ThreadTuner:
             self._baselines.clear()  # measured at the count before
             self._baseline(trial.shape, now).times.extend((now, s) for s in trial.times[trial.threads])
             self.interval_s, self._toward = self.first_interval_s, None
-        elif won is False:
+        lost = 0.0 if won else sum(s - trial.usual for s in trial.times.get(trial.threads, ()))  # what it cost
+        if won is False:
             top = self.policy.current == self.levels[-1]
             cap = self.max_interval_s if top else min(self.max_interval_s, self.below_top_interval_s)
-            lost = sum(s - trial.usual for s in trial.times.get(trial.threads, ()))  # what the trial cost
             self.interval_s = max(min(cap, 2 * self.interval_s), lost / self.budget)
         if self._toward is not None:  # the load changed during the trial: another one at once
             self._next_trial = now
         else:
-            self._next_trial = now + (self.first_interval_s if won is None else self.interval_s)
+            wait = self.first_interval_s if won is None else self.interval_s
+            self._next_trial = now + max(wait, lost / self.budget)
         self._use(self.policy.current)
 
     def _use(self, threads: int) -> None:

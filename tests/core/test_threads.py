@@ -247,3 +247,15 @@ def test_steps_that_vary_by_a_fifth_call_for_few_trials_more():
     used = steps.run(6000)  # 4 minutes
     assert steps.policy.switches == 0
     assert used.count(1) <= 3 * 11  # trials 2, 4, ..., 32 s apart, then every 60 s: 10 in 4 minutes, and one more
+
+
+def test_trials_that_cost_much_come_seldom():
+    """16 streams on busy cores: a step takes 1.5 s at 1 thread and 6 s at 2. A lost trial of 2 costs 4.5 s, so
+    the next comes no sooner than 150 s later (3% of the time), not every 20 s."""
+    steps = Steps(2, {2: 0.04, 1: 0.06})
+    steps.run(200)
+    steps.seconds_at = {2: 6.0, 1: 1.5}
+    used = steps.run(400)  # 10 minutes
+    assert steps.policy.current == 1 and steps.tuner.interval_s >= 150.0
+    # Switched within 20 steps; then a trial of 2 steps 2 s later and one every 150 s at most (every 20 s: 28).
+    assert used[20:].count(1) >= 370 and used[20:].count(2) <= 1 + 4
