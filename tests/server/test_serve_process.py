@@ -132,10 +132,17 @@ def test_compute_and_http_threads_are_reported(server_process, tiny_model):
     assert "Compute: 1 torch thread(s), fixed by --cpu-threads" in log and "(8 HTTP threads)" in log
     assert "--threads (LLMCTL_THREADS) is deprecated" in log
     assert server.stop() == 0
-    adaptive = server_process("--model-path", str(tiny_model), "--dtype", "float32")
+    # Adaptive by default, with speculative decoding too (its timings are kept for each thread count).
+    adaptive = server_process("--model-path", str(tiny_model), "--dtype", "float32", "--speculative-config",
+                              '{"method": "ngram", "num_speculative_tokens": 3}')
     cores = len(os.sched_getaffinity(0))
     health = adaptive.wait_status("ready")
     assert health["cpu_threads_policy"] == "adaptive" and 1 <= health["cpu_threads"] <= cores
+    assert health["speculative"]["method"] == "ngram"
+    r = httpx.post(adaptive.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 8}, timeout=600)
+    assert r.status_code == 200, r.text
+    metrics = httpx.get(adaptive.url + "/metrics").json()
+    assert metrics["cpu_threads_policy"] == "adaptive" and metrics["speculative"] is not None
     assert "Compute: adaptive torch threads" in adaptive.output()
 
 
