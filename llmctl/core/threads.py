@@ -268,6 +268,8 @@ class ThreadTuner:
                 self._end_trial(now, won=ours < (1 - self.margin) * theirs)
         elif used == self.policy.current:
             self._observe(shape, now, seconds)
+        # What runs until the next step (prefills, a draft model's proposals) runs at the current count.
+        self._use(self.policy.current)
 
     def _baseline(self, shape: Hashable, now: float) -> _Baseline:
         """The shape's baseline (a new one where there is none, forgetting the least recent shape's), emptied when

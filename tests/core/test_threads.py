@@ -128,6 +128,7 @@ def test_a_step_of_another_shape_runs_at_the_current_count_and_leaves_the_trial_
     steps.tuner.before_step((1, 1))
     assert steps.applied[-1] == 1  # a trial began
     steps.tuner.after_step((1, 1), 0.15)
+    assert steps.applied[-1] == 2  # between steps (prefills, a draft model's proposals): the current count
     for shape in [(1, 5), (16, 16)]:  # a verifying step, a grown batch: they say nothing about a 1-row plain step
         steps.tuner.before_step(shape)
         assert steps.applied[-1] == 2

@@ -19,8 +19,8 @@ NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3
 
 def flapping() -> tuple[ThreadTuner, list[int]]:
     """A tuner whose every trial (one step at the other count, one at its own) wins and whose next trial is
-    due at once: the count changes at most decode steps, and switches every second step. Each count it sets
-    is recorded."""
+    due at once: while the steps keep one shape, the count changes at most decode steps and switches every
+    second step. Each count it sets is recorded."""
     applied: list[int] = []
 
     def apply(threads: int) -> None:
