@@ -7,8 +7,9 @@ Starts two servers on 127.0.0.1 (the embedded SmolLM2 by default, bf16 on CPU, d
 and one with ``--speculative-config``, and runs three workloads against each in turn (plain, then
 speculative, ``--rounds`` times, so drift on a shared machine hits both alike):
 
-- repeat: one stream, greedy, prompts whose answer repeats the prompt (copy records into JSON, fix a
-  function, re-list items); the texts of both servers are compared token for token (identical: yes/no);
+- repeat: one stream, greedy, prompts whose answer repeats the prompt (a record into JSON, a function to fix,
+  a tool's JSON with one field changed, a paragraph to correct, a plan to restate); the texts of both
+  servers are compared token for token (identical: yes/no);
 - free: one stream, greedy, free text (stories, explanations);
 - 16 streams: 16 requests at once, free text and repeats mixed, sampled at temperature 0.7 with seeds.
 
@@ -34,20 +35,72 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = '{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 4, "prompt_lookup_min": 1}'
-RECORD = ("order_id: 48213\ncustomer: Maria Gonzalez\nemail: maria.gonzalez@example.com\nitems: 3 x blue widget, "
-          "1 x red gadget\nshipping: 12 Harbor Street, Portland, OR 97201\nstatus: shipped\ntotal: 84.50 USD")
-FUNCTION = '''def average(values):
-    total = 0
-    for value in values:
-        total += value
-    return total / len(values)  # fails on an empty list
+# The repeat prompts are what an agent asks where the answer repeats the input, worded so that
+# SmolLM2-135M-Instruct copies it (its greedy answers do; scripts/spec_ceiling.py counts how much): a record
+# into JSON, a function to fix and return whole, a tool's JSON returned with one field changed, a paragraph
+# corrected, a plan restated. Earlier prompts that the model answers in its own words instead are in
+# scripts/spec_ceiling.py (EARLIER_REPEAT).
+RECORD = """order_id: 48213
+customer: Maria Gonzalez
+email: maria.gonzalez@example.com
+phone: +1 503 555 0142
+street: 12 Harbor Street
+city: Portland
+state: OR
+zip: 97201
+item: blue widget
+quantity: 3
+unit_price: 12.50
+status: shipped
+carrier: UPS
+tracking: 1Z999AA10123456784"""
+FUNCTION = '''def moving_average(values, window):
+    """Return the averages of each run of `window` consecutive values."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    averages = []
+    for start in range(len(values) - window):
+        chunk = values[start:start + window]
+        averages.append(sum(chunk) / window)
+    return averages
 '''
+TOOL_RESULT = """{
+  "order_id": 48213,
+  "customer": "Maria Gonzalez",
+  "email": "maria.gonzalez@example.com",
+  "shipping_address": {
+    "street": "12 Harbor Street",
+    "city": "Portland",
+    "state": "OR",
+    "zip": "97201"
+  },
+  "items": [
+    {"sku": "WID-BLU-01", "name": "blue widget", "quantity": 3, "unit_price": 12.5},
+    {"sku": "GAD-RED-02", "name": "red gadget", "quantity": 1, "unit_price": 47.0}
+  ],
+  "status": "shipped",
+  "carrier": "UPS",
+  "tracking_number": "1Z999AA10123456784"
+}"""
+PASSAGE = ("The lighthouse stands on a rocky point at the nothern end of the bay. It was built in 1871 from granite "
+           "quaried on the island, and its lamp could be seen twenty miles out to sea. The last keeper left in 1964, "
+           "when the light was automated, and the keepers house is now a small museum that is open from May to "
+           "Septmber.")
+PLAN = """1. Read the failing test in tests/test_billing.py and note the expected total.
+2. Find where the discount is computed in billing/discounts.py.
+3. Fix the rounding so that totals are rounded once, at the end.
+4. Run the billing tests again.
+5. Update CHANGELOG.md with a line about the fix."""
 REPEAT = [
-    f"Copy the record below into a JSON object with the same keys and values.\n\n{RECORD}",
-    f"Fix this function so that it returns 0.0 for an empty list. Reply with the whole corrected function."
-    f"\n\n{FUNCTION}",
-    "Repeat this shopping list exactly, one item per line: apples, bread, milk, eggs, butter, cheese, rice, "
-    "tomatoes, onions, garlic, olive oil, coffee.",
+    "Convert this record into a JSON object. Use exactly these keys, in this order, and copy every value unchanged. "
+    f"Reply with the JSON only.\n\n{RECORD}",
+    "This function skips the last window: for 4 values and a window of 2 it returns 2 averages instead of 3. Fix it "
+    f"and reply with the whole corrected function.\n\n```python\n{FUNCTION}```",
+    f"The order tool returned this JSON:\n\n{TOOL_RESULT}\n\nThe package has been delivered. Return the same JSON "
+    'object with "status" set to "delivered" and everything else unchanged. Reply with the JSON only.',
+    f"Correct the spelling mistakes in this paragraph and reply with the corrected paragraph only.\n\n{PASSAGE}",
+    f'Here is our plan:\n\n{PLAN}\n\nSteps 1 and 2 are done. Rewrite the plan with "[done]" at the end of each '
+    "finished step.",
 ]
 FREE = [
     "Write a short story about a lighthouse keeper and a storm.",

@@ -1,7 +1,7 @@
 """Speculative decoding for the builtin engine: draft tokens per row, verified in one forward pass per step.
 
-Drafts come from the row's own prompt and output (n-gram prompt lookup: the tokens that followed the
-latest earlier occurrence of its last n tokens) or from a smaller draft model (`llmctl.engine.draft`).
+Drafts come from the row's own prompt and output (n-gram prompt lookup: the tokens that followed an
+earlier occurrence of its last n tokens) or from a smaller draft model (`llmctl.engine.draft`).
 A step feeds each row its next token followed by its drafts, ``[B, 1 + K]`` with shorter rows padded
 at the right (masked), and samples position by position with the row's own sampler: the token sampled
 at position j is compared with draft j + 1; the row keeps going while they agree. Every draft is a single
@@ -53,9 +53,12 @@ def step_clock(device: torch.device) -> Callable[[], float]:
     return time.thread_time if device.type == "cpu" else time.perf_counter
 
 
-def ngram_draft(context: list[int], k: int, low: int, high: int) -> list[int]:
-    """Up to ``k`` tokens that followed the latest earlier occurrence of ``context``'s last n tokens, n from
-    ``high`` down to ``low``; [] when none of them occurred before."""
+def ngram_draft(context: list[int], k: int, low: int, high: int, majority: bool = True) -> list[int]:
+    """Up to ``k`` tokens that followed an earlier occurrence of ``context``'s last n tokens, n from ``high`` down
+    to ``low``; [] when none of them occurred before. Of several occurrences, the latest of those followed by the
+    token that follows most of them (on a tie, by any of the tied tokens): in structured text (JSON, code) a short
+    n-gram recurs, and what usually follows it is a better guess than what followed it last
+    (`scripts/spec_ceiling.py` measures both: ``majority=False`` takes the latest occurrence)."""
     length = len(context)
     if k < 1 or length < low + 1:
         return []
@@ -68,7 +71,11 @@ def ngram_draft(context: list[int], k: int, low: int, high: int) -> list[int]:
             hits &= tokens[t:length - n + t] == suffix[t]
         found = np.flatnonzero(hits)
         if len(found):
-            start = int(found[-1]) + n
+            following = tokens[found + n]
+            if not majority:
+                return tokens[found[-1] + n:found[-1] + n + k].tolist()
+            values, counts = np.unique(following, return_counts=True)
+            start = int(found[np.isin(following, values[counts == counts.max()])][-1]) + n  # ties: the latest
             return tokens[start:start + k].tolist()
     return []
 

@@ -282,6 +282,16 @@ def test_ngram_draft_takes_what_followed_the_latest_match():
     assert ngram_draft([1, 2, 3], 4, 1, 2) == []
 
 
+def test_ngram_draft_takes_what_usually_followed_a_recurring_match():
+    from llmctl.engine.speculative import ngram_draft
+
+    # "1 2" was followed by 5 twice and by 6 once, the latest time: the draft continues the latest "1 2 5".
+    context = [1, 2, 5, 8, 1, 2, 5, 9, 1, 2, 6, 7, 1, 2]
+    assert ngram_draft(context, 3, 1, 2) == [5, 9, 1]  # the latest "1 2" followed by 5
+    assert ngram_draft(context, 3, 1, 2, majority=False) == [6, 7, 1]
+    assert ngram_draft([1, 4, 1, 5, 1], 2, 1, 1) == [5, 1]  # a tie: the latest
+
+
 def test_speculation_stands_down_as_the_batch_grows():
     """With steps timed at 30 ms plus 2 ms per token fed, drafts accepted 60% of the time pay for one row and not
     for 32 (where a draft token costs nearly what it gives)."""
