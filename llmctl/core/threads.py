@@ -199,7 +199,10 @@ class ThreadTuner:
     than keeps the time a lost trial cost within ``budget`` of the time to the next one: on a machine whose load
     does not change, trials cost 3% at most. When the median of a shape's full baseline becomes ``change`` times
     slower or faster than it settled at (other work started or stopped), a trial comes at once, towards fewer
-    threads when the steps slowed and more when they sped up (none when there is no count that way). The engine
+    threads when the steps slowed and more when they sped up (none when there is no count that way); after a
+    pause of more than ``stale_s`` without steps below every core, a trial of more threads comes as soon as
+    there is a baseline again, since the other work may have ended meanwhile and the fresh baseline has nothing
+    to compare with (at every core, the trials' interval finds work that started during a pause). The engine
     calls `before_step` and `after_step` around each decode step, on its own thread (torch's thread count is set
     by the thread that computes).
     """
@@ -224,6 +227,8 @@ class ThreadTuner:
         self._recent: deque[Hashable] = deque(maxlen=2 * baseline_steps)  # the latest steps' shapes
         self._trial: _Trial | None = None
         self._next_trial = 0.0  # the first trial as soon as there is a baseline
+        self._last_step = 0.0  # when the last step ended
+        self._budget_until = 0.0  # no trial before this: what the last lost trial cost, spread out by the budget
         self._down = True  # the direction of the next trial
         self._toward: bool | None = None  # a change's direction (True: fewer threads) for the trial it calls
         self._applied: int | None = None  # the count this thread set last
@@ -237,6 +242,12 @@ class ThreadTuner:
         """Start a trial when one is due and the current count has a baseline for steps of this shape."""
         now = self.clock()
         trial = self._trial
+        if trial is None and now - self._last_step > self.stale_s and self.policy.current != self.levels[-1]:
+            # Below every core: other work may have ended during a pause, and baselines measured after it cannot
+            # show that: a trial (of more threads first) as soon as there is one again, within the time budget.
+            self._toward = False
+            self._next_trial = max(self._budget_until, min(self._next_trial, now))
+            self._recent.clear()  # and the commonest shape is the one that comes now
         if trial is not None and shape != trial.shape:
             trial.others += 1
             if trial.others > 2 * self.baseline_steps:  # its shape stopped coming: no verdict
@@ -255,7 +266,7 @@ class ThreadTuner:
 
     def after_step(self, shape: Hashable, seconds: float) -> None:
         """Record a decode step of this shape that took ``seconds``."""
-        now = self.clock()
+        now = self._last_step = self.clock()
         used = self._applied if self._applied is not None else self.policy.current
         trial = self._trial
         if trial is not None and shape == trial.shape:
@@ -331,6 +342,7 @@ class ThreadTuner:
             top = self.policy.current == self.levels[-1]
             cap = self.max_interval_s if top else min(self.max_interval_s, self.below_top_interval_s)
             self.interval_s = max(min(cap, 2 * self.interval_s), lost / self.budget)
+        self._budget_until = now + lost / self.budget
         if self._toward is not None:  # the load changed during the trial: another one at once
             self._next_trial = now
         else:

@@ -260,3 +260,30 @@ def test_trials_that_cost_much_come_seldom():
     assert steps.policy.current == 1 and steps.tuner.interval_s >= 150.0
     # Switched within 20 steps; then a trial of 2 steps 2 s later and one every 150 s at most (every 20 s: 28).
     assert used[20:].count(1) >= 370 and used[20:].count(2) <= 1 + 4
+
+
+def test_after_a_pause_a_trial_comes_as_soon_as_there_are_steps_again():
+    """The other work ends while the server is between requests: the next request's steps have no baseline from
+    before to compare with, so a trial comes as soon as they have one (a benchmark saw a server stay at one
+    thread through a 16-stream request after busy cores went quiet)."""
+    steps = Steps(2, {2: 0.04, 1: 0.06})
+    steps.run(200)
+    steps.seconds_at = {2: 0.6, 1: 0.15}
+    steps.run(400)
+    assert steps.policy.current == 1
+    steps.now += 30.0  # a pause, during which the other work ended
+    steps.seconds_at = {2: 0.04, 1: 0.06}
+    used = steps.run(16, lambda i: (16, 16))  # one request of a shape measured before, at 16 rows
+    assert 2 in used[:6] and steps.policy.current == 2 and used[-6:] == [2] * 6
+
+
+def test_pauses_at_every_core_call_for_no_more_trials():
+    """Requests of 20 steps with 15 s between them on a steady idle machine, at every core: the pauses call for
+    no trials of their own, only the interval's (2, 4, ... 32 s apart, then one a minute: 32 in 27 minutes)."""
+    steps = Steps(2, {2: 0.04, 1: 0.06})
+    used = []
+    for _ in range(100):
+        used += steps.run(20)
+        steps.now += 15.0
+    assert steps.policy.switches == 0 and steps.now < 27 * 60
+    assert used.count(1) <= 3 * 32
