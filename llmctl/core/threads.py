@@ -6,9 +6,10 @@ decoding slows by several times, 10x or more under heavy load; one thread then w
 suits both, and which one holds changes while a server runs, so by default the builtin engine picks it
 as it goes (`ThreadTuner`): it starts with every usable core (its CPU affinity, capped by its cgroup's
 quota), now and then runs a few decode steps at the next count down (or up) and keeps whichever made
-its steps faster. `--cpu-threads N` fixes the count instead. OpenMP's own wait policy is left alone:
-its idle threads spin briefly before they sleep, which is what makes an idle machine's 2 threads fast
-(with the passive policy one stream on 2 idle cores made 12.1 tok/s instead of 19 to 23).
+its steps faster, for each batch size apart (the best count depends on it too). `--cpu-threads N`
+fixes the count instead. OpenMP's own wait policy is left alone: its idle threads spin briefly before
+they sleep, which is what makes an idle machine's 2 threads fast (with the passive policy one stream
+on 2 idle cores made 12.1 tok/s instead of 19 to 23).
 docs/benchmarks.md has the measurements (scripts/bench_contention.py).
 """
 
@@ -20,7 +21,7 @@ import os
 import statistics
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +91,7 @@ class ThreadPolicy:
         if self.cores < 2:
             return "1 torch thread (1 usable core)"
         levels = thread_levels(self.cores)
-        return (f"adaptive torch threads ({', '.join(map(str, levels))}: the faster one while it runs, "
+        return (f"adaptive torch threads ({', '.join(map(str, levels))}: the faster one per batch size while it runs, "
                 f"starting at {levels[-1]}) of {self.cores} usable core(s)")
 
     def report(self) -> dict:
@@ -143,14 +144,22 @@ def tuner() -> ThreadTuner | None:
     return ThreadTuner(current)
 
 
+Shape = tuple[int, int]  # a decode step's rows and tokens fed
+
+
+def batch_class(rows: int) -> int:
+    """The batch-size class of a step of ``rows`` rows, each with a count of its own: 1 row, 2-3, 4-7, 8-15, ..."""
+    return rows.bit_length()
+
+
 @dataclass
 class _Trial:
     threads: int  # the count on trial
     current: int  # the count it is compared with
-    shape: Hashable  # the steps it is measured on
+    shape: Shape  # the steps it is measured on
     steps: int  # its steps at each count
     usual: float  # the current count's median step of this shape just before the trial
-    others: int = 0  # steps of other shapes since its last step
+    others: int = 0  # steps of other shapes of its class since its last step
     times: dict[int, list[float]] = field(default_factory=dict)
 
     def next_count(self) -> int:
@@ -180,31 +189,44 @@ class _Baseline:
 
 
 class ThreadTuner:
-    """Keeps the faster compute-thread count, measured on the engine's own decode steps.
+    """Keeps the faster compute-thread count for each batch size, measured on the engine's own decode steps.
 
-    Steps are compared only with steps of the same shape (the engine passes the rows and the tokens fed, which a
-    speculating step's drafts add to): those take about the same time at one count. The tuner keeps the last
-    ``baseline_steps`` step times of each shape at the current count and, when a trial is due, runs
-    ``trial_steps`` steps of the commonest recent shape at a neighbouring count (the next one down and the next
-    one up, in turn), taking turns with as many steps of that shape at the current count, so that both are
-    measured under the same outside load even when it changes by the second. Steps of other shapes meanwhile run
-    at the current count and leave the trial alone; a trial whose shape does not come in ``2 * baseline_steps``
-    steps ends without a verdict. The trial count is kept when its median step is at least ``1 - margin`` times
-    the current count's over the trial; a trial step ``give_up`` times as slow as the current count's latest
-    steps of that shape ends the trial at once, so a losing trial costs about one slow step.
+    Which count is faster depends on the batch: beside other work in the same session, one thread made one
+    stream's steps faster and two made 16 streams' faster (two threads get more of the cores' time, and 16 rows
+    have the work to use it). So the steps are split into batch-size classes by their rows, in powers of two (1,
+    2-3, 4-7, 8-15, ...: `batch_class`), and each class has a count, trials, baselines and schedule of its own
+    (`_ClassTuner`), as below. A class not seen before starts at the count of the nearest class seen (of two
+    as near, the larger one's; of none, the policy's starting count, every usable core), and gets its first trial
+    as soon as it has a baseline. `before_step` sets the count of the step's class (or its trial's); after the
+    step, what runs until the next one (prefills, a draft model's proposals) runs at that class's count, which is
+    also the policy's ``current`` (what /health, /metrics and `llmctl doctor` report). `count` is a class's
+    count before its step (the speculator weighs drafts with the timings of that count); ``switches`` counts the
+    changes of every class.
 
-    Trials come ``first_interval_s`` apart after a switch and twice as far apart after each loss, up to
+    Within a class, steps are compared only with steps of the same shape (the engine passes the rows and the
+    tokens fed, which a speculating step's drafts add to): those take about the same time at one count. The class
+    keeps the last ``baseline_steps`` step times of each shape at its count and, when a trial is due, runs
+    ``trial_steps`` steps of its commonest recent shape at a neighbouring count (the next one down and the next
+    one up, in turn), taking turns with as many steps of that shape at its count, so that both are measured
+    under the same outside load even when it changes by the second. Steps of its other shapes meanwhile run at
+    its count and leave the trial alone; a trial whose shape does not come in ``2 * baseline_steps`` steps of its
+    class, or whose class has no step for ``stale_s``, ends without a verdict. The trial count is kept when its
+    median step is at least ``1 - margin`` times the current count's over the trial; a trial step ``give_up``
+    times as slow as the current count's latest steps of that shape ends the trial at once, so a losing trial
+    costs about one slow step.
+
+    A class's trials come ``first_interval_s`` apart after a switch and twice as far apart after each loss, up to
     ``max_interval_s`` at every usable core and ``below_top_interval_s`` below (where the end of other work may
     not show in the steps: one thread on a core of its own can be nearly as fast beside it), but never closer
     than keeps the time a lost trial cost within ``budget`` of the time to the next one: on a machine whose load
-    does not change, trials cost 3% at most. When the median of a shape's full baseline becomes ``change`` times
-    slower or faster than it settled at (other work started or stopped), a trial comes at once, towards fewer
-    threads when the steps slowed and more when they sped up (none when there is no count that way); after a
-    pause of more than ``stale_s`` without steps below every core, a trial of more threads comes as soon as
-    there is a baseline again, since the other work may have ended meanwhile and the fresh baseline has nothing
-    to compare with (at every core, the trials' interval finds work that started during a pause). The engine
-    calls `before_step` and `after_step` around each decode step, on its own thread (torch's thread count is set
-    by the thread that computes).
+    does not change, a class's trials cost 3% at most. When the median of a shape's full baseline becomes
+    ``change`` times slower or faster than it settled at (other work started or stopped), a trial comes at once,
+    towards fewer threads when the steps slowed and more when they sped up (none when there is no count that
+    way); after a pause of more than ``stale_s`` without steps of a class below every core, a trial of more
+    threads comes as soon as the class has a baseline again, since the other work may have ended meanwhile and
+    the fresh baseline has nothing to compare with (at every core, the trials' interval finds work that started
+    during a pause). The engine calls `before_step` and `after_step` around each decode step, on its own thread
+    (torch's thread count is set by the thread that computes).
     """
 
     def __init__(self, policy: ThreadPolicy, *, trial_steps: int = 3, baseline_steps: int = 16,
@@ -221,28 +243,84 @@ class ThreadTuner:
         self.baseline_steps, self.min_baseline = baseline_steps, min(4, baseline_steps)
         self.first_interval_s, self.max_interval_s, self.stale_s = first_interval_s, max_interval_s, stale_s
         self.below_top_interval_s, self.budget, self.shapes = below_top_interval_s, budget, shapes
-        self.interval_s = first_interval_s
         self.clock, self.apply = clock, apply
-        self._baselines: dict[Hashable, _Baseline] = {}  # by shape, the least recently measured first
-        self._recent: deque[Hashable] = deque(maxlen=2 * baseline_steps)  # the latest steps' shapes
-        self._trial: _Trial | None = None
-        self._next_trial = 0.0  # the first trial as soon as there is a baseline
-        self._last_step = 0.0  # when the last step ended
-        self._budget_until = 0.0  # no trial before this: what the last lost trial cost, spread out by the budget
-        self._down = True  # the direction of the next trial
-        self._toward: bool | None = None  # a change's direction (True: fewer threads) for the trial it calls
+        self.classes: dict[int, _ClassTuner] = {}  # by batch_class
         self._applied: int | None = None  # the count this thread set last
 
     @property
     def applied(self) -> int | None:
-        """The count the step between `before_step` and `after_step` runs at (a trial's or the current one)."""
+        """The count the step between `before_step` and `after_step` runs at (a trial's or its class's)."""
         return self._applied
 
-    def before_step(self, shape: Hashable) -> None:
-        """Start a trial when one is due and the current count has a baseline for steps of this shape."""
-        now = self.clock()
-        trial = self._trial
-        if trial is None and now - self._last_step > self.stale_s and self.policy.current != self.levels[-1]:
+    def count(self, rows: int) -> int:
+        """The count a step of ``rows`` rows runs at unless it is a trial's: its class's, or the one a class not
+        seen yet starts at."""
+        tuning = self.classes.get(batch_class(rows))
+        return tuning.current if tuning is not None else self._start(batch_class(rows))
+
+    def _start(self, size: int) -> int:
+        if not self.classes:
+            return self.policy.current  # every usable core (or the fixed count) until a class has a count
+        return self.classes[min(self.classes, key=lambda c: (abs(c - size), -c))].current
+
+    def _class(self, shape: Shape) -> _ClassTuner:
+        size = batch_class(shape[0])
+        tuning = self.classes.get(size)
+        if tuning is None:
+            tuning = self.classes[size] = _ClassTuner(self, size, self._start(size))
+        return tuning
+
+    def before_step(self, shape: Shape) -> None:
+        """Set the count of this step's class, or its trial's: one starts when it is due and the class has a
+        baseline for steps of this shape."""
+        tuning = self._class(shape)
+        threads = tuning.before_step(shape, self.clock())
+        self.policy.current = tuning.current
+        self._use(threads)
+
+    def after_step(self, shape: Shape, seconds: float) -> None:
+        """Record a decode step of this shape that took ``seconds``."""
+        tuning = self._class(shape)
+        tuning.after_step(shape, self.clock(), seconds, self._applied if self._applied is not None else tuning.current)
+        # What runs until the next step (prefills, a draft model's proposals) runs at this class's count.
+        self.policy.current = tuning.current
+        self._use(tuning.current)
+
+    def _use(self, threads: int) -> None:
+        if threads != self._applied:
+            self.apply(threads)
+            self._applied = threads
+
+
+class _ClassTuner:
+    """One batch-size class's count, its trials and their schedule, and the baselines of its steps' shapes."""
+
+    def __init__(self, tuner: ThreadTuner, size: int, current: int) -> None:
+        self.tuner, self.size, self.current = tuner, size, current
+        self.interval_s = tuner.first_interval_s
+        self.trial: _Trial | None = None
+        self._baselines: dict[Shape, _Baseline] = {}  # by shape, the least recently measured first
+        self._recent: deque[Shape] = deque(maxlen=2 * tuner.baseline_steps)  # the latest steps' shapes
+        self._next_trial = 0.0  # the first trial as soon as there is a baseline
+        self._last_step: float | None = None  # when its last step ended
+        self._budget_until = 0.0  # no trial before this: what the last lost trial cost, spread out by the budget
+        self._down = True  # the direction of the next trial
+        self._toward: bool | None = None  # a change's direction (True: fewer threads) for the trial it calls
+
+    @property
+    def rows(self) -> str:
+        """Its rows, for the log: "1", "2-3", "4-7", ..."""
+        low = 1 << (self.size - 1)
+        return str(low) if low == 1 else f"{low}-{2 * low - 1}"
+
+    def before_step(self, shape: Shape, now: float) -> int:
+        """The count this step runs at: its trial's turn, or the class's."""
+        t, trial = self.tuner, self.trial
+        paused = self._last_step is None or now - self._last_step > t.stale_s
+        if trial is not None and paused:  # its turns would straddle the pause: measured under other loads
+            self._end_trial(now, won=None)
+            trial = None
+        if trial is None and paused and self.current != t.levels[-1]:
             # Below every core: other work may have ended during a pause, and baselines measured after it cannot
             # show that: a trial (of more threads first) as soon as there is one again, within the time budget.
             self._toward = False
@@ -250,73 +328,70 @@ class ThreadTuner:
             self._recent.clear()  # and the commonest shape is the one that comes now
         if trial is not None and shape != trial.shape:
             trial.others += 1
-            if trial.others > 2 * self.baseline_steps:  # its shape stopped coming: no verdict
+            if trial.others > 2 * t.baseline_steps:  # its shape stopped coming: no verdict
                 self._end_trial(now, won=None)
                 trial = None
         self._recent.append(shape)
-        if trial is None and not self.policy.fixed and now >= self._next_trial and \
+        if trial is None and not t.policy.fixed and now >= self._next_trial and \
                 shape == Counter(self._recent).most_common(1)[0][0]:
             baseline = self._baseline(shape, now)  # trials are run on the commonest shape: they end sooner
-            if len(baseline.times) >= self.min_baseline:
+            if len(baseline.times) >= t.min_baseline:
                 candidate = self._neighbour()
                 if candidate is not None:
-                    trial = self._trial = _Trial(candidate, self.policy.current, shape, self.trial_steps,
-                                                 baseline.median(self.min_baseline))
-        self._use(trial.next_count() if trial is not None and trial.shape == shape else self.policy.current)
+                    trial = self.trial = _Trial(candidate, self.current, shape, t.trial_steps,
+                                                baseline.median(t.min_baseline))
+        return trial.next_count() if trial is not None and trial.shape == shape else self.current
 
-    def after_step(self, shape: Hashable, seconds: float) -> None:
-        """Record a decode step of this shape that took ``seconds``."""
-        now = self._last_step = self.clock()
-        used = self._applied if self._applied is not None else self.policy.current
-        trial = self._trial
+    def after_step(self, shape: Shape, now: float, seconds: float, used: int) -> None:
+        """Record a step of this shape that took ``seconds`` at ``used`` threads."""
+        self._last_step = now
+        trial = self.trial
         if trial is not None and shape == trial.shape:
             trial.times.setdefault(used, []).append(seconds)
             trial.others = 0
-            if used == trial.threads and seconds > self.give_up * trial.usual:
+            if used == trial.threads and seconds > self.tuner.give_up * trial.usual:
                 self._end_trial(now, won=False)
             elif trial.complete:
                 ours, theirs = trial.medians()
-                self._end_trial(now, won=ours < (1 - self.margin) * theirs)
-        elif used == self.policy.current:
+                self._end_trial(now, won=ours < (1 - self.tuner.margin) * theirs)
+        elif used == self.current:
             self._observe(shape, now, seconds)
-        # What runs until the next step (prefills, a draft model's proposals) runs at the current count.
-        self._use(self.policy.current)
 
-    def _baseline(self, shape: Hashable, now: float) -> _Baseline:
+    def _baseline(self, shape: Shape, now: float) -> _Baseline:
         """The shape's baseline (a new one where there is none, forgetting the least recent shape's), emptied when
         its last step is older than ``stale_s``: measured before a pause, not comparable."""
+        t = self.tuner
         baseline = self._baselines.pop(shape, None)
         if baseline is None:
-            baseline = _Baseline(deque(maxlen=self.baseline_steps))
-            while len(self._baselines) >= self.shapes:
+            baseline = _Baseline(deque(maxlen=t.baseline_steps))
+            while len(self._baselines) >= t.shapes:
                 del self._baselines[next(iter(self._baselines))]
-        elif baseline.times and now - baseline.times[-1][0] > self.stale_s:
+        elif baseline.times and now - baseline.times[-1][0] > t.stale_s:
             baseline.times.clear()
             baseline.settled = None
         self._baselines[shape] = baseline  # now the most recent
         return baseline
 
-    def _observe(self, shape: Hashable, now: float, seconds: float) -> None:
+    def _observe(self, shape: Shape, now: float, seconds: float) -> None:
         baseline = self._baseline(shape, now)
         baseline.times.append((now, seconds))
-        if len(baseline.times) < self.baseline_steps:
+        if len(baseline.times) < self.tuner.baseline_steps:
             return
         median = baseline.median()
         if baseline.settled is None:
             baseline.settled = median
-        elif not baseline.settled / self.change < median < baseline.settled * self.change:
+        elif not baseline.settled / self.tuner.change < median < baseline.settled * self.tuner.change:
             slower, baseline.settled = median > baseline.settled, median
             if self._neighbours()[0 if slower else 1] is not None:  # else there is no count that way to try
                 self._next_trial, self._toward = now, slower
 
     def _neighbours(self) -> tuple[int | None, int | None]:
         """The next count down and the next one up, where there is one."""
-        i = self.levels.index(self.policy.current)
-        return (self.levels[i - 1] if i > 0 else None), (self.levels[i + 1] if i + 1 < len(self.levels) else None)
+        levels = self.tuner.levels
+        i = levels.index(self.current)
+        return (levels[i - 1] if i > 0 else None), (levels[i + 1] if i + 1 < len(levels) else None)
 
     def _neighbour(self) -> int | None:
-        if self.policy.fixed:
-            return None
         lower, higher = self._neighbours()
         down = self._toward if self._toward is not None else self._down
         if self._toward is None:
@@ -326,31 +401,25 @@ class ThreadTuner:
         return first if first is not None else second
 
     def _end_trial(self, now: float, won: bool | None) -> None:
-        trial, self._trial = self._trial, None
+        t, trial, self.trial = self.tuner, self.trial, None
         assert trial is not None
         if won:
             ours, theirs = trial.medians()
-            log.info("Compute threads: %d -> %d (decode steps %.0f%% faster)", self.policy.current, trial.threads,
-                     100 * (theirs / ours - 1))
-            self.policy.current = trial.threads
-            self.policy.switches += 1
+            log.info("Compute threads for steps of %s row(s): %d -> %d (decode steps %.0f%% faster)", self.rows,
+                     self.current, trial.threads, 100 * (theirs / ours - 1))
+            self.current = trial.threads
+            t.policy.switches += 1
             self._baselines.clear()  # measured at the count before
             self._baseline(trial.shape, now).times.extend((now, s) for s in trial.times[trial.threads])
-            self.interval_s, self._toward = self.first_interval_s, None
+            self.interval_s, self._toward = t.first_interval_s, None
         lost = 0.0 if won else sum(s - trial.usual for s in trial.times.get(trial.threads, ()))  # what it cost
         if won is False:
-            top = self.policy.current == self.levels[-1]
-            cap = self.max_interval_s if top else min(self.max_interval_s, self.below_top_interval_s)
-            self.interval_s = max(min(cap, 2 * self.interval_s), lost / self.budget)
-        self._budget_until = now + lost / self.budget
+            top = self.current == t.levels[-1]
+            cap = t.max_interval_s if top else min(t.max_interval_s, t.below_top_interval_s)
+            self.interval_s = max(min(cap, 2 * self.interval_s), lost / t.budget)
+        self._budget_until = now + lost / t.budget
         if self._toward is not None:  # the load changed during the trial: another one at once
             self._next_trial = now
         else:
-            wait = self.first_interval_s if won is None else self.interval_s
-            self._next_trial = now + max(wait, lost / self.budget)
-        self._use(self.policy.current)
-
-    def _use(self, threads: int) -> None:
-        if threads != self._applied:
-            self.apply(threads)
-            self._applied = threads
+            wait = t.first_interval_s if won is None else self.interval_s
+            self._next_trial = now + max(wait, lost / t.budget)

@@ -75,10 +75,13 @@ def test_adaptive_by_default_fixed_by_a_count(configured, tmp_path):
 
 class Steps:
     """A tuner driven by a fake clock and step times that depend on the thread count it applies and on the step's
-    shape (rows, tokens fed: each drafted token fed makes a step a quarter dearer)."""
+    shape (rows, tokens fed: each drafted token fed makes a step a quarter dearer); ``by_rows`` gives the steps of
+    some row counts times of their own. The tuner keeps a count and a trial schedule for each batch-size class:
+    the tests of one class's steps read its state in ``tuner.classes[1]`` (1 row)."""
 
     def __init__(self, cores: int, seconds_at: dict[int, float], **kw) -> None:
         self.now, self.seconds_at, self.applied = 0.0, dict(seconds_at), []
+        self.by_rows: dict[int, dict[int, float]] = {}
         self.load: Callable[[float], float] = lambda now: 1.0  # how much slower outside load makes a step now
         self.policy = ThreadPolicy(cores=cores, fixed=None, current=cores)
         self.tuner = ThreadTuner(self.policy, clock=lambda: self.now, apply=self.applied.append, **kw)
@@ -91,7 +94,8 @@ class Steps:
             self.tuner.before_step((rows, fed))
             threads_now = self.applied[-1]
             used.append(threads_now)
-            seconds = self.seconds_at[threads_now] * self.load(self.now) * (1 + 0.25 * (fed - rows))
+            seconds = self.by_rows.get(rows, self.seconds_at)[threads_now] * self.load(self.now) * \
+                (1 + 0.25 * (fed - rows))
             self.now += seconds
             self.tuner.after_step((rows, fed), seconds)
         return used
@@ -103,7 +107,7 @@ def test_the_tuner_keeps_every_core_on_an_idle_machine_and_backs_off_its_trials(
     assert steps.policy.current == 2 and steps.policy.switches == 0
     assert used[:4] == [2] * 4 and 1 in used  # it measured 2 first, then tried 1
     # Each losing trial is one step or a few; they come further apart each time, up to once a minute.
-    assert used.count(1) <= 3 * 8 and steps.tuner.interval_s == 60.0
+    assert used.count(1) <= 3 * 8 and steps.tuner.classes[1].interval_s == 60.0
 
 
 def test_the_tuner_drops_to_one_thread_when_the_cores_get_busy_and_comes_back():
@@ -129,17 +133,21 @@ def test_a_step_of_another_shape_runs_at_the_current_count_and_leaves_the_trial_
     assert steps.applied[-1] == 1  # a trial began
     steps.tuner.after_step((1, 1), 0.15)
     assert steps.applied[-1] == 2  # between steps (prefills, a draft model's proposals): the current count
-    for shape in [(1, 5), (16, 16)]:  # a verifying step, a grown batch: they say nothing about a 1-row plain step
+    # A verifying step, a grown batch (a batch-size class not seen yet: it starts at the 1-row class's count):
+    # they say nothing about a 1-row plain step.
+    for shape in [(1, 5), (16, 16)]:
         steps.tuner.before_step(shape)
         assert steps.applied[-1] == 2
         steps.tuner.after_step(shape, 0.001)
     assert steps.run(5) == [2, 1, 2, 1, 2] and steps.policy.current == 1 and steps.policy.switches == 1
 
 
-def test_speculating_steps_of_changing_shapes_still_get_verdicts():
-    """One stream that verifies 0, 2 or 5 drafts at random from step to step: trials are measured on one shape
-    and judged, so the tuner still follows the load, and steps at the losing count stay few."""
-    shapes = random.Random(0).choices([(1, 1), (1, 3), (1, 6)], k=20000)
+@pytest.mark.parametrize("kinds", [[(1, 1), (1, 3), (1, 6)], [(2, 2), (2, 5), (3, 3), (3, 8)]])
+def test_speculating_steps_of_changing_shapes_still_get_verdicts(kinds):
+    """One stream that verifies 0, 2 or 5 drafts at random from step to step (or 2 and 3 rows, one batch-size
+    class, with and without drafts): trials are measured on one shape and judged, so the tuner still follows the
+    load, and steps at the losing count stay few."""
+    shapes = random.Random(0).choices(kinds, k=20000)
     steps = Steps(2, {2: 0.04, 1: 0.06})
     used = steps.run(3000, shapes.__getitem__)
     assert steps.policy.switches == 0 and used.count(1) <= 3 * 8
@@ -159,8 +167,19 @@ def test_a_trial_whose_steps_stop_coming_ends_without_a_verdict():
     steps.tuner.before_step((1, 1))
     steps.tuner.after_step((1, 1), 0.15)  # the trial's first step at 1 thread
     assert steps.run(9, lambda i: (1, 6)) == [2] * 9  # twice 4 steps without its shape: the trial is over
-    assert steps.tuner._trial is None and steps.policy.current == 2 and steps.policy.switches == 0
+    assert steps.tuner.classes[1].trial is None and steps.policy.current == 2 and steps.policy.switches == 0
     assert steps.run(1) == [2]  # the next trial comes after first_interval_s
+
+
+def test_a_trial_whose_class_pauses_ends_without_a_verdict():
+    steps = Steps(2, {2: 0.6, 1: 0.15})
+    steps.run(4)
+    steps.tuner.before_step((1, 1))
+    steps.tuner.after_step((1, 1), 0.15)  # the trial's first step at 1 thread
+    steps.now += 30.0  # no 1-row step for 30 s: its next turns would be measured under another load
+    assert steps.run(4) == [2] * 4 and steps.tuner.classes[1].trial is None and steps.policy.switches == 0
+    # A new baseline meanwhile, and a new trial first_interval_s (2 s) after the one that ended: it wins.
+    assert steps.run(6) == [1, 2, 1, 2, 1, 2] and steps.policy.current == 1 and steps.policy.switches == 1
 
 
 def test_a_small_gain_within_the_margin_does_not_switch():
@@ -180,8 +199,8 @@ def test_a_fixed_policy_only_sets_its_count():
     policy = ThreadPolicy(cores=4, fixed=3, current=3)
     tuner = ThreadTuner(policy, apply=applied.append, clock=lambda: 1000.0)
     for seconds in [0.1] * 10 + [5.0] * 10:  # steps that slow down would call for a trial
-        tuner.before_step(1)
-        tuner.after_step(1, seconds)
+        tuner.before_step((1, 1))  # a shape is (rows, tokens fed): the rows choose the batch-size class
+        tuner.after_step((1, 1), seconds)
     assert applied == [3] and policy.mode == "fixed" and policy.switches == 0
 
 
@@ -203,7 +222,7 @@ def test_a_load_that_goes_away_brings_more_threads_back_at_once():
     steps.run(200)
     steps.seconds_at = {2: 0.6, 1: 0.084}
     steps.run(2000)
-    assert steps.policy.current == 1 and steps.tuner.interval_s == 20.0
+    assert steps.policy.current == 1 and steps.tuner.classes[1].interval_s == 20.0
     steps.seconds_at = {2: 0.04, 1: 0.06}
     used = steps.run(40)
     # The baseline's median moves within 9 steps; then 3 turns at each count.
@@ -218,7 +237,7 @@ def test_below_every_core_a_trial_of_more_comes_at_least_every_20_s():
     steps.run(200)
     steps.seconds_at = {2: 0.6, 1: 0.06}
     used = steps.run(4000)  # 4 minutes
-    assert steps.policy.current == 1 and steps.tuner.interval_s == 20.0
+    assert steps.policy.current == 1 and steps.tuner.classes[1].interval_s == 20.0
     # At 2 threads: the steps before the trial, its 3 turns at 2, and a step for each later trial of 2 (2, 4, 8
     # and 16 s after the switch, then every 20 s: 4 + 12).
     assert used.count(2) <= 5 + 3 + 16
@@ -257,15 +276,18 @@ def test_trials_that_cost_much_come_seldom():
     steps.run(200)
     steps.seconds_at = {2: 6.0, 1: 1.5}
     used = steps.run(400)  # 10 minutes
-    assert steps.policy.current == 1 and steps.tuner.interval_s >= 150.0
+    assert steps.policy.current == 1 and steps.tuner.classes[1].interval_s >= 150.0
     # Switched within 20 steps; then a trial of 2 steps 2 s later and one every 150 s at most (every 20 s: 28).
     assert used[20:].count(1) >= 370 and used[20:].count(2) <= 1 + 4
 
 
-def test_after_a_pause_a_trial_comes_as_soon_as_there_are_steps_again():
+@pytest.mark.parametrize("shape", [(1, 1), (16, 16)])
+def test_after_a_pause_a_trial_comes_as_soon_as_there_are_steps_again(shape):
     """The other work ends while the server is between requests: the next request's steps have no baseline from
     before to compare with, so a trial comes as soon as they have one (a benchmark saw a server stay at one
-    thread through a 16-stream request after busy cores went quiet)."""
+    thread through a 16-stream request after busy cores went quiet). The request has the rows measured before
+    (the pause rule of their class), or 16 (a class not seen yet: it starts at the 1-row class's count and gets
+    its first trial as soon as it has a baseline)."""
     steps = Steps(2, {2: 0.04, 1: 0.06})
     steps.run(200)
     steps.seconds_at = {2: 0.6, 1: 0.15}
@@ -273,8 +295,8 @@ def test_after_a_pause_a_trial_comes_as_soon_as_there_are_steps_again():
     assert steps.policy.current == 1
     steps.now += 30.0  # a pause, during which the other work ended
     steps.seconds_at = {2: 0.04, 1: 0.06}
-    used = steps.run(16, lambda i: (16, 16))  # one request of a shape measured before, at 16 rows
-    assert 2 in used[:6] and steps.policy.current == 2 and used[-6:] == [2] * 6
+    used = steps.run(16, lambda i: shape)
+    assert used[0] == 1 and 2 in used[:6] and steps.policy.current == 2 and used[-6:] == [2] * 6
 
 
 def test_pauses_at_every_core_call_for_no_more_trials():
@@ -287,3 +309,51 @@ def test_pauses_at_every_core_call_for_no_more_trials():
         steps.now += 15.0
     assert steps.policy.switches == 0 and steps.now < 27 * 60
     assert used.count(1) <= 3 * 32
+
+
+def alternating(steps: Steps, phases: int, seconds: float = 10.0) -> dict[int, list[int]]:
+    """``phases`` phases of ``seconds`` each, of 1-row steps then 16-row steps in turn; the counts each row count's
+    steps ran at."""
+    used: dict[int, list[int]] = {1: [], 16: []}
+    for phase in range(phases):
+        rows, end = (1, 16)[phase % 2], steps.now + seconds
+        while steps.now < end:
+            used[rows] += steps.run(1, lambda i, rows=rows: (rows, rows))
+    return used
+
+
+def test_each_batch_size_keeps_its_own_faster_count():
+    """Busy workers in the same session (a benchmark on 2 cores): one stream's steps are faster at one thread, 16
+    streams' at two (they get more of the cores' time: 167 against 131 tok/s). Phases of 10 s of each in turn: the
+    1-row steps settle at one thread and the 16-row steps at two, and stay there, whatever the trials of the other
+    class lost meanwhile (with one count for all steps, a 16-stream phase ran at one thread: 0.79x)."""
+    steps = Steps(2, {})
+    steps.by_rows = {1: {1: 0.10, 2: 0.14}, 16: {1: 16 / 131, 2: 16 / 167}}
+    used = alternating(steps, 12)  # 2 minutes
+    one, sixteen = steps.tuner.classes[1], steps.tuner.classes[5]
+    assert one.current == 1 and sixteen.current == 2 and steps.tuner.count(1) == 1 and steps.tuner.count(16) == 2
+    assert steps.policy.switches == 2  # once each: no flapping between the phases
+    # 1 row at 2 threads: the first baseline and trial (4 + 3 steps); then in each of the 6 phases the trial of 2
+    # that the pause calls for (below every core; 3 steps, none twice as slow) and at most one of the interval's.
+    assert used[1].count(2) <= 7 + 6 * (3 + 3)
+    # 16 rows at 1 thread: the count inherited from 1 row until its first trial (4 + 3 steps); then a trial of 1
+    # now and then (2, 4, 8, 16, 32, 60 s apart: 3 steps each, at most 6 in these 2 minutes).
+    assert used[16].count(1) <= 7 + 6 * 3
+    assert used[16][-50:] == [2] * 50 and used[1][-50:] == [1] * 50
+
+
+def test_a_batch_size_not_seen_yet_starts_at_the_nearest_ones_count():
+    steps = Steps(2, {})
+    assert [steps.tuner.count(rows) for rows in (1, 5, 64)] == [2, 2, 2]  # none seen yet: every core
+    steps.by_rows = {1: {1: 0.10, 2: 0.14}, 16: {1: 0.12, 2: 0.09}}
+    alternating(steps, 2)
+    assert steps.tuner.count(1) == 1 and steps.tuner.count(16) == 2
+    # 2-3 rows start next to 1 row (1 thread), 8-15 next to 16-31 (2); 4-7, as near to both, at the larger's.
+    assert [steps.tuner.count(rows) for rows in (2, 3, 4, 7, 8, 15, 100)] == [1, 1, 2, 2, 2, 2, 2]
+    steps.by_rows = {2: {1: 0.10, 2: 0.14}, 8: {1: 0.12, 2: 0.09}}
+    assert steps.run(1, lambda i: (2, 2)) == [1] and steps.policy.current == 1  # reports the latest step's class
+    assert steps.applied[-1] == 1  # and runs what comes until the next step (prefills) at its count
+    # The new class's first trial comes as soon as it has a baseline (4 steps): 2 rows try 2 threads, and lose.
+    assert steps.run(6, lambda i: (2, 2)) == [1, 1, 1, 2, 1, 2]
+    assert steps.run(5, lambda i: (8, 8)) == [2, 2, 2, 2, 1] and steps.policy.current == 2
+    assert steps.applied[-1] == 2 and steps.tuner.count(2) == 1
