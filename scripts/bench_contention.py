@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from busy_cores import BusyCores, Terminated, on_sigterm  # noqa: E402  (scripts/ is not a package)
+from busy_cores import KINDS, BusyCores, Terminated, on_sigterm  # noqa: E402  (scripts/ is not a package)
 
 CONDITIONS = ("idle", "busy")
 MODES = ("torch", "llmctl")
@@ -132,7 +132,7 @@ def main() -> None:
                         "this one (sharing its CPU thread by thread, as without autogroup scheduling).")
     parser.add_argument("--busy-workers", type=int, default=None,
                         help="Spinning workers in the busy process (default: one per usable core).")
-    parser.add_argument("--busy-kind", choices=("spin", "bursty", "torch"), default="spin",
+    parser.add_argument("--busy-kind", choices=sorted(KINDS), default="spin",
                         help="What the busy workers do (scripts/busy_cores.py --kind).")
     parser.add_argument("--busy-sessions", type=int, default=1,
                         help="Busy processes, each in a session of its own with --busy-session own.")

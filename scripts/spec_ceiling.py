@@ -115,7 +115,7 @@ def main() -> None:
             answers[workload].append((ids[0].tolist(), out[0, ids.shape[1]:].tolist()))
     spec = json.loads(DEFAULT_SPEC)
     default = (spec["num_speculative_tokens"], spec["prompt_lookup_min"], spec["prompt_lookup_max"])
-    rows = [(config_name(*config), ngram_rate(*config)) for config in CONFIGS]
+    rows = [(config_name(*config), ngram_rate(*config)) for config in dict.fromkeys([*CONFIGS, default])]
     rows.append((f"{config_name(*default)}, latest match", ngram_rate(*default, majority=False)))
     rows.append(("best match, 8 tokens", lambda context, truth: best_match(context, truth, 8)))
     title = f"greedy answers of {loaded.name} ({args.dtype}), {args.max_tokens} tokens at most, replayed"
@@ -123,12 +123,13 @@ def main() -> None:
     table.add_column("proposer")
     for workload in answers:
         table.add_column(workload, justify="right")
+    # Each proposer's verifying steps on each answer, replayed once for both tables.
+    counted = {name: {workload: [steps(prompt, answer, propose) for prompt, answer in pairs]
+                      for workload, pairs in answers.items()} for name, propose in rows}
     summary: dict = {}
-    for name, propose in rows:
-        rates = {}
-        for workload, pairs in answers.items():
-            tokens = sum(len(answer) for _, answer in pairs)
-            rates[workload] = tokens / sum(steps(prompt, answer, propose) for prompt, answer in pairs)
+    for name, by_workload in counted.items():
+        rates = {workload: sum(len(answer) for _, answer in answers[workload]) / sum(counts)
+                 for workload, counts in by_workload.items()}
         summary[name] = rates
         table.add_row(name, *(f"{rate:.2f}" for rate in rates.values()))
     per_prompt = Table(title=f"Each prompt, {config_name(*default)} (the benchmark's default) and best match")
@@ -136,9 +137,9 @@ def main() -> None:
         per_prompt.add_column(column, justify="left" if column in ("workload", "prompt") else "right")
     summary["prompts"] = []
     for workload, pairs in answers.items():
-        for prompt, (ids, answer) in zip(workloads[workload], pairs, strict=True):
-            rate = len(answer) / steps(ids, answer, ngram_rate(*default))
-            best = len(answer) / steps(ids, answer, rows[-1][1])
+        default_steps, best_steps = counted[config_name(*default)][workload], counted[rows[-1][0]][workload]
+        for i, (prompt, (_, answer)) in enumerate(zip(workloads[workload], pairs, strict=True)):
+            rate, best = len(answer) / default_steps[i], len(answer) / best_steps[i]
             per_prompt.add_row(workload, prompt[:48].replace("\n", " ") + "...", str(len(answer)), f"{rate:.2f}",
                                f"{best:.2f}")
             summary["prompts"].append({"workload": workload, "prompt": prompt, "answer": tokenizer.decode(answer),

@@ -422,4 +422,4 @@ class _ClassTuner:
             self._next_trial = now
         else:
             wait = t.first_interval_s if won is None else self.interval_s
-            self._next_trial = now + max(wait, lost / t.budget)
+            self._next_trial = max(now + wait, self._budget_until)

@@ -63,10 +63,9 @@ class BuiltinOptions:
         from llmctl.engine.builtin import BuiltinEngine
 
         loaded = loader(load)
-        threads = tuner() if loaded.device == "cpu" else None
         return loaded, BuiltinEngine(loaded.model, loaded.eos_token_ids, config, tokenizer=loaded.tokenizer,
                                      options=self, draft_model=_draft_model(load, config, loader, loaded),
-                                     threads=threads)
+                                     threads=tuner() if loaded.device == "cpu" else None)
 
 
 def _draft_model(load: LoadOptions, config: EngineConfig, loader: Loader, served: LoadedModel):

@@ -71,9 +71,9 @@ def ngram_draft(context: list[int], k: int, low: int, high: int, majority: bool 
             hits &= tokens[t:length - n + t] == suffix[t]
         found = np.flatnonzero(hits)
         if len(found):
-            following = tokens[found + n]
             if not majority:
                 return tokens[found[-1] + n:found[-1] + n + k].tolist()
+            following = tokens[found + n]
             values, counts = np.unique(following, return_counts=True)
             start = int(found[np.isin(following, values[counts == counts.max()])][-1]) + n  # ties: the latest
             return tokens[start:start + k].tolist()
