@@ -105,7 +105,8 @@ def run(args: argparse.Namespace, console: Console) -> list[dict]:
                     if condition == "busy":
                         for _ in range(args.busy_sessions):
                             busy.enter_context(BusyCores(args.busy_workers or policy.cores,
-                                                         args.busy_session == "own", args.busy_kind))
+                                                         args.busy_session == "own", args.busy_kind,
+                                                         args.busy_share))
                     for mode in MODES if round_ % 2 == 0 else MODES[::-1]:  # neither always goes first
                         for streams in STREAMS:
                             cell = generate(by_mode[mode], ids, streams, args.max_tokens, args.seconds)
@@ -134,6 +135,8 @@ def main() -> None:
                         help="Spinning workers in the busy process (default: one per usable core).")
     parser.add_argument("--busy-kind", choices=sorted(KINDS), default="spin",
                         help="What the busy workers do (scripts/busy_cores.py --kind).")
+    parser.add_argument("--busy-share", type=float, default=0.5,
+                        help="With --busy-kind steal: the share of each core taken away (busy_cores.py --share).")
     parser.add_argument("--busy-sessions", type=int, default=1,
                         help="Busy processes, each in a session of its own with --busy-session own.")
     parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
@@ -157,7 +160,8 @@ def main() -> None:
         return [r for r in rows if (r["condition"], r["mode"], r["streams"]) == (condition, mode, streams)]
 
     table = Table(title=f"tok/s through the builtin engine, median of {args.rounds} round(s); busy: "
-                        f"{args.busy_sessions} x {args.busy_workers or usable_cores()} {args.busy_kind} worker(s) in "
+                        f"{args.busy_sessions} x {args.busy_workers or usable_cores()} {args.busy_kind} worker(s)"
+                        f"{f' taking {args.busy_share:.0%} of a core each' if args.busy_kind == 'steal' else ''} in "
                         f"{args.busy_session} session; {usable_cores()} "
                         f"usable cores; 1-min load average {load:.1f} at the start, {end_load:.1f} at the end; "
                         f"{time.monotonic() - started:.0f} s")

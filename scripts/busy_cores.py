@@ -6,7 +6,7 @@
 The busy process is one session of its own (as another user's job would be: with the kernel's
 autogroup scheduling, the CPU is then shared between that job and the command, not thread by
 thread) holding one worker per usable core, each spinning in a loop (``--kind`` picks other work: bursts
-between sleeps, or torch's parallel products). The workers end on every way
+between sleeps, torch's parallel products, or a virtual machine's steal time). The workers end on every way
 out: when the command ends, on Ctrl-C or SIGTERM (which the command gets too), and if this script
 itself is killed (the kernel ends each worker with its parent: PR_SET_PDEATHSIG). The exit status is
 the command's. `BusyCores` is the same as a context manager (scripts/bench_contention.py uses it).
@@ -35,12 +35,12 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _spin() -> None:
+def _spin(index: int, share: float) -> None:
     while True:
         pass
 
 
-def _bursty() -> None:
+def _bursty(index: int, share: float) -> None:
     """Work in bursts of 1 to 4 ms with sleeps of 0.2 to 2 ms between, as request-serving processes do: a
     waking task takes its core back from whatever runs there."""
     import random
@@ -54,7 +54,7 @@ def _bursty() -> None:
         time.sleep(rng.uniform(0.0002, 0.002))
 
 
-def _torch() -> None:
+def _torch(index: int, share: float) -> None:
     """Parallel matrix products with torch's default threads (one per core), as another model's job would."""
     import torch
 
@@ -63,20 +63,45 @@ def _torch() -> None:
         torch.nn.functional.gelu(x @ weights)
 
 
-KINDS = {"spin": _spin, "bursty": _bursty, "torch": _torch}
+def _steal(index: int, share: float) -> None:
+    """Take one core away in bursts, as a virtual machine's host does when it runs another guest there (steal
+    time): the worker keeps to the ``index``-th usable core and runs at real-time priority (SCHED_FIFO), so no
+    ordinary thread runs on that core during a burst. Bursts of 2 to 20 ms, with idle gaps between that leave
+    the core to others 1 - ``share`` of the time. Needs root (CAP_SYS_NICE); the kernel keeps 5% of each
+    second for ordinary work whatever happens."""
+    import random
+    import time
+
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[index % len(cores)]})
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except PermissionError:
+        print("busy_cores: --kind steal needs root (real-time priority)", file=sys.stderr)
+        os._exit(2)
+    rng = random.Random(index)
+    while True:
+        burst = rng.uniform(0.002, 0.020)
+        end = time.perf_counter() + burst
+        while time.perf_counter() < end:
+            pass
+        time.sleep(burst * (1 - share) / share)
 
 
-def _workers(count: int, parent: int, kind: str = "spin") -> None:
+KINDS = {"spin": _spin, "bursty": _bursty, "torch": _torch, "steal": _steal}
+
+
+def _workers(count: int, parent: int, kind: str = "spin", share: float = 0.5) -> None:
     """The busy process: ``count`` workers of ``kind`` (itself and count - 1 forks), each ending with its parent."""
     _die_with_parent(parent)
     if os.getpgid(0) != os.getpid():  # not a session of its own: a process group of its own, to be killed as one
         os.setpgid(0, 0)
     me, work = os.getpid(), KINDS[kind]
-    for _ in range(count - 1):
+    for index in range(1, count):
         if os.fork() == 0:
             _die_with_parent(me)
-            work()
-    work()
+            work(index, share)
+    work(0, share)
 
 
 class BusyCores:
@@ -87,17 +112,18 @@ class BusyCores:
     machine without autogroups), instead of taking a session's share of the machine.
     """
 
-    def __init__(self, cores: int | None = None, own_session: bool = True, kind: str = "spin") -> None:
+    def __init__(self, cores: int | None = None, own_session: bool = True, kind: str = "spin",
+                 share: float = 0.5) -> None:
         if cores is None:
             from llmctl.core.threads import usable_cores
 
             cores = usable_cores()
-        self.cores, self.own_session, self.kind = cores, own_session, kind
+        self.cores, self.own_session, self.kind, self.share = cores, own_session, kind, share
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> BusyCores:
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--workers", str(self.cores),
-                                      "--parent", str(os.getpid()), "--kind", self.kind],
+                                      "--parent", str(os.getpid()), "--kind", self.kind, "--share", str(self.share)],
                                      start_new_session=self.own_session)
         return self
 
@@ -124,12 +150,13 @@ def on_sigterm(signum: int, frame: types.FrameType | None) -> None:
     raise Terminated
 
 
-def run(command: list[str], cores: int | None, own_session: bool = True, kind: str = "spin") -> int:
+def run(command: list[str], cores: int | None, own_session: bool = True, kind: str = "spin",
+        share: float = 0.5) -> int:
     """``command``'s exit status, run while ``cores`` workers of ``kind`` keep the cores busy."""
     signal.signal(signal.SIGTERM, on_sigterm)
     child: subprocess.Popen | None = None
     try:
-        with BusyCores(cores, own_session, kind) as busy:
+        with BusyCores(cores, own_session, kind, share) as busy:
             print(f"busy_cores: {busy.cores} {kind} worker(s); running {' '.join(command)}", file=sys.stderr)
             child = subprocess.Popen(command)
             return child.wait()
@@ -153,18 +180,23 @@ def main() -> None:
                         help="Workers in this session, sharing its CPU thread by thread (see BusyCores).")
     parser.add_argument("--kind", choices=sorted(KINDS), default="spin",
                         help="spin: busy loops (default); bursty: 1-4 ms bursts between short sleeps; torch: "
-                        "parallel matrix products on torch's default threads.")
+                        "parallel matrix products on torch's default threads; steal: each core taken away half the "
+                        "time in 2-20 ms bursts at real-time priority, as a VM host's steal time (needs root).")
+    parser.add_argument("--share", type=float, default=0.5,
+                        help="With --kind steal: the share of each core taken away (default 0.5).")
     parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="The command, after --.")
     args = parser.parse_args()
     if args.workers:
-        _workers(args.workers, args.parent, args.kind)
+        _workers(args.workers, args.parent, args.kind, args.share)
         return
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
-    sys.exit(run(command, args.cores, not args.same_session, args.kind))
+    if not 0 < args.share <= 0.9:
+        parser.error("--share is a fraction of each core, above 0 and at most 0.9")
+    sys.exit(run(command, args.cores, not args.same_session, args.kind, args.share))
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ class _Trial:
     steps: int  # its steps at each count
     usual: float  # the current count's median step of this shape just before the trial
     others: int = 0  # steps of other shapes of its class since its last step
+    extended: bool = False  # it looked faster without the margin, and runs longer
     times: dict[int, list[float]] = field(default_factory=dict)
 
     def next_count(self) -> int:
@@ -198,8 +199,11 @@ class ThreadTuner:
     (`_ClassTuner`), as below. A class not seen before starts at the count of the nearest class seen (of two
     as near, the larger one's; of none, the policy's starting count, every usable core), and gets its first trial
     as soon as it has a baseline. `before_step` sets the count of the step's class (or its trial's); after the
-    step, what runs until the next one (prefills, a draft model's proposals) runs at that class's count, which is
-    also the policy's ``current`` (what /health, /metrics and `llmctl doctor` report). `count` is a class's
+    step, what runs until the next one (a draft model's proposals) runs at that class's count, which is also the
+    policy's ``current`` (what /health, /metrics and `llmctl doctor` report). `before_prefill` sets the count
+    for a prefill pass: that of the class nearest its tokens, as a pass over many tokens has the work of a
+    large batch (not the count one stream chose, which a burst of requests that follows it would otherwise
+    be prefilled at). `count` is a class's
     count before its step (the speculator weighs drafts with the timings of that count); ``switches`` counts the
     changes of every class.
 
@@ -210,8 +214,14 @@ class ThreadTuner:
     one up, in turn), taking turns with as many steps of that shape at its count, so that both are measured
     under the same outside load even when it changes by the second. Steps of its other shapes meanwhile run at
     its count and leave the trial alone; a trial whose shape does not come in ``2 * baseline_steps`` steps of its
-    class, or whose class has no step for ``stale_s``, ends without a verdict. The trial count is kept when its
-    median step is at least ``1 - margin`` times the current count's over the trial; a trial step ``give_up``
+    class, or whose class has no step for ``stale_s``, ends without a verdict. A trial of fewer threads is kept
+    when its median step is at least ``1 - margin`` times the current count's over the trial, one of more
+    threads when at least ``1 - margin_up``: a count below every core (torch's own default) has to earn its
+    place, and the way back needs less (on idle cores a second thread makes 16 rows' steps 5-15% faster, within
+    the first margin: with one margin, a class that went to one thread under load stayed there once the load
+    had gone). Between the two no trial wins, so a steady load does not flap. A trial whose count was faster,
+    but not by its margin, goes on to three times its steps before its verdict: three steps of each count
+    are enough to see a count twice as slow, not always one 10% faster. A trial step ``give_up``
     times as slow as the current count's latest steps of that shape ends the trial at once, so a losing trial
     costs about one slow step.
 
@@ -230,7 +240,8 @@ class ThreadTuner:
     """
 
     def __init__(self, policy: ThreadPolicy, *, trial_steps: int = 3, baseline_steps: int = 16,
-                 margin: float = 0.15, give_up: float = 2.0, change: float = 1.25, first_interval_s: float = 2.0,
+                 margin: float = 0.15, margin_up: float = 0.05, give_up: float = 2.0, change: float = 1.25,
+                 first_interval_s: float = 2.0,
                  max_interval_s: float = 60.0, below_top_interval_s: float = 20.0, budget: float = 0.03,
                  stale_s: float = 10.0, shapes: int = 32, clock: Callable[[], float] = time.monotonic,
                  apply: Callable[[int], None] = set_torch_threads) -> None:
@@ -239,7 +250,8 @@ class ThreadTuner:
         self.levels = thread_levels(policy.cores)
         if policy.current not in self.levels:
             self.levels = sorted({*self.levels, policy.current})
-        self.trial_steps, self.margin, self.give_up, self.change = trial_steps, margin, give_up, change
+        self.trial_steps, self.margin, self.margin_up = trial_steps, margin, margin_up
+        self.give_up, self.change = give_up, change
         self.baseline_steps, self.min_baseline = baseline_steps, min(4, baseline_steps)
         self.first_interval_s, self.max_interval_s, self.stale_s = first_interval_s, max_interval_s, stale_s
         self.below_top_interval_s, self.budget, self.shapes = below_top_interval_s, budget, shapes
@@ -285,6 +297,11 @@ class ThreadTuner:
         # What runs until the next step (prefills, a draft model's proposals) runs at this class's count.
         self.policy.current = tuning.current
         self._use(tuning.current)
+
+    def before_prefill(self, tokens: int) -> None:
+        """Set the count for a prefill pass over ``tokens`` tokens: the count of the class nearest that many
+        rows (no trial runs on it, and the policy's ``current`` stays the latest decode step's class's)."""
+        self._use(self.count(tokens))
 
     def _use(self, threads: int) -> None:
         if threads != self._applied:
@@ -353,7 +370,13 @@ class _ClassTuner:
                 self._end_trial(now, won=False)
             elif trial.complete:
                 ours, theirs = trial.medians()
-                self._end_trial(now, won=ours < (1 - self.tuner.margin) * theirs)
+                margin = self.tuner.margin_up if trial.threads > self.current else self.tuner.margin
+                if ours < (1 - margin) * theirs:
+                    self._end_trial(now, won=True)
+                elif ours < theirs and not trial.extended:  # faster, not by the margin: three medians' worth
+                    trial.steps, trial.extended = 3 * trial.steps, True
+                else:
+                    self._end_trial(now, won=False)
         elif used == self.current:
             self._observe(shape, now, seconds)
 
@@ -412,6 +435,11 @@ class _ClassTuner:
             self._baselines.clear()  # measured at the count before
             self._baseline(trial.shape, now).times.extend((now, s) for s in trial.times[trial.threads])
             self.interval_s, self._toward = t.first_interval_s, None
+        elif won is False:
+            ours, theirs = trial.medians() if trial.complete else (trial.times[trial.threads][-1], trial.usual)
+            log.debug("Compute threads for steps of %s row(s): %d kept (a trial of %d: steps %.0f%% %s)",
+                      self.rows, self.current, trial.threads, 100 * abs(theirs / ours - 1),
+                      "faster" if ours < theirs else "slower")
         lost = 0.0 if won else sum(s - trial.usual for s in trial.times.get(trial.threads, ()))  # what it cost
         if won is False:
             top = self.current == t.levels[-1]

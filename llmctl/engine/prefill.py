@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import threading
     from collections import deque
 
+    from llmctl.core.threads import ThreadTuner
     from llmctl.engine.base import EngineConfig, EngineStats
     from llmctl.engine.builtin_setup import BuiltinOptions
     from llmctl.engine.prefix_cache import PrefixCache
@@ -74,6 +75,7 @@ class Prefills:
         _prefilling: Sequence | None
         _admitting: list[Sequence]
         _batch: Batch | None
+        threads: ThreadTuner | None
 
         def _forward(self, cache: DynamicCache, shared: SharedView | None = None,
                      seqs: list[Sequence] | None = None, **kwargs: Any) -> Any: ...
@@ -219,6 +221,8 @@ class Prefills:
 
     def _run_prefill(self, seqs: list[Sequence], fn: Pass) -> None:
         self._admitting = list(seqs)
+        if self.threads is not None:  # a pass over many tokens runs at the count of a batch that large
+            self.threads.before_prefill(sum(s.context_length - max(s.prefilled, s.prefix_tokens) for s in seqs))
         try:
             done = fn(seqs)
             if done is None:

@@ -51,6 +51,24 @@ def test_the_command_runs_beside_the_workers_and_its_status_is_kept(kind):
     assert f"2 {kind} worker(s)" in err and "workers ended" in err
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="real-time priority needs root")
+def test_steal_workers_take_a_core_each_at_real_time_priority():
+    # The command exits 3 once its parent's two workers run under SCHED_FIFO, each kept to a core of its own.
+    code = ("import os, time; from tests.bench.test_busy_cores import workers_of\n"
+            "def ok():\n"
+            "    pids = workers_of(os.getppid())\n"
+            "    cores = [frozenset(os.sched_getaffinity(p)) for p in pids]\n"
+            "    return len(pids) == 2 and all(os.sched_getscheduler(p) == os.SCHED_FIFO for p in pids) and \\\n"
+            "        all(len(c) == 1 for c in cores) and len(set(cores)) == min(2, len(os.sched_getaffinity(0)))\n"
+            "deadline = time.monotonic() + 60\n"
+            "while not ok() and time.monotonic() < deadline: time.sleep(0.05)\n"
+            "raise SystemExit(3 if ok() else 4)")
+    busy = start(sys.executable, "-c", code, flags=("--kind", "steal", "--share", "0.2"))
+    _, err = busy.communicate(timeout=120)
+    assert busy.returncode == 3, err
+    assert workers_of(busy.pid) == [] and "2 steal worker(s)" in err
+
+
 @pytest.mark.parametrize("flags", [(), ("--same-session",)])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_the_workers_end_however_the_script_is_stopped(sig, flags):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -80,6 +81,7 @@ class Cluster:
     api_key: str
     logs: Path
     routers: list[subprocess.Popen] = field(default_factory=list)
+    router_logs: dict[str, Path] = field(default_factory=dict)  # each router's log, by its URL
 
     def start_worker(self, host: Host) -> None:
         host.log = self.logs / f"{host.name}.log"
@@ -109,6 +111,11 @@ class Cluster:
         host.proc.send_signal(signal.SIGKILL)
         host.proc.wait(timeout=30)
 
+    def router_log_tail(self, url: str, lines: int = 40) -> str:
+        """The last ``lines`` of the router at ``url``'s log, without its colour codes: for a failure's message."""
+        text = re.sub(r"\x1b\[[0-9;]*m", "", self.router_logs[url].read_text(errors="replace"))
+        return "\n".join(text.splitlines()[-lines:])
+
     def start_router(self, policy: str) -> tuple[str, str]:
         """`llmctl router` with these replicas, on 127.0.0.1; once it answers, returns its URL and the URL
         of its Prometheus metrics."""
@@ -122,6 +129,7 @@ class Cluster:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.routers.append(proc)
         url = f"http://127.0.0.1:{port}"
+        self.router_logs[url] = Path(log.name)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"the router exited: {Path(log.name).read_text()[-2000:]}"

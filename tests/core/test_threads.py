@@ -188,6 +188,21 @@ def test_a_small_gain_within_the_margin_does_not_switch():
     assert steps.policy.current == 2 and steps.policy.switches == 0
 
 
+def test_a_class_that_went_down_under_load_comes_back_for_a_small_gain():
+    """16 rows beside other work: one thread wins by far; the work ends and two threads are 8% faster again,
+    within the margin for fewer threads: the smaller margin for more threads brings the class back."""
+    steps = Steps(2, {2: 0.6, 1: 0.15})
+    sixteen = lambda step: (16, 16)  # noqa: E731
+    steps.run(200, sixteen)
+    assert steps.tuner.classes[5].current == 1
+    steps.seconds_at = {2: 0.046, 1: 0.050}
+    steps.run(2000, sixteen)
+    assert steps.tuner.classes[5].current == 2 and steps.policy.switches == 2
+    # And it stays there: a trial of one thread does not win back for 8%.
+    steps.run(3000, sixteen)
+    assert steps.tuner.classes[5].current == 2 and steps.policy.switches == 2
+
+
 def test_four_cores_step_down_one_level_at_a_time():
     steps = Steps(4, {4: 0.5, 2: 0.1, 1: 0.2})
     steps.run(400)
@@ -352,8 +367,41 @@ def test_a_batch_size_not_seen_yet_starts_at_the_nearest_ones_count():
     assert [steps.tuner.count(rows) for rows in (2, 3, 4, 7, 8, 15, 100)] == [1, 1, 2, 2, 2, 2, 2]
     steps.by_rows = {2: {1: 0.10, 2: 0.14}, 8: {1: 0.12, 2: 0.09}}
     assert steps.run(1, lambda i: (2, 2)) == [1] and steps.policy.current == 1  # reports the latest step's class
-    assert steps.applied[-1] == 1  # and runs what comes until the next step (prefills) at its count
+    assert steps.applied[-1] == 1  # and runs what comes until the next step (a draft model's passes) at its count
     # The new class's first trial comes as soon as it has a baseline (4 steps): 2 rows try 2 threads, and lose.
     assert steps.run(6, lambda i: (2, 2)) == [1, 1, 1, 2, 1, 2]
     assert steps.run(5, lambda i: (8, 8)) == [2, 2, 2, 2, 1] and steps.policy.current == 2
     assert steps.applied[-1] == 2 and steps.tuner.count(2) == 1
+
+
+def test_a_prefill_runs_at_the_count_of_the_class_nearest_its_tokens():
+    """Beside same-session workers one stream's steps want one thread and 16 streams' two; a prefill pass of 300
+    prompt tokens has the work of the large batch, and runs at its count, whichever decode step came last."""
+    steps = Steps(2, {})
+    steps.by_rows = {1: {1: 0.10, 2: 0.14}, 16: {1: 0.12, 2: 0.09}}
+    alternating(steps, 2)
+    steps.run(8)  # 1-row steps last: the policy reports their count, one thread
+    assert steps.policy.current == 1 and steps.applied[-1] == 1
+    steps.tuner.before_prefill(300)
+    assert steps.applied[-1] == 2 and steps.policy.current == 1  # what /health reports stays the decode steps'
+    steps.tuner.before_prefill(1)  # one token: the 1-row class's
+    assert steps.applied[-1] == 1
+    assert steps.run(1, lambda i: (16, 16)) == [2] and steps.policy.current == 2
+
+
+def test_a_trial_that_looks_faster_without_the_margin_runs_longer_before_its_verdict():
+    """At one thread, a trial of two whose first three steps happen to be only 2% faster (the machine's noise) is
+    not lost at once: it runs nine steps of each count, and their medians show two threads 15% faster."""
+    now = [0.0]
+    policy = ThreadPolicy(cores=2, fixed=None, current=1)
+    tuner = ThreadTuner(policy, clock=lambda: now[0], apply=lambda threads: None)
+    two = iter([0.099, 0.098, 0.097] + [0.085] * 6)
+    used = []
+    for _ in range(4 + 2 * 9):
+        tuner.before_step((16, 16))
+        used.append(tuner.applied)
+        seconds = next(two) if tuner.applied == 2 else 0.100
+        now[0] += seconds
+        tuner.after_step((16, 16), seconds)
+    assert used == [1] * 4 + [2, 1] * 9
+    assert tuner.classes[5].current == 2 and policy.switches == 1

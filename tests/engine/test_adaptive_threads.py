@@ -28,7 +28,8 @@ def flapping() -> tuple[ThreadTuner, list[int]]:
         set_torch_threads(threads)
 
     tuner = ThreadTuner(ThreadPolicy(cores=2, fixed=None, current=2), trial_steps=1, baseline_steps=1,
-                        margin=-1e9, give_up=float("inf"), first_interval_s=0, max_interval_s=0, apply=apply)
+                        margin=-1e9, margin_up=-1e9, give_up=float("inf"),
+                        first_interval_s=0, max_interval_s=0, apply=apply)
     return tuner, applied
 
 
