@@ -199,11 +199,11 @@ class ThreadTuner:
     (`_ClassTuner`), as below. A class not seen before starts at the count of the nearest class seen (of two
     as near, the larger one's; of none, the policy's starting count, every usable core), and gets its first trial
     as soon as it has a baseline. `before_step` sets the count of the step's class (or its trial's); after the
-    step, what runs until the next one (a draft model's proposals) runs at that class's count, which is also the
-    policy's ``current`` (what /health, /metrics and `llmctl doctor` report). `before_prefill` sets the count
-    for a prefill pass: that of the class nearest its tokens, as a pass over many tokens has the work of a
-    large batch (not the count one stream chose, which a burst of requests that follows it would otherwise
-    be prefilled at). `count` is a class's
+    step, that class's count is set again and is the policy's ``current`` (what /health, /metrics and `llmctl
+    doctor` report). `prepare` sets the count for a pass outside a decode step: a prefill runs at the count of
+    the class nearest its tokens, as a pass over many tokens has the work of a large batch (not the count one
+    stream chose, which a burst of requests that follows it would otherwise be prefilled at), and a draft
+    model's proposals at their batch's. `count` is a class's
     count before its step (the speculator weighs drafts with the timings of that count); ``switches`` counts the
     changes of every class.
 
@@ -294,14 +294,15 @@ class ThreadTuner:
         """Record a decode step of this shape that took ``seconds``."""
         tuning = self._class(shape)
         tuning.after_step(shape, self.clock(), seconds, self._applied if self._applied is not None else tuning.current)
-        # What runs until the next step (prefills, a draft model's proposals) runs at this class's count.
+        # Until something else asks (`prepare`, the next step), this class's count.
         self.policy.current = tuning.current
         self._use(tuning.current)
 
-    def before_prefill(self, tokens: int) -> None:
-        """Set the count for a prefill pass over ``tokens`` tokens: the count of the class nearest that many
-        rows (no trial runs on it, and the policy's ``current`` stays the latest decode step's class's)."""
-        self._use(self.count(tokens))
+    def prepare(self, size: int) -> None:
+        """Set the count for a pass outside a decode step over ``size`` rows or prompt tokens: the count of the
+        class nearest that many rows (no trial runs on it, and the policy's ``current`` stays the latest decode
+        step's class's)."""
+        self._use(self.count(size))
 
     def _use(self, threads: int) -> None:
         if threads != self._applied:

@@ -222,7 +222,7 @@ class Prefills:
     def _run_prefill(self, seqs: list[Sequence], fn: Pass) -> None:
         self._admitting = list(seqs)
         if self.threads is not None:  # a pass over many tokens runs at the count of a batch that large
-            self.threads.before_prefill(sum(s.context_length - max(s.prefilled, s.prefix_tokens) for s in seqs))
+            self.threads.prepare(sum(s.context_length - max(s.prefilled, s.prefix_tokens) for s in seqs))
         try:
             done = fn(seqs)
             if done is None:

@@ -382,9 +382,9 @@ def test_a_prefill_runs_at_the_count_of_the_class_nearest_its_tokens():
     alternating(steps, 2)
     steps.run(8)  # 1-row steps last: the policy reports their count, one thread
     assert steps.policy.current == 1 and steps.applied[-1] == 1
-    steps.tuner.before_prefill(300)
+    steps.tuner.prepare(300)
     assert steps.applied[-1] == 2 and steps.policy.current == 1  # what /health reports stays the decode steps'
-    steps.tuner.before_prefill(1)  # one token: the 1-row class's
+    steps.tuner.prepare(1)  # one token: the 1-row class's
     assert steps.applied[-1] == 1
     assert steps.run(1, lambda i: (16, 16)) == [2] and steps.policy.current == 2
 
