@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from busy_cores import KINDS, BusyCores, Terminated, on_sigterm  # noqa: E402  (scripts/ is not a package)
+from busy_cores import KINDS, BusyCores, Terminated, kind_problem, on_sigterm  # noqa: E402  (not a package)
 
 CONDITIONS = ("idle", "busy")
 MODES = ("torch", "llmctl")
@@ -141,6 +141,8 @@ def main() -> None:
                         help="Busy processes, each in a session of its own with --busy-session own.")
     parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
     args = parser.parse_args()
+    if problem := kind_problem(args.busy_kind, args.busy_share):
+        parser.error(problem.replace("--kind", "--busy-kind").replace("--share", "--busy-share"))
     signal.signal(signal.SIGTERM, on_sigterm)  # unwind: the busy workers end on the way out
     for name in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "LLMCTL_CPU_THREADS"):
         if name in os.environ:

@@ -91,6 +91,15 @@ def _steal(index: int, share: float) -> None:
 KINDS = {"spin": _spin, "bursty": _bursty, "torch": _torch, "steal": _steal}
 
 
+def kind_problem(kind: str, share: float) -> str | None:
+    """Why workers of ``kind`` taking ``share`` of a core cannot run here; None when they can."""
+    if kind == "steal" and os.geteuid() != 0:
+        return "--kind steal needs root: its workers run at real-time priority"
+    if not 0 < share <= 0.9:
+        return "--share is a fraction of each core, above 0 and at most 0.9"
+    return None
+
+
 def _workers(count: int, parent: int, kind: str = "spin", share: float = 0.5) -> None:
     """The busy process: ``count`` workers of ``kind`` (itself and count - 1 forks), each ending with its parent."""
     _die_with_parent(parent)
@@ -194,8 +203,8 @@ def main() -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
-    if not 0 < args.share <= 0.9:
-        parser.error("--share is a fraction of each core, above 0 and at most 0.9")
+    if problem := kind_problem(args.kind, args.share):
+        parser.error(problem)
     sys.exit(run(command, args.cores, not args.same_session, args.kind, args.share))
 
 

@@ -69,6 +69,12 @@ def test_steal_workers_take_a_core_each_at_real_time_priority():
     assert workers_of(busy.pid) == [] and "2 steal worker(s)" in err
 
 
+def test_a_share_outside_what_a_core_has_is_refused_before_anything_runs():
+    busy = start(sys.executable, "-c", "raise SystemExit(0)", flags=("--kind", "steal", "--share", "0.95"))
+    _, err = busy.communicate(timeout=60)
+    assert busy.returncode == 2 and "--share is a fraction of each core" in err and "worker(s)" not in err
+
+
 @pytest.mark.parametrize("flags", [(), ("--same-session",)])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_the_workers_end_however_the_script_is_stopped(sig, flags):
