@@ -15,6 +15,7 @@ import math
 import re
 import shutil
 import time
+import unittest.mock
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,7 @@ import torch
 from llmctl.core.loader import LoadOptions, load_model
 from llmctl.core.speculation import parse
 from llmctl.engine import BuiltinEngine, EngineConfig, Finish, SamplingParams, Sequence
+from llmctl.engine.speculative import CostModel
 from llmctl.server.testing import build_tiny_model
 from tests.conftest import make_service, serving_all, slow_serving, wait_for
 
@@ -87,13 +89,14 @@ def texts(url: str, prompts: list[str], together: bool, **fields) -> list[str]:
 @contextlib.contextmanager
 def always_speculating(speculator):
     """Every draft proposed is verified, whatever the steps' timings say: a draft model as large as the tiny
-    target (these tests' drafts) never pays, and the engine would rightly stand down."""
+    target (these tests' drafts) never pays, and the engine would rightly stand down. The cost model of every
+    thread count says drafts cost nothing (the speculator keeps one for each count it has seen run)."""
     speculator.pays = lambda rows: True
-    speculator.cost.coefficients = lambda: (1.0, 0.0)
     try:
-        yield
+        with unittest.mock.patch.object(CostModel, "coefficients", lambda self: (1.0, 0.0)):
+            yield
     finally:
-        del speculator.pays, speculator.cost.coefficients  # the methods again
+        del speculator.pays  # the method again
 
 
 @pytest.mark.parametrize("method", ["ngram", "noisy", "same"])
