@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import statistics
@@ -137,10 +138,18 @@ def main() -> None:
                         help="What the busy workers do (scripts/busy_cores.py --kind).")
     parser.add_argument("--busy-share", type=float, default=0.5,
                         help="With --busy-kind steal: the share of each core taken away (busy_cores.py --share).")
+    parser.add_argument("--log-trials", action="store_true",
+                        help="Print the thread tuner's switches and lost trials (to stderr) as they happen.")
     parser.add_argument("--busy-sessions", type=int, default=1,
                         help="Busy processes, each in a session of its own with --busy-session own.")
     parser.add_argument("--out", type=Path, default=None, help="Write the results as JSON here.")
     args = parser.parse_args()
+    if args.log_trials:  # the tuner's switches (info) and lost trials (debug), as they happen
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        tuner_log = logging.getLogger("llmctl.core.threads")
+        tuner_log.setLevel(logging.DEBUG)
+        tuner_log.addHandler(handler)
     if problem := kind_problem(args.busy_kind, args.busy_share):
         parser.error(problem.replace("--kind", "--busy-kind").replace("--share", "--busy-share"))
     signal.signal(signal.SIGTERM, on_sigterm)  # unwind: the busy workers end on the way out

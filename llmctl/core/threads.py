@@ -203,9 +203,8 @@ class ThreadTuner:
     doctor` report). `prepare` sets the count for a pass outside a decode step: a prefill runs at the count of
     the class nearest its tokens, as a pass over many tokens has the work of a large batch (not the count one
     stream chose, which a burst of requests that follows it would otherwise be prefilled at), and a draft
-    model's proposals at their batch's. `count` is a class's
-    count before its step (the speculator weighs drafts with the timings of that count); ``switches`` counts the
-    changes of every class.
+    model's proposals at their batch's. `count` is a class's count before its step (the speculator weighs
+    drafts with the timings of that count); ``switches`` counts the changes of every class.
 
     Within a class, steps are compared only with steps of the same shape (the engine passes the rows and the
     tokens fed, which a speculating step's drafts add to): those take about the same time at one count. The class
@@ -298,11 +297,13 @@ class ThreadTuner:
         self.policy.current = tuning.current
         self._use(tuning.current)
 
-    def prepare(self, size: int) -> None:
-        """Set the count for a pass outside a decode step over ``size`` rows or prompt tokens: the count of the
-        class nearest that many rows (no trial runs on it, and the policy's ``current`` stays the latest decode
-        step's class's)."""
-        self._use(self.count(size))
+    def prepare(self, size: int) -> int:
+        """Set (and return) the count for a pass outside a decode step over ``size`` rows or prompt tokens: the
+        count of the class nearest that many rows (no trial runs on it, and the policy's ``current`` stays the
+        latest decode step's class's)."""
+        threads = self.count(size)
+        self._use(threads)
+        return threads
 
     def _use(self, threads: int) -> None:
         if threads != self._applied:

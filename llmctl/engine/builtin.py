@@ -302,8 +302,7 @@ class BuiltinEngine(Prefills):
         clock = step_clock(self.device)
         started = clock()  # a step's time includes proposing its drafts (a draft model's passes)
         if self.speculator is not None and self.threads is not None:  # drafts are weighed at the count in use
-            self.speculator.threads = self.threads.count(rows)  # its batch size's (`ThreadTuner`)
-            self.threads.prepare(rows)  # and a draft model proposes at it
+            self.speculator.threads = self.threads.prepare(rows)  # its batch size's, which a draft model uses too
         drafts = self.speculator.plan(batch) if self.speculator is not None else None
         # Steps are compared by what they compute: the rows, and the drafted tokens a verifying step adds.
         fed = rows + sum(map(len, drafts or ()))
